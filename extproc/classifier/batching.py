@@ -1,0 +1,148 @@
+"""AsyncClassifier: micro-batching and a per-text LRU cache in front of a Classifier.
+
+Callers classify each message of a conversation separately, so a new turn costs only its new
+message: earlier messages are cache hits, and identical texts in flight share one computation.
+Inference runs in one worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from extproc.classifier.classifier import Classification, Classifier
+
+log = logging.getLogger(__name__)
+
+
+class ClassifierClosedError(RuntimeError):
+    """classify() was called on, or was pending in, an AsyncClassifier that has been closed."""
+
+
+def text_key(text: str) -> bytes:
+    """Cache key: a 16-byte digest, so the cache never holds prompt text."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+class AsyncClassifier:
+    def __init__(
+        self,
+        classifier: Classifier,
+        *,
+        max_batch: int = 16,
+        max_wait_ms: float = 2.0,
+        cache_size: int = 4096,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self._classifier = classifier
+        self._max_batch = max_batch
+        self._max_wait = max_wait_ms / 1000.0
+        self._cache_size = cache_size
+        self._on_batch = on_batch
+        self._cache: OrderedDict[bytes, Classification] = OrderedDict()
+        self._inflight: dict[bytes, asyncio.Future[Classification]] = {}
+        self._queue: asyncio.Queue[tuple[bytes, str]] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifier")
+        self._closed = False
+
+    async def classify(self, text: str) -> Classification:
+        if self._closed:
+            raise ClassifierClosedError("AsyncClassifier is closed")
+        key = text_key(text)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        pending = self._inflight.get(key)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._inflight[key] = pending
+            self._ensure_worker()
+            assert self._queue is not None
+            self._queue.put_nowait((key, text))
+        # shield: one caller being cancelled must not cancel the shared result for the others
+        return await asyncio.shield(pending)
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None:
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name="classifier-batcher")
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await queue.get()]
+            deadline = loop.time() + self._max_wait
+            while len(batch) < self._max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(queue.get(), timeout))
+                except TimeoutError:
+                    break
+            while len(batch) < self._max_batch and not queue.empty():
+                batch.append(queue.get_nowait())
+            await self._infer(batch)
+
+    async def _infer(self, batch: list[tuple[bytes, str]]) -> None:
+        loop = asyncio.get_running_loop()
+        texts = [t for _, t in batch]
+        started = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, self._classifier.classify, texts)
+        except Exception as e:  # every caller of this batch gets the error; the worker lives on
+            for key, _ in batch:
+                fut = self._inflight.pop(key, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(e)
+            return
+        finally:
+            self._report(len(batch), time.perf_counter() - started)
+        for (key, _), result in zip(batch, results, strict=True):
+            self._remember(key, result)
+            fut = self._inflight.pop(key, None)
+            if fut is not None and not fut.done():
+                fut.set_result(result)
+
+    def _report(self, size: int, seconds: float) -> None:
+        if self._on_batch is None:
+            return
+        try:
+            self._on_batch(size, seconds)
+        except Exception:  # a metrics hook must not take the batcher down
+            log.exception("on_batch callback failed")
+
+    def _remember(self, key: bytes, result: Classification) -> None:
+        if self._cache_size <= 0:
+            return
+        self._cache[key] = result
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    async def aclose(self) -> None:
+        """Stop the batcher; callers still waiting get ClassifierClosedError."""
+        self._closed = True
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+        for fut in self._inflight.values():
+            if not fut.done():
+                fut.set_exception(ClassifierClosedError("AsyncClassifier was closed"))
+        self._inflight.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,260 @@
+"""Builds the ONNX graph by hand from numpy weights (needs `onnx`, not torch).
+
+One builder for both our classifier and the plain MiniLM-L6 baseline, so the benchmark compares
+like with like: same ops, same fusions, same quantization.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+HIDDEN = 384
+HEADS = 12
+HEAD_DIM = HIDDEN // HEADS
+OPSET = 17
+BASE_NAMES = {
+    "q": "attention.self.query",
+    "k": "attention.self.key",
+    "v": "attention.self.value",
+    "o": "attention.output.dense",
+    "ln1": "attention.output.LayerNorm",
+    "up": "intermediate.dense",
+    "down": "output.dense",
+    "ln2": "output.LayerNorm",
+}
+
+LayerWeights = dict[str, np.ndarray]  # "q.weight" [out, in], "q.bias", ... "ln2.bias"
+
+
+def base_layer(sd: dict[str, np.ndarray], i: int) -> LayerWeights:
+    out: LayerWeights = {}
+    for mine, theirs in BASE_NAMES.items():
+        out[f"{mine}.weight"] = sd[f"encoder.layer.{i}.{theirs}.weight"]
+        out[f"{mine}.bias"] = sd[f"encoder.layer.{i}.{theirs}.bias"]
+    return out
+
+
+@dataclass
+class BranchWeights:
+    name: str                      # output name prefix: "domain", "complexity", "pii"
+    layers: list[LayerWeights]
+    head_w: np.ndarray             # [n_out, HIDDEN]
+    head_b: np.ndarray
+    pooled: bool
+    activation: str                # "softmax" | "sigmoid"
+
+
+@dataclass
+class _G:
+    nodes: list = field(default_factory=list)
+    inits: list = field(default_factory=list)
+    n: int = 0
+
+    def name(self, hint: str) -> str:
+        self.n += 1
+        return f"{hint}_{self.n}"
+
+    def const(self, arr: np.ndarray, hint: str) -> str:
+        nm = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), nm))
+        return nm
+
+    def op(self, op: str, inputs: list[str], hint: str, n_out: int = 1, **attrs) -> str | list[str]:
+        outs = [self.name(hint) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=self.name(op), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+
+def _i64(*v: int) -> np.ndarray:
+    return np.array(v, dtype=np.int64)
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, dtype=np.float32)
+
+
+class Builder:
+    def __init__(self) -> None:
+        self.g = _G()
+        g = self.g
+        self.heads_shape = g.const(_i64(0, 0, HEADS, HEAD_DIM), "heads_shape")
+        self.merge_shape = g.const(_i64(0, 0, HIDDEN), "merge_shape")
+        self.scale = g.const(np.array(1.0 / math.sqrt(HEAD_DIM), np.float32), "scale")
+        self.half = g.const(np.array(0.5, np.float32), "half")
+        self.one = g.const(np.array(1.0, np.float32), "one")
+        self.rsqrt2 = g.const(np.array(1.0 / math.sqrt(2.0), np.float32), "rsqrt2")
+
+    def linear(self, x: str, w: np.ndarray, b: np.ndarray, hint: str) -> str:
+        g = self.g
+        y = g.op("MatMul", [x, g.const(_f32(w).T, f"{hint}_w")], hint)
+        return g.op("Add", [y, g.const(_f32(b), f"{hint}_b")], hint)
+
+    def layer_norm(self, x: str, w: np.ndarray, b: np.ndarray, hint: str) -> str:
+        g = self.g
+        return g.op(
+            "LayerNormalization",
+            [x, g.const(_f32(w), f"{hint}_g"), g.const(_f32(b), f"{hint}_b")],
+            hint, axis=-1, epsilon=1e-12,
+        )
+
+    def gelu(self, x: str) -> str:
+        g = self.g
+        e = g.op("Erf", [g.op("Mul", [x, self.rsqrt2], "gelu")], "gelu")
+        return g.op("Mul", [g.op("Mul", [x, self.half], "gelu"), g.op("Add", [e, self.one], "gelu")], "gelu")
+
+    def split_heads(self, x: str, perm: list[int]) -> str:
+        g = self.g
+        return g.op("Transpose", [g.op("Reshape", [x, self.heads_shape], "heads")], "heads", perm=perm)
+
+    def attention(self, q: str, k: str, v: str, bias: str) -> str:
+        """q, k, v already projected, [B, L*, HIDDEN]; returns context [B, Lq, HIDDEN]."""
+        g = self.g
+        qh = self.split_heads(q, [0, 2, 1, 3])
+        kt = self.split_heads(k, [0, 2, 3, 1])
+        vh = self.split_heads(v, [0, 2, 1, 3])
+        s = g.op("Add", [g.op("Mul", [g.op("MatMul", [qh, kt], "qk"), self.scale], "qk"), bias], "qk")
+        ctx = g.op("MatMul", [g.op("Softmax", [s], "attn", axis=-1), vh], "ctx")
+        ctx = g.op("Transpose", [ctx], "ctx", perm=[0, 2, 1, 3])
+        return g.op("Reshape", [ctx, self.merge_shape], "ctx")
+
+    def projections(self, x: str, mats: list[tuple[np.ndarray, np.ndarray]], hint: str) -> list[str]:
+        """Several linear maps of the same input as ONE MatMul (fewer, larger kernels)."""
+        g = self.g
+        w = np.concatenate([_f32(m[0]).T for m in mats], axis=1)
+        b = np.concatenate([_f32(m[1]) for m in mats])
+        y = g.op("Add", [g.op("MatMul", [x, g.const(w, f"{hint}_w")], hint), g.const(b, f"{hint}_b")], hint)
+        if len(mats) == 1:
+            return [y]
+        split = g.const(_i64(*[m[0].shape[0] for m in mats]), "split")
+        return list(g.op("Split", [y, split], hint, n_out=len(mats), axis=-1))
+
+    def finish_layer(self, resid: str, ctx: str, lw: LayerWeights, hint: str) -> str:
+        h = self.layer_norm(
+            self.g.op("Add", [resid, self.linear(ctx, lw["o.weight"], lw["o.bias"], f"{hint}_o")], hint),
+            lw["ln1.weight"], lw["ln1.bias"], f"{hint}_ln1",
+        )
+        ff = self.linear(self.gelu(self.linear(h, lw["up.weight"], lw["up.bias"], f"{hint}_up")),
+                         lw["down.weight"], lw["down.bias"], f"{hint}_down")
+        return self.layer_norm(self.g.op("Add", [h, ff], hint), lw["ln2.weight"], lw["ln2.bias"],
+                               f"{hint}_ln2")
+
+    def layer(self, x: str, bias: str, lw: LayerWeights, hint: str) -> str:
+        q, k, v = self.projections(
+            x, [(lw[f"{n}.weight"], lw[f"{n}.bias"]) for n in "qkv"], f"{hint}_qkv"
+        )
+        return self.finish_layer(x, self.attention(q, k, v, bias), lw, hint)
+
+
+def build(
+    sd: dict[str, np.ndarray],
+    trunk_layers: int,
+    branches: list[BranchWeights],
+    *,
+    extra_outputs: tuple[str, ...] = (),
+) -> onnx.ModelProto:
+    """The graph: embeddings and `trunk_layers` base layers once, then every branch.
+
+    `extra_outputs` may hold "trunk" (hidden states after the trunk, for training caches)
+    and "embedding" (mean-pooled trunk output: the plain sentence-transformers pass).
+    """
+    b = Builder()
+    g = b.g
+    ids, mask = "input_ids", "attention_mask"
+    # Embeddings: token-type 0 is folded into the position table.
+    pos_table = _f32(sd["embeddings.position_embeddings.weight"]) + _f32(
+        sd["embeddings.token_type_embeddings.weight"][0]
+    )
+    word = g.op("Gather", [g.const(_f32(sd["embeddings.word_embeddings.weight"]), "word"), ids], "word", axis=0)
+    seq_len = g.op("Gather", [g.op("Shape", [ids], "shape"), g.const(_i64(1), "one_idx")], "len", axis=0)
+    pos = g.op("Slice", [g.const(pos_table, "pos"), g.const(_i64(0), "zero"), seq_len, g.const(_i64(0), "ax0")], "pos")
+    x = b.layer_norm(g.op("Add", [word, pos], "emb"), sd["embeddings.LayerNorm.weight"],
+                     sd["embeddings.LayerNorm.bias"], "emb_ln")
+    maskf = g.op("Cast", [mask], "maskf", to=TensorProto.FLOAT)
+    bias = g.op("Mul", [g.op("Sub", [b.one, maskf], "bias"), g.const(np.array(-10000.0, np.float32), "neg")], "bias")
+    bias = g.op("Unsqueeze", [bias, g.const(_i64(1, 2), "axes12")], "bias")
+    for i in range(trunk_layers):
+        x = b.layer(x, bias, base_layer(sd, i), f"trunk{i}")
+
+    outputs: list[onnx.ValueInfoProto] = []
+    if "trunk" in extra_outputs:
+        g.nodes.append(helper.make_node("Identity", [x], ["trunk"]))
+        outputs.append(helper.make_tensor_value_info("trunk", TensorProto.FLOAT, ["batch", "seq", HIDDEN]))
+    if "embedding" in extra_outputs:
+        m3 = g.op("Unsqueeze", [maskf, g.const(_i64(2), "ax2")], "m3")
+        s = g.op("ReduceSum", [g.op("Mul", [x, m3], "pool"), g.const(_i64(1), "ax1")], "pool", keepdims=0)
+        c = g.op("ReduceSum", [m3, g.const(_i64(1), "ax1")], "cnt", keepdims=0)
+        g.nodes.append(helper.make_node("Div", [s, c], ["embedding"]))
+        outputs.append(helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", HIDDEN]))
+
+    if branches:
+        _branches(b, x, bias, branches, outputs)
+
+    graph = helper.make_graph(
+        g.nodes, "extproc_classifier",
+        [helper.make_tensor_value_info(ids, TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info(mask, TensorProto.INT64, ["batch", "seq"])],
+        outputs, g.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _branches(b: Builder, x: str, bias: str, branches: list[BranchWeights],
+              outputs: list[onnx.ValueInfoProto]) -> None:
+    g = b.g
+    # First layer of every branch reads the trunk output: fuse all their projections of the full
+    # sequence (Q/K/V for token-level branches, K/V only for pooled ones) into one MatMul.
+    mats: list[tuple[np.ndarray, np.ndarray]] = []
+    for br in branches:
+        lw = br.layers[0]
+        names = "kv" if (br.pooled and len(br.layers) == 1) else "qkv"
+        mats += [(lw[f"{n}.weight"], lw[f"{n}.bias"]) for n in names]
+    projected = iter(b.projections(x, mats, "branch_qkv"))
+    cls = g.op("Slice", [x, g.const(_i64(0), "z"), g.const(_i64(1), "o"), g.const(_i64(1), "a1")], "cls")
+    for br in branches:
+        h = x
+        for li, lw in enumerate(br.layers):
+            hint = f"{br.name}{li}"
+            last_pooled = br.pooled and li == len(br.layers) - 1
+            if li == 0:
+                q = None if last_pooled else next(projected)
+                k, v = next(projected), next(projected)
+            else:
+                if last_pooled:
+                    k, v = b.projections(h, [(lw[f"{n}.weight"], lw[f"{n}.bias"]) for n in "kv"], f"{hint}_kv")
+                else:
+                    q, k, v = b.projections(h, [(lw[f"{n}.weight"], lw[f"{n}.bias"]) for n in "qkv"], f"{hint}_qkv")
+            if last_pooled:
+                query_in = cls if li == 0 else g.op("Slice", [h, g.const(_i64(0), "z"), g.const(_i64(1), "o"),
+                                                            g.const(_i64(1), "a1")], "cls")
+                q = b.linear(query_in, lw["q.weight"], lw["q.bias"], f"{hint}_q")
+                h = b.finish_layer(query_in, b.attention(q, k, v, bias), lw, hint)
+                h = g.op("Squeeze", [h, g.const(_i64(1), "a1")], "pooled")
+            else:
+                h = b.finish_layer(h, b.attention(q, k, v, bias), lw, hint)
+        logits = b.linear(h, br.head_w, br.head_b, f"{br.name}_head")
+        out = f"{br.name}_probs"
+        if br.activation == "softmax":
+            g.nodes.append(helper.make_node("Softmax", [logits], [out], axis=-1))
+        else:
+            g.nodes.append(helper.make_node("Sigmoid", [logits], [out]))
+        shape = ["batch", "seq", br.head_w.shape[0]] if not br.pooled else ["batch", br.head_w.shape[0]]
+        outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, shape))
+
+
+def quantize_int8(src: str, dst: str) -> None:
+    """Dynamic int8: weights of MatMuls and the embedding table; activations quantized per run."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        src, dst, weight_type=QuantType.QInt8, per_channel=True,
+        op_types_to_quantize=["MatMul", "Gather"],
+        extra_options={"MatMulConstBOnly": True},
+    )
