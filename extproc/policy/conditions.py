@@ -1,0 +1,295 @@
+"""Decision conditions: facts about a request combined with all / any / not.
+
+Every condition answers True, False, or None ("not known yet"): classifier signals are None
+until the encoder has run. Evaluation stops at the first decision whose answer is None, so the
+encoder only runs when the decision that could match actually needs it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from extproc.signals import Scope, Signals
+
+
+class Condition(Protocol):
+    needs_classifier: bool
+
+    def evaluate(self, signals: Signals) -> bool | None: ...
+
+    def explain(self, signals: Signals) -> dict[str, Any]: ...
+
+
+def _explained(kind: str, detail: Any, result: bool | None) -> dict[str, Any]:
+    return {kind: detail, "result": result}
+
+
+# --- combinators (Kleene three-valued logic) ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class All:
+    conditions: tuple[Condition, ...]
+    needs_classifier: bool
+
+    def evaluate(self, signals: Signals) -> bool | None:
+        unknown = False
+        for condition in self.conditions:
+            result = condition.evaluate(signals)
+            if result is False:
+                return False
+            unknown |= result is None
+        return None if unknown else True
+
+    def explain(self, signals: Signals) -> dict[str, Any]:
+        return _explained("all", [c.explain(signals) for c in self.conditions], self.evaluate(signals))
+
+
+@dataclass(frozen=True, slots=True)
+class Any_:
+    conditions: tuple[Condition, ...]
+    needs_classifier: bool
+
+    def evaluate(self, signals: Signals) -> bool | None:
+        unknown = False
+        for condition in self.conditions:
+            result = condition.evaluate(signals)
+            if result is True:
+                return True
+            unknown |= result is None
+        return None if unknown else False
+
+    def explain(self, signals: Signals) -> dict[str, Any]:
+        return _explained("any", [c.explain(signals) for c in self.conditions], self.evaluate(signals))
+
+
+@dataclass(frozen=True, slots=True)
+class Not:
+    condition: Condition
+    needs_classifier: bool
+
+    def evaluate(self, signals: Signals) -> bool | None:
+        result = self.condition.evaluate(signals)
+        return None if result is None else not result
+
+    def explain(self, signals: Signals) -> dict[str, Any]:
+        return _explained("not", self.condition.explain(signals), self.evaluate(signals))
+
+
+# --- cheap signals ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Keyword:
+    any_of: re.Pattern[str] | None
+    all_of: tuple[re.Pattern[str], ...]
+    scope: Scope
+    words: tuple[str, ...]
+    needs_classifier: bool = False
+
+    def evaluate(self, signals: Signals) -> bool:
+        text = signals.text(self.scope)
+        if self.any_of is not None and not self.any_of.search(text):
+            return False
+        return all(p.search(text) for p in self.all_of)
+
+    def explain(self, signals: Signals) -> dict[str, Any]:
+        # The configured words are policy, not prompt text, so they may appear here.
+        return _explained("keyword", {"words": list(self.words), "scope": self.scope}, self.evaluate(signals))
+
+
+@dataclass(frozen=True, slots=True)
+class Regex:
+    pattern: re.Pattern[str]
+    scope: Scope
+    needs_classifier: bool = False
+
+    def evaluate(self, signals: Signals) -> bool:
+        return self.pattern.search(signals.text(self.scope)) is not None
+
+    def explain(self, signals: Signals) -> dict[str, Any]:
+        detail = {"pattern": self.pattern.pattern, "scope": self.scope}
+        return _explained("regex", detail, self.evaluate(signals))
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    min: int | None
+    max: int | None
+    needs_classifier: bool = False
+
+    def evaluate(self, signals: Signals) -> bool:
+        n = signals.tokens
+        return (self.min is None or n >= self.min) and (self.max is None or n < self.max)
+
+    def explain(self, signals: Signals) -> dict[str, Any]:
+        detail = {"min": self.min, "max": self.max, "tokens": signals.tokens}
+        return _explained("tokens", detail, self.evaluate(signals))
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    name: str
+    equals: str | None = None
+    one_of: frozenset[str] | None = None
+    matches: re.Pattern[str] | None = None
+    present: bool | None = None
+    needs_classifier: bool = False
+
+    def evaluate(self, signals: Signals) -> bool:
+        value = signals.headers.get(self.name)
+        if self.present is not None:
+            return (value is not None) == self.present
+        if value is None:
+            return False
+        if self.equals is not None:
+            return value == self.equals
+        if self.one_of is not None:
+            return value in self.one_of
+        assert self.matches is not None
+        return self.matches.search(value) is not None
+
+    def explain(self, signals: Signals) -> dict[str, Any]:
+        # Header values can identify a user: the explanation names the header, not its value.
+        return _explained("header", {"name": self.name}, self.evaluate(signals))
+
+
+# --- classifier signals -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Domain:
+    domains: frozenset[str]
+    min_probability: float | None
+    needs_classifier: bool = True
+
+    def evaluate(self, signals: Signals) -> bool | None:
+        topic = signals.topic
+        if topic is None:
+            return None if signals.classifier_pending else False
+        if self.min_probability is None:
+            return topic.domain in self.domains
+        return sum(topic.domain_probs.get(d, 0.0) for d in self.domains) >= self.min_probability
+
+    def explain(self, signals: Signals) -> dict[str, Any]:
+        detail = {"in": sorted(self.domains), "min_probability": self.min_probability}
+        return _explained("domain", detail, self.evaluate(signals))
+
+
+@dataclass(frozen=True, slots=True)
+class Complexity:
+    above: float | None
+    below: float | None
+    needs_classifier: bool = True
+
+    def evaluate(self, signals: Signals) -> bool | None:
+        topic = signals.topic
+        if topic is None:
+            return None if signals.classifier_pending else False
+        c = topic.complexity
+        return (self.above is None or c > self.above) and (self.below is None or c < self.below)
+
+    def explain(self, signals: Signals) -> dict[str, Any]:
+        return _explained("complexity", {"above": self.above, "below": self.below}, self.evaluate(signals))
+
+
+@dataclass(frozen=True, slots=True)
+class Pii:
+    types: frozenset[str] | None
+    min_score: float
+    needs_classifier: bool = True
+
+    def evaluate(self, signals: Signals) -> bool | None:
+        spans = signals.pii
+        if spans is None:
+            return None if signals.classifier_pending else False
+        return any(s.score >= self.min_score and (self.types is None or s.type in self.types) for s in spans)
+
+    def explain(self, signals: Signals) -> dict[str, Any]:
+        detail = {"types": sorted(self.types) if self.types else "any", "min_score": self.min_score}
+        return _explained("pii", detail, self.evaluate(signals))
+
+
+def walk(condition: Condition | None) -> list[Condition]:
+    """The condition and every condition nested in it."""
+    if condition is None:
+        return []
+    out = [condition]
+    for child in getattr(condition, "conditions", ()):
+        out.extend(walk(child))
+    if isinstance(condition, Not):
+        out.extend(walk(condition.condition))
+    return out
+
+
+# --- building from validated config -------------------------------------------------------------
+
+
+def build(spec: dict[str, Any]) -> Condition:
+    """A condition from its (schema-validated) config mapping; raises ValueError for bad regexes."""
+    ((kind, value),) = spec.items()
+    if kind in ("all", "any"):
+        children = tuple(build(c) for c in value)
+        needs = any(c.needs_classifier for c in children)
+        return All(children, needs) if kind == "all" else Any_(children, needs)
+    if kind == "not":
+        child = build(value)
+        return Not(child, child.needs_classifier)
+    if kind == "keyword":
+        return _keyword(value)
+    if kind == "regex":
+        spec = {"pattern": value} if isinstance(value, str) else value
+        flags = 0 if spec.get("case_sensitive", True) else re.IGNORECASE
+        return Regex(_compile(spec["pattern"], flags), spec.get("scope", "last_user"))
+    if kind == "tokens":
+        return Tokens(value.get("min"), value.get("max"))
+    if kind == "header":
+        return _header(value)
+    if kind == "domain":
+        spec = {"in": value} if isinstance(value, list) else value
+        return Domain(frozenset(spec["in"]), spec.get("min_probability"))
+    if kind == "complexity":
+        return Complexity(value.get("above"), value.get("below"))
+    if kind == "pii":
+        if isinstance(value, bool):
+            condition = Pii(None, 0.5)
+            return condition if value else Not(condition, True)
+        types = value.get("types")
+        return Pii(frozenset(types) if types else None, value.get("min_score", 0.5))
+    raise ValueError(f"unknown condition {kind!r}")
+
+
+def _keyword(value: Any) -> Keyword:
+    spec = {"any": value} if isinstance(value, list) else value
+    flags = 0 if spec.get("case_sensitive", False) else re.IGNORECASE
+    whole = spec.get("whole_word", False)
+
+    def pattern(words: Sequence[str]) -> re.Pattern[str]:
+        alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+        return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)" if whole else alternatives, flags)
+
+    any_of = pattern(spec["any"]) if spec.get("any") else None
+    all_of = tuple(pattern([w]) for w in spec.get("all", ()))
+    words = tuple(spec.get("any", ())) + tuple(spec.get("all", ()))
+    return Keyword(any_of, all_of, spec.get("scope", "last_user"), words)
+
+
+def _header(spec: dict[str, Any]) -> Header:
+    name = spec["name"]
+    if "equals" in spec:
+        return Header(name, equals=spec["equals"])
+    if "in" in spec:
+        return Header(name, one_of=frozenset(spec["in"]))
+    if "matches" in spec:
+        return Header(name, matches=_compile(spec["matches"], 0))
+    return Header(name, present=spec["present"])
+
+
+def _compile(pattern: str, flags: int) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern, flags)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None

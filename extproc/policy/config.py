@@ -1,0 +1,130 @@
+"""The routing policy as immutable objects, built once per (re)load from validated YAML."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from extproc import headers
+from extproc.policy.conditions import Condition
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    input_per_million: float
+    output_per_million: float
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        """USD for a request's tokens."""
+        return (input_tokens * self.input_per_million + output_tokens * self.output_per_million) / 1e6
+
+
+@dataclass(frozen=True, slots=True)
+class KubernetesReplicas:
+    namespace: str
+    service: str | None = None
+    selector: str | None = None
+    port: int | str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Replicas:
+    static: tuple[str, ...] = ()
+    kubernetes: KubernetesReplicas | None = None
+    envoy: str = "original_dst"  # original_dst | override_host | hash
+    metrics: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PiiPolicy:
+    action: str  # allow | block | redact | reroute
+    types: frozenset[str] | None = None  # None: every type
+    min_score: float = 0.5
+    model: str | None = None  # reroute target
+
+    def applies_to(self, pii_type: str) -> bool:
+        return self.types is None or pii_type in self.types
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    name: str
+    cluster: str
+    upstream_model: str
+    pricing: Pricing | None = None
+    replicas: Replicas | None = None
+    pii: PiiPolicy | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    model: str
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    name: str
+    when: Condition | None
+    model: str | None
+    split: tuple[Split, ...] = ()
+    fallbacks: tuple[str, ...] = ()
+    priority: int = 0
+    pii: PiiPolicy | None = None
+
+    @property
+    def needs_classifier(self) -> bool:
+        return self.when is not None and self.when.needs_classifier
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderNames:
+    cluster: str = headers.CLUSTER
+    session: str = "x-session-id"
+    user: str = "x-user-id"
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifierSettings:
+    enabled: bool | str = "auto"
+    threads: int = 2
+    max_batch: int = 16
+    max_wait_ms: float = 2.0
+    cache_size: int = 4096
+    timeout_ms: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class PickingSettings:
+    prefix_weight: float = 3.0
+    load_weight: float = 2.0
+    session_weight: float = 4.0
+    block_chars: int = 256
+    index_blocks: int = 20000
+    load_bound: float = 0.25
+    fallbacks: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    models: Mapping[str, Model]
+    decisions: tuple[Decision, ...]  # in evaluation order
+    default_model: str
+    auto_models: frozenset[str] = frozenset({"auto"})
+    unknown_models: str = "reject"
+    passthrough_cluster: str | None = None
+    original_dst_cluster: str = "original_dst"
+    max_body_bytes: int = 4 * 1024 * 1024
+    explain: bool = False
+    headers: HeaderNames = field(default_factory=HeaderNames)
+    baseline_model: str | None = None
+    classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
+    picking: PickingSettings = field(default_factory=PickingSettings)
+    pii: PiiPolicy | None = None
+    digest: str = ""  # sha256 of the source text, for the config-hash info metric
+    needs_pii: bool = False  # some decision tests PII or some PII policy is set
+    uses_classifier: bool = False  # the encoder must be loaded
+
+    def pii_policy(self, decision: Decision | None, model: Model) -> PiiPolicy | None:
+        """The most specific PII policy: the decision's, else the model's, else the default."""
+        return (decision.pii if decision else None) or model.pii or self.pii

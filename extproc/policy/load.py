@@ -1,0 +1,390 @@
+"""YAML text -> validated Policy, with errors that name the path, the line and the fix."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from extproc.policy import conditions
+from extproc.policy.config import (
+    ClassifierSettings,
+    Decision,
+    HeaderNames,
+    KubernetesReplicas,
+    Model,
+    PickingSettings,
+    PiiPolicy,
+    Policy,
+    Pricing,
+    Replicas,
+    Split,
+)
+
+DEFAULT_POLICY = Path(__file__).resolve().parent / "default.yaml"
+
+JsonPath = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    path: JsonPath
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = format_path(self.path) or "(top level)"
+        at = f" (line {self.line})" if self.line else ""
+        return f"{where}{at}: {self.message}"
+
+
+class ConfigError(ValueError):
+    """The policy cannot be used. ``problems`` lists every mistake found, each with its line."""
+
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid routing policy {source}:\n{lines}")
+
+
+def format_path(path: JsonPath) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+@cache
+def schema() -> dict[str, Any]:
+    return json.loads(resources.files("extproc.policy").joinpath("schema.json").read_text())
+
+
+def load_policy(path: str | Path | None = None) -> Policy:
+    """Read and validate a policy file (the bundled default when path is None)."""
+    path = Path(path) if path is not None else DEFAULT_POLICY
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), [Problem((), f"cannot read the file: {exc}")]) from None
+    return parse_policy(text, str(path))
+
+
+def parse_policy(text: str, source: str = "<string>") -> Policy:
+    data, lines = _read_yaml(text, source)
+    problems = list(_schema_problems(data, lines))
+    if not problems:
+        problems = list(_reference_problems(data, lines))
+    if not problems:
+        policy, problems = _build(data, lines, hashlib.sha256(text.encode()).hexdigest())
+        if not problems:
+            return policy
+    raise ConfigError(source, problems)
+
+
+# --- YAML with line numbers ---------------------------------------------------------------------
+
+
+def _read_yaml(text: str, source: str) -> tuple[Any, dict[JsonPath, int]]:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [Problem((), f"not valid YAML: {reason}", line)]) from None
+    if node is None:
+        raise ConfigError(source, [Problem((), "the file is empty; it needs at least 'models' and 'default_model'")])
+    lines: dict[JsonPath, int] = {}
+    duplicates = list(_index_lines(node, (), lines))
+    if duplicates:
+        raise ConfigError(source, duplicates)
+    return data, lines
+
+
+def _index_lines(node: yaml.Node, path: JsonPath, lines: dict[JsonPath, int]) -> Iterator[Problem]:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                yield Problem(
+                    (*path, key),
+                    "duplicate key; YAML keeps only the last one, remove the other",
+                    key_node.start_mark.line + 1,
+                )
+            seen.add(key)
+            yield from _index_lines(value_node, (*path, key), lines)
+            lines[(*path, key)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            yield from _index_lines(item, (*path, i), lines)
+
+
+def _line(lines: dict[JsonPath, int], path: JsonPath) -> int | None:
+    while path not in lines and path:
+        path = path[:-1]
+    return lines.get(path)
+
+
+# --- schema ----------------------------------------------------------------------------------------
+
+_CONDITION_KINDS = ("all", "any", "not", "keyword", "regex", "tokens", "header", "domain", "complexity", "pii")
+_ONE_OF_HINTS = {
+    "decision": "set exactly one of 'model' or 'split'",
+    "replicas": "set exactly one of 'static' or 'kubernetes'",
+    "kubernetes": "set exactly one of 'service' or 'selector'",
+}
+
+
+def _schema_problems(data: Any, lines: dict[JsonPath, int]) -> Iterator[Problem]:
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(data), key=lambda e: (list(map(str, e.absolute_path)), e.message))
+    for error in errors[:25]:
+        path = tuple(error.absolute_path)
+        yield Problem(path, _describe(error), _line(lines, path))
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    kind, value = error.validator, error.instance
+    if kind == "additionalProperties":
+        allowed = list(error.schema.get("properties", {}))
+        extra = [k for k in value if k not in allowed]
+        hints = []
+        for key in extra:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        return f"unknown key {', '.join(hints)}; allowed: {', '.join(allowed)}"
+    if kind == "required":
+        return error.message.replace("is a required property", "is required")
+    if kind in ("minProperties", "maxProperties") and "condition" in str(error.schema.get("description", "")):
+        return f"a condition has exactly one key, one of: {', '.join(_CONDITION_KINDS)}"
+    if kind == "enum":
+        return f"{value!r} is not one of: {', '.join(map(str, error.validator_value))}"
+    if kind == "type":
+        return f"expected {_article(error.validator_value)}, got {_article(_json_type(value))}"
+    if kind == "oneOf":
+        for name, hint in _ONE_OF_HINTS.items():
+            if name in json.dumps(error.schema):
+                if name == "decision" and isinstance(value, dict) and "name" in value:
+                    return hint
+                if name in ("replicas", "kubernetes") and isinstance(value, dict):
+                    return hint
+        best = jsonschema.exceptions.best_match(error.context) if error.context else None
+        return _describe(best) if best is not None else error.message
+    if kind == "pattern":
+        return f"{value!r} does not match the expected form ({error.schema.get('description', error.validator_value)})"
+    if kind == "const":
+        return f"must be {error.validator_value!r}"
+    return error.message
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _article(kind: Any) -> str:
+    if isinstance(kind, list):
+        return " or ".join(_article(k) for k in kind)
+    return f"an {kind}" if str(kind)[0] in "aeiou" else f"a {kind}"
+
+
+# --- cross references --------------------------------------------------------------------------
+
+
+def _reference_problems(data: dict[str, Any], lines: dict[JsonPath, int]) -> Iterator[Problem]:
+    models = data["models"]
+    configured = ", ".join(sorted(models))
+
+    def check(path: JsonPath, name: Any) -> Iterator[Problem]:
+        if name not in models:
+            close = difflib.get_close_matches(str(name), list(models), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            yield Problem(
+                path, f"{name!r} is not a configured model{hint}; configured: {configured}", _line(lines, path)
+            )
+
+    yield from check(("default_model",), data["default_model"])
+    baseline = data.get("cost", {}).get("baseline_model")
+    if baseline is not None:
+        yield from check(("cost", "baseline_model"), baseline)
+    for name in data.get("auto_models", ["auto"]):
+        if name in models:
+            yield Problem(
+                ("auto_models",),
+                f"{name!r} is both an auto name and a model; rename one",
+                _line(lines, ("auto_models",)),
+            )
+    if data.get("unknown_models") == "passthrough" and not data.get("passthrough_cluster"):
+        yield Problem(
+            ("passthrough_cluster",), "required when unknown_models is 'passthrough'", _line(lines, ("unknown_models",))
+        )
+    for path, pii in _pii_policies(data):
+        if pii["action"] == "reroute":
+            if "model" not in pii:
+                yield Problem((*path, "model"), "'reroute' needs the model allowed to see PII", _line(lines, path))
+            else:
+                yield from check((*path, "model"), pii["model"])
+        elif "model" in pii:
+            yield Problem((*path, "model"), "only used with action 'reroute'", _line(lines, (*path, "model")))
+    seen: dict[str, int] = {}
+    for i, decision in enumerate(data.get("decisions", [])):
+        base: JsonPath = ("decisions", i)
+        name = decision["name"]
+        if name in seen:
+            yield Problem(
+                (*base, "name"),
+                f"decision name {name!r} is already used by decisions[{seen[name]}]",
+                _line(lines, (*base, "name")),
+            )
+        seen.setdefault(name, i)
+        if "model" in decision:
+            yield from check((*base, "model"), decision["model"])
+        for j, part in enumerate(decision.get("split", [])):
+            yield from check((*base, "split", j, "model"), part["model"])
+        for j, fallback in enumerate(decision.get("fallbacks", [])):
+            yield from check((*base, "fallbacks", j), fallback)
+        if "when" in decision:
+            yield from _condition_problems(decision["when"], (*base, "when"), lines)
+
+
+def _pii_policies(data: dict[str, Any]) -> Iterator[tuple[JsonPath, dict[str, Any]]]:
+    if "pii" in data:
+        yield ("pii",), data["pii"]
+    for name, model in data["models"].items():
+        if "pii" in model:
+            yield ("models", name, "pii"), model["pii"]
+    for i, decision in enumerate(data.get("decisions", [])):
+        if "pii" in decision:
+            yield ("decisions", i, "pii"), decision["pii"]
+
+
+def _condition_problems(spec: dict[str, Any], path: JsonPath, lines: dict[JsonPath, int]) -> Iterator[Problem]:
+    ((kind, value),) = spec.items()
+    here = (*path, kind)
+    if kind in ("all", "any"):
+        for i, child in enumerate(value):
+            yield from _condition_problems(child, (*here, i), lines)
+    elif kind == "not":
+        yield from _condition_problems(value, here, lines)
+    elif kind == "tokens" and "min" in value and "max" in value and value["min"] >= value["max"]:
+        yield Problem(here, f"min ({value['min']}) must be below max ({value['max']})", _line(lines, here))
+    elif kind == "complexity" and "above" in value and "below" in value and value["above"] >= value["below"]:
+        yield Problem(
+            here,
+            f"above ({value['above']}) must be below below ({value['below']}); nothing would match",
+            _line(lines, here),
+        )
+    else:
+        try:
+            conditions.build(spec)
+        except ValueError as exc:
+            yield Problem(here, str(exc), _line(lines, here))
+
+
+# --- build ---------------------------------------------------------------------------------------
+
+
+def _pii_policy(spec: dict[str, Any] | None) -> PiiPolicy | None:
+    if spec is None:
+        return None
+    types = spec.get("types")
+    return PiiPolicy(spec["action"], frozenset(types) if types else None, spec.get("min_score", 0.5), spec.get("model"))
+
+
+def _model(name: str, spec: dict[str, Any]) -> Model:
+    pricing = spec.get("pricing")
+    replicas = spec.get("replicas")
+    return Model(
+        name=name,
+        cluster=spec.get("cluster", name),
+        upstream_model=spec.get("upstream_model", name),
+        pricing=Pricing(pricing["input_per_million"], pricing["output_per_million"]) if pricing else None,
+        replicas=Replicas(
+            static=tuple(replicas.get("static", ())),
+            kubernetes=KubernetesReplicas(**replicas["kubernetes"]) if "kubernetes" in replicas else None,
+            envoy=replicas.get("envoy", "original_dst"),
+            metrics=replicas.get("metrics", False),
+        )
+        if replicas
+        else None,
+        pii=_pii_policy(spec.get("pii")),
+    )
+
+
+def _build(data: dict[str, Any], lines: dict[JsonPath, int], digest: str) -> tuple[Policy, list[Problem]]:
+    decisions = []
+    for spec in data.get("decisions", []):
+        decisions.append(
+            Decision(
+                name=spec["name"],
+                when=conditions.build(spec["when"]) if "when" in spec else None,
+                model=spec.get("model"),
+                split=tuple(Split(s["model"], float(s["weight"])) for s in spec.get("split", ())),
+                fallbacks=tuple(spec.get("fallbacks", ())),
+                priority=spec.get("priority", 0),
+                pii=_pii_policy(spec.get("pii")),
+            )
+        )
+    # Higher priority first; sorted() is stable, so equal priorities keep file order.
+    ordered = tuple(sorted(decisions, key=lambda d: -d.priority))
+    classifier = ClassifierSettings(**data.get("classifier", {}))
+    weights = data.get("picking", {}).get("weights", {})
+    picking_spec = {k: v for k, v in data.get("picking", {}).items() if k != "weights"}
+    picking = PickingSettings(
+        prefix_weight=weights.get("prefix", 3.0),
+        load_weight=weights.get("load", 2.0),
+        session_weight=weights.get("session", 4.0),
+        **picking_spec,
+    )
+    default_pii = _pii_policy(data.get("pii"))
+    models = {name: _model(name, spec) for name, spec in data["models"].items()}
+    needs_pii = (
+        default_pii is not None
+        or any(m.pii for m in models.values())
+        or any(d.pii or any(isinstance(c, conditions.Pii) for c in conditions.walk(d.when)) for d in ordered)
+    )
+    uses_classifier = classifier.enabled is True or (
+        classifier.enabled == "auto" and (needs_pii or any(d.needs_classifier for d in ordered))
+    )
+    problems = []
+    if classifier.enabled is False and any(d.needs_classifier for d in ordered):
+        problems.append(
+            Problem(
+                ("classifier", "enabled"),
+                "is false, but some decisions test domain, complexity or pii; enable it or remove them",
+                _line(lines, ("classifier",)),
+            )
+        )
+    policy = Policy(
+        models=models,
+        decisions=ordered,
+        default_model=data["default_model"],
+        auto_models=frozenset(data.get("auto_models", ["auto"])),
+        unknown_models=data.get("unknown_models", "reject"),
+        passthrough_cluster=data.get("passthrough_cluster"),
+        original_dst_cluster=data.get("original_dst_cluster", "original_dst"),
+        max_body_bytes=data.get("limits", {}).get("max_body_bytes", 4 * 1024 * 1024),
+        explain=data.get("debug", {}).get("explain", False),
+        headers=HeaderNames(**data.get("headers", {})),
+        baseline_model=data.get("cost", {}).get("baseline_model"),
+        classifier=classifier,
+        picking=picking,
+        pii=default_pii,
+        digest=digest,
+        needs_pii=needs_pii,
+        uses_classifier=uses_classifier,
+    )
+    return policy, problems

@@ -1,0 +1,100 @@
+"""Hot reload of the policy file.
+
+Kubernetes updates a mounted ConfigMap by writing a new timestamped directory and swapping the
+``..data`` symlink to it; editors replace files or write them in place. Polling the resolved
+path's identity and content catches all of these on any filesystem. A change is applied once
+it has been stable for the debounce period; a file that fails to load leaves the last good
+policy in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+from extproc.metrics import Metrics
+from extproc.policy.config import Policy
+from extproc.policy.load import ConfigError, load_policy
+
+log = logging.getLogger("extproc.reload")
+
+
+class Target(Protocol):
+    metrics: Metrics
+
+    async def apply(self, policy: Policy) -> None: ...
+
+
+def _signature(path: Path) -> tuple[str, int, int, int] | None:
+    """Identity of what the path points at now (through symlinks), or None if it is gone."""
+    try:
+        real = os.path.realpath(path)
+        stat = os.stat(real)
+    except OSError:
+        return None
+    return real, stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+class ConfigWatcher:
+    def __init__(self, path: Path, target: Target, *, debounce: float = 0.5, interval: float = 0.25) -> None:
+        self.path = Path(path)
+        self.target = target
+        self.debounce = debounce
+        self.interval = interval
+        self._signature = _signature(self.path)
+        self._digest = _digest(self.path)
+        self._missing_logged = False
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            signature = _signature(self.path)
+            if signature == self._signature:
+                continue
+            # Let a burst of writes (or a symlink swap in progress) settle before reading.
+            await asyncio.sleep(self.debounce)
+            settled = _signature(self.path)
+            if settled != signature:
+                continue
+            self._signature = signature
+            await self.check(signature is None)
+
+    async def check(self, missing: bool) -> None:
+        metrics = self.target.metrics
+        if missing:
+            if not self._missing_logged:
+                log.warning("policy file %s is gone; keeping the last good policy", self.path)
+                metrics.reloads.labels("missing").inc()
+                self._missing_logged = True
+            return
+        self._missing_logged = False
+        digest = await asyncio.to_thread(_digest, self.path)
+        if digest is None or digest == self._digest:
+            return
+        try:
+            policy = await asyncio.to_thread(load_policy, self.path)
+            await self.target.apply(policy)
+        except ConfigError as exc:
+            metrics.reloads.labels("invalid").inc()
+            log.error("policy reload rejected; the last good policy stays in effect. %s", exc)
+            self._digest = digest  # report a bad file once, not on every poll
+            return
+        except Exception:
+            metrics.reloads.labels("error").inc()
+            log.exception("policy reload failed; the last good policy stays in effect")
+            return
+        self._digest = digest
+        metrics.reloads.labels("success").inc()
+        metrics.last_reload.set_to_current_time()
+        log.info("policy reloaded from %s (sha256 %s)", self.path, policy.digest[:16])

@@ -1,0 +1,128 @@
+"""Envoy ext_proc messages in and out: reading headers and attributes, building responses."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+import orjson
+from google.protobuf import struct_pb2
+
+from extproc._pb.envoy.config.core.v3 import base_pb2 as core
+from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from extproc._pb.envoy.type.v3 import http_status_pb2 as http_status
+from extproc.errors import RouterError
+
+OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_HEADER_ATTRIBUTE = re.compile(r"^request\.headers\[['\"]([^'\"]+)['\"]\]$")
+# Visible ASCII and spaces/tabs inside; no CR, LF or other controls (header injection).
+_SAFE_VALUE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?$")
+
+CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+CONTINUE_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
+CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
+CONTINUE_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+_JSON = core.HeaderValueOption(
+    header=core.HeaderValue(key="content-type", raw_value=b"application/json"), append_action=OVERWRITE
+)
+
+
+def safe_header_value(value: str) -> bool:
+    return bool(_SAFE_VALUE.match(value))
+
+
+def header_map(header_map: core.HeaderMap) -> dict[str, str]:
+    """Headers of an HttpHeaders message. Envoy fills raw_value only (lower-case keys)."""
+    out = {}
+    for header in header_map.headers:
+        value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
+        # Repeated headers are joined the way HTTP defines it.
+        out[header.key] = f"{out[header.key]},{value}" if header.key in out else value
+    return out
+
+
+def attributes(request: pb.ProcessingRequest) -> tuple[dict[str, str], dict[str, str]]:
+    """(request attributes, request headers sent as ``request.headers['name']`` attributes)."""
+    values: dict[str, str] = {}
+    headers: dict[str, str] = {}
+    for struct in request.attributes.values():
+        for key, value in struct.fields.items():
+            kind = value.WhichOneof("kind")
+            text = (
+                value.string_value
+                if kind == "string_value"
+                else (str(int(value.number_value)) if kind == "number_value" else None)
+            )
+            if text is None:
+                continue
+            match = _HEADER_ATTRIBUTE.match(key)
+            if match:
+                headers[match.group(1).lower()] = text
+            else:
+                values[key] = text
+    return values, headers
+
+
+def metadata(request: pb.ProcessingRequest, namespace: str) -> dict[str, str]:
+    struct = request.metadata_context.filter_metadata.get(namespace)
+    if struct is None:
+        return {}
+    return {k: v.string_value for k, v in struct.fields.items() if v.WhichOneof("kind") == "string_value"}
+
+
+def set_header(name: str, value: str) -> core.HeaderValueOption:
+    return core.HeaderValueOption(header=core.HeaderValue(key=name, raw_value=value.encode()), append_action=OVERWRITE)
+
+
+def mutation(set_headers: Mapping[str, str], remove: Iterable[str] = ()) -> pb.HeaderMutation:
+    return pb.HeaderMutation(
+        set_headers=[set_header(k, v) for k, v in set_headers.items()], remove_headers=list(remove)
+    )
+
+
+def immediate(error: RouterError) -> pb.ProcessingResponse:
+    """Envoy answers the client with this status and OpenAI-style JSON body."""
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status.HttpStatus(code=error.status),  # type: ignore[arg-type]
+            headers=pb.HeaderMutation(set_headers=[_JSON]),
+            body=error.body(),
+            details=f"extproc_{error.code}",
+        )
+    )
+
+
+def body_response(
+    header_mutation: pb.HeaderMutation, body: bytes | None, dynamic_metadata: Mapping[str, Mapping[str, str]]
+) -> pb.ProcessingResponse:
+    # A header mutation is always present, even when Envoy cannot apply it (request headers not
+    # sent to us): its presence is what makes Envoy clear the route cache and route again on
+    # the dynamic metadata.
+    common = pb.CommonResponse(header_mutation=header_mutation, clear_route_cache=True)
+    if body is not None:
+        common.body_mutation.body = body
+    response = pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+    if dynamic_metadata:
+        response.dynamic_metadata.CopyFrom(_struct(dynamic_metadata))
+    return response
+
+
+def response_headers_response(set_headers: Mapping[str, str]) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(
+        response_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation(set_headers)))
+    )
+
+
+def _struct(data: Mapping[str, Mapping[str, str]]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    for namespace, fields in data.items():
+        inner = struct.fields[namespace].struct_value
+        for key, value in fields.items():
+            inner.fields[key].string_value = value
+    return struct
+
+
+def compact_json(data: object) -> str:
+    return orjson.dumps(data).decode()

@@ -1,0 +1,1 @@
+"""Replica pools (static, Kubernetes) and picking (filters, scorers, picker)."""

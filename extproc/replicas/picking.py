@@ -1,0 +1,155 @@
+"""Replica picking as small plugins: filters drop replicas, scorers rate them in [0, 1], the
+picker takes the best weighted sum and lists the next best as fallbacks for Envoy's retries."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from extproc.replicas.load import LoadTracker
+from extproc.replicas.prefix import PrefixIndex
+from extproc.replicas.scrape import LoadReport
+
+
+@dataclass(slots=True)
+class PickRequest:
+    model: str
+    blocks: list[int]  # prefix chain hashes of the rendered conversation
+    session: str | None = None
+
+
+@dataclass(slots=True)
+class Pick:
+    endpoints: tuple[str, ...]  # the pick first, then fallbacks
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # endpoint -> scorer -> score
+    prefix_blocks: int = 0  # blocks of this prompt the picked replica is estimated to hold
+
+
+class Filter(Protocol):
+    name: str
+
+    def filter(self, request: PickRequest, endpoints: Sequence[str]) -> Sequence[str]: ...
+
+
+class Scorer(Protocol):
+    name: str
+
+    def score(self, request: PickRequest, endpoints: Sequence[str]) -> Mapping[str, float]: ...
+
+
+# --- filters --------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class BoundedLoad:
+    """Consistent hashing with bounded loads: no replica may exceed (1 + epsilon) x the mean
+    in-flight count once this request is added, so affinity never piles work on one replica."""
+
+    tracker: LoadTracker
+    epsilon: float
+    name: str = "bounded_load"
+
+    def filter(self, request: PickRequest, endpoints: Sequence[str]) -> Sequence[str]:
+        inflight = self.tracker.inflight
+        total = sum(inflight[e] for e in endpoints) + 1
+        capacity = math.ceil((1 + self.epsilon) * total / len(endpoints))
+        # A replica is eligible if taking this request keeps it within capacity.
+        eligible = [e for e in endpoints if inflight[e] + 1 <= capacity]
+        return eligible or [min(endpoints, key=lambda e: inflight[e])]
+
+
+# --- scorers --------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class PrefixAffinity:
+    index: PrefixIndex
+    name: str = "prefix"
+
+    def score(self, request: PickRequest, endpoints: Sequence[str]) -> Mapping[str, float]:
+        if not request.blocks:
+            return {}
+        n = len(request.blocks)
+        return {e: self.index.matched_blocks(e, request.blocks) / n for e in endpoints}
+
+
+@dataclass(slots=True)
+class LeastLoad:
+    """Fewer in-flight requests, a shorter queue and a freer KV cache score higher."""
+
+    tracker: LoadTracker
+    reports: Callable[[str], LoadReport | None] = lambda endpoint: None
+    name: str = "load"
+
+    def score(self, request: PickRequest, endpoints: Sequence[str]) -> Mapping[str, float]:
+        inflight = self.tracker.inflight
+        busiest = max(inflight[e] for e in endpoints) + 1
+        out = {}
+        for e in endpoints:
+            parts = [1.0 - inflight[e] / busiest]
+            report = self.reports(e)
+            if report is not None:
+                if report.waiting is not None:
+                    parts.append(1.0 / (1.0 + report.waiting))
+                if report.kv_cache_usage is not None:
+                    parts.append(1.0 - min(max(report.kv_cache_usage, 0.0), 1.0))
+            out[e] = sum(parts) / len(parts)
+        return out
+
+
+@dataclass(slots=True)
+class SessionAffinity:
+    """Rendezvous hashing of the session id: a session keeps its replica, and only the sessions
+    of a replica that leaves move elsewhere."""
+
+    name: str = "session"
+
+    def score(self, request: PickRequest, endpoints: Sequence[str]) -> Mapping[str, float]:
+        if not request.session:
+            return {}
+        key = request.session.encode()
+        best = max(endpoints, key=lambda e: hashlib.blake2b(key + e.encode(), digest_size=8).digest())
+        return {e: 1.0 if e == best else 0.0 for e in endpoints}
+
+
+# --- picker ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Picker:
+    filters: Sequence[Filter]
+    scorers: Sequence[tuple[Scorer, float]]  # (scorer, weight)
+    fallbacks: int
+    tracker: LoadTracker
+    _turns: dict[str, int] = field(default_factory=dict)  # per model, so models don't share a rhythm
+
+    def pick(self, request: PickRequest, endpoints: Sequence[str], explain: bool = False) -> Pick | None:
+        if not endpoints:
+            return None
+        candidates: Sequence[str] = endpoints
+        for f in self.filters:
+            candidates = f.filter(request, candidates)
+        totals = dict.fromkeys(endpoints, 0.0)
+        detail: dict[str, dict[str, float]] = {}
+        for scorer, weight in self.scorers:
+            if weight <= 0:
+                continue
+            for endpoint, value in scorer.score(request, endpoints).items():
+                totals[endpoint] += weight * value
+                if explain:
+                    detail.setdefault(endpoint, {})[scorer.name] = round(value, 4)
+        # Ties (a cold start, no session) rotate, so equal replicas share the work.
+        turn = self._turns[request.model] = self._turns.get(request.model, 0) + 1
+        n = len(endpoints)
+        order = {e: (i - turn) % n for i, e in enumerate(endpoints)}
+        inflight = self.tracker.inflight
+        eligible = set(candidates)
+
+        def rank(e: str) -> tuple[bool, float, int, int]:
+            return (e not in eligible, -totals[e], inflight[e], order[e])
+
+        ranked = sorted(endpoints, key=rank)
+        return Pick(tuple(ranked[: 1 + self.fallbacks]), detail)

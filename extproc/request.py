@@ -1,0 +1,294 @@
+"""OpenAI-style request bodies in; prompt messages out; the body with a new ``model`` back.
+
+The body is parsed once (orjson, strict). The rewrite splices the new model name into the
+original bytes, so every other byte the client sent reaches the upstream unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+from extproc.errors import BadRequest
+
+
+class Api(StrEnum):
+    CHAT = "chat.completions"
+    COMPLETIONS = "completions"
+    RESPONSES = "responses"
+
+
+API_PATHS: dict[str, Api] = {
+    "/v1/chat/completions": Api.CHAT,
+    "/v1/completions": Api.COMPLETIONS,
+    "/v1/responses": Api.RESPONSES,
+}
+
+
+def api_for_path(path: str) -> Api | None:
+    """The API a request path calls, or None for paths that are not LLM calls."""
+    return API_PATHS.get(path.split("?", 1)[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One turn of the prompt as plain text. Non-text parts (images, audio) are left out."""
+
+    role: str
+    text: str
+
+
+@dataclass(slots=True)
+class LLMRequest:
+    api: Api
+    raw: bytes
+    body: dict[str, Any]
+    model: str
+    messages: tuple[Message, ...]
+    stream: bool
+    model_span: tuple[int, int]  # bytes of the model value, quotes included
+    pieces: tuple[list[tuple[Any, Any]], ...]  # where each message's text lives in body
+
+    @property
+    def last_user_text(self) -> str:
+        for message in reversed(self.messages):
+            if message.role == "user":
+                return message.text
+        return self.messages[-1].text if self.messages else ""
+
+    def with_model(self, model: str) -> bytes:
+        """The original bytes with only the top-level ``model`` value replaced."""
+        if model == self.model:
+            return self.raw
+        start, end = self.model_span
+        return b"".join((self.raw[:start], orjson.dumps(model), self.raw[end:]))
+
+
+def parse(api: Api, raw: bytes) -> LLMRequest:
+    """Parse and check a request body. Raises BadRequest with a message a client can act on."""
+    if not raw:
+        raise BadRequest("request body is empty; send a JSON object with a 'model' field")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        # orjson's message names the position and the problem, never the content.
+        raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_json")
+    model = body.get("model")
+    if model is None:
+        raise BadRequest("missing required field 'model'", param="model")
+    if not isinstance(model, str):
+        raise BadRequest("'model' must be a string", param="model", code="invalid_type")
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest("'stream' must be a boolean", param="stream", code="invalid_type")
+    extracted = _EXTRACTORS[api](body)
+    messages = tuple(Message(role, _text(pieces)) for role, pieces in extracted)
+    spans = _model_value_spans(raw)
+    if len(spans) != 1:
+        # Parsers disagree on which duplicate wins; the upstream might serve a model we did not pick.
+        raise BadRequest("'model' appears more than once in the request body", param="model")
+    return LLMRequest(api, raw, body, model, messages, bool(stream), spans[0], tuple(pieces for _, pieces in extracted))
+
+
+def render(messages: tuple[Message, ...]) -> str:
+    """The conversation as one text, in order: what keyword rules and prefix hashing see."""
+    return "".join(f"<{m.role}>\n{m.text}\n" for m in messages)
+
+
+# --- prompt extraction, one function per API --------------------------------------------------
+#
+# Each extractor returns, per message, its role and the places its text lives in the parsed
+# body ("pieces": a container and a key). The text is read from them now; redaction writes to
+# them later.
+
+Piece = tuple[Any, Any]  # (dict or list, key or index) holding a string
+Extracted = list[tuple[str, list[Piece]]]
+
+
+def _chat_messages(body: dict[str, Any]) -> Extracted:
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise BadRequest("'messages' must be an array of message objects", param="messages")
+    if not messages:
+        raise BadRequest("'messages' must contain at least one message", param="messages")
+    out = []
+    for i, message in enumerate(messages):
+        param = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise BadRequest(f"'{param}' must be an object", param=param, code="invalid_type")
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise BadRequest(f"'{param}.role' must be a string", param=f"{param}.role")
+        pieces = _content_pieces(message, "content", f"{param}.content")
+        pieces.extend(_tool_call_pieces(message, param))
+        out.append((role, pieces))
+    return out
+
+
+def _tool_call_pieces(message: dict[str, Any], param: str) -> list[Piece]:
+    calls = message.get("tool_calls")
+    if calls is None:
+        calls = [{"function": message["function_call"]}] if "function_call" in message else []
+    if not isinstance(calls, list):
+        raise BadRequest(f"'{param}.tool_calls' must be an array", param=f"{param}.tool_calls")
+    pieces: list[Piece] = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            pieces.extend((function, k) for k in ("name", "arguments") if isinstance(function.get(k), str))
+    return pieces
+
+
+def _content_pieces(holder: dict[str, Any], key: str, param: str) -> list[Piece]:
+    """Text of a content field: a string, null, or an array of typed parts."""
+    content = holder.get(key)
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [(holder, key)]
+    if not isinstance(content, list):
+        raise BadRequest(f"'{param}' must be a string or an array of content parts", param=param)
+    pieces: list[Piece] = []
+    for j, part in enumerate(content):
+        if isinstance(part, str):  # the Responses API and some clients allow bare strings
+            pieces.append((content, j))
+            continue
+        if not isinstance(part, dict):
+            raise BadRequest(f"'{param}[{j}]' must be an object", param=f"{param}[{j}]")
+        for field in ("text", "refusal"):
+            value = part.get(field)
+            if isinstance(value, str):
+                pieces.append((part, field))
+            elif value is not None:
+                raise BadRequest(f"'{param}[{j}].{field}' must be a string", param=f"{param}[{j}].{field}")
+        # image_url, input_audio, file and other parts carry no text to route on
+    return pieces
+
+
+def _completion_messages(body: dict[str, Any]) -> Extracted:
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, str):
+        return [("user", [(body, "prompt")] if "prompt" in body else [])]
+    if isinstance(prompt, list):
+        if all(isinstance(p, str) for p in prompt):
+            return [("user", [(prompt, i)]) for i in range(len(prompt))] or [("user", [])]
+        if all(isinstance(p, int) for p in prompt) or all(
+            isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt
+        ):
+            return [("user", [])]  # token ids: nothing to read
+    raise BadRequest(
+        "'prompt' must be a string, an array of strings, or token ids", param="prompt", code="invalid_type"
+    )
+
+
+def _responses_messages(body: dict[str, Any]) -> Extracted:
+    out: Extracted = []
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        out.append(("system", [(body, "instructions")]))
+    elif instructions is not None:
+        raise BadRequest("'instructions' must be a string", param="instructions", code="invalid_type")
+    items = body.get("input", "")
+    if isinstance(items, str):
+        out.append(("user", [(body, "input")] if "input" in body else []))
+        return out
+    if not isinstance(items, list):
+        raise BadRequest("'input' must be a string or an array of items", param="input", code="invalid_type")
+    for i, item in enumerate(items):
+        param = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise BadRequest(f"'{param}' must be an object", param=param, code="invalid_type")
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if not isinstance(role, str):
+                raise BadRequest(f"'{param}.role' must be a string", param=f"{param}.role")
+            out.append((role, _content_pieces(item, "content", f"{param}.content")))
+        elif kind == "function_call":
+            out.append(("assistant", [(item, k) for k in ("name", "arguments") if isinstance(item.get(k), str)]))
+        elif kind == "function_call_output":
+            out.append(("tool", _content_pieces(item, "output", f"{param}.output")))
+        # reasoning, item_reference and future item types carry no prompt text we route on
+    return out
+
+
+_EXTRACTORS = {
+    Api.CHAT: _chat_messages,
+    Api.COMPLETIONS: _completion_messages,
+    Api.RESPONSES: _responses_messages,
+}
+
+
+def _text(pieces: list[Piece]) -> str:
+    return "\n".join(container[key] for container, key in pieces)
+
+
+def redact(request: LLMRequest, spans: dict[int, list[tuple[int, int, str]]], model: str) -> bytes:
+    """The body with each (start, end, placeholder) span of message i replaced, and the new model.
+
+    Offsets are in the message's text (its pieces joined by newlines). The body is serialized
+    again, so unlike a plain model rewrite its formatting is orjson's.
+    """
+    for index, replacements in spans.items():
+        offset = 0
+        for container, key in request.pieces[index]:
+            text = container[key]
+            end_of_piece = offset + len(text)
+            edits = sorted(
+                (max(s, offset) - offset, min(e, end_of_piece) - offset, p)
+                for s, e, p in replacements
+                if s < end_of_piece and e > offset
+            )
+            for start, end, placeholder in reversed(edits):
+                text = text[:start] + placeholder + text[end:]
+            container[key] = text
+            offset = end_of_piece + 1
+    request.body["model"] = model
+    return orjson.dumps(request.body)
+
+
+# --- locating the top-level "model" value in the raw bytes ------------------------------------
+
+# A JSON string (unrolled loop, so long strings are one C-level match) or a bracket.
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]]')
+_COLON = re.compile(rb"\s*:\s*")
+
+
+def _model_value_spans(raw: bytes) -> list[tuple[int, int]]:
+    """Byte spans of the values of every top-level "model" key (string values, quotes included).
+
+    Only called on a body orjson accepted, so the scan never sees malformed JSON.
+    """
+    depth = 0
+    spans = []
+    expect_value = False
+    for match in _TOKEN.finditer(raw):
+        token = match.group()
+        first = token[0]
+        if first == 0x7B or first == 0x5B:  # { [
+            depth += 1
+        elif first == 0x7D or first == 0x5D:  # } ]
+            depth -= 1
+        elif depth == 1:
+            if expect_value:
+                spans.append(match.span())
+                expect_value = False
+                continue
+            colon = _COLON.match(raw, match.end())
+            if colon and _is_model_key(token):
+                expect_value = raw[colon.end() : colon.end() + 1] == b'"'
+                if not expect_value:
+                    spans.append((-1, -1))  # counted as a key; never spliced
+    return spans
+
+
+def _is_model_key(token: bytes) -> bool:
+    if token == b'"model"':
+        return True
+    return b"\\" in token and orjson.loads(token) == "model"

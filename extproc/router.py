@@ -1,0 +1,382 @@
+"""The routing flow for one request: parse -> signals -> decision -> PII policy -> replica.
+
+``Router.route`` is what the gRPC server and ``extproc route`` both call. It returns a
+``Routed`` or raises a ``RouterError``; it never touches the wire format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from extproc import errors, request
+from extproc.metrics import Metrics
+from extproc.policy.config import Decision, Model, PiiPolicy, Policy
+from extproc.policy.evaluate import NEEDS_CLASSIFIER, choose_model, decide
+from extproc.policy.evaluate import explain as trace_decisions
+from extproc.replicas.load import Lease, LoadTracker
+from extproc.replicas.picking import (
+    BoundedLoad,
+    LeastLoad,
+    Pick,
+    Picker,
+    PickRequest,
+    PrefixAffinity,
+    SessionAffinity,
+)
+from extproc.replicas.pool import Discovery, Pools
+from extproc.replicas.prefix import PrefixIndex, block_hashes
+from extproc.signals import Signals
+from extproc.signals.classifier import ClassifierSignal
+from extproc.signals.tokens import TokenCounter
+from extproc.usage import UsageMeter
+
+log = logging.getLogger("extproc.router")
+
+DEFAULT_DECISION = "default"
+EXPLICIT = "explicit"
+PASSTHROUGH = "passthrough"
+
+
+@dataclass(slots=True)
+class Call:
+    """What the router needs to know about one HTTP request."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]  # lower-case names
+    body: bytes
+    request_id: str = ""
+    explain: bool = False  # the client asked for x-router-explain (honoured only if the policy allows)
+
+
+@dataclass(slots=True)
+class Routed:
+    model: str  # policy model name ("" for passthrough)
+    upstream_model: str
+    decision: str
+    cluster: str  # the Envoy cluster to route to
+    endpoints: tuple[str, ...] = ()  # picked replica first, then fallbacks; empty: Envoy balances
+    envoy_lb: str = ""  # how Envoy reaches the endpoints: original_dst | override_host | hash
+    affinity_key: str = ""
+    body: bytes | None = None  # None: forward the original body
+    lease: Lease | None = None
+    signals: Signals | None = None
+    pii_action: str = ""
+    stages: dict[str, float] = field(default_factory=dict)
+    pick_detail: dict[str, Any] | None = None  # replica scores, for explanations
+    explanation: dict[str, Any] | None = None
+
+
+class RouterState:
+    """Everything derived from one policy. Built whole, then swapped in at once; requests in
+    flight keep the state they started with."""
+
+    def __init__(self, policy: Policy, pools: Pools) -> None:
+        self.policy = policy
+        self.pools = pools
+
+
+class Router:
+    def __init__(
+        self,
+        state: RouterState,
+        *,
+        metrics: Metrics | None = None,
+        classifier: ClassifierSignal | None = None,
+        discovery: Discovery | None = None,
+        tracker: LoadTracker | None = None,
+        counter: TokenCounter | None = None,
+        load_reports: Any = None,
+        usage: bool = False,
+    ) -> None:
+        self.state = state
+        self.metrics = metrics or Metrics()
+        self.classifier = classifier
+        self.discovery = discovery or Discovery()
+        self.tracker = tracker or LoadTracker()
+        self.counter = counter or TokenCounter()
+        self.index = PrefixIndex(state.policy.picking.index_blocks)
+        self.load_reports = load_reports
+        self.usage_enabled = usage
+        self.picker = self._picker(state.policy)
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def build_state(self, policy: Policy) -> RouterState:
+        """A complete state for policy (may block briefly on a first Kubernetes list)."""
+        return RouterState(policy, Pools.build(policy, self.discovery))
+
+    def swap(self, state: RouterState) -> None:
+        self.state = state
+        self.picker = self._picker(state.policy)
+        self.index.capacity = state.policy.picking.index_blocks
+        self.discovery.retain(
+            m.replicas.kubernetes for m in state.policy.models.values() if m.replicas and m.replicas.kubernetes
+        )
+
+    def _picker(self, policy: Policy) -> Picker:
+        p = policy.picking
+        load = LeastLoad(self.tracker) if self.load_reports is None else LeastLoad(self.tracker, self.load_reports)
+        return Picker(
+            filters=[BoundedLoad(self.tracker, p.load_bound)],
+            scorers=[
+                (PrefixAffinity(self.index), p.prefix_weight),
+                (load, p.load_weight),
+                (SessionAffinity(), p.session_weight),
+            ],
+            fallbacks=p.fallbacks,
+            tracker=self.tracker,
+        )
+
+    # --- the flow ------------------------------------------------------------------------------
+
+    async def route(self, call: Call) -> Routed:
+        state = self.state
+        policy = state.policy
+        stages: dict[str, float] = {}
+        t0 = time.perf_counter()
+        api = request.api_for_path(call.path)
+        if api is None:
+            raise errors.ModelNotFound(f"{call.path} is not an LLM API path", code="unknown_path")
+        if call.method != "POST":
+            raise errors.MethodNotAllowed(f"{call.path} only accepts POST, not {call.method}")
+        encoding = call.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise errors.UnsupportedMediaType(
+                f"content-encoding {encoding!r} is not supported; send the JSON body uncompressed"
+            )
+        if len(call.body) > policy.max_body_bytes:
+            raise errors.PayloadTooLarge(
+                f"request body is {len(call.body)} bytes; the limit is {policy.max_body_bytes}"
+            )
+        parsed = request.parse(api, call.body)
+        signals = Signals(parsed.messages, call.headers, self.counter)
+        t1 = time.perf_counter()
+        stages["parse"] = t1 - t0
+
+        if parsed.model in policy.auto_models:
+            decision, model_name, fallbacks = await self._decide(policy, signals, call, stages)
+            label = decision.name if decision else DEFAULT_DECISION
+        elif parsed.model in policy.models:
+            decision, model_name, fallbacks, label = None, parsed.model, (), EXPLICIT
+        elif policy.unknown_models == "passthrough":
+            return await self._passthrough(policy, parsed, signals, stages, t0)
+        else:
+            configured = ", ".join(sorted([*policy.auto_models, *policy.models]))
+            raise errors.ModelNotFound(
+                f"model {parsed.model!r} is not served here; use one of: {configured}", param="model"
+            )
+
+        t2 = time.perf_counter()
+        model = policy.models[model_name]
+        body: bytes | None = None
+        pii_action = ""
+        pii_policy = policy.pii_policy(decision, model)
+        if pii_policy is not None:
+            await self._classify(signals, policy, stages)
+            model, body, pii_action = self._enforce_pii(policy, pii_policy, model, parsed, signals, label)
+            if pii_action == "reroute":
+                fallbacks, label = (), f"{label}+pii-reroute"
+
+        explain_wanted = call.explain and policy.explain
+        routed = self._place(state, model, fallbacks, parsed, signals, label, explain_wanted)
+        if body is None:
+            body = parsed.with_model(routed.upstream_model)
+        routed.body = None if body is parsed.raw else body
+        routed.signals, routed.pii_action, routed.stages = signals, pii_action, stages
+        stages["pick"] = time.perf_counter() - t2
+        stages["total"] = time.perf_counter() - t0
+        if explain_wanted:
+            routed.explanation = self.explain(policy, signals, routed)
+        return routed
+
+    async def _decide(
+        self, policy: Policy, signals: Signals, call: Call, stages: dict[str, float]
+    ) -> tuple[Decision | None, str, tuple[str, ...]]:
+        t = time.perf_counter()
+        classify = None
+        if policy.needs_pii and self.classifier is not None:
+            # PII is needed whatever the decision; start the encoder now, beside the cheap rules.
+            classify = asyncio.ensure_future(self._classify(signals, policy, stages))
+        outcome = decide(policy, signals)
+        if outcome is NEEDS_CLASSIFIER:
+            stages["policy"] = time.perf_counter() - t
+            await (classify or self._classify(signals, policy, stages))
+            t = time.perf_counter()
+            outcome = decide(policy, signals)
+        elif classify is not None:
+            await classify
+        stages["policy"] = stages.get("policy", 0.0) + time.perf_counter() - t
+        assert outcome is not NEEDS_CLASSIFIER
+        decision = outcome if isinstance(outcome, Decision) else None
+        choice = choose_model(policy, decision, self._split_key(policy, signals, call))
+        return decision, choice.model, choice.fallbacks
+
+    async def _classify(self, signals: Signals, policy: Policy, stages: dict[str, float]) -> None:
+        if not signals.classifier_pending:
+            return
+        if self.classifier is None:
+            signals.classifier_failed("unavailable")
+            self.metrics.signal_failures.labels("classifier", "unavailable").inc()
+            return
+        t = time.perf_counter()
+        try:
+            await self.classifier.annotate(signals, pii=policy.needs_pii)
+        except TimeoutError:
+            signals.classifier_failed("timeout")
+            self.metrics.signal_failures.labels("classifier", "timeout").inc()
+        except Exception as exc:  # a failing signal never fails the request
+            signals.classifier_failed(type(exc).__name__)
+            self.metrics.signal_failures.labels("classifier", "error").inc()
+            log.warning("classifier failed (%s); routing on the remaining signals", type(exc).__name__)
+        stages["classify"] = time.perf_counter() - t
+
+    @staticmethod
+    def _split_key(policy: Policy, signals: Signals, call: Call) -> str:
+        """Session, else user, else the conversation's opening: stable across its turns."""
+        for name in (policy.headers.session, policy.headers.user):
+            value = call.headers.get(name)
+            if value:
+                return value
+        opening = signals.messages[: signals.last_user_index + 1][:2]
+        return hashlib.blake2b("\0".join(m.text for m in opening).encode(), digest_size=8).hexdigest()
+
+    def _enforce_pii(
+        self, policy: Policy, rule: PiiPolicy, model: Model, parsed: request.LLMRequest, signals: Signals, label: str
+    ) -> tuple[Model, bytes | None, str]:
+        hits = [h for h in signals.pii or () if h.score >= rule.min_score]
+        if not hits:
+            return model, None, ""
+        if rule.action == "allow":
+            # Only the listed types may pass; anything else is blocked.
+            hits = [h for h in hits if rule.types is not None and h.type not in rule.types]
+            action = "block" if hits else "allow"
+        else:
+            hits = [h for h in hits if rule.applies_to(h.type)]
+            action = rule.action if hits else "allow"
+        types = sorted({h.type for h in hits}) or sorted({h.type for h in signals.pii or ()})
+        for pii_type in types:
+            self.metrics.pii.labels(pii_type, action).inc()
+        if action == "block":
+            raise errors.Forbidden(
+                f"the request contains personal data ({', '.join(types)}) that {label!r} does not accept; "
+                "remove it and retry",
+                code="pii_blocked",
+            )
+        if action == "redact":
+            spans: dict[int, list[tuple[int, int, str]]] = {}
+            for h in hits:
+                spans.setdefault(h.message, []).append((h.start, h.end, f"<{h.type}>"))
+            return model, request.redact(parsed, spans, model.upstream_model), action
+        if action == "reroute":
+            assert rule.model is not None
+            return policy.models[rule.model], None, action
+        return model, None, action
+
+    def _place(
+        self,
+        state: RouterState,
+        model: Model,
+        fallbacks: tuple[str, ...],
+        parsed: request.LLMRequest,
+        signals: Signals,
+        label: str,
+        explain: bool,
+    ) -> Routed:
+        """The model (or the first fallback) with a ready replica, and the replica."""
+        policy = state.policy
+        tried = []
+        for name in (model.name, *fallbacks):
+            candidate = policy.models[name]
+            tried.append(name)
+            if candidate.replicas is None:  # Envoy balances this model's cluster itself
+                return Routed(candidate.name, candidate.upstream_model, label, candidate.cluster)
+            endpoints = state.pools.endpoints(name)
+            if not endpoints:
+                self.metrics.no_replica.labels(name).inc()
+                continue
+            return self._pick(policy, candidate, endpoints, parsed, signals, label, explain)
+        raise errors.ServiceUnavailable(f"no ready replica for model {' or '.join(map(repr, tried))}; retry later")
+
+    def _pick(
+        self,
+        policy: Policy,
+        model: Model,
+        endpoints: tuple[str, ...],
+        parsed: request.LLMRequest,
+        signals: Signals,
+        label: str,
+        explain: bool,
+    ) -> Routed:
+        assert model.replicas is not None
+        blocks = block_hashes(model.name, request.render(parsed.messages), policy.picking.block_chars)
+        session = signals.headers.get(policy.headers.session)
+        pick: Pick = self.picker.pick(PickRequest(model.name, blocks, session), endpoints, explain=explain)  # type: ignore[assignment]
+        primary = pick.endpoints[0]
+        matched = self.index.matched_blocks(primary, blocks)
+        self.index.record(primary, blocks)
+        lease = self.tracker.acquire(primary, model.name)
+        self.metrics.picks.labels(model.name, primary).inc()
+        if blocks:
+            self.metrics.prefix_hit.labels(model.name).observe(matched / len(blocks))
+        mode = model.replicas.envoy
+        cluster = policy.original_dst_cluster if mode == "original_dst" else model.cluster
+        key = f"{blocks[0]:x}" if blocks else (session or "")
+        routed = Routed(model.name, model.upstream_model, label, cluster, pick.endpoints, mode, key, lease=lease)
+        routed.pick_detail = {"scores": pick.scores, "prefix_blocks": matched, "blocks": len(blocks)}
+        return routed
+
+    async def _passthrough(
+        self, policy: Policy, parsed: request.LLMRequest, signals: Signals, stages: dict[str, float], t0: float
+    ) -> Routed:
+        assert policy.passthrough_cluster is not None
+        stages["total"] = time.perf_counter() - t0
+        return Routed("", parsed.model, PASSTHROUGH, policy.passthrough_cluster, signals=signals, stages=stages)
+
+    def record_usage(self, model_name: str, meter: UsageMeter) -> None:
+        """Tokens, cost and baseline cost of one finished response."""
+        usage = meter.usage
+        policy = self.state.policy
+        model = policy.models.get(model_name)
+        if usage is None or model is None:
+            return
+        self.metrics.tokens.labels(model_name, "input").inc(usage.input_tokens)
+        self.metrics.tokens.labels(model_name, "output").inc(usage.output_tokens)
+        if model.pricing is not None:
+            self.metrics.cost.labels(model_name).inc(model.pricing.cost(usage.input_tokens, usage.output_tokens))
+        baseline = policy.models.get(policy.baseline_model or "")
+        if baseline is not None and baseline.pricing is not None:
+            self.metrics.baseline_cost.labels(model_name).inc(
+                baseline.pricing.cost(usage.input_tokens, usage.output_tokens)
+            )
+
+    # --- explanations --------------------------------------------------------------------------
+
+    def explain(self, policy: Policy, signals: Signals, routed: Routed) -> dict[str, Any]:
+        """Why this request went where it did: signals, decisions tried, replica scores. Never
+        the prompt text or header values."""
+        topic = signals.topic
+        replica = routed.pick_detail or {}
+        out: dict[str, Any] = {
+            "model": routed.model,
+            "decision": routed.decision,
+            "signals": {
+                "tokens": signals.tokens,
+                "messages": len(signals.messages),
+                "domain": topic.domain if topic else None,
+                "domain_top": sorted(topic.domain_probs.items(), key=lambda kv: -kv[1])[:3] if topic else None,
+                "complexity": round(topic.complexity, 4) if topic else None,
+                "pii": signals.pii_types() if signals.pii is not None else None,
+                "classifier": "skipped" if signals.classifier_pending else (signals.classifier_error or "ok"),
+            },
+            "trace": trace_decisions(policy, signals) if routed.decision not in (EXPLICIT, PASSTHROUGH) else [],
+            "pii_action": routed.pii_action or None,
+            "replicas": {"picked": list(routed.endpoints), **replica},
+        }
+        return out

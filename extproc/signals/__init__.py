@@ -1,0 +1,95 @@
+"""Facts about one request that decisions test: its text, token count, headers and, once the
+encoder has run, its domain, complexity and PII."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from extproc.request import Message
+from extproc.signals.tokens import TokenCounter
+
+Scope = Literal["last_user", "user", "all"]
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """Domain and complexity of the latest user message."""
+
+    domain: str
+    domain_probs: Mapping[str, float]
+    complexity: float
+
+
+@dataclass(frozen=True, slots=True)
+class PiiHit:
+    """A PII span: which message it is in, and where in that message's text."""
+
+    message: int
+    type: str
+    start: int
+    end: int
+    score: float
+
+
+class Signals:
+    """Signals of one request. Cheap ones are computed on first use; classifier ones are set
+    by the router after the encoder ran (or failed)."""
+
+    __slots__ = (
+        "_texts",
+        "_tokens",
+        "classifier_error",
+        "classifier_pending",
+        "counter",
+        "headers",
+        "messages",
+        "pii",
+        "topic",
+    )
+
+    def __init__(self, messages: tuple[Message, ...], headers: Mapping[str, str], counter: TokenCounter) -> None:
+        self.messages = messages
+        self.headers = headers
+        self.counter = counter
+        self._texts: dict[str, str] = {}
+        self._tokens: int | None = None
+        self.topic: Topic | None = None
+        self.pii: tuple[PiiHit, ...] | None = None
+        self.classifier_pending = True
+        self.classifier_error: str | None = None
+
+    def text(self, scope: Scope) -> str:
+        text = self._texts.get(scope)
+        if text is None:
+            if scope == "last_user":
+                text = self.messages[self.last_user_index].text if self.messages else ""
+            elif scope == "user":
+                text = "\n".join(m.text for m in self.messages if m.role == "user")
+            else:
+                text = "\n".join(m.text for m in self.messages)
+            self._texts[scope] = text
+        return text
+
+    @property
+    def last_user_index(self) -> int:
+        for i in range(len(self.messages) - 1, -1, -1):
+            if self.messages[i].role == "user":
+                return i
+        return len(self.messages) - 1
+
+    @property
+    def tokens(self) -> int:
+        if self._tokens is None:
+            self._tokens = sum(self.counter.count(m.text) for m in self.messages)
+        return self._tokens
+
+    def classified(self, topic: Topic | None, pii: tuple[PiiHit, ...] | None) -> None:
+        self.topic, self.pii, self.classifier_pending = topic, pii, False
+
+    def classifier_failed(self, reason: str) -> None:
+        self.classifier_pending, self.classifier_error = False, reason
+
+    def pii_types(self, min_score: float = 0.0) -> list[str]:
+        return sorted({h.type for h in self.pii or () if h.score >= min_score})
