@@ -49,10 +49,10 @@ class Settings:
 class Runtime:
     """The sidecar's long-lived parts, and applying a (new) policy to them."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, discovery: Discovery | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.discovery = Discovery(settings.kubeconfig)
+        self.discovery = discovery or Discovery(settings.kubeconfig)
         self.router: Router | None = None
         self._classifier_signal: ClassifierSignal | None = None
         self._async_classifier = None

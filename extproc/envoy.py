@@ -159,9 +159,9 @@ def render(policy: Policy, options: EnvoyOptions | None = None) -> dict[str, Any
         if endpoints:
             clusters[policy.passthrough_cluster] = _cluster(policy.passthrough_cluster, endpoints)
         routed_clusters.append(policy.passthrough_cluster)
-    default_cluster = o.default_cluster or policy.models[policy.default_model].cluster
+    default_cluster: str | None = o.default_cluster or policy.models[policy.default_model].cluster
     if default_cluster not in clusters:
-        default_cluster = next(c for c in clusters if c != policy.original_dst_cluster)
+        default_cluster = next((c for c in clusters if c != policy.original_dst_cluster), None)
 
     clusters[EXT_PROC_CLUSTER] = _extproc_cluster(o)
     return {
@@ -302,7 +302,7 @@ def _listener(
     o: EnvoyOptions,
     routed_clusters: Mapping[str, None],
     retries: Mapping[str, int],
-    default_cluster: str,
+    default_cluster: str | None,
 ) -> dict[str, Any]:
     llm_paths = sorted(API_PATHS)
     path_regex = "^(" + "|".join(p.replace("/", "\\/") for p in llm_paths) + r")(\?.*)?$"
@@ -357,14 +357,12 @@ def _listener(
             ),
         }
     )
-    routes.append(
-        {
-            "name": "other",
-            "match": {"prefix": "/"},
-            "route": {"cluster": default_cluster, "timeout": o.upstream_timeout},
-            "typed_per_filter_config": _DISABLED,
-        }
-    )
+    other: dict[str, Any] = {"name": "other", "match": {"prefix": "/"}, "typed_per_filter_config": _DISABLED}
+    if default_cluster is None:
+        other["direct_response"] = _json_error(404, "not found", "invalid_request_error", "not_found")
+    else:
+        other["route"] = {"cluster": default_cluster, "timeout": o.upstream_timeout}
+    routes.append(other)
     from_metadata = f"%DYNAMIC_METADATA({h.METADATA_NAMESPACE}:{{}})%"
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",

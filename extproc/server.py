@@ -164,6 +164,8 @@ class Exchange:
             "model": routed.model or "passthrough",
             "decision": routed.decision,
         }
+        if h.SELECTED_MODEL in set_headers:
+            meta["upstream_model"] = routed.upstream_model
         if routed.endpoints:
             listed = ",".join(routed.endpoints) if routed.envoy_lb == "override_host" else routed.endpoints[0]
             set_headers[h.DESTINATION_ENDPOINT] = listed

@@ -34,6 +34,7 @@ class StandIn:
     chunk_delay: float = 0.0
     chunks: int = 3
     status: int = 200  # answer every LLM call with this status (fault tests)
+    gate: asyncio.Event | None = None  # streams pause after their first chunk until this is set
     received: collections.deque[Received] = field(default_factory=lambda: collections.deque(maxlen=2000))
     inflight: int = 0
     served: int = 0
@@ -167,6 +168,8 @@ class StandIn:
             }
             _chunk(writer, b"data: " + orjson.dumps(event) + b"\n\n")
             await writer.drain()
+            if i == 0 and self.gate is not None:
+                await self.gate.wait()
             if self.chunk_delay:
                 await asyncio.sleep(self.chunk_delay)
         if (payload.get("stream_options") or {}).get("include_usage"):

@@ -99,10 +99,13 @@ def _read_yaml(text: str, source: str) -> tuple[Any, dict[JsonPath, int]]:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        # The context mark is where the broken construct began; the problem mark can be the end of the file.
+        mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
         reason = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(source, [Problem((), f"not valid YAML: {reason}", line)]) from None
+        context = getattr(exc, "context", None)
+        detail = f"{context}: {reason}" if context else reason
+        raise ConfigError(source, [Problem((), f"not valid YAML ({detail})", line)]) from None
     if node is None:
         raise ConfigError(source, [Problem((), "the file is empty; it needs at least 'models' and 'default_model'")])
     lines: dict[JsonPath, int] = {}
@@ -141,22 +144,19 @@ def _line(lines: dict[JsonPath, int], path: JsonPath) -> int | None:
 # --- schema ----------------------------------------------------------------------------------------
 
 _CONDITION_KINDS = ("all", "any", "not", "keyword", "regex", "tokens", "header", "domain", "complexity", "pii")
-_ONE_OF_HINTS = {
-    "decision": "set exactly one of 'model' or 'split'",
-    "replicas": "set exactly one of 'static' or 'kubernetes'",
-    "kubernetes": "set exactly one of 'service' or 'selector'",
-}
 
 
 def _schema_problems(data: Any, lines: dict[JsonPath, int]) -> Iterator[Problem]:
     validator = jsonschema.Draft202012Validator(schema())
     errors = sorted(validator.iter_errors(data), key=lambda e: (list(map(str, e.absolute_path)), e.message))
     for error in errors[:25]:
-        path = tuple(error.absolute_path)
-        yield Problem(path, _describe(error), _line(lines, path))
+        path, message = _describe(error)
+        yield Problem(path, message, _line(lines, path))
 
 
-def _describe(error: jsonschema.ValidationError) -> str:
+def _describe(error: jsonschema.ValidationError) -> tuple[JsonPath, str]:
+    """The path to report and a message that says what to change."""
+    path: JsonPath = tuple(error.absolute_path)
     kind, value = error.validator, error.instance
     if kind == "additionalProperties":
         allowed = list(error.schema.get("properties", {}))
@@ -165,29 +165,63 @@ def _describe(error: jsonschema.ValidationError) -> str:
         for key in extra:
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        return f"unknown key {', '.join(hints)}; allowed: {', '.join(allowed)}"
+        where = (*path, extra[0]) if len(extra) == 1 else path
+        return where, f"unknown key {', '.join(hints)}; allowed: {', '.join(allowed)}"
+    if kind in ("minProperties", "maxProperties") and "exactly one of: all" in str(error.schema.get("description")).lower():
+        keys = ", ".join(map(str, value)) if isinstance(value, dict) and value else "none"
+        return path, f"a condition has exactly one key, one of: {', '.join(_CONDITION_KINDS)} (got: {keys})"
     if kind == "required":
-        return error.message.replace("is a required property", "is required")
-    if kind in ("minProperties", "maxProperties") and "condition" in str(error.schema.get("description", "")):
-        return f"a condition has exactly one key, one of: {', '.join(_CONDITION_KINDS)}"
+        return path, error.message.replace("is a required property", "is required")
     if kind == "enum":
-        return f"{value!r} is not one of: {', '.join(map(str, error.validator_value))}"
+        return path, f"{value!r} is not one of: {', '.join(map(str, error.validator_value))}"
     if kind == "type":
-        return f"expected {_article(error.validator_value)}, got {_article(_json_type(value))}"
+        return path, f"expected {_article(error.validator_value)}, got {_article(_json_type(value))}"
     if kind == "oneOf":
-        for name, hint in _ONE_OF_HINTS.items():
-            if name in json.dumps(error.schema):
-                if name == "decision" and isinstance(value, dict) and "name" in value:
-                    return hint
-                if name in ("replicas", "kubernetes") and isinstance(value, dict):
-                    return hint
-        best = jsonschema.exceptions.best_match(error.context) if error.context else None
-        return _describe(best) if best is not None else error.message
+        hint = _one_of_hint(path, value)
+        if hint:
+            return path, hint
+        branch = _matching_branch(error)
+        if branch is not None:
+            return _describe(branch)
+        return path, error.message
     if kind == "pattern":
-        return f"{value!r} does not match the expected form ({error.schema.get('description', error.validator_value)})"
+        return path, f"{value!r} does not match the expected form ({error.schema.get('description', error.validator_value)})"
     if kind == "const":
-        return f"must be {error.validator_value!r}"
-    return error.message
+        return path, f"must be {error.validator_value!r}"
+    return path, error.message
+
+
+def _one_of_hint(path: JsonPath, value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return None
+    if len(path) == 2 and path[0] == "decisions":
+        return "set exactly one of 'model' or 'split'"
+    if path and path[-1] == "replicas":
+        return "set exactly one of 'static' or 'kubernetes'"
+    if path and path[-1] == "kubernetes":
+        return "set exactly one of 'service' or 'selector'"
+    return None
+
+
+def _matching_branch(error: jsonschema.ValidationError) -> jsonschema.ValidationError | None:
+    """Of a oneOf's failed branches, the deepest error in a branch of the instance's own type."""
+    own = _json_type(error.instance)
+    candidates = [
+        e for e in error.context or ()
+        if e.validator != "type" and _branch_type(error, e) in (own, None, "number" if own == "integer" else own)
+    ]
+    if not candidates:
+        return jsonschema.exceptions.best_match(error.context) if error.context else None
+    return max(candidates, key=lambda e: len(e.absolute_path))
+
+
+def _branch_type(parent: jsonschema.ValidationError, child: jsonschema.ValidationError) -> str | None:
+    index = child.schema_path[0] if child.schema_path else None
+    branches = parent.validator_value if isinstance(parent.validator_value, list) else []
+    if isinstance(index, int) and index < len(branches):
+        declared = branches[index].get("type")
+        return declared if isinstance(declared, str) else None
+    return None
 
 
 def _json_type(value: Any) -> str:
