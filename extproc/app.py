@@ -33,6 +33,7 @@ class Settings:
     config: Path = DEFAULT_POLICY
     uds: str | None = "/tmp/extproc/extproc.sock"
     listen: str | None = None  # host:port for TCP (localhost unless you add TLS)
+    health_listen: str | None = None  # host:port of a health-only gRPC server, for the kubelet's probe
     metrics_address: str = "0.0.0.0"
     metrics_port: int | None = 9090
     kubeconfig: str | None = None
@@ -57,6 +58,7 @@ class Runtime:
         self._classifier_signal: ClassifierSignal | None = None
         self._async_classifier = None
         self.server: grpc.aio.Server | None = None
+        self.health_server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -160,6 +162,12 @@ class Runtime:
                 server.add_insecure_port(self.settings.listen)
         await server.start()
         self.server = server
+        if self.settings.health_listen:
+            # Only the health service here: the probe port never exposes the processor itself.
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_server.add_insecure_port(self.settings.health_listen)
+            await self.health_server.start()
         for service in ("", SERVICE_NAME):
             await _set_health(self.health, service, health_pb2.HealthCheckResponse.SERVING)
         if self.settings.metrics_port is not None:
@@ -193,6 +201,8 @@ class Runtime:
             await _set_health(self.health, service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.server is not None:
             await self.server.stop(self.settings.shutdown_grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

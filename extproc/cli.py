@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also serve TCP on host:port, e.g. 127.0.0.1:50051 (env EXTPROC_LISTEN)",
     )
     serve.add_argument(
+        "--health-listen",
+        default=os.environ.get("EXTPROC_HEALTH_LISTEN"),
+        help="serve only the gRPC health service on host:port, for kubelet probes (env EXTPROC_HEALTH_LISTEN)",
+    )
+    serve.add_argument(
         "--metrics-port",
         type=int,
         default=int(os.environ.get("EXTPROC_METRICS_PORT", "9090")),
@@ -66,10 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     envoy.add_argument("--extproc-address", help="host:port of the sidecar instead of the socket")
     envoy.add_argument("--listen-port", type=int, default=8080)
     envoy.add_argument("--admin-port", type=int, default=9901)
-    envoy.add_argument("--cluster-endpoint", action="append", default=[], metavar="CLUSTER=HOST:PORT",
-                       help="endpoints of clusters Envoy balances itself (repeatable)")
-    envoy.add_argument("--forward-header", action="append", default=[], metavar="NAME",
-                       help="extra request header the policy reads (repeatable)")
+    envoy.add_argument(
+        "--cluster-endpoint",
+        action="append",
+        default=[],
+        metavar="CLUSTER=HOST:PORT",
+        help="endpoints of clusters Envoy balances itself (repeatable)",
+    )
+    envoy.add_argument(
+        "--forward-header",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="extra request header the policy reads (repeatable)",
+    )
     envoy.add_argument("--two-round-trips", action="store_true", help="send request headers as their own message")
     envoy.add_argument("--no-usage", action="store_true", help="do not stream response bodies for usage and cost")
 
@@ -108,6 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
         config=args.config,
         uds=args.uds or None,
         listen=args.listen,
+        health_listen=args.health_listen,
         metrics_port=args.metrics_port or None,
         metrics_address=args.metrics_address,
         kubeconfig=args.kubeconfig,
@@ -171,8 +187,13 @@ def _envoy_config(args: argparse.Namespace) -> int:
     for item in args.cluster_endpoint:
         cluster, _, endpoint = item.partition("=")
         endpoints.setdefault(cluster, []).append(endpoint)
-    options = EnvoyOptions(listen_port=args.listen_port, admin_port=args.admin_port, cluster_endpoints=endpoints,
-                           two_round_trips=args.two_round_trips, usage=not args.no_usage)
+    options = EnvoyOptions(
+        listen_port=args.listen_port,
+        admin_port=args.admin_port,
+        cluster_endpoints=endpoints,
+        two_round_trips=args.two_round_trips,
+        usage=not args.no_usage,
+    )
     if args.extproc_address:
         host, _, port = args.extproc_address.rpartition(":")
         options.extproc_address, options.extproc_uds = (host, int(port)), None
