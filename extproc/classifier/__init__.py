@@ -1,8 +1,8 @@
 """Domain, complexity and PII from one shared encoder pass (onnxruntime, no torch at run time).
 
-    clf = Classifier.load()
-    [c] = clf.classify(["my card 4111 1111 1111 1111 was charged twice"])
-    c.domain, c.complexity, c.pii
+clf = Classifier.load()
+[c] = clf.classify(["my card 4111 1111 1111 1111 was charged twice"])
+c.domain, c.complexity, c.pii
 """
 
 from extproc.classifier.batching import AsyncClassifier, ClassifierClosedError

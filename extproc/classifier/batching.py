@@ -8,6 +8,7 @@ Inference runs in one worker thread, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -136,10 +137,8 @@ class AsyncClassifier:
         self._closed = True
         if self._worker is not None:
             self._worker.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-            except asyncio.CancelledError:
-                pass
             self._worker = None
         for fut in self._inflight.values():
             if not fut.done():

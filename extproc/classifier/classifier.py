@@ -33,18 +33,18 @@ class ModelError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class Classification:
-    domain: str                      # argmax category
-    domain_probs: dict[str, float]   # all 14 categories
-    complexity: float                # [0, 1]
+    domain: str  # argmax category
+    domain_probs: dict[str, float]  # all 14 categories
+    complexity: float  # [0, 1]
     pii: tuple[PiiSpan, ...]
 
 
 @dataclass(slots=True)
 class _Seq:
-    text: int            # index of the text it came from
-    ids: np.ndarray      # with [CLS] and [SEP]
-    pooled: bool         # domain/complexity are read from this sequence
-    pii_start: int       # token index of its first content token in the text, -1: no PII read
+    text: int  # index of the text it came from
+    ids: np.ndarray  # with [CLS] and [SEP]
+    pooled: bool  # domain/complexity are read from this sequence
+    pii_start: int  # token index of its first content token in the text, -1: no PII read
 
 
 class Classifier:
@@ -68,9 +68,7 @@ class Classifier:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(
-            str(model_dir / config["onnx"]), so, providers=["CPUExecutionProvider"]
-        )
+        session = ort.InferenceSession(str(model_dir / config["onnx"]), so, providers=["CPUExecutionProvider"])
         return cls(session, model_dir)
 
     def classify(self, texts: Sequence[str]) -> list[Classification]:
@@ -98,12 +96,14 @@ class Classifier:
         for i, text in enumerate(texts):
             e = encoded[i]
             probs = merge_windows(len(e.ids), windows[i]) if len(e.ids) else np.zeros((0, len(PII_TAGS)))
-            out.append(Classification(
-                domain=DOMAINS[int(domain[i].argmax())],
-                domain_probs={name: float(p) for name, p in zip(DOMAINS, domain[i], strict=True)},
-                complexity=float(complexity[i]),
-                pii=decode(text, e.offsets, probs),
-            ))
+            out.append(
+                Classification(
+                    domain=DOMAINS[int(domain[i].argmax())],
+                    domain_probs={name: float(p) for name, p in zip(DOMAINS, domain[i], strict=True)},
+                    complexity=float(complexity[i]),
+                    pii=decode(text, e.offsets, probs),
+                )
+            )
         return out
 
 
@@ -141,4 +141,3 @@ def _pad(seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         ids[i, : len(s)] = s
         mask[i, : len(s)] = 1
     return ids, mask
-

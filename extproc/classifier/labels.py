@@ -1,13 +1,31 @@
 """Label sets in head order; one definition used by training, export and runtime."""
 
 DOMAINS: tuple[str, ...] = (
-    "biology", "business", "chemistry", "computer science", "economics", "engineering",
-    "health", "history", "law", "math", "other", "philosophy", "physics", "psychology",
+    "biology",
+    "business",
+    "chemistry",
+    "computer science",
+    "economics",
+    "engineering",
+    "health",
+    "history",
+    "law",
+    "math",
+    "other",
+    "philosophy",
+    "physics",
+    "psychology",
 )
 
 PII_TYPES: tuple[str, ...] = (
-    "PERSON", "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "IP_ADDRESS",
-    "IBAN_CODE", "STREET_ADDRESS",
+    "PERSON",
+    "EMAIL_ADDRESS",
+    "PHONE_NUMBER",
+    "CREDIT_CARD",
+    "US_SSN",
+    "IP_ADDRESS",
+    "IBAN_CODE",
+    "STREET_ADDRESS",
 )
 
 # BIO tags: "O", then B-/I- per type, in PII_TYPES order.

@@ -16,8 +16,8 @@ from extproc.classifier.validators import VALIDATORS
 
 @dataclass(frozen=True, slots=True)
 class PiiSpan:
-    type: str      # e.g. "EMAIL_ADDRESS"
-    start: int     # char offsets into the text given to classify
+    type: str  # e.g. "EMAIL_ADDRESS"
+    start: int  # char offsets into the text given to classify
     end: int
     score: float
 

@@ -15,9 +15,9 @@ from tokenizers import Tokenizer
 
 CLS_ID = 101
 SEP_ID = 102
-MAX_TOKENS = 512              # the encoder's position table
-WINDOW = MAX_TOKENS - 2       # content tokens per sequence
-OVERLAP = 64                  # tokens shared by consecutive PII windows
+MAX_TOKENS = 512  # the encoder's position table
+WINDOW = MAX_TOKENS - 2  # content tokens per sequence
+OVERLAP = 64  # tokens shared by consecutive PII windows
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
@@ -30,8 +30,8 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 @dataclass(frozen=True, slots=True)
 class Encoded:
-    ids: np.ndarray       # int64 [n] without special tokens
-    offsets: np.ndarray   # int64 [n, 2] character offsets into the text
+    ids: np.ndarray  # int64 [n] without special tokens
+    offsets: np.ndarray  # int64 [n, 2] character offsets into the text
 
 
 def encode(tok: Tokenizer, texts: list[str]) -> list[Encoded]:
@@ -57,7 +57,7 @@ def head_tail(ids: np.ndarray, budget: int = WINDOW) -> np.ndarray:
     if len(ids) <= budget:
         return ids
     head = budget // 2
-    return np.concatenate([ids[:head], ids[len(ids) - (budget - head):]])
+    return np.concatenate([ids[:head], ids[len(ids) - (budget - head) :]])
 
 
 def with_specials(ids: np.ndarray) -> np.ndarray:

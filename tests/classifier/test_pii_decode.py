@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 
 from extproc.classifier.labels import PII_TAGS
@@ -26,7 +28,9 @@ def test_bio_decode_gives_character_spans_in_the_original_text():
     tags = ["O", "B-PERSON", "I-PERSON", "O", "B-EMAIL_ADDRESS", "O"]
     spans = decode(text, words(text), tag_probs(tags))
     assert [(s.type, text[s.start : s.end]) for s in spans] == [
-        ("PERSON", "Jane Doe"), ("EMAIL_ADDRESS", "jane@example.com")]
+        ("PERSON", "Jane Doe"),
+        ("EMAIL_ADDRESS", "jane@example.com"),
+    ]
     assert all(0.8 < s.score <= 1.0 for s in spans)
 
 
@@ -71,7 +75,7 @@ def test_windows_cover_every_token_with_overlap():
             covered[s : s + 510] = True
         assert covered.all()
         assert starts[-1] + 510 == max(n, 510) or n <= 510
-        assert all(b - a <= 510 - 64 for a, b in zip(starts, starts[1:], strict=False))
+        assert all(b - a <= 510 - 64 for a, b in itertools.pairwise(starts))
 
 
 def test_merge_windows_prefers_the_window_where_a_token_is_central():

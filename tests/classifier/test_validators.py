@@ -10,26 +10,45 @@ from extproc.classifier.validators import (
 )
 
 
-@pytest.mark.parametrize("number", ["4111 1111 1111 1111", "4111-1111-1111-1111", "378282246310005",
-                                    "6011111111111117", "5555555555554444"])
+@pytest.mark.parametrize(
+    "number", ["4111 1111 1111 1111", "4111-1111-1111-1111", "378282246310005", "6011111111111117", "5555555555554444"]
+)
 def test_luhn_accepts_valid_card_numbers(number):
     assert luhn_valid(number)
 
 
-@pytest.mark.parametrize("number", ["4111 1111 1111 1112", "1234567890123", "0000000000000000",
-                                    "41111111111", "4111 1111 1111 1111 1111", "4111a1111b1111c1111"])
+@pytest.mark.parametrize(
+    "number",
+    [
+        "4111 1111 1111 1112",
+        "1234567890123",
+        "0000000000000000",
+        "41111111111",
+        "4111 1111 1111 1111 1111",
+        "4111a1111b1111c1111",
+    ],
+)
 def test_luhn_rejects_bad_checksum_length_or_characters(number):
     assert not luhn_valid(number)
 
 
-@pytest.mark.parametrize("iban", ["DE89370400440532013000", "DE89 3704 0044 0532 0130 00",
-                                  "GB82WEST12345698765432", "fr1420041010050500013m02606"])
+@pytest.mark.parametrize(
+    "iban",
+    ["DE89370400440532013000", "DE89 3704 0044 0532 0130 00", "GB82WEST12345698765432", "fr1420041010050500013m02606"],
+)
 def test_iban_accepts_valid_mod97(iban):
     assert iban_valid(iban)
 
 
-@pytest.mark.parametrize("iban", ["DE89370400440532013001", "GB82WEST1234569876543",  # checksum, length
-                                  "XX00", "DE8937040044053201300A"])
+@pytest.mark.parametrize(
+    "iban",
+    [
+        "DE89370400440532013001",
+        "GB82WEST1234569876543",  # checksum, length
+        "XX00",
+        "DE8937040044053201300A",
+    ],
+)
 def test_iban_rejects_bad_checksum_or_length(iban):
     assert not iban_valid(iban)
 

@@ -30,8 +30,8 @@ from extproc.classifier.train.pii_data import generate
 from extproc.classifier.train.pii_train import IGNORE, pii_sequences
 from extproc.classifier.train.sentences import TRAIN_TOKENS, pooled_set
 
-TRUNK_LAYERS = 5          # shared: embeddings + base layers 0..4
-GSM8K_EXTRA = 2000        # extra math questions (MMLU-Pro math has 1,351 rows)
+TRUNK_LAYERS = 5  # shared: embeddings + base layers 0..4
+GSM8K_EXTRA = 2000  # extra math questions (MMLU-Pro math has 1,351 rows)
 PII_EXAMPLES = 16000
 LORA_TARGETS = ("q", "k", "v", "o", "up", "down")
 SPECS = {
@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "extproc-train")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--sweep", action="store_true", help="also measure LoRA rank / targets / pooling on the domain validation split"
+    )
     ap.add_argument("--no-bench", action="store_true", help="skip the latency benchmark for the card")
     args = ap.parse_args(argv)
     started = time.time()
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     val = np.nonzero(pooled.split == "val")[0]
 
     # ---- domain -----------------------------------------------------------------------------
-    srcs = sorted({q.src for q in questions}) + ["gsm8k"]
+    srcs = [*sorted({q.src for q in questions}), "gsm8k"]
     src_id = np.array([srcs.index(questions[i].src) if i >= 0 else len(srcs) - 1 for i in pooled.question])
     spec = SPECS["domain"]
     spec = BranchSpec(**{**spec.__dict__, "n_aux": len(srcs)})
@@ -84,7 +87,46 @@ def main(argv: list[str] | None = None) -> int:
     def domain_loss(out, aux, sel, _mask):
         s = torch.from_numpy(sel)
         return F.cross_entropy(out, y_dom[s], label_smoothing=0.05) + FITS["domain"].aux_weight * (
-            F.cross_entropy(aux, y_src[s]))
+            F.cross_entropy(aux, y_src[s])
+        )
+
+    sweep = []
+    if args.sweep:
+        short = FitConfig(**{**FITS["domain"].__dict__, "epochs": 4})
+        for rank, targets, mean_pool in (
+            (4, LORA_TARGETS, False),
+            (16, LORA_TARGETS, False),
+            (32, LORA_TARGETS, False),
+            (16, ("q", "k", "v", "o"), False),
+            (16, ("q", "v"), False),
+            (0, (), False),
+            (16, LORA_TARGETS, True),
+        ):
+            sp = BranchSpec(
+                **{
+                    **spec.__dict__,
+                    "rank": rank,
+                    "alpha": 2.0 * max(rank, 1),
+                    "targets": targets,
+                    "mean_pool": mean_pool,
+                    "pooled": not mean_pool,
+                }
+            )
+            b = new_branch(sd_t, sp, args.seed)
+            t0 = time.time()
+            fit(b, cached, train, domain_loss, short, f"sweep r{rank} {'+'.join(targets)} mean={mean_pool}")
+            acc = float((predict(b, cached, val).argmax(-1) == pooled.domain[val]).mean())
+            sweep.append(
+                {
+                    "rank": rank,
+                    "targets": list(targets),
+                    "pooling": "mean of full layer" if mean_pool else "[CLS] query only",
+                    "val_accuracy": acc,
+                    "seconds": time.time() - t0,
+                    "epochs": short.epochs,
+                }
+            )
+            print(f"  sweep -> val accuracy {acc:.3f}", flush=True)
 
     print("train: domain", flush=True)
     domain = new_branch(sd_t, spec, args.seed)
@@ -184,10 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         "pii_examples": PII_EXAMPLES,
         "specs": {k: {**v.__dict__, "targets": list(v.targets)} for k, v in SPECS.items()},
         "fits": {k: v.__dict__ for k, v in FITS.items()},
-        "weak": WEAK, "strong": STRONG,
+        "weak": WEAK,
+        "strong": STRONG,
         "n_models": len(models),
         "sizes": evaluate.split_sizes(questions, pooled),
         "domain_val_accuracy_cached": val_acc,
+        "sweep": sweep,
         "train_seconds": times,
         "fp32_vs_torch_max_abs_diff": max_diff,
         "chosen_format": chosen,
@@ -199,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_bench:
         bench = Path(__file__).resolve().parents[3] / "bench" / "classifier_latency.py"
         if bench.exists():
-            subprocess.run([sys.executable, str(bench), "--record", str(args.out / "latency.json")],
-                           check=False)
+            subprocess.run([sys.executable, str(bench), "--record", str(args.out / "latency.json")], check=False)
     write_card(args.out)
     shutil.rmtree(work, ignore_errors=True)
     print(f"done in {time.time() - started:.0f}s", flush=True)
@@ -219,8 +262,10 @@ def to_weights(name: str, branch: Branch) -> BranchWeights:
             lw[f"{n}.weight"], lw[f"{n}.bias"] = ln.weight.detach().numpy(), ln.bias.detach().numpy()
         layers.append(lw)
     return BranchWeights(
-        name=name, layers=layers,
-        head_w=branch.head.weight.detach().numpy(), head_b=branch.head.bias.detach().numpy(),
+        name=name,
+        layers=layers,
+        head_w=branch.head.weight.detach().numpy(),
+        head_b=branch.head.bias.detach().numpy(),
         pooled=branch.spec.pooled,
         activation="sigmoid" if branch.spec.n_out == 1 else "softmax",
     )
@@ -228,7 +273,7 @@ def to_weights(name: str, branch: Branch) -> BranchWeights:
 
 def write_model_dir(d: Path, base_tokenizer: Path) -> None:
     tok = json.loads(base_tokenizer.read_text())
-    tok["padding"] = None     # the base file pads and truncates to 128; windowing is done in code
+    tok["padding"] = None  # the base file pads and truncates to 128; windowing is done in code
     tok["truncation"] = None
     (d / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
     config = {

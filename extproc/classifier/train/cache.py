@@ -48,8 +48,9 @@ def trunk_session(sd: dict[str, np.ndarray], n_layers: int, threads: int) -> ort
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def compute(sess: ort.InferenceSession, seqs: list[np.ndarray], cache: Path | None,
-            tokens_per_batch: int = 4096) -> Ragged:
+def compute(
+    sess: ort.InferenceSession, seqs: list[np.ndarray], cache: Path | None, tokens_per_batch: int = 1024
+) -> Ragged:
     """Run the trunk over every sequence (with specials), batching by similar length."""
     key = hashlib.sha1()
     for s in seqs:

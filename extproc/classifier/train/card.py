@@ -33,47 +33,92 @@ def write_card(model_dir: Path) -> None:
     po = r["pii"]["overlap"]
     size_mb = sum(m["files_bytes"].values()) / 1e6
     rows = [
-        ("Domain accuracy, held-out MMLU-Pro split", "≥ 0.85",
-         f"{_f(dq['accuracy'])} question only; {_f(do['accuracy'])} with options",
-         _ok(min(dq["accuracy"], do["accuracy"]) >= 0.85)),
-        ("PII entity F1 on presidio_synth_v2, structured types", "≥ 0.90",
-         f"{_f(po['structured_f1'])} (overlap); exact-boundary {_f(r['pii']['exact']['structured_f1'])}",
-         _ok(po["structured_f1"] >= 0.90)),
-        ("PII entity F1, all supported types", "≥ 0.80",
-         f"{_f(po['all_f1'])} (overlap); exact-boundary {_f(r['pii']['exact']['all_f1'])}",
-         _ok(po["all_f1"] >= 0.80)),
-        ("PII false positives, MMLU-Pro test questions (with options)", "≤ 2%",
-         f"{100 * r['pii']['fp_mmlu']['rate']:.1f}% of {r['pii']['fp_mmlu']['n']}",
-         _ok(r["pii"]["fp_mmlu"]["rate"] <= 0.02)),
-        ("PII false positives, code (stdlib chunks)", "≤ 2%",
-         f"{100 * r['pii']['fp_code']['rate']:.1f}% of {r['pii']['fp_code']['n']}",
-         _ok(r["pii"]["fp_code"]["rate"] <= 0.02)),
-        ("Complexity APGR (8B→70B), held-out", "≥ 0.70",
-         f"{_f(co['apgr'])} with options, {_f(cq['apgr'])} question only; AUC {_f(co['auc'])} / {_f(cq['auc'])}; "
-         f"CPT(50%) {_f(co['cpt50'], 2)}, CPT(80%) {_f(co['cpt80'], 2)} (with options)",
-         _ok(co["apgr"] >= 0.70)),
+        (
+            "Domain accuracy, held-out MMLU-Pro split",
+            "≥ 0.85",
+            f"{_f(dq['accuracy'])} question only; {_f(do['accuracy'])} with options",
+            _ok(min(dq["accuracy"], do["accuracy"]) >= 0.85),
+        ),
+        (
+            "PII entity F1 on presidio_synth_v2, structured types",
+            "≥ 0.90",
+            f"{_f(po['structured_f1'])} (overlap); exact-boundary {_f(r['pii']['exact']['structured_f1'])}",
+            _ok(po["structured_f1"] >= 0.90),
+        ),
+        (
+            "PII entity F1, all supported types",
+            "≥ 0.80",
+            f"{_f(po['all_f1'])} (overlap); exact-boundary {_f(r['pii']['exact']['all_f1'])}",
+            _ok(po["all_f1"] >= 0.80),
+        ),
+        (
+            "PII false positives, MMLU-Pro test questions (with options)",
+            "≤ 2%",
+            f"{100 * r['pii']['fp_mmlu']['rate']:.1f}% of {r['pii']['fp_mmlu']['n']}",
+            _ok(r["pii"]["fp_mmlu"]["rate"] <= 0.02),
+        ),
+        (
+            "PII false positives, code (stdlib chunks)",
+            "≤ 2%",
+            f"{100 * r['pii']['fp_code']['rate']:.1f}% of {r['pii']['fp_code']['n']}",
+            _ok(r["pii"]["fp_code"]["rate"] <= 0.02),
+        ),
+        (
+            "Complexity APGR (8B→70B), held-out",
+            "≥ 0.70",
+            f"{_f(co['apgr'])} with options, {_f(cq['apgr'])} question only; AUC {_f(co['auc'])} / {_f(cq['auc'])}; "
+            f"CPT(50%) {_f(co['cpt50'], 2)}, CPT(80%) {_f(co['cpt80'], 2)} (with options)",
+            _ok(co["apgr"] >= 0.70),
+        ),
         ("Model files", "≤ 40 MB", f"{size_mb:.1f} MB ({chosen})", _ok(size_mb <= 40)),
     ]
     if lat:
         for L in ("32", "128", "512"):
             ratio = lat["ratio"][L]
-            rows.append((f"Three heads ÷ one plain MiniLM-L6 pass, {L} tokens ({lat['format']}, {lat['threads']} threads)",
-                         "≤ 1.5×", f"{ratio:.2f}×", _ok(ratio <= 1.5)))
+            rows.append(
+                (
+                    f"Three heads ÷ one plain MiniLM-L6 pass, {L} tokens ({lat['format']}, {lat['threads']} threads)",
+                    "≤ 1.5×",  # noqa: RUF001
+                    f"{ratio:.2f}×",  # noqa: RUF001
+                    _ok(ratio <= 1.5),
+                )
+            )
         for L, target in (("32", 5.0), ("128", 20.0)):
             s, c8 = lat["single"][L], lat["concurrent8"][L]
-            rows.append((f"Latency {L} tokens, p50 / p99", f"p50 ≤ {target:g} ms",
-                         f"single {s['p50']:.1f} / {s['p99']:.1f} ms; 8 concurrent {c8['p50']:.1f} / {c8['p99']:.1f} ms",
-                         _ok(s["p50"] <= target)))
+            rows.append(
+                (
+                    f"Latency {L} tokens, p50 / p99",
+                    f"p50 ≤ {target:g} ms",
+                    f"single {s['p50']:.1f} / {s['p99']:.1f} ms; 8 concurrent {c8['p50']:.1f} / {c8['p99']:.1f} ms",
+                    _ok(s["p50"] <= target),
+                )
+            )
         t = lat["new_turn"]
-        rows.append(("New 50-token turn on a 2,000-token conversation (per-message cache)", "≤ 8 ms p50",
-                     f"{t['p50']:.1f} ms p50 ({t['p99']:.1f} p99)", _ok(t["p50"] <= 8)))
-        rows.append(("Throughput, batched, 64 tokens, 2 cores", "≥ 80 msg/s",
-                     f"{lat['throughput_64']:.0f} msg/s", _ok(lat["throughput_64"] >= 80)))
-        rows.append(("Process RSS with the model loaded", "≤ 400 MB", f"{lat['rss_mb']:.0f} MB",
-                     _ok(lat["rss_mb"] <= 400)))
+        rows.append(
+            (
+                "New 50-token turn on a 2,000-token conversation (per-message cache)",
+                "≤ 8 ms p50",
+                f"{t['p50']:.1f} ms p50 ({t['p99']:.1f} p99)",
+                _ok(t["p50"] <= 8),
+            )
+        )
+        rows.append(
+            (
+                "Throughput, batched, 64 tokens, 2 cores",
+                "≥ 80 msg/s",
+                f"{lat['throughput_64']:.0f} msg/s",
+                _ok(lat["throughput_64"] >= 80),
+            )
+        )
+        rows.append(
+            ("Process RSS with the model loaded", "≤ 400 MB", f"{lat['rss_mb']:.0f} MB", _ok(lat["rss_mb"] <= 400))
+        )
     out = ["# extproc classifier: model card", ""]
-    out += ["Generated by `python -m extproc.classifier.train` (and `bench/classifier_latency.py --record`); "
-            "do not edit by hand — edit `extproc/classifier/train/card_notes.md` for prose.", ""]
+    out += [
+        "Generated by `python -m extproc.classifier.train` (and `bench/classifier_latency.py --record`); "
+        "do not edit by hand — edit `extproc/classifier/train/card_notes.md` for prose.",
+        "",
+    ]
     out += ["## Figures: target vs measured", "", "| Figure | Target | Measured | |", "|---|---|---|---|"]
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     out += [""]
@@ -85,19 +130,41 @@ def write_card(model_dir: Path) -> None:
 
 def _details(m: dict, r: dict, lat: dict | None) -> list[str]:
     out = ["## Training run", ""]
-    out += [f"- seed {m['seed']}; total wall time {m['total_seconds'] / 60:.1f} min on 2 CPU cores "
-            f"(branch training: " + ", ".join(f"{k} {v:.0f}s" for k, v in m["train_seconds"].items()) + ")"]
+    out += [
+        f"- seed {m['seed']}; total wall time {m['total_seconds'] / 60:.1f} min on 2 CPU cores "
+        f"(branch training: " + ", ".join(f"{k} {v:.0f}s" for k, v in m["train_seconds"].items()) + ")"
+    ]
     s = m["sizes"]
-    out += [f"- MMLU-Pro split by normalized question text (SHA-1 bucket): train {s['train']}, val {s['val']}, "
-            f"test {s['test']} questions; each question trains twice (question only, question + options); "
-            f"plus {m['gsm8k_extra']} GSM8K train questions as math (train only)"]
-    out += [f"- trunk: embeddings + {m['trunk_layers']} base layers, frozen; training cap {m['train_tokens']} "
-            "tokens head+tail (run time reads up to 510)"]
+    out += [
+        f"- MMLU-Pro split by normalized question text (SHA-1 bucket): train {s['train']}, val {s['val']}, "
+        f"test {s['test']} questions; each question trains twice (question only, question + options); "
+        f"plus {m['gsm8k_extra']} GSM8K train questions as math (train only)"
+    ]
+    out += [
+        f"- trunk: embeddings + {m['trunk_layers']} base layers, frozen; training cap {m['train_tokens']} "
+        "tokens head+tail (run time reads up to 510)"
+    ]
     for k, v in m["specs"].items():
         f = m["fits"][k]
-        out += [f"- {k}: LoRA rank {v['rank']}, alpha {v['alpha']}, on {', '.join(v['targets'])} of base layer "
-                f"{v['first_layer']}{' (pooled: [CLS] query only)' if v['pooled'] else ' (all tokens)'}; "
-                f"{f['epochs']} epochs, lr {f['lr']}, batch {f['batch']}"]
+        out += [
+            f"- {k}: LoRA rank {v['rank']}, alpha {v['alpha']}, on {', '.join(v['targets'])} of base layer "
+            f"{v['first_layer']}{' (pooled: [CLS] query only)' if v['pooled'] else ' (all tokens)'}; "
+            f"{f['epochs']} epochs, lr {f['lr']}, batch {f['batch']}"
+        ]
+    if m.get("sweep"):
+        out += [
+            "",
+            f"Measured choices (domain head, validation split, cached trunk, {m['sweep'][0]['epochs']} epochs each):",
+            "",
+            "| LoRA rank | targets | pooling | val accuracy | train s |",
+            "|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {x['rank']} | {', '.join(x['targets']) or 'none (head only)'} | {x['pooling']} | "
+            f"{_f(x['val_accuracy'])} | {x['seconds']:.0f} |"
+            for x in m["sweep"]
+        ]
+        out += [""]
     out += [f"- PII: {m['pii_examples']} generated sentences (extproc/classifier/train/pii_data.py)"]
     out += [f"- fp32 ONNX vs torch training graph: max abs difference {m['fp32_vs_torch_max_abs_diff']:.1e}"]
     out += ["", "## fp32 vs int8 (same evaluation)", "", "| metric | fp32 | int8 |", "|---|---|---|"]
@@ -117,35 +184,61 @@ def _details(m: dict, r: dict, lat: dict | None) -> list[str]:
     out += ["", f"Shipped: **{m['chosen_format']}**.", "", "## Domain", ""]
     for v in ("question", "with_options"):
         d = r["domain"][v]
-        out += [f"Accuracy ({v.replace('_', ' ')}): {_f(d['accuracy'])} on {d['n']} held-out questions. Per class: "
-                + ", ".join(f"{k} {_f(x, 2)}" for k, x in d["per_class"].items()), ""]
+        out += [
+            f"Accuracy ({v.replace('_', ' ')}): {_f(d['accuracy'])} on {d['n']} held-out questions. Per class: "
+            + ", ".join(f"{k} {_f(x, 2)}" for k, x in d["per_class"].items()),
+            "",
+        ]
     cm = r["domain"]["question"]["confusion"]
     short = [d[:5] for d in DOMAINS]
-    out += ["Confusion matrix (question only; rows = true, columns = predicted):", "",
-            "| | " + " | ".join(short) + " |", "|---" * (len(DOMAINS) + 1) + "|"]
+    out += [
+        "Confusion matrix (question only; rows = true, columns = predicted):",
+        "",
+        "| | " + " | ".join(short) + " |",
+        "|---" * (len(DOMAINS) + 1) + "|",
+    ]
     out += [f"| {short[i]} | " + " | ".join(str(x) for x in row) + " |" for i, row in enumerate(cm)]
     ch = r["domain"]["chat"]
-    out += ["", f"Chat-like prompts written for this project (train/chat_prompts.py): {_f(ch['accuracy'])} "
-            f"on {ch['n']}. Misses (prompt → expected / predicted):", ""]
-    out += [f"- \"{p}\" → {e} / {g}" for p, e, g in ch["misses"]] or ["- none"]
+    out += [
+        "",
+        f"Chat-like prompts written for this project (train/chat_prompts.py): {_f(ch['accuracy'])} "
+        f"on {ch['n']}. Misses (prompt → expected / predicted):",
+        "",
+    ]
+    out += [f'- "{p}" → {e} / {g}' for p, e, g in ch["misses"]] or ["- none"]
     out += ["", "## Complexity", ""]
     for v in ("with_options", "question"):
         c = r["complexity"][v]
-        out += [f"- {v.replace('_', ' ')}: AUC {_f(c['auc'])}, APGR {_f(c['apgr'])}, CPT(50%) {_f(c['cpt50'], 3)}, "
-                f"CPT(80%) {_f(c['cpt80'], 3)}; weak accuracy {_f(c['weak_acc'])}, strong {_f(c['strong_acc'])}, "
-                f"{c['positives']} positives of {c['n']}; baseline routing by the true domain's pair rate: "
-                f"APGR {_f(c['domain_prior_apgr'])}, AUC {_f(c['domain_prior_auc'])}; random APGR 0.5"]
+        out += [
+            f"- {v.replace('_', ' ')}: AUC {_f(c['auc'])}, APGR {_f(c['apgr'])}, CPT(50%) {_f(c['cpt50'], 3)}, "
+            f"CPT(80%) {_f(c['cpt80'], 3)}; weak accuracy {_f(c['weak_acc'])}, strong {_f(c['strong_acc'])}, "
+            f"{c['positives']} positives of {c['n']}; baseline routing by the true domain's pair rate: "
+            f"APGR {_f(c['domain_prior_apgr'])}, AUC {_f(c['domain_prior_auc'])}; random APGR 0.5"
+        ]
     c = r["complexity"]["with_options"]
-    out += ["", "Routing curve (with options): share of calls to the strong model → PGR", "",
-            "| calls | " + " | ".join(f"{x[0]:.2f}" for x in c["curve"][:: max(1, len(c['curve']) // 10)]) + " |",
-            "|---" * (1 + len(c["curve"][:: max(1, len(c['curve']) // 10)])) + "|",
-            "| PGR | " + " | ".join(f"{x[1]:.2f}" for x in c["curve"][:: max(1, len(c['curve']) // 10)]) + " |", ""]
-    out += ["## PII", "", "| type | P (overlap) | R (overlap) | F1 (overlap) | F1 (exact) | gold | predicted |",
-            "|---|---|---|---|---|---|---|"]
+    out += [
+        "",
+        "Routing curve (with options): share of calls to the strong model → PGR",
+        "",
+        "| calls | " + " | ".join(f"{x[0]:.2f}" for x in c["curve"][:: max(1, len(c["curve"]) // 10)]) + " |",
+        "|---" * (1 + len(c["curve"][:: max(1, len(c["curve"]) // 10)])) + "|",
+        "| PGR | " + " | ".join(f"{x[1]:.2f}" for x in c["curve"][:: max(1, len(c["curve"]) // 10)]) + " |",
+        "",
+    ]
+    out += [
+        "## PII",
+        "",
+        "| type | P (overlap) | R (overlap) | F1 (overlap) | F1 (exact) | gold | predicted |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for t, v in r["pii"]["overlap"]["per_type"].items():
         ex = r["pii"]["exact"]["per_type"][t]
         out += [f"| {t} | {_f(v['p'])} | {_f(v['r'])} | {_f(v['f1'])} | {_f(ex['f1'])} | {v['gold']} | {v['pred']} |"]
-    out += ["", f"False positives: MMLU-Pro {r['pii']['fp_mmlu']['by_type']}, code {r['pii']['fp_code']['by_type']}", ""]
+    out += [
+        "",
+        f"False positives: MMLU-Pro {r['pii']['fp_mmlu']['by_type']}, code {r['pii']['fp_code']['by_type']}",
+        "",
+    ]
     if lat:
         out += ["## Latency (bench/classifier_latency.py)", "", "```", lat["table"].rstrip(), "```", ""]
     return out

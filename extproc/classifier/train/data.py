@@ -24,10 +24,10 @@ class Question:
     qid: str
     text: str
     options: tuple[str, ...]
-    domain: int                 # index into DOMAINS
+    domain: int  # index into DOMAINS
     src: str
-    correct: dict[str, bool]    # model -> answered correctly (empty cells left out)
-    split: str                  # "train" | "val" | "test"
+    correct: dict[str, bool]  # model -> answered correctly (empty cells left out)
+    split: str  # "train" | "val" | "test"
 
     @property
     def pair_label(self) -> int | None:
@@ -60,12 +60,17 @@ def load_mmlu(data: Path) -> tuple[list[Question], list[str]]:
         out = []
         for r in reader:
             correct = {m: r[m] == "True" for m in models if r[m] in ("True", "False")}
-            out.append(Question(
-                qid=r["question_id"], text=r["question"].strip(),
-                options=tuple(str(o) for o in ast.literal_eval(r["options"])),
-                domain=DOMAINS.index(r["category"]), src=r["src"], correct=correct,
-                split=split_of(r["question"]),
-            ))
+            out.append(
+                Question(
+                    qid=r["question_id"],
+                    text=r["question"].strip(),
+                    options=tuple(str(o) for o in ast.literal_eval(r["options"])),
+                    domain=DOMAINS.index(r["category"]),
+                    src=r["src"],
+                    correct=correct,
+                    split=split_of(r["question"]),
+                )
+            )
     return out, models
 
 

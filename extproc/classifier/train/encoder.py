@@ -105,7 +105,10 @@ class Layer(nn.Module):
         return ctx.transpose(1, 2).reshape(b, lq, HIDDEN)
 
     def forward(
-        self, x: torch.Tensor, bias: torch.Tensor, query: torch.Tensor | None = None,
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor,
+        query: torch.Tensor | None = None,
         dropout: float = 0.0,
     ) -> torch.Tensor:
         """Full layer over x, or only for `query` positions attending over x (pooled branch)."""
@@ -172,14 +175,15 @@ def build_trunk(sd: dict[str, torch.Tensor], n_layers: int) -> Trunk:
 
 @dataclass(frozen=True)
 class BranchSpec:
-    first_layer: int        # index of the first adapted base layer
-    n_layers: int           # adapted layers in this branch
-    pooled: bool            # last layer computes only the pooled query position
+    first_layer: int  # index of the first adapted base layer
+    n_layers: int  # adapted layers in this branch
+    pooled: bool  # last layer computes only the pooled query position
     rank: int
     alpha: float
     targets: tuple[str, ...]
     n_out: int
-    n_aux: int = 0          # auxiliary outputs used only in training
+    n_aux: int = 0  # auxiliary outputs used only in training
+    mean_pool: bool = False  # sweep baseline: full last layer + mean over tokens (not exported)
 
 
 class Branch(nn.Module):
@@ -209,6 +213,9 @@ class Branch(nn.Module):
             if self.spec.pooled and i == last:
                 return layer(x, bias, query=x[:, :1], dropout=self.dropout)[:, 0]
             x = layer(x, bias, dropout=self.dropout)
+        if self.spec.mean_pool:
+            m = mask[..., None]
+            return (x * m).sum(1) / m.sum(1)
         return x
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

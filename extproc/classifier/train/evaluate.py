@@ -47,8 +47,7 @@ def evaluate_all(model_dir: Path, questions: list[Question], data: Path, threads
     weak = np.array([q.correct[WEAK] for q in test])
     strong = np.array([q.correct[STRONG] for q in test])
     pair = np.array([q.pair_label for q in test])
-    for variant, texts in (("question", [q.text for q in test]),
-                           ("with_options", [q.with_options() for q in test])):
+    for variant, texts in (("question", [q.text for q in test]), ("with_options", [q.with_options() for q in test])):
         cs = classify_all(clf, texts)
         pred = np.array([DOMAINS.index(c.domain) for c in cs])
         cm = confusion(y, pred, len(DOMAINS))
@@ -63,18 +62,26 @@ def evaluate_all(model_dir: Path, questions: list[Question], data: Path, threads
         prior = _domain_prior(questions, test)
         prior_curve = routing_curve(prior, weak, strong)
         res["complexity"][variant] = {
-            "auc": auc(pair, score), "apgr": curve.apgr, "cpt50": curve.cpt(0.5), "cpt80": curve.cpt(0.8),
-            "weak_acc": curve.weak_acc, "strong_acc": curve.strong_acc,
+            "auc": auc(pair, score),
+            "apgr": curve.apgr,
+            "cpt50": curve.cpt(0.5),
+            "cpt80": curve.cpt(0.8),
+            "weak_acc": curve.weak_acc,
+            "strong_acc": curve.strong_acc,
             "curve": [[float(c), float(p)] for c, p in zip(curve.calls[::10], curve.pgr[::10], strict=True)],
-            "domain_prior_apgr": prior_curve.apgr, "domain_prior_auc": auc(pair, prior),
-            "random_apgr": 0.5, "n": len(test), "positives": int(pair.sum()),
+            "domain_prior_apgr": prior_curve.apgr,
+            "domain_prior_auc": auc(pair, prior),
+            "random_apgr": 0.5,
+            "n": len(test),
+            "positives": int(pair.sum()),
         }
         if variant == "with_options":
             res["pii"]["fp_mmlu"] = _fp_rate(cs)
     chat = classify_all(clf, [p for p, _ in CHAT_PROMPTS])
     hits = [c.domain == d for c, (_, d) in zip(chat, CHAT_PROMPTS, strict=True)]
     res["domain"]["chat"] = {
-        "accuracy": float(np.mean(hits)), "n": len(hits),
+        "accuracy": float(np.mean(hits)),
+        "n": len(hits),
         "misses": [[p, d, c.domain] for c, (p, d), h in zip(chat, CHAT_PROMPTS, hits, strict=True) if not h],
     }
     res["pii"].update(_presidio(clf, data))
@@ -106,8 +113,9 @@ def load_presidio(data: Path) -> list[dict]:
 
 
 def gold_spans(x: dict) -> list[tuple[int, int, str]]:
-    return [(s["start_position"], s["end_position"], s["entity_type"]) for s in x["spans"]
-            if s["entity_type"] in PII_TYPES]
+    return [
+        (s["start_position"], s["end_position"], s["entity_type"]) for s in x["spans"] if s["entity_type"] in PII_TYPES
+    ]
 
 
 def _presidio(clf: Classifier, data: Path) -> dict:
@@ -121,11 +129,16 @@ def _presidio(clf: Classifier, data: Path) -> dict:
             match_spans(gold_spans(x), pred, PII_TYPES, counts, exact=mode == "exact")
         structured, everything = micro(counts, STRUCTURED), micro(counts, PII_TYPES)
         out[mode] = {
-            "per_type": {t: {"p": c.precision, "r": c.recall, "f1": c.f1, "gold": c.n_gold, "pred": c.n_pred}
-                         for t, c in counts.items()},
-            "structured_f1": structured.f1, "all_f1": everything.f1,
-            "structured_p": structured.precision, "structured_r": structured.recall,
-            "all_p": everything.precision, "all_r": everything.recall,
+            "per_type": {
+                t: {"p": c.precision, "r": c.recall, "f1": c.f1, "gold": c.n_gold, "pred": c.n_pred}
+                for t, c in counts.items()
+            },
+            "structured_f1": structured.f1,
+            "all_f1": everything.f1,
+            "structured_p": structured.precision,
+            "structured_r": structured.recall,
+            "all_p": everything.precision,
+            "all_r": everything.recall,
         }
     out["n_sentences"] = len(rows)
     return out
@@ -180,8 +193,7 @@ def reference_outputs(sd_t, trunk_layers: int, branches: list[Branch], tok) -> d
         p = pii(x, m)[0].softmax(-1).numpy()
         d = domain(x, m)[0].softmax(-1).numpy()
         c = complexity(x, m)[0].sigmoid().numpy()
-    return {"input_ids": ids, "attention_mask": mask, "pii_probs": p, "domain_probs": d,
-            "complexity_probs": c}
+    return {"input_ids": ids, "attention_mask": mask, "pii_probs": p, "domain_probs": d, "complexity_probs": c}
 
 
 def compare_reference(model_dir: Path, ref: dict) -> float:
@@ -191,8 +203,11 @@ def compare_reference(model_dir: Path, ref: dict) -> float:
     names = ["domain_probs", "complexity_probs", "pii_probs"]
     outs = s.run(names, {"input_ids": ref["input_ids"], "attention_mask": ref["attention_mask"]})
     mask = ref["attention_mask"].astype(bool)
-    diffs = [np.abs(outs[0] - ref["domain_probs"]).max(), np.abs(outs[1] - ref["complexity_probs"]).max(),
-             np.abs(outs[2] - ref["pii_probs"])[mask].max()]
+    diffs = [
+        np.abs(outs[0] - ref["domain_probs"]).max(),
+        np.abs(outs[1] - ref["complexity_probs"]).max(),
+        np.abs(outs[2] - ref["pii_probs"])[mask].max(),
+    ]
     return float(max(diffs))
 
 

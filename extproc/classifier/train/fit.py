@@ -45,17 +45,13 @@ def predict(branch: Branch, ragged: Ragged, idx: np.ndarray, batch: int = 128) -
             x, m = ragged.batch(idx[sel])
             y, _ = branch(torch.from_numpy(x), torch.from_numpy(m))
             for j, k in enumerate(sel):
-                outs[k] = y[j].numpy() if not branch.spec.pooled or y.dim() == 2 else y[j].numpy()
-    if branch.spec.pooled:
+                outs[k] = y[j].numpy()
+    if y.dim() == 2:  # sentence-level head
         return np.stack(outs)  # type: ignore[arg-type]
     return outs  # type: ignore[return-value]
 
 
-LossFn = "callable[[torch.Tensor, torch.Tensor | None, np.ndarray, torch.Tensor], torch.Tensor]"
-
-
-def fit(branch: Branch, ragged: Ragged, train_idx: np.ndarray, loss_fn, cfg: FitConfig,
-        log: str = "") -> list[float]:
+def fit(branch: Branch, ragged: Ragged, train_idx: np.ndarray, loss_fn, cfg: FitConfig, log: str = "") -> list[float]:
     """Train the branch's LoRA factors and heads; loss_fn(out, aux, idx, mask) -> scalar."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -81,8 +77,7 @@ def fit(branch: Branch, ragged: Ragged, train_idx: np.ndarray, loss_fn, cfg: Fit
             total += float(loss) * len(sel)
             n += len(sel)
         history.append(total / n)
-        print(f"  {log} epoch {epoch + 1}/{cfg.epochs} loss {total / n:.4f} ({time.time() - t0:.0f}s)",
-              flush=True)
+        print(f"  {log} epoch {epoch + 1}/{cfg.epochs} loss {total / n:.4f} ({time.time() - t0:.0f}s)", flush=True)
     branch.eval()
     return history
 

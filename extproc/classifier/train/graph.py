@@ -41,12 +41,12 @@ def base_layer(sd: dict[str, np.ndarray], i: int) -> LayerWeights:
 
 @dataclass
 class BranchWeights:
-    name: str                      # output name prefix: "domain", "complexity", "pii"
+    name: str  # output name prefix: "domain", "complexity", "pii"
     layers: list[LayerWeights]
-    head_w: np.ndarray             # [n_out, HIDDEN]
+    head_w: np.ndarray  # [n_out, HIDDEN]
     head_b: np.ndarray
     pooled: bool
-    activation: str                # "softmax" | "sigmoid"
+    activation: str  # "softmax" | "sigmoid"
 
 
 @dataclass
@@ -99,7 +99,9 @@ class Builder:
         return g.op(
             "LayerNormalization",
             [x, g.const(_f32(w), f"{hint}_g"), g.const(_f32(b), f"{hint}_b")],
-            hint, axis=-1, epsilon=1e-12,
+            hint,
+            axis=-1,
+            epsilon=1e-12,
         )
 
     def gelu(self, x: str) -> str:
@@ -136,17 +138,20 @@ class Builder:
     def finish_layer(self, resid: str, ctx: str, lw: LayerWeights, hint: str) -> str:
         h = self.layer_norm(
             self.g.op("Add", [resid, self.linear(ctx, lw["o.weight"], lw["o.bias"], f"{hint}_o")], hint),
-            lw["ln1.weight"], lw["ln1.bias"], f"{hint}_ln1",
+            lw["ln1.weight"],
+            lw["ln1.bias"],
+            f"{hint}_ln1",
         )
-        ff = self.linear(self.gelu(self.linear(h, lw["up.weight"], lw["up.bias"], f"{hint}_up")),
-                         lw["down.weight"], lw["down.bias"], f"{hint}_down")
-        return self.layer_norm(self.g.op("Add", [h, ff], hint), lw["ln2.weight"], lw["ln2.bias"],
-                               f"{hint}_ln2")
+        ff = self.linear(
+            self.gelu(self.linear(h, lw["up.weight"], lw["up.bias"], f"{hint}_up")),
+            lw["down.weight"],
+            lw["down.bias"],
+            f"{hint}_down",
+        )
+        return self.layer_norm(self.g.op("Add", [h, ff], hint), lw["ln2.weight"], lw["ln2.bias"], f"{hint}_ln2")
 
     def layer(self, x: str, bias: str, lw: LayerWeights, hint: str) -> str:
-        q, k, v = self.projections(
-            x, [(lw[f"{n}.weight"], lw[f"{n}.bias"]) for n in "qkv"], f"{hint}_qkv"
-        )
+        q, k, v = self.projections(x, [(lw[f"{n}.weight"], lw[f"{n}.bias"]) for n in "qkv"], f"{hint}_qkv")
         return self.finish_layer(x, self.attention(q, k, v, bias), lw, hint)
 
 
@@ -172,8 +177,9 @@ def build(
     word = g.op("Gather", [g.const(_f32(sd["embeddings.word_embeddings.weight"]), "word"), ids], "word", axis=0)
     seq_len = g.op("Gather", [g.op("Shape", [ids], "shape"), g.const(_i64(1), "one_idx")], "len", axis=0)
     pos = g.op("Slice", [g.const(pos_table, "pos"), g.const(_i64(0), "zero"), seq_len, g.const(_i64(0), "ax0")], "pos")
-    x = b.layer_norm(g.op("Add", [word, pos], "emb"), sd["embeddings.LayerNorm.weight"],
-                     sd["embeddings.LayerNorm.bias"], "emb_ln")
+    x = b.layer_norm(
+        g.op("Add", [word, pos], "emb"), sd["embeddings.LayerNorm.weight"], sd["embeddings.LayerNorm.bias"], "emb_ln"
+    )
     maskf = g.op("Cast", [mask], "maskf", to=TensorProto.FLOAT)
     bias = g.op("Mul", [g.op("Sub", [b.one, maskf], "bias"), g.const(np.array(-10000.0, np.float32), "neg")], "bias")
     bias = g.op("Unsqueeze", [bias, g.const(_i64(1, 2), "axes12")], "bias")
@@ -195,10 +201,14 @@ def build(
         _branches(b, x, bias, branches, outputs)
 
     graph = helper.make_graph(
-        g.nodes, "extproc_classifier",
-        [helper.make_tensor_value_info(ids, TensorProto.INT64, ["batch", "seq"]),
-         helper.make_tensor_value_info(mask, TensorProto.INT64, ["batch", "seq"])],
-        outputs, g.inits,
+        g.nodes,
+        "extproc_classifier",
+        [
+            helper.make_tensor_value_info(ids, TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info(mask, TensorProto.INT64, ["batch", "seq"]),
+        ],
+        outputs,
+        g.inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
@@ -206,8 +216,7 @@ def build(
     return model
 
 
-def _branches(b: Builder, x: str, bias: str, branches: list[BranchWeights],
-              outputs: list[onnx.ValueInfoProto]) -> None:
+def _branches(b: Builder, x: str, bias: str, branches: list[BranchWeights], outputs: list[onnx.ValueInfoProto]) -> None:
     g = b.g
     # First layer of every branch reads the trunk output: fuse all their projections of the full
     # sequence (Q/K/V for token-level branches, K/V only for pooled ones) into one MatMul.
@@ -232,8 +241,11 @@ def _branches(b: Builder, x: str, bias: str, branches: list[BranchWeights],
                 else:
                     q, k, v = b.projections(h, [(lw[f"{n}.weight"], lw[f"{n}.bias"]) for n in "qkv"], f"{hint}_qkv")
             if last_pooled:
-                query_in = cls if li == 0 else g.op("Slice", [h, g.const(_i64(0), "z"), g.const(_i64(1), "o"),
-                                                            g.const(_i64(1), "a1")], "cls")
+                query_in = (
+                    cls
+                    if li == 0
+                    else g.op("Slice", [h, g.const(_i64(0), "z"), g.const(_i64(1), "o"), g.const(_i64(1), "a1")], "cls")
+                )
                 q = b.linear(query_in, lw["q.weight"], lw["q.bias"], f"{hint}_q")
                 h = b.finish_layer(query_in, b.attention(q, k, v, bias), lw, hint)
                 h = g.op("Squeeze", [h, g.const(_i64(1), "a1")], "pooled")
@@ -254,7 +266,10 @@ def quantize_int8(src: str, dst: str) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
-        src, dst, weight_type=QuantType.QInt8, per_channel=True,
+        src,
+        dst,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
         op_types_to_quantize=["MatMul", "Gather"],
         extra_options={"MatMulConstBOnly": True},
     )

@@ -32,8 +32,8 @@ def auc(y: np.ndarray, score: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class RoutingCurve:
-    calls: np.ndarray        # share of queries sent to the strong model, 0..1
-    pgr: np.ndarray          # performance gap recovered at that share
+    calls: np.ndarray  # share of queries sent to the strong model, 0..1
+    pgr: np.ndarray  # performance gap recovered at that share
     weak_acc: float
     strong_acc: float
 
@@ -60,9 +60,9 @@ def routing_curve(score: np.ndarray, weak: np.ndarray, strong: np.ndarray) -> Ro
 
 @dataclass
 class SpanCounts:
-    tp_pred: int = 0    # predicted spans that match a gold span
+    tp_pred: int = 0  # predicted spans that match a gold span
     n_pred: int = 0
-    tp_gold: int = 0    # gold spans that are matched
+    tp_gold: int = 0  # gold spans that are matched
     n_gold: int = 0
 
     @property
@@ -80,12 +80,17 @@ class SpanCounts:
 
 
 def match_spans(
-    gold: list[tuple[int, int, str]], pred: list[tuple[int, int, str]], types: tuple[str, ...],
-    counts: dict[str, SpanCounts], *, exact: bool,
+    gold: list[tuple[int, int, str]],
+    pred: list[tuple[int, int, str]],
+    types: tuple[str, ...],
+    counts: dict[str, SpanCounts],
+    *,
+    exact: bool,
 ) -> None:
     """Entity-level matching per type. Exact: same type and same boundaries. Overlap: same type and
     overlapping characters; one predicted span may cover several gold pieces (presidio splits an
     address into street/number/zip) and each gold span is counted once."""
+
     def hit(a: tuple[int, int, str], b: tuple[int, int, str]) -> bool:
         if a[2] != b[2]:
             return False

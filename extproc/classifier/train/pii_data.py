@@ -14,10 +14,42 @@ from dataclasses import dataclass, field
 
 from faker import Faker
 
-LOCALES = ("en_US", "en_GB", "de_DE", "fr_FR", "es_ES", "it_IT", "nl_NL", "pl_PL", "sv_SE",
-           "da_DK", "fi_FI", "pt_BR", "en_AU", "en_IN", "cs_CZ", "no_NO", "hu_HU", "el_GR")
-IBAN_LOCALES = ("de_DE", "fr_FR", "es_ES", "it_IT", "nl_NL", "pl_PL", "en_GB", "fi_FI", "da_DK",
-                "sv_SE", "cs_CZ", "no_NO", "hu_HU", "pt_PT")
+LOCALES = (
+    "en_US",
+    "en_GB",
+    "de_DE",
+    "fr_FR",
+    "es_ES",
+    "it_IT",
+    "nl_NL",
+    "pl_PL",
+    "sv_SE",
+    "da_DK",
+    "fi_FI",
+    "pt_BR",
+    "en_AU",
+    "en_IN",
+    "cs_CZ",
+    "no_NO",
+    "hu_HU",
+    "el_GR",
+)
+IBAN_LOCALES = (
+    "de_DE",
+    "fr_FR",
+    "es_ES",
+    "it_IT",
+    "nl_NL",
+    "pl_PL",
+    "en_GB",
+    "fi_FI",
+    "da_DK",
+    "sv_SE",
+    "cs_CZ",
+    "no_NO",
+    "hu_HU",
+    "pt_PT",
+)
 
 
 @dataclass
@@ -229,13 +261,19 @@ class Generator:
         if r < 0.5:
             return self.fk().phone_number()
         patterns = [
-            lambda: f"{d(3)}-{d(3)}-{d(4)}", lambda: f"({d(3)}) {d(3)}-{d(4)}",
+            lambda: f"{d(3)}-{d(3)}-{d(4)}",
+            lambda: f"({d(3)}) {d(3)}-{d(4)}",
             lambda: f"+{self.rng.randint(1, 99)} {d(3)} {d(3)} {d(4)}",
             lambda: f"+{self.rng.randint(1, 99)} (0){d(2)} {d(3)} {d(2)} {d(2)}",
-            lambda: f"0{d(3)} {d(2)} {d(2)} {d(2)}", lambda: f"{d(2)} {d(3)} {d(3)}",
-            lambda: f"{d(2)}.{d(2)}.{d(2)}.{d(2)}.{d(2)}", lambda: f"0{d(4)} {d(6)}",
-            lambda: f"+1-{d(3)}-{d(3)}-{d(4)}", lambda: f"({d(2)}) {d(3)}-{d(3)}",
-            lambda: f"{d(3)} {d(4)}", lambda: d(10), lambda: f"{d(4)} {d(4)}",
+            lambda: f"0{d(3)} {d(2)} {d(2)} {d(2)}",
+            lambda: f"{d(2)} {d(3)} {d(3)}",
+            lambda: f"{d(2)}.{d(2)}.{d(2)}.{d(2)}.{d(2)}",
+            lambda: f"0{d(4)} {d(6)}",
+            lambda: f"+1-{d(3)}-{d(3)}-{d(4)}",
+            lambda: f"({d(2)}) {d(3)}-{d(3)}",
+            lambda: f"{d(3)} {d(4)}",
+            lambda: d(10),
+            lambda: f"{d(4)} {d(4)}",
         ]
         return self.rng.choice(patterns)()
 
@@ -287,29 +325,44 @@ class Generator:
         rng, f = self.rng, self.fk()
         num = lambda a, b: str(rng.randint(a, b))  # noqa: E731
         table = {
-            "CITY": f.city, "COMPANY": f.company, "JOB": self.en.job,
+            "CITY": f.city,
+            "COMPANY": f.company,
+            "JOB": self.en.job,
             "COUNTRY": self.en.country,
-            "DATE": lambda: rng.choice([f.date(), self.en.date(pattern="%B %d, %Y"),
-                                        self.en.date(pattern="%d/%m/%Y"), self.en.day_of_week()]),
+            "DATE": lambda: rng.choice(
+                [f.date(), self.en.date(pattern="%B %d, %Y"), self.en.date(pattern="%d/%m/%Y"), self.en.day_of_week()]
+            ),
             "TIME": lambda: self.en.time(pattern=rng.choice(["%H:%M", "%I:%M %p", "%H:%M:%S"])),
-            "ORDER": lambda: rng.choice(["#", "ORD-", "PO-", "INV-", "", "A"])
-            + num(10000, 99999999),
-            "VERSION": lambda: rng.choice(["v", "", ""]) + ".".join(num(0, 30) for _ in range(rng.choice([2, 3, 3, 4]))),
+            "ORDER": lambda: rng.choice(["#", "ORD-", "PO-", "INV-", "", "A"]) + num(10000, 99999999),
+            "VERSION": lambda: (
+                rng.choice(["v", "", ""]) + ".".join(num(0, 30) for _ in range(rng.choice([2, 3, 3, 4])))
+            ),
             "MONEY": lambda: rng.choice(["$", "€", "£", ""]) + f"{rng.uniform(1, 99999):,.2f}",
-            "NUM": lambda: num(0, 99999), "NUM2": lambda: num(1, 99), "NUM4": lambda: num(1000, 9999),
-            "YEAR": lambda: num(1700, 2030), "PORT": lambda: num(80, 65535), "AGE": lambda: num(2, 90),
-            "HASH": lambda: self.en.sha1()[: rng.choice([7, 12, 40])], "HEX": lambda: hex(rng.getrandbits(32)),
+            "NUM": lambda: num(0, 99999),
+            "NUM2": lambda: num(1, 99),
+            "NUM4": lambda: num(1000, 9999),
+            "YEAR": lambda: num(1700, 2030),
+            "PORT": lambda: num(80, 65535),
+            "AGE": lambda: num(2, 90),
+            "HASH": lambda: self.en.sha1()[: rng.choice([7, 12, 40])],
+            "HEX": lambda: hex(rng.getrandbits(32)),
             "UUID": lambda: str(self.en.uuid4()),
             "TRACKING": lambda: rng.choice(["1Z", "JD", "LX", ""]) + num(10**9, 10**12) + rng.choice(["", "GB", "US"]),
-            "ISBN": lambda: self.en.isbn13(), "FLIGHT": lambda: rng.choice(["LH", "BA", "UA", "AF"]) + num(10, 9999),
+            "ISBN": lambda: self.en.isbn13(),
+            "FLIGHT": lambda: rng.choice(["LH", "BA", "UA", "AF"]) + num(10, 9999),
             "TICKET": lambda: rng.choice(["JIRA-", "OPS-", "#", "BUG-"]) + num(1, 99999),
-            "SKU": lambda: f"{rng.choice(string.ascii_uppercase)}{rng.choice(string.ascii_uppercase)}-{num(100, 99999)}",
-            "Q": lambda: num(1, 4), "LETTER": lambda: rng.choice(string.ascii_uppercase),
-            "WORD": lambda: rng.choice(WORDS), "PRODUCT": lambda: rng.choice(PRODUCTS),
+            "SKU": lambda: (
+                f"{rng.choice(string.ascii_uppercase)}{rng.choice(string.ascii_uppercase)}-{num(100, 99999)}"
+            ),
+            "Q": lambda: num(1, 4),
+            "LETTER": lambda: rng.choice(string.ascii_uppercase),
+            "WORD": lambda: rng.choice(WORDS),
+            "PRODUCT": lambda: rng.choice(PRODUCTS),
             "USER": lambda: rng.choice(["root", "ubuntu", "admin", "deploy", "ec2-user"]),
             "HTTP": lambda: rng.choice(["404", "502", "503", "500", "403"]),
             "EXPIRY": lambda: f"{rng.randint(1, 12):02d}/{rng.randint(24, 33)}",
-            "CODE": self.code, "ROWS": self.rows,
+            "CODE": self.code,
+            "ROWS": self.rows,
             "TEXT": lambda: self._fill(rng.choice(FILLER), [])[0],
         }
         return table[slot]()
@@ -320,16 +373,21 @@ class Generator:
         snippets = [
             f"def area(r):\n    return 3.14159 * r ** 2\n\nprint(area({n()}))",
             f"for i in range({n()}):\n    if i % {rng.randint(2, 9)} == 0:\n        total += i",
-            f"SELECT id, amount FROM orders WHERE created_at > '2023-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}' LIMIT {n()};",
+            f"SELECT id, amount FROM orders WHERE created_at > "
+            f"'2023-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}' LIMIT {n()};",
             f"const port = process.env.PORT || {rng.randint(1000, 9999)};\napp.listen(port);",
-            f"git checkout -b fix/{n()} && git commit -m 'bump to {rng.randint(0, 9)}.{rng.randint(0, 20)}.{rng.randint(0, 9)}'",
+            f"git checkout -b fix/{n()} && git commit -m "
+            f"'bump to {rng.randint(0, 9)}.{rng.randint(0, 20)}.{rng.randint(0, 9)}'",
             f"curl -X POST http://localhost:{rng.randint(1000, 9999)}/api/v1/items -d '{{\"qty\": {n()}}}'",
             f"x = np.zeros(({rng.randint(1, 512)}, {rng.randint(1, 512)}))\ny = x @ w + b",
             f"kubectl scale deployment web --replicas={rng.randint(1, 20)}",
             f"int main() {{ int a[{rng.randint(2, 100)}]; return a[0] * {n()}; }}",
-            f"version: '3.{rng.randint(0, 9)}'\nservices:\n  db:\n    image: postgres:{rng.randint(9, 17)}\n    ports:\n      - \"{rng.randint(1000, 9999)}:5432\"",
-            f"assert parse('{rng.randint(1, 28)}/{rng.randint(1, 12)}/{rng.randint(1990, 2030)}') == date({rng.randint(1990, 2030)}, {rng.randint(1, 12)}, {rng.randint(1, 28)})",
-            f"ERROR 2024-0{rng.randint(1, 9)}-{rng.randint(10, 28)}T{rng.randint(10, 23)}:{rng.randint(10, 59)}:00Z worker-{rng.randint(1, 9)} exited with code {rng.randint(1, 255)}",
+            f"version: '3.{rng.randint(0, 9)}'\nservices:\n  db:\n    image: postgres:{rng.randint(9, 17)}"
+            f'\n    ports:\n      - "{rng.randint(1000, 9999)}:5432"',
+            f"assert parse('{rng.randint(1, 28)}/{rng.randint(1, 12)}/{rng.randint(1990, 2030)}') == "
+            f"date({rng.randint(1990, 2030)}, {rng.randint(1, 12)}, {rng.randint(1, 28)})",
+            f"ERROR 2024-0{rng.randint(1, 9)}-{rng.randint(10, 28)}T{rng.randint(10, 23)}:"
+            f"{rng.randint(10, 59)}:00Z worker-{rng.randint(1, 9)} exited with code {rng.randint(1, 255)}",
             f"hash = {self.en.sha256()[:32]!r}\nsize = {n()}  # bytes",
         ]
         return rng.choice(snippets)

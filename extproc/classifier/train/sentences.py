@@ -17,10 +17,10 @@ TRAIN_TOKENS = 128  # training-time head+tail cap (runtime reads up to 510): kee
 @dataclass
 class PooledSet:
     seqs: list[np.ndarray]
-    domain: np.ndarray       # [n] class index
-    question: np.ndarray     # [n] index into the question list, -1 for GSM8K
-    variant: np.ndarray      # [n] 0 = question only, 1 = with options, 2 = GSM8K
-    split: np.ndarray        # [n] "train" | "val" | "test"
+    domain: np.ndarray  # [n] class index
+    question: np.ndarray  # [n] index into the question list, -1 for GSM8K
+    variant: np.ndarray  # [n] 0 = question only, 1 = with options, 2 = GSM8K
+    split: np.ndarray  # [n] "train" | "val" | "test"
 
 
 def pooled_set(tok: Tokenizer, questions: list[Question], gsm8k: list[str]) -> PooledSet:

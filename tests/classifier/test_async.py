@@ -1,0 +1,119 @@
+import asyncio
+
+import pytest
+
+from extproc.classifier import AsyncClassifier, Classification, Classifier, ClassifierClosedError
+
+
+class Counting(Classifier):
+    """The real classifier, recording each batch it is given and failing on a marker text."""
+
+    def __init__(self, inner: Classifier) -> None:
+        self._session, self._tok = inner._session, inner._tok
+        self.batches: list[list[str]] = []
+
+    def classify(self, texts):
+        self.batches.append(list(texts))
+        if "boom" in texts:
+            raise ValueError("bad input")
+        return super().classify(texts)
+
+
+@pytest.fixture
+def counting(classifier: Classifier) -> Counting:
+    return Counting(classifier)
+
+
+def test_concurrent_calls_are_micro_batched(counting: Counting):
+    sizes: list[int] = []
+
+    async def run():
+        ac = AsyncClassifier(counting, max_batch=8, max_wait_ms=50, on_batch=lambda n, s: sizes.append(n))
+        results = await asyncio.gather(*(ac.classify(f"question number {i} about physics") for i in range(12)))
+        await ac.aclose()
+        return results
+
+    results = asyncio.run(run())
+    assert all(isinstance(r, Classification) for r in results)
+    assert max(len(b) for b in counting.batches) == 8  # the cap holds
+    assert sum(len(b) for b in counting.batches) == 12  # every text classified once
+    assert len(counting.batches) < 12  # and they were batched
+    assert sizes == [len(b) for b in counting.batches]
+
+
+def test_repeated_text_is_a_cache_hit(counting: Counting):
+    async def run():
+        ac = AsyncClassifier(counting, max_wait_ms=1)
+        first = await ac.classify("the same message")
+        second = await ac.classify("the same message")
+        await ac.aclose()
+        return first, second
+
+    first, second = asyncio.run(run())
+    assert first is second
+    assert counting.batches == [["the same message"]]
+
+
+def test_identical_texts_in_flight_share_one_computation(counting: Counting):
+    async def run():
+        ac = AsyncClassifier(counting, max_wait_ms=20)
+        out = await asyncio.gather(*(ac.classify("dup") for _ in range(5)))
+        await ac.aclose()
+        return out
+
+    out = asyncio.run(run())
+    assert all(o is out[0] for o in out)
+    assert sum(len(b) for b in counting.batches) == 1
+
+
+def test_lru_evicts_the_least_recently_used(counting: Counting):
+    async def run():
+        ac = AsyncClassifier(counting, max_wait_ms=0, cache_size=2)
+        for t in ("a", "b", "a", "c", "a", "b"):
+            await ac.classify(t)
+        await ac.aclose()
+
+    asyncio.run(run())
+    # "b" was evicted by "c" ("a" had been used more recently), so it is computed twice.
+    assert [t for b in counting.batches for t in b] == ["a", "b", "c", "b"]
+
+
+def test_error_reaches_callers_and_the_worker_survives(counting: Counting):
+    async def run():
+        ac = AsyncClassifier(counting, max_batch=4, max_wait_ms=20)
+        bad = await asyncio.gather(ac.classify("boom"), ac.classify("fine"), return_exceptions=True)
+        after = await ac.classify("still working")
+        again = await ac.classify("fine")  # failed texts are not cached
+        await ac.aclose()
+        return bad, after, again
+
+    bad, after, again = asyncio.run(run())
+    assert all(isinstance(e, ValueError) for e in bad)
+    assert isinstance(after, Classification) and isinstance(again, Classification)
+
+
+def test_closed_classifier_refuses_new_work(counting: Counting):
+    async def run():
+        ac = AsyncClassifier(counting)
+        await ac.classify("x")
+        await ac.aclose()
+        with pytest.raises(ClassifierClosedError):
+            await ac.classify("y")
+
+    asyncio.run(run())
+
+
+def test_cancelled_caller_does_not_cancel_the_shared_result(counting: Counting):
+    async def run():
+        ac = AsyncClassifier(counting, max_wait_ms=30)
+        impatient = asyncio.ensure_future(ac.classify("shared text"))
+        patient = asyncio.ensure_future(ac.classify("shared text"))
+        await asyncio.sleep(0)
+        impatient.cancel()
+        result = await patient
+        await ac.aclose()
+        return impatient, result
+
+    impatient, result = asyncio.run(run())
+    assert impatient.cancelled()
+    assert isinstance(result, Classification)

@@ -1,0 +1,125 @@
+"""The shipped model against fixed held-out slices and the training graph's reference outputs."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from extproc.classifier import DOMAINS, PII_TYPES, Classifier
+from extproc.classifier.classifier import MODEL_DIR
+
+DATA = Path(__file__).parent / "data"
+# Floors sit below what the shipped model measured on these slices (see MODEL_CARD.md), so a
+# retrain that loses real accuracy fails here while noise does not.
+DOMAIN_FLOOR = 0.70
+PII_RECALL_FLOOR = 0.80
+PII_PRECISION_FLOOR = 0.80
+
+
+def _jsonl(name: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA / name).read_text().splitlines() if line.strip()]
+
+
+def test_domain_accuracy_on_heldout_mmlu_pro_slice(classifier: Classifier):
+    rows = _jsonl("heldout_domain.jsonl")
+    results = classifier.classify([r["prompt"] for r in rows])
+    accuracy = np.mean([c.domain == r["domain"] for c, r in zip(results, rows, strict=True)])
+    assert accuracy >= DOMAIN_FLOOR
+
+
+def test_outputs_are_well_formed(classifier: Classifier):
+    [c] = classifier.classify(["What is the boiling point of water at 2 atm?"])
+    assert set(c.domain_probs) == set(DOMAINS)
+    assert abs(sum(c.domain_probs.values()) - 1.0) < 1e-4
+    assert c.domain == max(c.domain_probs, key=c.domain_probs.get)
+    assert 0.0 <= c.complexity <= 1.0
+
+
+def test_pii_on_heldout_presidio_slice(classifier: Classifier):
+    rows = _jsonl("heldout_pii.jsonl")
+    results = classifier.classify([r["text"] for r in rows])
+    gold_hit = gold = pred_hit = pred = 0
+    for r, c in zip(rows, results, strict=True):
+        spans = [(s["start"], s["end"], s["type"]) for s in r["spans"]]
+        found = [(s.start, s.end, s.type) for s in c.pii]
+        overlap = lambda a, b: a[2] == b[2] and a[0] < b[1] and b[0] < a[1]  # noqa: E731
+        gold += len(spans)
+        gold_hit += sum(any(overlap(g, p) for p in found) for g in spans)
+        pred += len(found)
+        pred_hit += sum(any(overlap(p, g) for g in spans) for p in found)
+    assert gold_hit / gold >= PII_RECALL_FLOOR
+    assert pred_hit / pred >= PII_PRECISION_FLOOR
+
+
+def test_onnx_matches_training_graph_reference_outputs():
+    ref = np.load(DATA / "reference.npz")
+    session = ort.InferenceSession(str(MODEL_DIR / "classifier.onnx"), providers=["CPUExecutionProvider"])
+    domain, complexity, pii = session.run(
+        ["domain_probs", "complexity_probs", "pii_probs"],
+        {"input_ids": ref["input_ids"], "attention_mask": ref["attention_mask"]},
+    )
+    mask = ref["attention_mask"].astype(bool)
+    # The shipped graph may be int8: probabilities agree loosely, decisions agree exactly.
+    assert np.abs(domain - ref["domain_probs"]).max() < 0.1
+    assert (domain.argmax(-1) == ref["domain_probs"].argmax(-1)).all()
+    assert np.abs(complexity - ref["complexity_probs"]).max() < 0.1
+    assert np.abs(pii - ref["pii_probs"])[mask].max() < 0.25
+    assert (pii.argmax(-1) == ref["pii_probs"].argmax(-1))[mask].mean() >= 0.98
+
+
+def test_pii_late_in_a_long_prompt_is_found(classifier: Classifier):
+    filler = "The committee reviewed the quarterly results and discussed the roadmap. " * 300
+    text = filler + "Please send the contract to maria.gonzalez@example.org and call 415-555-0132."
+    [c] = classifier.classify([text])
+    types = {s.type for s in c.pii}
+    assert "EMAIL_ADDRESS" in types
+    email = next(s for s in c.pii if s.type == "EMAIL_ADDRESS")
+    assert text[email.start : email.end] == "maria.gonzalez@example.org"
+    assert email.start > 10_000
+
+
+def test_structured_pii_is_found_with_exact_offsets(classifier: Classifier):
+    text = "hi, my card 4111 1111 1111 1111 was charged twice, ssn 460-89-9847, iban DE89 3704 0044 0532 0130 00"
+    [c] = classifier.classify([text])
+    found = {s.type: text[s.start : s.end] for s in c.pii}
+    assert found.get("CREDIT_CARD") == "4111 1111 1111 1111"
+    assert found.get("US_SSN") == "460-89-9847"
+    assert found.get("IBAN_CODE") == "DE89 3704 0044 0532 0130 00"
+    assert set(found) <= set(PII_TYPES)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "pip install torch==2.13.0 && python -m pytest -q",
+        "Order #88231977 shipped on 2024-03-05, tracking 1Z999AA10123456784.",
+        "What is 4111 * 1111? Show the steps.",
+        "for i in range(10):\n    print(i ** 2)",
+    ],
+)
+def test_numbers_code_and_ids_are_not_pii(classifier: Classifier, text: str):
+    [c] = classifier.classify([text])
+    assert c.pii == ()
+
+
+def test_batch_results_match_single_results(classifier: Classifier):
+    texts = ["short one", "Which enzyme unwinds DNA during replication? " * 3, "x " * 1200 + "end"]
+    batched = classifier.classify(texts)
+    for t, b in zip(texts, batched, strict=True):
+        [single] = classifier.classify([t])
+        assert single.domain == b.domain
+        assert abs(single.complexity - b.complexity) < 1e-3
+        assert [(s.type, s.start, s.end) for s in single.pii] == [(s.type, s.start, s.end) for s in b.pii]
+
+
+def test_empty_input_list_and_empty_text(classifier: Classifier):
+    assert classifier.classify([]) == []
+    [c] = classifier.classify([""])
+    assert c.pii == () and c.domain in DOMAINS
+
+
+def test_model_files_fit_the_size_budget():
+    total = sum(p.stat().st_size for p in MODEL_DIR.iterdir() if p.is_file())
+    assert total <= 40 * 1024 * 1024
