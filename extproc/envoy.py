@@ -67,7 +67,14 @@ def _json_error(status: int, message: str, kind: str, code: str) -> dict[str, An
     }
 
 
-def _cluster(name: str, endpoints: Sequence[str], *, override_host: bool = False, dns: bool = False) -> dict[str, Any]:
+def _cluster(
+    name: str,
+    endpoints: Sequence[str],
+    *,
+    override_host: bool = False,
+    dns: bool = False,
+    hash_balance_factor: int | None = None,
+) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STRICT_DNS" if dns else "STATIC",
@@ -103,6 +110,21 @@ def _cluster(name: str, endpoints: Sequence[str], *, override_host: bool = False
                 }
             ]
         }
+    elif hash_balance_factor is not None:
+        # Consistent hashing on the router's affinity key, with bounded load (percent of the mean).
+        cluster["load_balancing_policy"] = {
+            "policies": [
+                {
+                    "typed_extension_config": {
+                        "name": "envoy.load_balancing_policies.ring_hash",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash",
+                            "hash_balance_factor": hash_balance_factor,
+                        },
+                    }
+                }
+            ]
+        }
     else:
         cluster["load_balancing_policy"] = {"policies": [least_request]}
     return cluster
@@ -132,6 +154,7 @@ def render(policy: Policy, options: EnvoyOptions | None = None) -> dict[str, Any
     clusters: dict[str, dict[str, Any]] = {}
     routed_clusters: list[str] = []
     retries: dict[str, int] = {}
+    hashed: set[str] = set()
     for name, model in policy.models.items():
         mode = model.replicas.envoy if model.replicas else None
         if mode == "original_dst":
@@ -139,8 +162,13 @@ def render(policy: Policy, options: EnvoyOptions | None = None) -> dict[str, Any
             retries[policy.original_dst_cluster] = 0  # the address is fixed; a retry would hit it again
             continue
         endpoints, dns = _model_endpoints(policy, name, o)
-        clusters[model.cluster] = _cluster(model.cluster, endpoints, override_host=mode == "override_host", dns=dns)
+        balance = max(100, round(100 * (1 + policy.picking.load_bound))) if mode == "hash" else None
+        clusters[model.cluster] = _cluster(
+            model.cluster, endpoints, override_host=mode == "override_host", dns=dns, hash_balance_factor=balance
+        )
         routed_clusters.append(model.cluster)
+        if mode == "hash":
+            hashed.add(model.cluster)
         retries[model.cluster] = policy.picking.fallbacks if mode == "override_host" else 1
     if policy.original_dst_cluster in routed_clusters:
         clusters[policy.original_dst_cluster] = {
@@ -167,7 +195,7 @@ def render(policy: Policy, options: EnvoyOptions | None = None) -> dict[str, Any
     return {
         "admin": {"address": {"socket_address": {"address": o.admin_address, "port_value": o.admin_port}}},
         "static_resources": {
-            "listeners": [_listener(policy, o, dict.fromkeys(routed_clusters), retries, default_cluster)],
+            "listeners": [_listener(policy, o, dict.fromkeys(routed_clusters), retries, default_cluster, hashed)],
             "clusters": list(clusters.values()),
         },
         "overload_manager": {
@@ -303,6 +331,7 @@ def _listener(
     routed_clusters: Mapping[str, None],
     retries: Mapping[str, int],
     default_cluster: str | None,
+    hashed: set[str],
 ) -> dict[str, Any]:
     llm_paths = sorted(API_PATHS)
     path_regex = "^(" + "|".join(p.replace("/", "\\/") for p in llm_paths) + r")(\?.*)?$"
@@ -327,22 +356,30 @@ def _listener(
                 "retry_on": "connect-failure,refused-stream,reset-before-request",
                 "num_retries": attempts,
             }
-        routes.append(
-            {
-                "name": f"llm-{cluster}",
-                "match": {
-                    "safe_regex": {"regex": path_regex},
-                    "dynamic_metadata": [
-                        {
-                            "filter": h.METADATA_NAMESPACE,
-                            "path": [{"key": "cluster"}],
-                            "value": {"string_match": {"exact": cluster}},
-                        }
-                    ],
-                },
-                "route": route,
-            }
-        )
+        entry: dict[str, Any] = {
+            "name": f"llm-{cluster}",
+            "match": {
+                "safe_regex": {"regex": path_regex},
+                "dynamic_metadata": [
+                    {
+                        "filter": h.METADATA_NAMESPACE,
+                        "path": [{"key": "cluster"}],
+                        "value": {"string_match": {"exact": cluster}},
+                    }
+                ],
+            },
+            "route": route,
+        }
+        if cluster in hashed:
+            # The ring hash reads the router's affinity key; the header is added before hashing.
+            route["hash_policy"] = [{"header": {"header_name": h.AFFINITY_KEY}}]
+            entry["request_headers_to_add"] = [
+                {
+                    "header": {"key": h.AFFINITY_KEY, "value": f"%DYNAMIC_METADATA({h.METADATA_NAMESPACE}:affinity)%"},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ]
+        routes.append(entry)
     routes.append(
         {
             # Reached only when the router made no decision: Envoy skips ext_proc for a POST

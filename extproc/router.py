@@ -73,6 +73,16 @@ class Routed:
     explanation: dict[str, Any] | None = None
 
 
+def _conversation(signals: Signals) -> str:
+    """The conversation's opening (system prompt and first user message): the same on every turn."""
+    opening = signals.messages[: signals.last_user_index + 1][:2]
+    return "\0".join(m.text for m in opening)
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
 class RouterState:
     """Everything derived from one policy. Built whole, then swapped in at once; requests in
     flight keep the state they started with."""
@@ -244,8 +254,7 @@ class Router:
             value = call.headers.get(name)
             if value:
                 return value
-        opening = signals.messages[: signals.last_user_index + 1][:2]
-        return hashlib.blake2b("\0".join(m.text for m in opening).encode(), digest_size=8).hexdigest()
+        return _digest(_conversation(signals))
 
     def _enforce_pii(
         self, policy: Policy, rule: PiiPolicy, model: Model, parsed: request.LLMRequest, signals: Signals, label: str
@@ -297,6 +306,17 @@ class Router:
             tried.append(name)
             if candidate.replicas is None:  # Envoy balances this model's cluster itself
                 return Routed(candidate.name, candidate.upstream_model, label, candidate.cluster)
+            if candidate.replicas.envoy == "hash":
+                # Envoy's ring hash (with a load bound) picks; the router only names the conversation.
+                key = _digest(signals.headers.get(policy.headers.session) or _conversation(signals))
+                return Routed(
+                    candidate.name,
+                    candidate.upstream_model,
+                    label,
+                    candidate.cluster,
+                    envoy_lb="hash",
+                    affinity_key=key,
+                )
             endpoints = state.pools.endpoints(name)
             if not endpoints:
                 self.metrics.no_replica.labels(name).inc()
@@ -327,8 +347,7 @@ class Router:
             self.metrics.prefix_hit.labels(model.name).observe(matched / len(blocks))
         mode = model.replicas.envoy
         cluster = policy.original_dst_cluster if mode == "original_dst" else model.cluster
-        key = f"{blocks[0]:x}" if blocks else (session or "")
-        routed = Routed(model.name, model.upstream_model, label, cluster, pick.endpoints, mode, key, lease=lease)
+        routed = Routed(model.name, model.upstream_model, label, cluster, pick.endpoints, mode, lease=lease)
         routed.pick_detail = {"scores": pick.scores, "prefix_blocks": matched, "blocks": len(blocks)}
         return routed
 

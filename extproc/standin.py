@@ -37,6 +37,7 @@ class StandIn:
     gate: asyncio.Event | None = None  # streams pause after their first chunk until this is set
     received: collections.deque[Received] = field(default_factory=lambda: collections.deque(maxlen=2000))
     inflight: int = 0
+    peak: int = 0  # most requests in flight at once
     served: int = 0
     _server: asyncio.Server | None = None
 
@@ -85,6 +86,7 @@ class StandIn:
             body = orjson.dumps({"object": "list", "data": [{"id": self.name, "object": "model"}]})
             return await _send(writer, 200, body, "application/json", self.name)
         self.inflight += 1
+        self.peak = max(self.peak, self.inflight)
         try:
             if self.delay:
                 await asyncio.sleep(self.delay)

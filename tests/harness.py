@@ -72,7 +72,7 @@ class Sidecar:
         self.thread.join(10)
 
     @property
-    def router(self):  # noqa: ANN201
+    def router(self):
         return self.runtime.router
 
 
@@ -108,14 +108,20 @@ class Stack:
         addresses = {r.name: r.address for r in self.replicas}
         self.config_path.write_text(string.Template(self.policy_text).substitute(addresses, **self.substitutions))
         self.uds = str(self.workdir / "extproc.sock")
-        settings = Settings(config=self.config_path, uds=self.uds, metrics_port=free_port(),
-                            metrics_address="127.0.0.1", **{"reload": False, **self.sidecar_settings})
+        settings = Settings(
+            config=self.config_path,
+            uds=self.uds,
+            metrics_port=free_port(),
+            metrics_address="127.0.0.1",
+            **{"reload": False, **self.sidecar_settings},
+        )
         self.metrics_port = settings.metrics_port
         self.sidecar = Sidecar(settings, Runtime(settings, discovery=self.discovery)).start()
         policy = load_policy(self.config_path)
         extra = self.envoy_options(self.fleet) if callable(self.envoy_options) else self.envoy_options
-        options = EnvoyOptions(listen_address="127.0.0.1", listen_port=self.port, admin_port=free_port(),
-                               extproc_uds=self.uds, **extra)
+        options = EnvoyOptions(
+            listen_address="127.0.0.1", listen_port=self.port, admin_port=free_port(), extproc_uds=self.uds, **extra
+        )
         self.envoy_config = render(policy, options)
         self.envoy = EnvoyProcess(self.envoy_config, str(self.workdir))
         try:
@@ -138,8 +144,14 @@ class Stack:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def request(self, method: str, path: str, body: bytes | dict | None = None,
-                headers: dict[str, str] | None = None, timeout: float = 30.0) -> Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | dict | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 30.0,
+    ) -> Response:
         raw = orjson.dumps(body) if isinstance(body, dict) else body
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
@@ -150,8 +162,9 @@ class Stack:
         finally:
             connection.close()
 
-    def post(self, body: bytes | dict, path: str = "/v1/chat/completions",
-             headers: dict[str, str] | None = None) -> Response:
+    def post(
+        self, body: bytes | dict, path: str = "/v1/chat/completions", headers: dict[str, str] | None = None
+    ) -> Response:
         return self.request("POST", path, body, headers)
 
     def replica(self, response: Response) -> str:

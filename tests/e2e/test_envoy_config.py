@@ -23,16 +23,25 @@ def test_shipped_envoy_yaml_is_what_the_generator_writes() -> None:
 
 
 def test_shipped_envoy_yaml_passes_envoy_validate() -> None:
-    result = subprocess.run(["envoy", "--mode", "validate", "-c", str(SHIPPED), "-l", "error"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["envoy", "--mode", "validate", "-c", str(SHIPPED), "-l", "error"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("options", [
-    EnvoyOptions(two_round_trips=True, cluster_endpoints={"private": ["10.0.0.9:8000"]}),
-    EnvoyOptions(extproc_uds=None, extproc_address=("127.0.0.1", 50051), usage=False,
-                 cluster_endpoints={"private": ["private.llm.svc.cluster.local:8000"]}),
-], ids=["two-round-trips", "tcp-no-usage-dns"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        EnvoyOptions(two_round_trips=True, cluster_endpoints={"private": ["10.0.0.9:8000"]}),
+        EnvoyOptions(
+            extproc_uds=None,
+            extproc_address=("127.0.0.1", 50051),
+            usage=False,
+            cluster_endpoints={"private": ["private.llm.svc.cluster.local:8000"]},
+        ),
+    ],
+    ids=["two-round-trips", "tcp-no-usage-dns"],
+)
 def test_generated_variants_pass_envoy_validate(options: EnvoyOptions, tmp_path: Path) -> None:
     ok, output = validate(render(load_policy(DEFAULT_POLICY), options), str(tmp_path))
     assert ok, output

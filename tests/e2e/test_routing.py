@@ -51,7 +51,7 @@ def envoy_stack(tmp_path_factory: pytest.TempPathFactory):
         yield s
 
 
-def _direct(fleet) -> dict:  # noqa: ANN001
+def _direct(fleet) -> dict:
     """Envoy balances the 'direct' model itself; non-LLM paths go there too."""
     return {"cluster_endpoints": {"direct": [fleet["d1"].address]}, "default_cluster": "direct"}
 
@@ -87,9 +87,11 @@ def test_default_model_reaches_a_small_replica_through_original_dst(envoy_stack:
 
 
 def test_upstream_gets_the_body_with_only_model_changed_and_a_true_content_length(envoy_stack: Stack) -> None:
-    raw = (b'{ "messages" : [ {"role":"user","content":"caf\\u00e9 \xe2\x98\x95 \\"quoted\\" segfault"} ],\n'
-           b'  "model":"auto", "temperature": 1.0e1, "n": 1, "big": 123456789012345678901234567890,\n'
-           b'  "tools": [{"type":"function","function":{"name":"f","parameters":{"model":"keep-me"}}}] }')
+    raw = (
+        b'{ "messages" : [ {"role":"user","content":"caf\\u00e9 \xe2\x98\x95 \\"quoted\\" segfault"} ],\n'
+        b'  "model":"auto", "temperature": 1.0e1, "n": 1, "big": 123456789012345678901234567890,\n'
+        b'  "tools": [{"type":"function","function":{"name":"f","parameters":{"model":"keep-me"}}}] }'
+    )
     response = envoy_stack.post(raw)
     assert response.status == 200
     replica = envoy_stack.fleet[envoy_stack.replica(response)]
@@ -110,8 +112,10 @@ def test_explicit_model_is_honoured_and_still_gets_a_replica(envoy_stack: Stack)
 def test_clients_cannot_pick_the_replica_or_cluster_themselves(envoy_stack: Stack) -> None:
     l1 = envoy_stack.fleet["l1"].address
     for _ in range(4):
-        response = envoy_stack.post(chat("hello there"), headers={
-            "x-gateway-destination-endpoint": l1, "x-extproc-cluster": "large", "x-selected-model": "evil"})
+        response = envoy_stack.post(
+            chat("hello there"),
+            headers={"x-gateway-destination-endpoint": l1, "x-extproc-cluster": "large", "x-selected-model": "evil"},
+        )
         assert envoy_stack.replica(response) in _names(envoy_stack, "small")
         received = envoy_stack.fleet[envoy_stack.replica(response)].received[-1]
         assert received.headers["x-selected-model"] == "small-8b"
@@ -122,8 +126,10 @@ def test_sse_stream_passes_through_chunk_by_chunk(envoy_stack: Stack) -> None:
     for name in ("s1", "s2"):
         envoy_stack.fleet[name].gate = gate
     body = orjson.dumps(chat("stream please", stream=True, stream_options={"include_usage": True}))
-    request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-               b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+    )
     with socket.create_connection(("127.0.0.1", envoy_stack.port), timeout=20) as sock:
         sock.sendall(request)
         seen = b""
@@ -157,17 +163,39 @@ async def _set(event: asyncio.Event) -> None:
         ("POST", "/v1/chat/completions", b"[1, 2]", {}, 400, "invalid_json"),
         ("POST", "/v1/chat/completions", b'{"model": "auto", "messages": "hi"}', {}, 400, "invalid_request"),
         ("POST", "/v1/chat/completions", b'{"model": 7, "messages": []}', {}, 400, "invalid_type"),
-        ("POST", "/v1/chat/completions", b'{"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}',
-         {}, 404, "model_not_found"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            b'{"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}',
+            {},
+            404,
+            "model_not_found",
+        ),
         ("GET", "/v1/chat/completions", None, {}, 405, "method_not_allowed"),
         ("PUT", "/v1/completions", b"{}", {}, 405, "method_not_allowed"),
         ("POST", "/v1/chat/completions", b"", {}, 400, "invalid_request"),
         ("POST", "/v1/chat/completions", orjson.dumps(chat("x" * 70000)), {}, 413, "request_too_large"),
-        ("POST", "/v1/chat/completions", gzip.compress(orjson.dumps(chat("hi"))), {"content-encoding": "gzip"},
-         415, "unsupported_media_type"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            gzip.compress(orjson.dumps(chat("hi"))),
+            {"content-encoding": "gzip"},
+            415,
+            "unsupported_media_type",
+        ),
     ],
-    ids=["malformed", "not-object", "wrong-type", "model-not-string", "unknown-model", "get", "put", "empty",
-         "too-large", "gzip"],
+    ids=[
+        "malformed",
+        "not-object",
+        "wrong-type",
+        "model-not-string",
+        "unknown-model",
+        "get",
+        "put",
+        "empty",
+        "too-large",
+        "gzip",
+    ],
 )
 def test_errors_come_back_as_openai_json_with_the_right_status(
     envoy_stack: Stack, method: str, path: str, body: bytes | None, headers: dict, status: int, code: str
@@ -227,7 +255,9 @@ models:
 
 
 def test_two_round_trip_envoy_config_routes_the_same_way(tmp_path) -> None:
-    with stack(tmp_path, POLICY, REPLICAS, envoy_options=lambda fleet: {**_direct(fleet), "two_round_trips": True}) as s:
+    with stack(
+        tmp_path, POLICY, REPLICAS, envoy_options=lambda fleet: {**_direct(fleet), "two_round_trips": True}
+    ) as s:
         response = s.post(chat("my program segfaults"))
         assert response.headers["x-router-model"] == "large"
         received = s.fleet[s.replica(response)].received[-1]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 
 from extproc.policy import parse_policy
-from extproc.policy.evaluate import NEEDS_CLASSIFIER, choose_model, decide, explain, split_pick
 from extproc.policy.config import Split
+from extproc.policy.evaluate import NEEDS_CLASSIFIER, choose_model, decide, explain, split_pick
 from extproc.request import Message
 from extproc.signals import PiiHit, Signals, Topic
 from extproc.signals.tokens import TokenCounter

@@ -13,9 +13,12 @@ ENDPOINTS = ("10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000", "10.0.0.4:8000")
 
 
 def picker(tracker: LoadTracker, index: PrefixIndex, epsilon: float = 0.25) -> Picker:
-    return Picker([BoundedLoad(tracker, epsilon)],
-                  [(PrefixAffinity(index), 3.0), (LeastLoad(tracker), 2.0), (SessionAffinity(), 4.0)],
-                  fallbacks=2, tracker=tracker)
+    return Picker(
+        [BoundedLoad(tracker, epsilon)],
+        [(PrefixAffinity(index), 3.0), (LeastLoad(tracker), 2.0), (SessionAffinity(), 4.0)],
+        fallbacks=2,
+        tracker=tracker,
+    )
 
 
 def test_block_hashes_chain_and_depend_on_the_model() -> None:

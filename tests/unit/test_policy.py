@@ -40,14 +40,17 @@ def test_defaults_fill_in_what_the_file_leaves_out() -> None:
 
 
 def test_unknown_model_reference_names_path_line_and_choices() -> None:
-    found = problems(BASE + """\
+    found = problems(
+        BASE
+        + """\
 decisions:
   - name: a
     model: small
   - name: b
     when: {keyword: [x]}
     model: gpt5
-""")
+"""
+    )
     assert found == ["decisions[1].model (line 12): 'gpt5' is not a configured model; configured: large, small"]
 
 
@@ -57,36 +60,50 @@ def test_typo_in_a_key_suggests_the_right_one() -> None:
 
 
 def test_condition_with_two_kinds_is_rejected_with_the_list_of_kinds() -> None:
-    found = problems(BASE + """\
+    found = problems(
+        BASE
+        + """\
 decisions:
   - name: a
     model: large
     when: {keyword: [x], regex: y}
-""")
+"""
+    )
     assert any("a condition has exactly one key" in p and "decisions[0].when" in p for p in found)
 
 
-@pytest.mark.parametrize(("extra", "fragment"), [
-    ("decisions:\n  - name: a\n    model: large\n    when: {regex: '(unclosed'}\n", "invalid regular expression"),
-    ("decisions:\n  - name: a\n    model: large\n    when: {tokens: {min: 10, max: 5}}\n", "min (10) must be below max (5)"),
-    ("decisions:\n  - name: a\n    model: large\n    when: {domain: [cooking]}\n", "'cooking' is not one of"),
-    ("decisions:\n  - name: a\n    model: large\n  - name: a\n    model: small\n", "already used by decisions[0]"),
-    ("decisions:\n  - name: a\n", "set exactly one of 'model' or 'split'"),
-    ("auto_models: [small]\n", "both an auto name and a model"),
-    ("unknown_models: passthrough\n", "required when unknown_models is 'passthrough'"),
-    ("pii: {action: reroute}\n", "'reroute' needs the model"),
-    ("pii: {action: block, model: large}\n", "only used with action 'reroute'"),
-    ("limits: {max_body_bytes: 'big'}\n", "expected an integer, got a string"),
-    ("classifier: {enabled: false}\ndecisions:\n  - name: a\n    model: large\n    when: {complexity: {above: 0.5}}\n",
-     "is false, but some decisions test"),
-])
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ("decisions:\n  - name: a\n    model: large\n    when: {regex: '(unclosed'}\n", "invalid regular expression"),
+        (
+            "decisions:\n  - name: a\n    model: large\n    when: {tokens: {min: 10, max: 5}}\n",
+            "min (10) must be below max (5)",
+        ),
+        ("decisions:\n  - name: a\n    model: large\n    when: {domain: [cooking]}\n", "'cooking' is not one of"),
+        ("decisions:\n  - name: a\n    model: large\n  - name: a\n    model: small\n", "already used by decisions[0]"),
+        ("decisions:\n  - name: a\n", "set exactly one of 'model' or 'split'"),
+        ("auto_models: [small]\n", "both an auto name and a model"),
+        ("unknown_models: passthrough\n", "required when unknown_models is 'passthrough'"),
+        ("pii: {action: reroute}\n", "'reroute' needs the model"),
+        ("pii: {action: block, model: large}\n", "only used with action 'reroute'"),
+        ("limits: {max_body_bytes: 'big'}\n", "expected an integer, got a string"),
+        (
+            "classifier: {enabled: false}\ndecisions:\n  - name: a\n    model: large\n    when: {complexity: {above: 0.5}}\n",
+            "is false, but some decisions test",
+        ),
+    ],
+)
 def test_mistakes_are_reported_with_a_fix(extra: str, fragment: str) -> None:
     found = problems(BASE + extra)
     assert any(fragment in p for p in found), found
 
 
 def test_yaml_syntax_errors_and_duplicate_keys_have_lines() -> None:
-    assert "(line 2): not valid YAML (while parsing a flow mapping" in problems("models:\n  small: {\ndefault_model: small\n")[0]
+    assert (
+        "(line 2): not valid YAML (while parsing a flow mapping"
+        in problems("models:\n  small: {\ndefault_model: small\n")[0]
+    )
     found = problems(BASE + "default_model: large\n")
     assert found == ["default_model (line 7): duplicate key; YAML keeps only the last one, remove the other"]
 
@@ -98,10 +115,13 @@ def test_empty_and_missing_files() -> None:
 
 
 def test_decisions_run_by_priority_then_file_order() -> None:
-    policy = parse_policy(BASE + """\
+    policy = parse_policy(
+        BASE
+        + """\
 decisions:
   - {name: a, model: small}
   - {name: b, model: large, priority: 5}
   - {name: c, model: small, priority: 5}
-""")
+"""
+    )
     assert [d.name for d in policy.decisions] == ["b", "c", "a"]

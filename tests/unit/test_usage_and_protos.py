@@ -19,15 +19,23 @@ def feed(chunks: list[bytes]) -> Usage | None:
 
 
 def test_usage_of_a_json_response_split_anywhere() -> None:
-    body = orjson.dumps({"id": "x", "choices": [{"message": {"content": '"usage": nope'}}],
-                         "usage": {"prompt_tokens": 12, "completion_tokens": 34, "total_tokens": 46}})
+    body = orjson.dumps(
+        {
+            "id": "x",
+            "choices": [{"message": {"content": '"usage": nope'}}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 34, "total_tokens": 46},
+        }
+    )
     for cut in range(1, len(body), 7):
         assert feed([body[:cut], body[cut:]]) == Usage(12, 34)
 
 
 def test_usage_from_the_final_sse_chunk() -> None:
-    events = [b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n',
-              b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7}}\n\n', b"data: [DONE]\n\n"]
+    events = [
+        b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n',
+        b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
     stream = b"".join(events)
     assert feed([stream[i : i + 9] for i in range(0, len(stream), 9)]) == Usage(5, 7)
 
