@@ -59,6 +59,7 @@ class Runtime:
         self._async_classifier = None
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
+        self._metrics_server: tuple | None = None  # (WSGI server, thread)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -171,7 +172,9 @@ class Runtime:
         for service in ("", SERVICE_NAME):
             await _set_health(self.health, service, health_pb2.HealthCheckResponse.SERVING)
         if self.settings.metrics_port is not None:
-            start_http_server(self.settings.metrics_port, self.settings.metrics_address, registry=self.metrics.registry)
+            self._metrics_server = start_http_server(
+                self.settings.metrics_port, self.settings.metrics_address, registry=self.metrics.registry
+            )
         self._tasks.append(asyncio.create_task(self._expire_leases()))
         if self.settings.reload:
             from extproc.policy.reload import ConfigWatcher
@@ -211,6 +214,10 @@ class Runtime:
         if self._async_classifier is not None:
             await self._async_classifier.aclose()
         self.discovery.close()
+        if self._metrics_server is not None:
+            server, _thread = self._metrics_server
+            server.shutdown()
+            server.server_close()
         if self.settings.uds:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.settings.uds)
