@@ -60,6 +60,7 @@ class Runtime:
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
         self._metrics_server: tuple | None = None  # (WSGI server, thread)
+        self.loop_tasks = 0
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -133,6 +134,14 @@ class Runtime:
         self.metrics.add_collector(
             GaugeCollector("extproc_ready_replicas", "Ready replicas per model.", ["model"], ready)
         )
+        self.metrics.add_collector(
+            GaugeCollector(
+                "extproc_event_loop_tasks",
+                "Tasks alive on the sidecar's event loop (leak check).",
+                [],
+                lambda: [((), float(self.loop_tasks))],
+            )
+        )
 
     # --- serving -------------------------------------------------------------------------------
 
@@ -197,6 +206,7 @@ class Runtime:
         while True:
             await asyncio.sleep(0.5)
             self.router.tracker.expire()
+            self.loop_tasks = len(asyncio.all_tasks())  # sampled on the loop; read by the metrics thread
 
     async def stop(self) -> None:
         """Stop taking new streams, let open ones finish (up to the grace period), then close."""

@@ -1,0 +1,102 @@
+"""Pieces the benchmark scripts share: the sidecar as its own process, ports, resource use."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class SidecarProcess:
+    """`extproc serve` in a subprocess, so its CPU and memory can be measured on their own."""
+
+    def __init__(
+        self,
+        policy: Path,
+        uds: Path,
+        metrics_port: int,
+        *,
+        log_level: str = "warning",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.policy, self.uds, self.metrics_port = policy, uds, metrics_port
+        self.log_level = log_level
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        args = [
+            sys.executable,
+            "-m",
+            "extproc.cli",
+            "serve",
+            "--config",
+            str(self.policy),
+            "--uds",
+            str(self.uds),
+            "--metrics-port",
+            str(self.metrics_port),
+            "--metrics-address",
+            "127.0.0.1",
+            "--no-reload",
+            "--log-level",
+            self.log_level,
+        ]
+        self.log = open(self.uds.with_suffix(".log"), "wb")  # noqa: SIM115 - lives with the process
+        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + timeout
+        request = health_pb2.HealthCheckRequest(service="envoy.service.ext_proc.v3.ExternalProcessor")
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"sidecar exited: {self.uds.with_suffix('.log').read_text()[-2000:]}")
+            try:
+                with grpc.insecure_channel(f"unix:{self.uds}") as channel:
+                    if health_pb2_grpc.HealthStub(channel).Check(request, timeout=1).status == 1:
+                        return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("sidecar did not become healthy")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the sidecar so far."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+        self.process = None
+        self.log.close()
