@@ -1,0 +1,446 @@
+{{/*
+The Envoy bootstrap, rendered from values.routing and values.envoy in the shape extproc/envoy.py
+defines (`extproc envoy-config`; README "How Envoy is wired"). tests/helm compares the two for a
+matrix of values, so a change there must be mirrored here. The one addition is the readiness
+listener at the end.
+
+Routing answers come back as dynamic metadata: routes match `extproc.cluster`, one per cluster;
+ORIGINAL_DST and override_host clusters read the picked replica from metadata.
+*/}}
+
+{{- define "extproc.envoy.llmPathRegex" -}}
+^(\/v1\/chat\/completions|\/v1\/completions|\/v1\/responses)(\?.*)?$
+{{- end }}
+
+{{/*
+The clusters Envoy routes LLM requests to, as YAML: {routed: [cluster names in route order],
+clusters: [{name, endpoints, dns, lb, balance}], retries: {cluster: n}, hashed: [names]}.
+Mirrors extproc/envoy.py render() and _model_endpoints().
+*/}}
+{{- define "extproc.envoy.plan" -}}
+{{- $r := include "extproc.routing" . | fromYaml }}
+{{- $e := .Values.envoy }}
+{{- $originalDst := $r.original_dst_cluster | default "original_dst" }}
+{{- $picking := $r.picking | default dict }}
+{{- $fallbacks := hasKey $picking "fallbacks" | ternary $picking.fallbacks 2 }}
+{{- $loadBound := hasKey $picking "load_bound" | ternary $picking.load_bound 0.25 }}
+{{- $routed := list }}
+{{- $clusters := list }}
+{{- $names := list }}
+{{- $retries := dict }}
+{{- $hashed := list }}
+{{- range $name, $model := $r.models }}
+{{- $model = $model | default dict }}
+{{- $replicas := $model.replicas }}
+{{- $mode := "" }}
+{{- if $replicas }}{{ $mode = $replicas.envoy | default "original_dst" }}{{ end }}
+{{- if eq $mode "original_dst" }}
+{{- if not (has $originalDst $routed) }}{{ $routed = append $routed $originalDst }}{{ end }}
+{{- $_ := set $retries $originalDst 0 }}
+{{- else }}
+{{- $cluster := $model.cluster | default $name }}
+{{- if has $cluster (list "extproc" "envoy_admin") }}
+{{- fail (printf "routing.models.%s.cluster: %q is reserved for the chart's own Envoy clusters; name it differently" $name $cluster) }}
+{{- end }}
+{{- $endpoints := list }}
+{{- if hasKey $e.clusterEndpoints $cluster }}
+{{- $endpoints = index $e.clusterEndpoints $cluster }}
+{{- else if and $replicas $replicas.static }}
+{{- $endpoints = $replicas.static }}
+{{- else if and $replicas $replicas.kubernetes $replicas.kubernetes.service (not (kindIs "string" $replicas.kubernetes.port)) $replicas.kubernetes.port }}
+{{- $k := $replicas.kubernetes }}
+{{- /* A headless Service resolves to the ready pod IPs: the same set the router watches. */}}
+{{- $endpoints = list (printf "%s.%s.svc.cluster.local:%d" $k.service $k.namespace (int $k.port)) }}
+{{- else }}
+{{- fail (printf "routing.models.%s: Envoy needs endpoints for cluster %q; give static replicas, a Kubernetes service with a numeric port, or envoy.clusterEndpoints.%s" $name $cluster $cluster) }}
+{{- end }}
+{{- $balance := 0 }}
+{{- if eq $mode "hash" }}{{ $balance = max 100 (round (mulf 100 (addf 1 $loadBound)) 0 | int) }}{{ end }}
+{{- if not (has $cluster $names) }}
+{{- $names = append $names $cluster }}
+{{- $clusters = append $clusters (dict "name" $cluster "endpoints" $endpoints "mode" $mode "balance" $balance) }}
+{{- end }}
+{{- if not (has $cluster $routed) }}{{ $routed = append $routed $cluster }}{{ end }}
+{{- if eq $mode "hash" }}{{ $hashed = append $hashed $cluster }}{{ end }}
+{{- $_ := set $retries $cluster (eq $mode "override_host" | ternary $fallbacks 1) }}
+{{- end }}
+{{- end }}
+{{- $hasOriginalDst := has $originalDst $routed }}
+{{- if $r.passthrough_cluster }}
+{{- $passthrough := $r.passthrough_cluster }}
+{{- if not (index $e.clusterEndpoints $passthrough) }}
+{{- fail (printf "routing.passthrough_cluster %q needs its endpoints in envoy.clusterEndpoints.%s" $passthrough $passthrough) }}
+{{- end }}
+{{- if not (has $passthrough $names) }}
+{{- $names = append $names $passthrough }}
+{{- $clusters = append $clusters (dict "name" $passthrough "endpoints" (index $e.clusterEndpoints $passthrough) "mode" "" "balance" 0) }}
+{{- end }}
+{{- if not (has $passthrough $routed) }}{{ $routed = append $routed $passthrough }}{{ end }}
+{{- end }}
+{{- /* Non-LLM paths go to the default model's cluster, else the first one Envoy balances, else 404. */}}
+{{- $default := $e.defaultCluster | default ((index $r.models $r.default_model | default dict).cluster | default $r.default_model) }}
+{{- if not (has $default $names) }}
+{{- $default = "" }}
+{{- range $names }}{{ if and (not $default) (ne . $originalDst) }}{{ $default = . }}{{ end }}{{ end }}
+{{- end }}
+{{- toYaml (dict "routed" $routed "clusters" $clusters "retries" $retries "hashed" $hashed "originalDst" $originalDst "hasOriginalDst" $hasOriginalDst "default" $default) }}
+{{- end }}
+
+{{/* A cluster Envoy balances itself (or overrides with the router's pick): extproc/envoy.py _cluster(). */}}
+{{- define "extproc.envoy.cluster" -}}
+{{- $dns := false }}
+{{- range .endpoints }}
+{{- if not (regexMatch "^(\\[|[0-9.]*[0-9][0-9.]*:)" .) }}{{ $dns = true }}{{ end }}
+{{- end }}
+- name: {{ .name | toJson }}
+  type: {{ $dns | ternary "STRICT_DNS" "STATIC" }}
+  connect_timeout: 1s
+  load_assignment:
+    cluster_name: {{ .name | toJson }}
+    endpoints:
+    - lb_endpoints:
+      {{- range .endpoints }}
+      {{- $host := regexReplaceAll ":[0-9]+$" . "" | trimPrefix "[" | trimSuffix "]" }}
+      - endpoint:
+          address:
+            socket_address:
+              address: {{ $host | toJson }}
+              port_value: {{ regexFind "[0-9]+$" . }}
+      {{- end }}
+  load_balancing_policy:
+    policies:
+    {{- if eq .mode "override_host" }}
+    - typed_extension_config:
+        name: envoy.load_balancing_policies.override_host
+        typed_config:
+          '@type': type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost
+          override_host_sources:
+          - metadata:
+              key: envoy.lb
+              path:
+              - key: x-gateway-destination-endpoint
+          - header: x-gateway-destination-endpoint
+          fallback_policy:
+            policies:
+            - {{ include "extproc.envoy.leastRequest" . | indent 14 | trim }}
+    {{- else if eq .mode "hash" }}
+    - typed_extension_config:
+        name: envoy.load_balancing_policies.ring_hash
+        typed_config:
+          '@type': type.googleapis.com/envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash
+          {{- /* Consistent hashing on the router's affinity key, load bounded (percent of the mean). */}}
+          hash_balance_factor: {{ .balance }}
+    {{- else }}
+    - {{ include "extproc.envoy.leastRequest" . | indent 6 | trim }}
+    {{- end }}
+{{- end }}
+
+{{- define "extproc.envoy.leastRequest" -}}
+typed_extension_config:
+  name: envoy.load_balancing_policies.least_request
+  typed_config:
+    '@type': type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest
+{{- end }}
+
+{{/* An OpenAI-style JSON error Envoy answers itself. */}}
+{{- define "extproc.envoy.jsonError" -}}
+status: {{ .status }}
+body:
+  inline_string: {{ printf `{"error":{"message":%s,"type":%s,"code":%s}}` (toJson .message) (toJson .type) (toJson .code) | toJson }}
+{{- end }}
+
+{{- define "extproc.envoy.bootstrap" -}}
+{{- $e := .Values.envoy }}
+{{- $r := include "extproc.routing" . | fromYaml }}
+{{- $plan := include "extproc.envoy.plan" . | fromYaml }}
+{{- $headers := $r.headers | default dict }}
+{{- $pathRegex := include "extproc.envoy.llmPathRegex" . }}
+{{- $disabled := .Files.Get "files/envoy/per-route-disabled.yaml" | trim -}}
+admin:
+  address:
+    socket_address:
+      # Loopback only: the admin interface can stop Envoy and change its state.
+      address: 127.0.0.1
+      port_value: {{ $e.adminPort }}
+static_resources:
+  listeners:
+  - name: llm
+    address:
+      socket_address:
+        address: {{ $e.listenAddress | toJson }}
+        port_value: {{ $e.port }}
+    per_connection_buffer_limit_bytes: {{ $e.maxRequestBytes | int64 }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          '@type': type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: llm
+          codec_type: AUTO
+          generate_request_id: true
+          early_header_mutation_extensions:
+          - name: strip-router-headers
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation
+              # A client must not pick a replica or a cluster by sending the router's headers.
+              mutations:
+              {{- range list "x-selected-model" "x-gateway-destination-endpoint" "x-extproc-affinity" "x-router-decision" "x-router-explain" ($headers.cluster | default "x-extproc-cluster") }}
+              - remove: {{ . | toJson }}
+              {{- end }}
+          route_config:
+            name: llm
+            virtual_hosts:
+            - name: llm
+              domains: ['*']
+              routes:
+              - name: llm-method-not-allowed
+                match:
+                  safe_regex:
+                    regex: {{ $pathRegex | toJson }}
+                  headers:
+                  - name: :method
+                    string_match:
+                      exact: POST
+                    invert_match: true
+                direct_response:
+                  {{- include "extproc.envoy.jsonError" (dict "status" 405 "message" "LLM API paths only accept POST" "type" "invalid_request_error" "code" "method_not_allowed") | nindent 18 }}
+                # Never sent to the sidecar (files/envoy/per-route-disabled.yaml).
+                typed_per_filter_config:
+                  {{- $disabled | nindent 18 }}
+              {{- range $plan.routed }}
+              {{- $attempts := 1 }}
+              {{- if hasKey $plan.retries . }}{{ $attempts = index $plan.retries . | int }}{{ end }}
+              - name: {{ printf "llm-%s" . | toJson }}
+                match:
+                  safe_regex:
+                    regex: {{ $pathRegex | toJson }}
+                  dynamic_metadata:
+                  - filter: extproc
+                    path:
+                    - key: cluster
+                    value:
+                      string_match:
+                        exact: {{ . | toJson }}
+                route:
+                  cluster: {{ . | toJson }}
+                  timeout: {{ $e.upstreamTimeout }}
+                  {{- if $attempts }}
+                  retry_policy:
+                    retry_on: connect-failure,refused-stream,reset-before-request
+                    num_retries: {{ $attempts }}
+                  {{- end }}
+                  {{- if has . $plan.hashed }}
+                  # The ring hash reads the router's affinity key; the header is added before hashing.
+                  hash_policy:
+                  - header:
+                      header_name: x-extproc-affinity
+                {{- end }}
+                {{- if has . $plan.hashed }}
+                request_headers_to_add:
+                - header:
+                    key: x-extproc-affinity
+                    value: '%DYNAMIC_METADATA(extproc:affinity)%'
+                  append_action: OVERWRITE_IF_EXISTS_OR_ADD
+                {{- end }}
+              {{- end }}
+              # Reached only when the router made no decision: Envoy skips ext_proc for a POST
+              # without a body, so the client gets the same error the router would have sent.
+              - name: llm-no-decision
+                match:
+                  safe_regex:
+                    regex: {{ $pathRegex | toJson }}
+                direct_response:
+                  {{- include "extproc.envoy.jsonError" (dict "status" 400 "message" "request body is empty; send a JSON object with a 'model' field" "type" "invalid_request_error" "code" "invalid_request") | nindent 18 }}
+              - name: other
+                match:
+                  prefix: /
+                # Never sent to the sidecar (files/envoy/per-route-disabled.yaml).
+                typed_per_filter_config:
+                  {{- $disabled | nindent 18 }}
+                {{- if $plan.default }}
+                route:
+                  cluster: {{ $plan.default | toJson }}
+                  timeout: {{ $e.upstreamTimeout }}
+                {{- else }}
+                direct_response:
+                  {{- include "extproc.envoy.jsonError" (dict "status" 404 "message" "not found" "type" "invalid_request_error" "code" "not_found") | nindent 18 }}
+                {{- end }}
+              request_headers_to_add:
+              - header:
+                  key: x-selected-model
+                  value: '%DYNAMIC_METADATA(extproc:upstream_model)%'
+                append_action: OVERWRITE_IF_EXISTS_OR_ADD
+              response_headers_to_add:
+              {{- range list "model" "decision" "explain" }}
+              - header:
+                  key: x-router-{{ . }}
+                  value: '%DYNAMIC_METADATA(extproc:{{ . }})%'
+                append_action: OVERWRITE_IF_EXISTS_OR_ADD
+              {{- end }}
+          http_filters:
+          {{- include "extproc.envoy.extProcFilters" . | nindent 10 }}
+          - name: envoy.filters.http.router
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+          local_reply_config:
+            mappers:
+            {{- .Files.Get "files/envoy/local-reply-mappers.yaml" | trim | nindent 12 }}
+  {{- /*
+  Readiness for the kubelet without exposing the admin interface on the pod IP: this listener's
+  only route proxies GET /ready to the admin on loopback, so the probe sees Envoy's own state
+  (503 until initialized and while draining) while /quitquitquit, /runtime_modify and the rest
+  stay unreachable. A health_check filter on the client listener would not say whether Envoy
+  finished initializing and would add a filter to the chain extproc/envoy.py defines.
+  */}}
+  - name: readiness
+    address:
+      socket_address:
+        address: {{ $e.listenAddress | toJson }}
+        port_value: {{ $e.readinessPort }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          '@type': type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: readiness
+          route_config:
+            name: readiness
+            virtual_hosts:
+            - name: readiness
+              domains: ['*']
+              routes:
+              - name: ready
+                match:
+                  path: /ready
+                  headers:
+                  - name: :method
+                    string_match:
+                      exact: GET
+                route:
+                  cluster: envoy_admin
+                  timeout: 2s
+              - name: nothing-else
+                match:
+                  prefix: /
+                direct_response:
+                  status: 404
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  {{- range $plan.clusters }}
+  {{- include "extproc.envoy.cluster" . | nindent 2 }}
+  {{- end }}
+  {{- if $plan.hasOriginalDst }}
+  - name: {{ $plan.originalDst | toJson }}
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 1s
+    original_dst_lb_config:
+      use_http_header: true
+      http_header_name: x-gateway-destination-endpoint
+      metadata_key:
+        key: extproc
+        path:
+        - key: endpoint
+  {{- end }}
+  - name: extproc
+    type: STATIC
+    connect_timeout: 0.25s
+    typed_extension_protocol_options:
+      {{- .Files.Get "files/envoy/extproc-cluster-options.yaml" | trim | nindent 6 }}
+    load_assignment:
+      cluster_name: extproc
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              {{- if eq .Values.sidecar.transport "tcp" }}
+              socket_address:
+                address: 127.0.0.1
+                port_value: {{ .Values.sidecar.tcpPort }}
+              {{- else }}
+              pipe:
+                path: {{ include "extproc.socketPath" . | toJson }}
+              {{- end }}
+  - name: envoy_admin
+    type: STATIC
+    connect_timeout: 0.25s
+    load_assignment:
+      cluster_name: envoy_admin
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address:
+                address: 127.0.0.1
+                port_value: {{ $e.adminPort }}
+overload_manager:
+  {{- .Files.Get "files/envoy/overload-manager.yaml" | trim | nindent 2 }}
+{{- end }}
+
+{{/* The routing ext_proc filter, the buffer filter and the observer: extproc/envoy.py _ext_proc_filters(). */}}
+{{- define "extproc.envoy.extProcFilters" -}}
+{{- $e := .Values.envoy }}
+{{- $r := include "extproc.routing" . | fromYaml }}
+{{- $headers := $r.headers | default dict }}
+{{- $read := concat $e.forwardHeaders (list ($headers.session | default "x-session-id") ($headers.user | default "x-user-id") "x-request-id" "content-type" "content-encoding" "x-router-debug") | uniq | sortAlpha -}}
+- name: envoy.filters.http.ext_proc
+  typed_config:
+    '@type': type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+    grpc_service:
+      envoy_grpc:
+        cluster_name: extproc
+      timeout: {{ $e.messageTimeout }}
+    # An unrouted request cannot be served correctly: fail closed, with a fast 503.
+    failure_mode_allow: false
+    status_on_error:
+      code: 503
+    message_timeout: {{ $e.messageTimeout }}
+    allow_mode_override: false
+    processing_mode:
+      request_header_mode: {{ $e.twoRoundTrips | ternary "SEND" "SKIP" }}
+      response_header_mode: SKIP
+      request_body_mode: BUFFERED
+      response_body_mode: NONE
+    metadata_options:
+      receiving_namespaces:
+        untyped:
+        - extproc
+        - envoy.lb
+    {{- if not $e.twoRoundTrips }}
+    # One round trip: path, method, id and the headers the policy reads come as attributes.
+    request_attributes:
+    - request.path
+    - request.method
+    - request.id
+    {{- range $read }}
+    - {{ printf "request.headers['%s']" . | toJson }}
+    {{- end }}
+    {{- end }}
+- name: envoy.filters.http.buffer
+  typed_config:
+    '@type': type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer
+    max_request_bytes: {{ $e.maxRequestBytes | int64 }}
+- name: extproc.observer
+  typed_config:
+    '@type': type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+    grpc_service:
+      envoy_grpc:
+        cluster_name: extproc
+      timeout: {{ $e.messageTimeout }}
+    observability_mode: true
+    # Observing must never fail a request.
+    failure_mode_allow: true
+    deferred_close_timeout: 1s
+    processing_mode:
+      request_header_mode: SEND
+      response_header_mode: SEND
+      request_body_mode: NONE
+      response_body_mode: {{ $e.usage | ternary "STREAMED" "NONE" }}
+    metadata_options:
+      forwarding_namespaces:
+        untyped:
+        - extproc
+{{- end }}

@@ -1,0 +1,586 @@
+"""Writes the chart files that are derived from something else, so each thing is defined once:
+
+* ``extproc/files/dashboard.json``: the Grafana dashboard, from the panel list below;
+* ``extproc/values.schema.json``, property ``routing``: the package's policy schema
+  (extproc/policy/schema.json), so ``helm install`` rejects a bad policy before any pod starts;
+* ``extproc/README.md``, the values table: from the ``# --`` comments in values.yaml.
+
+Run ``python deploy/helm/generate.py`` after changing any of them; ``--check`` only reports stale
+files (tests/helm runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+CHART = HERE / "extproc"
+ROOT = HERE.parent.parent
+POLICY_SCHEMA = ROOT / "extproc" / "policy" / "schema.json"
+
+# --- the Grafana dashboard -----------------------------------------------------------------------
+
+# Every query selects the dashboard's namespace and job variables.
+S = 'namespace=~"$namespace", job=~"$job"'
+RATE = "[$__rate_interval]"
+
+
+def _q(expr: str, legend: str = "") -> dict[str, str]:
+    return {"expr": expr, "legendFormat": legend}
+
+
+def _quantiles(metric: str, by: str, label: str) -> list[dict[str, str]]:
+    grouped = f"sum by ({by}le) (rate({metric}_bucket{{{S}}}{RATE}))"
+    return [_q(f"histogram_quantile({q}, {grouped})", f"p{round(q * 100)} {label}") for q in (0.5, 0.99)]
+
+
+def _stage_quantile(q: float) -> dict[str, str]:
+    return _q(
+        f"histogram_quantile({q}, sum by (stage, le) (rate(extproc_decision_duration_seconds_bucket{{{S}}}{RATE})))",
+        "{{stage}}",
+    )
+
+
+REQUESTS = f"rate(extproc_requests_total{{{S}}}{RATE})"
+OK = f'rate(extproc_requests_total{{{S}, status="ok"}}{RATE})'
+EXPENSIVE_SHARE = (
+    f'sum(rate(extproc_requests_total{{{S}, status="ok", model="$expensive_model"}}{RATE})) / sum({OK})'
+)
+PICKS = f"sum by (model, replica) (rate(extproc_replica_picks_total{{{S}}}{RATE}))"
+
+# (row title, [(panel title, description, kind, unit, width, queries)])
+ROWS: list[tuple[str, list[tuple[str, str, str, str, int, list[dict[str, str]]]]]] = [
+    (
+        "Overview",
+        [
+            ("Requests", "LLM requests the router decided on.", "stat", "reqps", 4, [_q(f"sum({REQUESTS})")]),
+            (
+                "Router 5xx",
+                "Share of requests the router answered with a 5xx (no ready replica, router failure).",
+                "stat",
+                "percentunit",
+                4,
+                [_q(f'sum(rate(extproc_requests_total{{{S}, status=~"5.."}}{RATE})) / sum({REQUESTS})')],
+            ),
+            (
+                "Added latency p99",
+                "p99 of the time the router adds to a request (all stages).",
+                "stat",
+                "s",
+                4,
+                [
+                    _q(
+                        "histogram_quantile(0.99, sum by (le) "
+                        f'(rate(extproc_decision_duration_seconds_bucket{{{S}, stage="total"}}{RATE})))'
+                    )
+                ],
+            ),
+            (
+                "Spend",
+                "Spend over the dashboard's time range, at the configured prices.",
+                "stat",
+                "currencyUSD",
+                4,
+                [_q(f"sum(increase(extproc_cost_usd_total{{{S}}}[$__range]))")],
+            ),
+            (
+                "Saved",
+                "What the same tokens would have cost on the baseline model, minus the spend.",
+                "stat",
+                "currencyUSD",
+                4,
+                [
+                    _q(
+                        f"sum(increase(extproc_baseline_cost_usd_total{{{S}}}[$__range])) "
+                        f"- sum(increase(extproc_cost_usd_total{{{S}}}[$__range]))"
+                    )
+                ],
+            ),
+            (
+                "Expensive model share",
+                "Share of routed requests sent to the expensive model ($expensive_model).",
+                "stat",
+                "percentunit",
+                4,
+                [_q(EXPENSIVE_SHARE)],
+            ),
+        ],
+    ),
+    (
+        "Traffic",
+        [
+            (
+                "Request rate by model",
+                "Requests per second by the model they were routed to ('none' for errors).",
+                "timeseries",
+                "reqps",
+                12,
+                [_q(f"sum by (model) ({REQUESTS})", "{{model}}")],
+            ),
+            (
+                "Requests by status",
+                "'ok' is routed; numbers are the router's own error statuses.",
+                "timeseries",
+                "reqps",
+                12,
+                [_q(f"sum by (status) ({REQUESTS})", "{{status}}")],
+            ),
+        ],
+    ),
+    (
+        "Cost",
+        [
+            (
+                "Spend by model",
+                "USD per hour at the configured prices, from upstream token usage.",
+                "timeseries",
+                "currencyUSD",
+                8,
+                [_q(f"sum by (model) (rate(extproc_cost_usd_total{{{S}}}{RATE})) * 3600", "{{model}}")],
+            ),
+            (
+                "Savings against the baseline model",
+                "USD per hour: what the baseline model would have cost, what was spent, and the difference.",
+                "timeseries",
+                "currencyUSD",
+                8,
+                [
+                    _q(f"sum(rate(extproc_baseline_cost_usd_total{{{S}}}{RATE})) * 3600", "baseline"),
+                    _q(f"sum(rate(extproc_cost_usd_total{{{S}}}{RATE})) * 3600", "spent"),
+                    _q(
+                        f"(sum(rate(extproc_baseline_cost_usd_total{{{S}}}{RATE})) "
+                        f"- sum(rate(extproc_cost_usd_total{{{S}}}{RATE}))) * 3600",
+                        "saved",
+                    ),
+                ],
+            ),
+            (
+                "Tokens by model",
+                "Tokens per second reported by upstream usage.",
+                "timeseries",
+                "short",
+                8,
+                [_q(f"sum by (model, kind) (rate(extproc_tokens_total{{{S}}}{RATE}))", "{{model}} {{kind}}")],
+            ),
+        ],
+    ),
+    (
+        "Added latency",
+        [
+            ("Added latency p50 by stage", "Median time per stage of the decision.", "timeseries", "s", 12, [_stage_quantile(0.5)]),
+            ("Added latency p99 by stage", "p99 time per stage of the decision.", "timeseries", "s", 12, [_stage_quantile(0.99)]),
+            (
+                "Classifier batch size",
+                "Texts per encoder run: micro-batching at work.",
+                "timeseries",
+                "short",
+                12,
+                _quantiles("extproc_classifier_batch_size", "", "texts"),
+            ),
+            (
+                "Classifier batch duration",
+                "Encoder run time per batch.",
+                "timeseries",
+                "s",
+                12,
+                _quantiles("extproc_classifier_batch_duration_seconds", "", "run"),
+            ),
+        ],
+    ),
+    (
+        "Decisions",
+        [
+            (
+                "Decision mix",
+                "Routed requests by the decision that chose the model.",
+                "timeseries",
+                "reqps",
+                8,
+                [_q(f"sum by (decision) ({OK})", "{{decision}}")],
+            ),
+            (
+                "Domain mix",
+                "Routed requests by the classifier's domain of the last user message ('none' when not classified).",
+                "timeseries",
+                "reqps",
+                8,
+                [_q(f"sum by (domain) ({OK})", "{{domain}}")],
+            ),
+            (
+                "Expensive model share",
+                "Share of routed requests sent to $expensive_model; the ExtprocExpensiveModelShareJump alert watches it.",
+                "timeseries",
+                "percentunit",
+                8,
+                [_q(EXPENSIVE_SHARE, "$expensive_model")],
+            ),
+        ],
+    ),
+    (
+        "PII",
+        [
+            (
+                "PII events",
+                "Requests with PII, by type and the action taken (allow, block, redact, reroute).",
+                "timeseries",
+                "reqps",
+                24,
+                [_q(f"sum by (type, action) (rate(extproc_pii_detections_total{{{S}}}{RATE}))", "{{type}} {{action}}")],
+            ),
+        ],
+    ),
+    (
+        "Replicas",
+        [
+            ("Picks by replica", "Replicas the router picked, per second.", "timeseries", "reqps", 12, [_q(PICKS, "{{model}} {{replica}}")]),
+            (
+                "In flight by replica",
+                "Requests in flight per replica, as the routers count them.",
+                "timeseries",
+                "short",
+                12,
+                [_q(f"sum by (model, replica) (extproc_replica_inflight{{{S}}})", "{{model}} {{replica}}")],
+            ),
+            (
+                "Replica balance",
+                "Busiest replica's pick rate over the mean, per model: 1 is perfectly even.",
+                "timeseries",
+                "short",
+                8,
+                [_q(f"max by (model) ({PICKS}) / avg by (model) ({PICKS})", "{{model}}")],
+            ),
+            (
+                "Prefix cache hits",
+                "Mean estimated fraction of the prompt prefix already cached on the picked replica.",
+                "timeseries",
+                "percentunit",
+                8,
+                [
+                    _q(
+                        f"sum by (model) (rate(extproc_prefix_hit_ratio_sum{{{S}}}{RATE})) "
+                        f"/ sum by (model) (rate(extproc_prefix_hit_ratio_count{{{S}}}{RATE}))",
+                        "{{model}}",
+                    )
+                ],
+            ),
+            (
+                "Ready replicas",
+                "Ready replicas per model, as the router sees them (lowest over router pods).",
+                "timeseries",
+                "short",
+                8,
+                [_q(f"min by (model) (extproc_ready_replicas{{{S}}})", "{{model}}")],
+            ),
+        ],
+    ),
+    (
+        "Config reloads",
+        [
+            (
+                "Reloads by result",
+                "Routing config loads: success, invalid (kept the last good policy), missing, error.",
+                "timeseries",
+                "short",
+                8,
+                [_q(f"sum by (result) (increase(extproc_config_reloads_total{{{S}}}{RATE}))", "{{result}}")],
+            ),
+            (
+                "Since the oldest successful load",
+                "Time since the router pod with the oldest policy last loaded one successfully.",
+                "stat",
+                "s",
+                8,
+                [_q(f"time() - min(extproc_config_last_reload_success_timestamp_seconds{{{S}}})")],
+            ),
+            (
+                "Policies in effect",
+                "Router pods per policy hash: more than one hash for long means pods disagree.",
+                "timeseries",
+                "short",
+                8,
+                [_q(f"count by (hash) (extproc_config_info{{{S}}})", "{{hash}}")],
+            ),
+        ],
+    ),
+    (
+        "Errors",
+        [
+            (
+                "Router errors by status",
+                "Requests the router answered with an error, by status.",
+                "timeseries",
+                "reqps",
+                8,
+                [_q(f'sum by (status) (rate(extproc_requests_total{{{S}, status!="ok"}}{RATE}))', "{{status}}")],
+            ),
+            (
+                "Upstream errors by model",
+                "Model server responses other than 2xx, by model and status class.",
+                "timeseries",
+                "reqps",
+                8,
+                [
+                    _q(
+                        f'sum by (model, code) (rate(extproc_upstream_responses_total{{{S}, code!="2xx"}}{RATE}))',
+                        "{{model}} {{code}}",
+                    )
+                ],
+            ),
+            (
+                "No ready replica",
+                "Picks that found no ready replica for a model (the request fell back or got a 503).",
+                "timeseries",
+                "reqps",
+                8,
+                [_q(f"sum by (model) (rate(extproc_no_ready_replica_total{{{S}}}{RATE}))", "{{model}}")],
+            ),
+            (
+                "Signal failures",
+                "Signals that failed; the request routed without them.",
+                "timeseries",
+                "reqps",
+                12,
+                [_q(f"sum by (signal, reason) (rate(extproc_signal_failures_total{{{S}}}{RATE}))", "{{signal}} {{reason}}")],
+            ),
+            (
+                "Stream errors",
+                "ext_proc streams that ended in an error inside the router.",
+                "timeseries",
+                "reqps",
+                12,
+                [_q(f"sum by (reason) (rate(extproc_stream_errors_total{{{S}}}{RATE}))", "{{reason}}")],
+            ),
+        ],
+    ),
+]
+
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+
+
+def _panel(id_: int, title: str, description: str, kind: str, unit: str, grid: dict[str, int], queries) -> dict:
+    panel: dict[str, Any] = {
+        "id": id_,
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "gridPos": grid,
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "targets": [
+            {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": q["expr"], "legendFormat": q["legendFormat"]}
+            for i, q in enumerate(queries)
+        ],
+    }
+    if kind == "timeseries":
+        panel["fieldConfig"]["defaults"]["custom"] = {"fillOpacity": 10, "showPoints": "never"}
+        panel["options"] = {
+            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        }
+    else:
+        panel["options"] = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}, "colorMode": "value"}
+    return panel
+
+
+def _variable(name: str, label: str, query: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": DATASOURCE,
+        "definition": query,
+        "query": {"query": query, "refId": name},
+        "refresh": 2,
+        "includeAll": True,
+        "allValue": ".*",
+        "multi": True,
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "sort": 1,
+    }
+
+
+def dashboard() -> dict[str, Any]:
+    panels: list[dict[str, Any]] = []
+    y = 0
+    next_id = 1
+    for row_title, row_panels in ROWS:
+        panels.append(
+            {"id": next_id, "type": "row", "title": row_title, "collapsed": False, "panels": [],
+             "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}}
+        )
+        next_id += 1
+        y += 1
+        x, row_height = 0, 0
+        for title, description, kind, unit, width, queries in row_panels:
+            height = 4 if kind == "stat" else 8
+            if x + width > 24:
+                x, y = 0, y + row_height
+                row_height = 0
+            panels.append(_panel(next_id, title, description, kind, unit, {"h": height, "w": width, "x": x, "y": y}, queries))
+            next_id += 1
+            x += width
+            row_height = max(row_height, height)
+        y += row_height
+    return {
+        "title": "extproc: LLM routing",
+        "uid": "extproc-routing",
+        "description": "Where LLM requests go, what they cost and save, what the router adds and what fails.",
+        "tags": ["extproc", "llm", "envoy"],
+        "editable": True,
+        "graphTooltip": 1,
+        "refresh": "30s",
+        "schemaVersion": 39,
+        "time": {"from": "now-6h", "to": "now"},
+        "timezone": "",
+        "annotations": {"list": []},
+        "links": [],
+        "templating": {
+            "list": [
+                {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
+                 "current": {}, "hide": 0},
+                _variable("namespace", "Namespace", "label_values(extproc_requests_total, namespace)"),
+                _variable("job", "Router", 'label_values(extproc_requests_total{namespace=~"$namespace"}, job)'),
+                # The chart writes monitoring.expensiveModel here (templates/dashboard.yaml).
+                {"name": "expensive_model", "label": "Expensive model", "type": "constant",
+                 "query": "__EXPENSIVE_MODEL__", "hide": 2},
+            ]
+        },
+        "panels": panels,
+    }
+
+
+# --- the routing part of values.schema.json -------------------------------------------------------
+
+
+def _rebase_refs(node: Any, prefix: str) -> Any:
+    if isinstance(node, dict):
+        return {
+            k: (prefix + v[len("#/$defs/") :] if k == "$ref" and v.startswith("#/$defs/") else _rebase_refs(v, prefix))
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_rebase_refs(v, prefix) for v in node]
+    return node
+
+
+def routing_schema() -> dict[str, Any]:
+    """The policy schema, nested under values.routing. One difference: a Kubernetes replica
+    source may leave out its namespace, which the chart fills in with the release's."""
+    policy = json.loads(POLICY_SCHEMA.read_text())
+    nested = {k: v for k, v in policy.items() if k not in ("$schema", "$id")}
+    kubernetes = nested["$defs"]["replicas"]["properties"]["kubernetes"]
+    kubernetes["required"] = [r for r in kubernetes.get("required", []) if r != "namespace"]
+    kubernetes["properties"]["namespace"] = {
+        **kubernetes["properties"]["namespace"],
+        "description": "Namespace of the replicas (the chart fills in the release's when left out).",
+    }
+    return _rebase_refs(nested, "#/properties/routing/$defs/")
+
+
+def values_schema(current: dict[str, Any]) -> dict[str, Any]:
+    schema = copy.deepcopy(current)
+    schema["properties"]["routing"] = routing_schema()
+    return schema
+
+
+# --- the README values table ----------------------------------------------------------------------
+
+_KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z0-9_.-]+):(?P<rest>.*)$")
+TABLE_START = "<!-- values table: generated by deploy/helm/generate.py -->"
+TABLE_END = "<!-- end of values table -->"
+
+
+def _default(value: Any) -> str:
+    if isinstance(value, dict) and len(json.dumps(value)) > 110:
+        return "see values.yaml"
+    text = json.dumps(value)
+    return f"`{text}`"
+
+
+def values_table(values_text: str) -> str:
+    values = yaml.safe_load(values_text)
+    rows = []
+    stack: list[tuple[int, str]] = []
+    comment: list[str] = []
+    for line in values_text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("# --"):
+            comment = [stripped[4:].strip()]
+            continue
+        if stripped.startswith("#") and comment:
+            comment.append(stripped[1:].strip())
+            continue
+        match = _KEY.match(line)
+        if not match or stripped.startswith("-"):
+            continue
+        indent = len(match["indent"])
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, match["key"]))
+        if comment:
+            path = [k for _, k in stack]
+            value: Any = values
+            for key in path:
+                value = value[key]
+            # A comment on `enabled` describes the whole block (the alerts).
+            if path[-1] == "enabled" and len(path) > 3:
+                parent: Any = values
+                for key in path[:-1]:
+                    parent = parent[key]
+                name, value = ".".join(path[:-1]), parent
+            else:
+                name = ".".join(path)
+            rows.append(f"| `{name}` | {_default(value)} | {' '.join(comment)} |")
+            comment = []
+    header = "| Key | Default | Description |\n|---|---|---|"
+    return "\n".join([TABLE_START, header, *rows, TABLE_END])
+
+
+def readme(current: str, values_text: str) -> str:
+    start, end = current.index(TABLE_START), current.index(TABLE_END) + len(TABLE_END)
+    return current[:start] + values_table(values_text) + current[end:]
+
+
+# --- main -------------------------------------------------------------------------------------------
+
+
+def outputs() -> dict[Path, str]:
+    schema_path = CHART / "values.schema.json"
+    readme_path = CHART / "README.md"
+    return {
+        CHART / "files" / "dashboard.json": json.dumps(dashboard(), indent=2) + "\n",
+        schema_path: json.dumps(values_schema(json.loads(schema_path.read_text())), indent=2) + "\n",
+        readme_path: readme(readme_path.read_text(), (CHART / "values.yaml").read_text()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="report stale files, write nothing")
+    args = parser.parse_args(argv)
+    stale = []
+    for path, text in outputs().items():
+        current = path.read_text() if path.exists() else None
+        if current == text:
+            continue
+        stale.append(path.relative_to(ROOT))
+        if not args.check:
+            path.write_text(text)
+    if args.check and stale:
+        print("stale, run `python deploy/helm/generate.py`: " + ", ".join(map(str, stale)), file=sys.stderr)
+        return 1
+    for path in stale:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
