@@ -14,10 +14,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
+from extproc._pb.envoy.service.accesslog.v3 import als_pb2_grpc
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from extproc.accesslog import AccessLogSink
 from extproc.metrics import GaugeCollector, Metrics
 from extproc.policy import Policy, load_policy
 from extproc.policy.load import DEFAULT_POLICY
+from extproc.replicas.load import LoadTracker
 from extproc.replicas.pool import Discovery
 from extproc.router import Router, RouterState
 from extproc.server import ExternalProcessor
@@ -43,6 +46,7 @@ class Settings:
     reload: bool = True
     reload_debounce: float = 0.5
     shutdown_grace: float = 10.0
+    lease_timeout: float = 660.0  # the longest a request may hold a replica (Envoy's upstream timeout + margin)
     max_message_bytes: int = 64 * 1024 * 1024
     extra_server_options: list[tuple[str, int]] = field(default_factory=list)
 
@@ -73,7 +77,11 @@ class Runtime:
         if self.router is None:
             state = await asyncio.to_thread(lambda: RouterState(policy, _pools(policy, self.discovery)))
             self.router = Router(
-                state, metrics=self.metrics, classifier=self._classifier_signal, discovery=self.discovery, usage=True
+                state,
+                metrics=self.metrics,
+                classifier=self._classifier_signal,
+                discovery=self.discovery,
+                tracker=LoadTracker(self.settings.lease_timeout),
             )
             self._register_gauges(self.router)
         else:
@@ -158,6 +166,7 @@ class Runtime:
         ]
         server = grpc.aio.server(options=options)
         pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.router), server)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogSink(self.router), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.settings.uds:
             path = Path(self.settings.uds)

@@ -135,6 +135,10 @@ def _serve(args: argparse.Namespace) -> int:
     from extproc.policy import ConfigError
 
     try:
+        if os.environ.get("EXTPROC_UVLOOP") == "1":
+            import uvloop
+
+            uvloop.install()
         asyncio.run(serve(settings))
     except ConfigError as exc:
         print(exc, file=sys.stderr)

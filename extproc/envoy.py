@@ -10,8 +10,10 @@ The shape (see README, "How Envoy is wired"):
 * a buffer filter holds the request headers until that answer is in, so routing happens on it;
 * routes match on ``extproc.cluster`` metadata, one per cluster; ORIGINAL_DST and override_host
   clusters read the picked replica from metadata;
-* a second ext_proc filter in observability mode (Envoy never waits for it) keeps a stream open
-  for the life of the request: it carries the replica lease and the response usage;
+* with usage accounting on, json_to_metadata and sse_to_metadata read token usage from response
+  bodies into metadata (Envoy parses; nothing is copied to the sidecar);
+* a gRPC access log sends the sidecar one entry per finished request, batched: it ends the
+  replica lease on every ending and carries the status and the usage;
 * local replies Envoy makes itself (router unreachable, body too large, no upstream) are turned
   into OpenAI-style JSON errors; the router's own errors already are.
 """
@@ -29,6 +31,7 @@ from extproc.policy.config import Policy
 from extproc.request import API_PATHS
 
 EXT_PROC_CLUSTER = "extproc"
+USAGE_NAMESPACE = "extproc.usage"
 PASSTHROUGH_ROUTE_CLUSTER = "passthrough"
 
 
@@ -45,7 +48,8 @@ class EnvoyOptions:
     message_timeout: str = "1s"
     upstream_timeout: str = "600s"
     max_request_bytes: int = 8 * 1024 * 1024
-    usage: bool = True  # stream response bodies to the observer for token usage and cost
+    usage: bool = True  # read token usage from response bodies (in Envoy) for tokens and cost metrics
+    access_log_flush: str = "0.02s"  # how long finished requests may wait before their batch goes out
     two_round_trips: bool = False  # send request headers too (header mutations route instead of metadata)
     # Endpoints of clusters Envoy balances itself (models without router-picked replicas).
     cluster_endpoints: Mapping[str, Sequence[str]] = field(default_factory=dict)
@@ -280,23 +284,7 @@ def _ext_proc_filters(policy: Policy, o: EnvoyOptions) -> list[dict[str, Any]]:
             "request.id",
             *(f"request.headers['{name}']" for name in headers_to_read),
         ]
-    observer = {
-        "@type": ext_proc_type,
-        "grpc_service": grpc_service,
-        "observability_mode": True,
-        "failure_mode_allow": True,  # observing must never fail a request
-        # Envoy keeps observability streams open after the request ends; a cancelled request's
-        # lease is released when this stream closes, so keep that short.
-        "deferred_close_timeout": "1s",
-        "processing_mode": {
-            "request_header_mode": "SEND",  # opens the stream as soon as the request is routed
-            "response_header_mode": "SEND",
-            "request_body_mode": "NONE",
-            "response_body_mode": "STREAMED" if o.usage else "NONE",
-        },
-        "metadata_options": {"forwarding_namespaces": {"untyped": [h.METADATA_NAMESPACE]}},
-    }
-    return [
+    filters = [
         {"name": "envoy.filters.http.ext_proc", "typed_config": routing},
         {
             "name": "envoy.filters.http.buffer",
@@ -305,16 +293,95 @@ def _ext_proc_filters(policy: Policy, o: EnvoyOptions) -> list[dict[str, Any]]:
                 "max_request_bytes": o.max_request_bytes,
             },
         },
-        {"name": "extproc.observer", "typed_config": observer},
+    ]
+    if o.usage:
+        filters += _usage_filters()
+    return filters
+
+
+def _usage_rules() -> list[dict[str, Any]]:
+    """Token usage wherever the OpenAI-style APIs put it, into metadata namespace extproc.usage."""
+
+    def rule(path: tuple[str, ...], key: str) -> dict[str, Any]:
+        return {
+            "selectors": [{"key": part} for part in path],
+            "on_present": {"metadata_namespace": USAGE_NAMESPACE, "key": key, "type": "NUMBER"},
+        }
+
+    return [
+        rule(("usage", "prompt_tokens"), "input"),  # chat and completions
+        rule(("usage", "completion_tokens"), "output"),
+        rule(("usage", "input_tokens"), "input"),  # responses, non-streaming
+        rule(("usage", "output_tokens"), "output"),
+        rule(("response", "usage", "input_tokens"), "input"),  # responses, response.completed event
+        rule(("response", "usage", "output_tokens"), "output"),
+    ]
+
+
+def _usage_filters() -> list[dict[str, Any]]:
+    """Envoy reads usage from response bodies itself (C++, no copy to the sidecar): whole JSON
+    responses with json_to_metadata, and the final events of SSE streams with sse_to_metadata,
+    which passes every chunk through at once. The access log then carries it to the sidecar."""
+    return [
+        {
+            "name": "envoy.filters.http.json_to_metadata",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+                "response_rules": {"rules": _usage_rules()},
+            },
+        },
+        {
+            "name": "envoy.filters.http.sse_to_metadata",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata",
+                "response_rules": {
+                    "content_parser": {
+                        "name": "envoy.content_parsers.json",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.content_parsers.json.v3.JsonContentParser",
+                            "rules": [{"rule": rule} for rule in _usage_rules()],
+                        },
+                    },
+                    # response.completed events of the Responses API repeat the whole answer.
+                    "max_event_size": 1048576,
+                },
+            },
+        },
+    ]
+
+
+def _access_log(o: EnvoyOptions) -> list[dict[str, Any]]:
+    """One entry per finished routed request, batched to the sidecar over gRPC: it ends the
+    replica lease (on every ending, resets included) and carries status and token usage."""
+    return [
+        {
+            "name": "envoy.access_loggers.http_grpc",
+            "filter": {
+                "metadata_filter": {
+                    "matcher": {
+                        "filter": h.METADATA_NAMESPACE,
+                        "path": [{"key": "model"}],
+                        "value": {"present_match": True},
+                    },
+                    "match_if_key_not_found": False,
+                }
+            },
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+                "common_config": {
+                    "log_name": "extproc",
+                    "transport_api_version": "V3",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER}},
+                    "buffer_flush_interval": o.access_log_flush,
+                    "buffer_size_bytes": 16384,
+                },
+            },
+        }
     ]
 
 
 _DISABLED = {
     "envoy.filters.http.ext_proc": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-        "disabled": True,
-    },
-    "extproc.observer": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
         "disabled": True,
     },
@@ -454,6 +521,7 @@ def _listener(
             },
         ],
         "local_reply_config": {"mappers": _local_reply_mappers()},
+        "access_log": _access_log(o),
     }
     return {
         "name": "llm",

@@ -34,7 +34,6 @@ from extproc.replicas.prefix import PrefixIndex, block_hashes
 from extproc.signals import Signals
 from extproc.signals.classifier import ClassifierSignal
 from extproc.signals.tokens import TokenCounter
-from extproc.usage import UsageMeter
 
 log = logging.getLogger("extproc.router")
 
@@ -103,7 +102,6 @@ class Router:
         tracker: LoadTracker | None = None,
         counter: TokenCounter | None = None,
         load_reports: Any = None,
-        usage: bool = False,
     ) -> None:
         self.state = state
         self.metrics = metrics or Metrics()
@@ -113,7 +111,6 @@ class Router:
         self.counter = counter or TokenCounter()
         self.index = PrefixIndex(state.policy.picking.index_blocks)
         self.load_reports = load_reports
-        self.usage_enabled = usage
         self.picker = self._picker(state.policy)
 
     # --- state ---------------------------------------------------------------------------------
@@ -134,7 +131,7 @@ class Router:
         p = policy.picking
         load = LeastLoad(self.tracker) if self.load_reports is None else LeastLoad(self.tracker, self.load_reports)
         return Picker(
-            filters=[BoundedLoad(self.tracker, p.load_bound)],
+            filters=[BoundedLoad(self.tracker, p.load_bound, p.load_floor)],
             scorers=[
                 (PrefixAffinity(self.index), p.prefix_weight),
                 (load, p.load_weight),
@@ -358,22 +355,19 @@ class Router:
         stages["total"] = time.perf_counter() - t0
         return Routed("", parsed.model, PASSTHROUGH, policy.passthrough_cluster, signals=signals, stages=stages)
 
-    def record_usage(self, model_name: str, meter: UsageMeter) -> None:
-        """Tokens, cost and baseline cost of one finished response."""
-        usage = meter.usage
+    def record_usage(self, model_name: str, input_tokens: int, output_tokens: int) -> None:
+        """Tokens, cost, and what the same tokens would have cost on the baseline model."""
         policy = self.state.policy
         model = policy.models.get(model_name)
-        if usage is None or model is None:
+        if model is None:
             return
-        self.metrics.tokens.labels(model_name, "input").inc(usage.input_tokens)
-        self.metrics.tokens.labels(model_name, "output").inc(usage.output_tokens)
+        self.metrics.tokens.labels(model_name, "input").inc(input_tokens)
+        self.metrics.tokens.labels(model_name, "output").inc(output_tokens)
         if model.pricing is not None:
-            self.metrics.cost.labels(model_name).inc(model.pricing.cost(usage.input_tokens, usage.output_tokens))
+            self.metrics.cost.labels(model_name).inc(model.pricing.cost(input_tokens, output_tokens))
         baseline = policy.models.get(policy.baseline_model or "")
         if baseline is not None and baseline.pricing is not None:
-            self.metrics.baseline_cost.labels(model_name).inc(
-                baseline.pricing.cost(usage.input_tokens, usage.output_tokens)
-            )
+            self.metrics.baseline_cost.labels(model_name).inc(baseline.pricing.cost(input_tokens, output_tokens))
 
     # --- explanations --------------------------------------------------------------------------
 

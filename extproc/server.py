@@ -8,14 +8,12 @@ Envoy can run the router two ways, and the same stream handler serves both:
 * two round trips (any Envoy setup that sends request headers): the decision also goes back as
   header mutations (cluster header, x-selected-model, x-gateway-destination-endpoint).
 
-A second ext_proc filter in observability mode (responses ignored by Envoy) opens a stream
-that lives exactly as long as the HTTP request: it carries the replica lease to its release,
-the upstream status, and (when enabled) the usage of the response.
+The end of each request comes back on another stream: Envoy's gRPC access log (see
+extproc/accesslog.py), which ends the replica lease and carries the status and token usage.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -27,10 +25,8 @@ from extproc._pb.envoy.extensions.filters.http.ext_proc.v3 import processing_mod
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.logs import log_decision
-from extproc.replicas.load import Lease
 from extproc.request import api_for_path
 from extproc.router import Call, Routed, Router
-from extproc.usage import UsageMeter
 
 log = logging.getLogger("extproc.server")
 
@@ -40,21 +36,7 @@ BUFFERED_PARTIAL = processing_mode_pb2.ProcessingMode.BUFFERED_PARTIAL
 class Exchange:
     """The state of one HTTP request as seen on one ext_proc stream."""
 
-    __slots__ = (
-        "body_mode",
-        "headers",
-        "lease",
-        "method",
-        "model",
-        "observer",
-        "path",
-        "request_id",
-        "routed",
-        "router",
-        "saw_response",
-        "skip",
-        "usage",
-    )
+    __slots__ = ("body_mode", "headers", "method", "path", "request_id", "routed", "router", "skip")
 
     def __init__(self, router: Router) -> None:
         self.router = router
@@ -63,19 +45,13 @@ class Exchange:
         self.request_id = ""
         self.headers: dict[str, str] = {}
         self.routed: Routed | None = None
-        self.lease: Lease | None = None
-        self.observer = False  # this stream is the observability filter's
-        self.model = ""
         self.skip = False  # not an LLM call: let everything through untouched
-        self.saw_response = False
         self.body_mode = 0
-        self.usage: UsageMeter | None = None
 
     async def handle(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
         kind = message.WhichOneof("request")
         if message.observability_mode:
-            self._observe(message, kind)
-            return None
+            return None  # Envoy does not wait for answers to these
         if message.HasField("protocol_config"):
             self.body_mode = message.protocol_config.request_body_mode
         if kind == "request_headers":
@@ -83,7 +59,6 @@ class Exchange:
         if kind == "request_body":
             return await self._request_body(message)
         if kind == "response_headers":
-            self.saw_response = True
             return self._response_headers(message)
         if kind == "response_body":
             return protocol.CONTINUE_RESPONSE_BODY
@@ -144,7 +119,6 @@ class Exchange:
         except errors.RouterError as error:
             return self._fail(error)
         self.routed = routed
-        self.lease = routed.lease
         self.router.metrics.requests.labels(routed.model or "passthrough", routed.decision, _domain(routed), "ok").inc()
         self._record_stages(routed)
         log_decision(self.request_id, _api(self.path), routed, 200, None)
@@ -210,61 +184,9 @@ class Exchange:
             added[h.ROUTER_EXPLAIN] = protocol.compact_json(routed.explanation)
         return protocol.response_headers_response(added)
 
-    # --- observability stream ----------------------------------------------------------------
-
-    def _observe(self, message: pb.ProcessingRequest, kind: str | None) -> None:
-        if not self.observer:
-            self.observer = True
-            meta = protocol.metadata(message, h.METADATA_NAMESPACE)
-            self.model = meta.get("model", "")
-            lease_id = meta.get("lease")
-            if lease_id and lease_id.isdigit():
-                self.lease = self.router.tracker.claim(int(lease_id))
-            if self.model and self.router.usage_enabled:
-                self.usage = UsageMeter()
-        if not self.model:
-            return
-        if kind == "response_headers":
-            status = protocol.header_map(message.response_headers.headers).get(":status", "")
-            self._count_upstream(self.model, status)
-            if self.usage is not None and not status.startswith("2"):
-                self.usage = None
-            if message.response_headers.end_of_stream:
-                self._finish()
-        elif kind == "response_body":
-            if self.usage is not None:
-                self.usage.feed(message.response_body.body)
-            if message.response_body.end_of_stream:
-                self._finish()
-        elif kind == "response_trailers":
-            self._finish()
-
-    def _finish(self) -> None:
-        """The response is complete: release the replica and account its usage, now rather than
-        when Envoy gets round to closing the observability stream."""
-        if self.lease is not None:
-            self.router.tracker.release(self.lease)
-        if self.usage is not None:
-            self.router.record_usage(self.model, self.usage)
-            self.usage = None
-
     def _count_upstream(self, model: str, status: str) -> None:
         code = f"{status[0]}xx" if status[:1].isdigit() else "unknown"
         self.router.metrics.upstream.labels(model, code).inc()
-
-    # --- end of stream -----------------------------------------------------------------------
-
-    def close(self) -> None:
-        lease = self.lease
-        if self.observer:
-            # A cancelled request never sees its response end; the stream closing is its end.
-            if lease is not None:
-                self.router.tracker.release(lease)
-        elif lease is not None:
-            if self.saw_response:  # Envoy kept this stream for the whole request
-                self.router.tracker.release(lease)
-            else:
-                self.router.tracker.release_unclaimed(lease)
 
 
 def _domain(routed: Routed) -> str:
@@ -285,23 +207,16 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
         exchange = Exchange(self.router)
-        try:
-            async for message in request_iterator:
-                try:
-                    response = await exchange.handle(message)
-                except Exception as exc:
-                    # A bug must not become a hung or dropped request: answer with a clear 500.
-                    log.exception("ext_proc stream failed on a %s message", message.WhichOneof("request"))
-                    self.router.metrics.stream_errors.labels(type(exc).__name__).inc()
-                    if message.observability_mode or message.WhichOneof("request") not in (
-                        "request_headers",
-                        "request_body",
-                    ):
-                        return
-                    response = protocol.immediate(errors.RouterError("the router failed on this request"))
-                if response is not None:
-                    yield response
-        except asyncio.CancelledError:
-            raise
-        finally:
-            exchange.close()
+        async for message in request_iterator:
+            try:
+                response = await exchange.handle(message)
+            except Exception as exc:
+                # A bug must not become a hung or dropped request: answer with a clear error.
+                kind = message.WhichOneof("request")
+                log.exception("ext_proc stream failed on a %s message", kind)
+                self.router.metrics.stream_errors.labels(type(exc).__name__).inc()
+                if message.observability_mode or kind not in ("request_headers", "request_body"):
+                    return  # a clean close lets Envoy carry on without us on the response path
+                response = protocol.immediate(errors.RouterError("the router failed on this request"))
+            if response is not None:
+                yield response

@@ -102,6 +102,7 @@ class PickingSettings:
     block_chars: int = 256
     index_blocks: int = 20000
     load_bound: float = 0.25
+    load_floor: int = 2
     fallbacks: int = 2
 
 

@@ -1,8 +1,9 @@
 """In-flight requests per replica, counted with leases so every ending returns the count to zero.
 
-A lease is taken when a replica is picked. It is released when the stream that holds it ends:
-the observability stream Envoy opens for the same request (it lives exactly as long as the
-HTTP request), or, if no such stream claims it within a short grace period, the routing stream.
+A lease is taken when the router picks a replica and carried in the request's dynamic metadata.
+Envoy's gRPC access log reports every finished request (completed, failed, reset or cancelled)
+with that metadata, and the entry ends the lease. Leases older than the longest a request may
+run are ended too, so a lost log entry cannot inflate a count for ever.
 """
 
 from __future__ import annotations
@@ -18,31 +19,23 @@ class Lease:
     id: int
     endpoint: str
     model: str
-    claimed: bool = False
-    expires: float = 0.0  # monotonic; only while unclaimed
+    taken: float  # time.monotonic()
     released: bool = False
 
 
 class LoadTracker:
     """Process-wide in-flight counts; survives config reloads so counts stay true."""
 
-    def __init__(self, grace_seconds: float = 2.0) -> None:
-        self.grace_seconds = grace_seconds
+    def __init__(self, max_age_seconds: float = 660.0) -> None:
+        self.max_age_seconds = max_age_seconds
         self.inflight: Counter[str] = Counter()
         self._leases: dict[int, Lease] = {}
         self._ids = itertools.count(1)
 
     def acquire(self, endpoint: str, model: str) -> Lease:
-        lease = Lease(next(self._ids), endpoint, model, expires=time.monotonic() + self.grace_seconds)
+        lease = Lease(next(self._ids), endpoint, model, time.monotonic())
         self._leases[lease.id] = lease
         self.inflight[endpoint] += 1
-        return lease
-
-    def claim(self, lease_id: int) -> Lease | None:
-        """The observability stream of the same request takes over the lease."""
-        lease = self._leases.get(lease_id)
-        if lease is not None:
-            lease.claimed = True
         return lease
 
     def release(self, lease: Lease) -> None:
@@ -56,15 +49,18 @@ class LoadTracker:
         else:
             del self.inflight[lease.endpoint]
 
-    def release_unclaimed(self, lease: Lease) -> None:
-        """Called when the routing stream ends: keep the lease only if an observer may still claim it."""
-        if not lease.claimed:
-            lease.expires = min(lease.expires, time.monotonic() + self.grace_seconds)
+    def release_id(self, lease_id: int) -> bool:
+        """End the lease with this id (from an access log entry); False if unknown or already ended."""
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            return False
+        self.release(lease)
+        return True
 
     def expire(self, now: float | None = None) -> int:
-        """Release unclaimed leases past their grace period. Returns how many were released."""
-        now = time.monotonic() if now is None else now
-        stale = [lease for lease in self._leases.values() if not lease.claimed and lease.expires <= now]
+        """End leases older than the longest a request may run. Returns how many."""
+        cutoff = (time.monotonic() if now is None else now) - self.max_age_seconds
+        stale = [lease for lease in self._leases.values() if lease.taken <= cutoff]
         for lease in stale:
             self.release(lease)
         return len(stale)

@@ -46,16 +46,21 @@ class Scorer(Protocol):
 @dataclass(slots=True)
 class BoundedLoad:
     """Consistent hashing with bounded loads: no replica may exceed (1 + epsilon) x the mean
-    in-flight count once this request is added, so affinity never piles work on one replica."""
+    in-flight count once this request is added, so affinity never piles work on one replica.
+
+    Below ``floor`` requests in flight a replica is never "overloaded": model servers batch many
+    requests at once, and at that load the relative bound would only break affinity (a
+    conversation's next turn would be sent away while its previous turn is still finishing)."""
 
     tracker: LoadTracker
     epsilon: float
+    floor: int = 2
     name: str = "bounded_load"
 
     def filter(self, request: PickRequest, endpoints: Sequence[str]) -> Sequence[str]:
         inflight = self.tracker.inflight
         total = sum(inflight[e] for e in endpoints) + 1
-        capacity = math.ceil((1 + self.epsilon) * total / len(endpoints))
+        capacity = max(self.floor, math.ceil((1 + self.epsilon) * total / len(endpoints)))
         # A replica is eligible if taking this request keeps it within capacity.
         eligible = [e for e in endpoints if inflight[e] + 1 <= capacity]
         return eligible or [min(endpoints, key=lambda e: inflight[e])]

@@ -47,7 +47,12 @@ def test_a_conversations_turns_land_on_the_same_replica(tmp_path) -> None:
         homes = {}
         for topic in ("lisbon", "kyoto", "oaxaca", "tallinn", "hobart", "cusco"):
             system = f"You plan trips to {topic}. " * 40  # a prompt of its own: nothing cached anywhere yet
-            replicas = {s.replica(s.post(conversation(topic, turns, system))) for turns in range(6)}
+            replicas = set()
+            for turns in range(6):
+                replicas.add(s.replica(s.post(conversation(topic, turns, system))))
+                # The next turn follows the answer, by which time Envoy has reported the request
+                # finished (its access log flushes every 20 ms).
+                wait_for(lambda: s.inflight() == {})
             assert len(replicas) == 1, f"{topic} was served by {replicas}"
             homes[topic] = replicas.pop()
         assert len(set(homes.values())) > 1  # different conversations spread out

@@ -63,7 +63,7 @@ def test_bounded_load_sheds_a_hot_replica() -> None:
         leases.append(tracker.acquire(chosen, "m"))
         counts = [tracker.inflight[e] for e in ENDPOINTS]
         mean = sum(counts) / len(counts)
-        assert max(counts) <= max(1, -(-1.25 * mean // 1))  # ceil((1 + eps) * mean)
+        assert max(counts) <= max(2, -(-1.25 * mean // 1))  # max(floor, ceil((1 + eps) * mean))
     assert tracker.inflight[ENDPOINTS[0]] > 10  # affinity still favours it within the bound
     for lease in leases:
         tracker.release(lease)
@@ -100,15 +100,3 @@ def test_scraped_queue_and_kv_usage_lower_the_load_score() -> None:
     reports = {ENDPOINTS[0]: LoadReport(waiting=12, running=4, kv_cache_usage=0.95, scraped_at=0.0)}
     scores = LeastLoad(tracker, reports.get).score(PickRequest("m", []), ENDPOINTS)
     assert scores[ENDPOINTS[0]] < min(scores[e] for e in ENDPOINTS[1:])
-
-
-def test_unclaimed_leases_expire_and_claimed_ones_wait_for_release() -> None:
-    tracker = LoadTracker(grace_seconds=1.0)
-    unclaimed = tracker.acquire("a", "m")
-    claimed = tracker.acquire("b", "m")
-    tracker.claim(claimed.id)
-    assert tracker.expire(now=unclaimed.expires + 0.1) == 1
-    assert dict(tracker.inflight) == {"b": 1}
-    tracker.release(claimed)
-    tracker.release(claimed)  # idempotent
-    assert dict(tracker.inflight) == {} and tracker.open_leases == 0
