@@ -64,12 +64,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
-The routing policy as the sidecar reads it: values.routing, with the release's namespace filled
-into Kubernetes replica sources that leave it out. Both the routing ConfigMap and the Envoy
-bootstrap are rendered from this one document. Returns YAML (use fromYaml).
+The routing policy as the sidecar reads it: values.routing (files/routing-example.yaml when it
+is empty), with the release's namespace filled into Kubernetes replica sources that leave it
+out. The routing ConfigMap, the Envoy bootstrap, RBAC and the alerts all read this one
+document. Returns YAML (use fromYaml).
 */}}
 {{- define "extproc.routing" -}}
 {{- $routing := deepCopy .Values.routing }}
+{{- if not $routing }}
+{{- $routing = .Files.Get "files/routing-example.yaml" | fromYaml }}
+{{- end }}
 {{- range $name, $model := ($routing.models | default dict) }}
 {{- if and $model $model.replicas $model.replicas.kubernetes }}
 {{- if not $model.replicas.kubernetes.namespace }}
@@ -97,7 +101,7 @@ bootstrap are rendered from this one document. Returns YAML (use fromYaml).
 
 {{/* The model the expensive-share alert and dashboard panel watch ("" when there is none). */}}
 {{- define "extproc.expensiveModel" -}}
-{{- $cost := .Values.routing.cost | default dict }}
+{{- $cost := (include "extproc.routing" . | fromYaml).cost | default dict }}
 {{- .Values.monitoring.expensiveModel | default $cost.baseline_model | default "" }}
 {{- end }}
 

@@ -16,14 +16,17 @@ Included by deployment.yaml, so `helm template` and `helm install` both run it.
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail (printf "autoscaling.minReplicas (%d) is above autoscaling.maxReplicas (%d)" (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- end }}
-{{- if and .Values.podDisruptionBudget.enabled (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable) (kindIs "invalid" .Values.podDisruptionBudget.minAvailable) }}
-{{- fail "podDisruptionBudget is enabled but sets neither maxUnavailable nor minAvailable; set one (or disable it)" }}
+{{- with .Values.podDisruptionBudget }}
+{{- if and .enabled (ne (toString .minAvailable) "") (ne (toString .maxUnavailable) "") }}
+{{- fail (printf "podDisruptionBudget sets both minAvailable (%v) and maxUnavailable (%v); keep one and set the other to \"\"" .minAvailable .maxUnavailable) }}
+{{- end }}
 {{- end }}
 {{- if and .Values.preStopSleepSeconds (le (int .Values.terminationGracePeriodSeconds) (int .Values.preStopSleepSeconds)) }}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must be above preStopSleepSeconds (%d), or the kubelet kills the pod before it stops cleanly" (int .Values.terminationGracePeriodSeconds) (int .Values.preStopSleepSeconds)) }}
 {{- end }}
+{{- $models := (include "extproc.routing" . | fromYaml).models | default dict }}
 {{- $expensive := include "extproc.expensiveModel" . }}
-{{- if and $expensive (not (hasKey (.Values.routing.models | default dict) $expensive)) }}
-{{- fail (printf "monitoring.expensiveModel %q is not a model in routing.models (%s)" $expensive (keys (.Values.routing.models | default dict) | sortAlpha | join ", ")) }}
+{{- if and $expensive (not (hasKey $models $expensive)) }}
+{{- fail (printf "monitoring.expensiveModel %q is not a model in routing.models (%s)" $expensive (keys $models | sortAlpha | join ", ")) }}
 {{- end }}
 {{- end }}

@@ -1,0 +1,180 @@
+"""Rendering deploy/helm/extproc with real Helm (helm-python-sdk: Helm 4 as a library)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from helm_python import Chart, _native
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART_DIR = ROOT / "deploy" / "helm" / "extproc"
+RELEASE = "demo"
+NAMESPACE = "llm"
+FULLNAME = f"{RELEASE}-extproc"
+MONITORING_API = "monitoring.coreos.com/v1"
+# Kinds kubernetes-validate has no schema for: the Prometheus Operator's CRDs.
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
+@functools.cache
+def chart() -> Chart:
+    return Chart.load(CHART_DIR)
+
+
+class RenderError(Exception):
+    """Helm refused the values (schema) or a template failed (the chart's own checks)."""
+
+
+@dataclass
+class Rendered:
+    manifests: list[dict[str, Any]]
+    notes: str
+
+    def all(self, kind: str) -> list[dict[str, Any]]:
+        return [m for m in self.manifests if m["kind"] == kind]
+
+    def one(self, kind: str, name: str | None = None) -> dict[str, Any]:
+        found = [m for m in self.all(kind) if name is None or m["metadata"]["name"] == name]
+        assert len(found) == 1, f"expected one {kind} {name or ''}, found {[m['metadata']['name'] for m in found]}"
+        return found[0]
+
+    def kinds(self) -> set[str]:
+        return {m["kind"] for m in self.manifests}
+
+    @property
+    def deployment(self) -> dict[str, Any]:
+        return self.one("Deployment")
+
+    @property
+    def pod(self) -> dict[str, Any]:
+        return self.deployment["spec"]["template"]["spec"]
+
+    def container(self, name: str) -> dict[str, Any]:
+        (found,) = [c for c in self.pod["containers"] if c["name"] == name]
+        return found
+
+    @property
+    def policy_text(self) -> str:
+        return self.one("ConfigMap", f"{FULLNAME}-routing")["data"]["policy.yaml"]
+
+    @property
+    def envoy_text(self) -> str:
+        return self.one("ConfigMap", f"{FULLNAME}-envoy")["data"]["envoy.yaml"]
+
+    @property
+    def envoy_config(self) -> dict[str, Any]:
+        return yaml.safe_load(self.envoy_text)
+
+    def rules(self) -> dict[str, Any]:
+        """The PrometheusRule's spec as a Prometheus rule file."""
+        return self.one("PrometheusRule")["spec"]
+
+    def dashboard(self) -> dict[str, Any]:
+        return json.loads(self.one("ConfigMap", f"{FULLNAME}-dashboard")["data"]["extproc.json"])
+
+
+def render(
+    values: dict[str, Any] | None = None,
+    *,
+    api_versions: Iterable[str] = (),
+    kube_version: str | None = None,
+    namespace: str = NAMESPACE,
+) -> Rendered:
+    """`helm template` with the capabilities a cluster would report.
+
+    Chart.render() does not pass the API versions and Kubernetes version the library accepts
+    (`helm template --api-versions/--kube-version`), so this calls the same native entry point
+    with them: the chart's monitoring objects depend on `.Capabilities.APIVersions`.
+    """
+    options: dict[str, Any] = {"name": RELEASE, "namespace": namespace, "is_install": True}
+    if api_versions:
+        options["api_versions"] = list(api_versions)
+    if kube_version:
+        options["kube_version"] = kube_version
+    try:
+        out = _native.call_string(
+            "helm_render", chart()._raw(), json.dumps(values or {}), json.dumps(options)
+        )
+    except Exception as exc:  # HelmValuesError, HelmRenderError
+        raise RenderError(str(exc)) from exc
+    manifests: list[dict[str, Any]] = []
+    notes = ""
+    for path, text in sorted(json.loads(out).items()):
+        if path.endswith("NOTES.txt"):
+            notes = text
+            continue
+        manifests.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return Rendered(manifests, notes)
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Helm-style deep merge of values (override wins; maps merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def walk(node: Any) -> Iterator[Any]:
+    yield node
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from walk(value)
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+# --- values used by several tests ------------------------------------------------------------------
+
+# Several models: static replicas (two Envoy modes), Kubernetes-discovered replicas by service and
+# by selector in other namespaces (one through Envoy's ring hash), a model Envoy balances itself
+# through a DNS name, and a passthrough cluster.
+MANY_MODELS: dict[str, Any] = {
+    "routing": {
+        "version": 1,
+        "default_model": "small",
+        "unknown_models": "passthrough",
+        "passthrough_cluster": "other",
+        "cost": {"baseline_model": "large"},
+        "picking": {"fallbacks": 3, "load_bound": 0.5},
+        "headers": {"cluster": "x-target-cluster", "session": "x-conversation"},
+        "models": {
+            "small": {"replicas": {"static": ["10.0.0.5:8000", "10.0.0.6:8000"], "envoy": "original_dst"}},
+            "large": {
+                "upstream_model": "llama-70b",
+                "replicas": {"static": ["10.0.1.5:8000", "10.0.1.6:8000"], "envoy": "override_host"},
+            },
+            "coder": {
+                "cluster": "coder-pool",
+                "replicas": {"kubernetes": {"namespace": "models", "service": "vllm-coder", "port": 8000}, "envoy": "hash"},
+            },
+            "vision": {"replicas": {"kubernetes": {"namespace": "vision", "selector": "app=vllm-vision", "port": "http"}}},
+            "mini": {"replicas": {"kubernetes": {"service": "vllm-mini", "port": 8000}, "envoy": "override_host"}},
+            "private": {"upstream_model": "onprem-8b"},
+        },
+        "decisions": [
+            {"name": "code", "when": {"keyword": ["traceback"]}, "model": "coder", "fallbacks": ["large"]},
+            {"name": "tier", "when": {"header": {"name": "x-user-tier", "equals": "premium"}}, "model": "large"},
+        ],
+    },
+    "envoy": {
+        "clusterEndpoints": {"private": ["vllm-private.llm.svc.cluster.local:8000"], "other": ["10.9.9.9:8000"]},
+        "forwardHeaders": ["x-user-tier", "x-team"],
+    },
+}

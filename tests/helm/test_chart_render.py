@@ -1,0 +1,387 @@
+"""The chart renders valid manifests with real Helm for its defaults and a matrix of values."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.helm.chart import (
+    CHART_DIR,
+    CRD_KINDS,
+    FULLNAME,
+    MANY_MODELS,
+    MONITORING_API,
+    NAMESPACE,
+    ROOT,
+    RELEASE,
+    RenderError,
+    Rendered,
+    merge,
+    render,
+)
+
+# The oldest and the newest Kubernetes versions kubernetes-validate bundles that the chart
+# supports (Chart.yaml: kubeVersion >=1.25).
+KUBE_VERSIONS = ("1.25.0", kubernetes_validate.latest_version())
+
+EXAMPLE_POLICY = yaml.safe_load((CHART_DIR / "files" / "routing-example.yaml").read_text())
+MONITORING_ON = {"monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}
+
+# id -> (values, the API versions the cluster serves)
+MATRIX: dict[str, tuple[dict[str, Any], list[str]]] = {
+    "defaults": ({}, []),
+    "monitoring-on-with-crds": (MONITORING_ON, [MONITORING_API]),
+    "monitoring-on-without-crds": (MONITORING_ON, []),
+    "monitoring-off-with-crds": ({"monitoring": {"dashboard": {"enabled": False}}}, [MONITORING_API]),
+    "cluster-role": ({"rbac": {"scope": "cluster"}}, []),
+    "hpa": ({"autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 80}}, []),
+    "tcp": ({"sidecar": {"transport": "tcp"}}, []),
+    "many-models-static-and-discovered": (merge(MANY_MODELS, MONITORING_ON), [MONITORING_API]),
+    "many-models-cluster-role-tcp-hpa": (
+        merge(MANY_MODELS, {"rbac": {"scope": "cluster"}, "sidecar": {"transport": "tcp"}, "autoscaling": {"enabled": True}}),
+        [],
+    ),
+    "static-only-no-rbac-needed": (
+        {
+            "routing": {
+                "version": 1,
+                "default_model": "a",
+                "models": {"a": {"replicas": {"static": ["10.0.0.1:8000"], "envoy": "override_host"}}},
+            },
+            "serviceAccount": {"automount": False},
+            "podDisruptionBudget": {"minAvailable": "50%"},
+        },
+        [],
+    ),
+    "existing-service-account-no-rbac": (
+        {"serviceAccount": {"create": False, "name": "router"}, "rbac": {"create": False}},
+        [],
+    ),
+    "digests-and-two-round-trips": (
+        {
+            "image": {"digest": "sha256:" + "a" * 64},
+            "envoy": {"image": {"digest": "sha256:" + "b" * 64}, "twoRoundTrips": True, "usage": False},
+            "podDisruptionBudget": {"enabled": False},
+            "preStopSleepSeconds": 0,
+        },
+        [],
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(MATRIX), ids=list(MATRIX))
+def case(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any], Rendered]:
+    values, api_versions = MATRIX[request.param]
+    return request.param, values, render(values, api_versions=api_versions)
+
+
+def test_every_manifest_passes_kubernetes_validate_strict_on_oldest_and_newest(case) -> None:
+    _, _, rendered = case
+    for manifest in rendered.manifests:
+        if manifest["kind"] in CRD_KINDS:
+            continue  # no bundled schema; checked below and by promtool in tests/observability
+        for version in KUBE_VERSIONS:
+            try:
+                kubernetes_validate.validate(manifest, version, strict=True)
+            except kubernetes_validate.ValidationError as error:
+                pytest.fail(f"{manifest['kind']}/{manifest['metadata']['name']} on {version}: {error.message} at {list(error.path)}")
+
+
+def test_every_object_carries_the_standard_labels(case) -> None:
+    _, _, rendered = case
+    for manifest in rendered.manifests:
+        labels = manifest["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "extproc"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["helm.sh/chart"].startswith("extproc-")
+        assert "app.kubernetes.io/version" in labels
+
+
+def test_rendered_routing_config_passes_check_config(case, tmp_path: Path) -> None:
+    _, _, rendered = case
+    path = tmp_path / "policy.yaml"
+    path.write_text(rendered.policy_text)
+    result = subprocess.run(
+        [sys.executable, "-m", "extproc.cli", "check-config", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_helm_lint_strict_passes(case) -> None:
+    name, values, _ = case
+    for kube_version in (f"v{v}" for v in KUBE_VERSIONS):
+        report = helm_python.lint(CHART_DIR, values, strict=True, namespace=NAMESPACE, kube_version=kube_version)
+        problems = [m for m in report["messages"] if m["severity"] >= 2] + [{"error": e} for e in report["errors"]]
+        assert not problems, f"{name} on {kube_version}: {problems}"
+
+
+# --- what the values change -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "api_versions", "expected"),
+    [
+        (MONITORING_ON, [MONITORING_API], {"ServiceMonitor", "PrometheusRule"}),
+        (MONITORING_ON, [], set()),
+        ({}, [MONITORING_API], set()),
+        ({}, [], set()),
+        ({"monitoring": {"serviceMonitor": {"enabled": True}}}, [MONITORING_API], {"ServiceMonitor"}),
+    ],
+    ids=["enabled-with-crds", "enabled-without-crds", "disabled-with-crds", "disabled-without-crds", "only-servicemonitor"],
+)
+def test_monitoring_objects_render_only_when_enabled_and_the_crds_exist(values, api_versions, expected) -> None:
+    rendered = render(values, api_versions=api_versions)
+    assert rendered.kinds() & CRD_KINDS == expected
+    if values and not api_versions:
+        assert "does not serve\nmonitoring.coreos.com/v1" in rendered.notes
+
+
+def test_servicemonitor_scrapes_the_metrics_port_of_this_release_only() -> None:
+    rendered = render(merge(MONITORING_ON, {"monitoring": {"serviceMonitor": {"labels": {"release": "kps"}}}}), api_versions=[MONITORING_API])
+    monitor = rendered.one("ServiceMonitor")
+    service = rendered.one("Service")
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    assert "metrics" in {p["name"] for p in service["spec"]["ports"]}
+    metrics_port = next(p for p in rendered.container("extproc")["ports"] if p["name"] == "metrics")
+    assert f"--metrics-port={metrics_port['containerPort']}" in rendered.container("extproc")["args"]
+
+
+def test_prometheus_rules_select_this_release_and_name_the_expensive_model() -> None:
+    rendered = render(merge(MONITORING_ON, {"monitoring": {"expensiveModel": "small"}}), api_versions=[MONITORING_API])
+    rules = {r["alert"]: r for g in rendered.rules()["groups"] for r in g["rules"]}
+    assert set(rules) == {
+        "ExtprocRouterErrorRate",
+        "ExtprocDecisionLatencyHigh",
+        "ExtprocConfigReloadFailed",
+        "ExtprocNoReadyReplica",
+        "ExtprocExpensiveModelShareJump",
+        "ExtprocUpstreamErrorRate",
+        "ExtprocSignalFailures",
+    }
+    for rule in rules.values():
+        assert f'namespace="{NAMESPACE}", job="{FULLNAME}"' in rule["expr"]
+    assert 'model="small"' in rules["ExtprocExpensiveModelShareJump"]["expr"]
+    dashboard = render({"monitoring": {"expensiveModel": "small"}}).dashboard()
+    (constant,) = [v for v in dashboard["templating"]["list"] if v["name"] == "expensive_model"]
+    assert constant["query"] == "small"
+
+
+def test_alerts_can_be_switched_off_one_by_one() -> None:
+    values = merge(MONITORING_ON, {"monitoring": {"prometheusRule": {"alerts": {"signalFailures": {"enabled": False}}}}})
+    rules = render(values, api_versions=[MONITORING_API]).rules()
+    assert "ExtprocSignalFailures" not in {r["alert"] for g in rules["groups"] for r in g["rules"]}
+
+
+def test_dashboard_configmap_is_labelled_for_the_grafana_sidecar() -> None:
+    rendered = render({"monitoring": {"dashboard": {"namespace": "grafana", "annotations": {"grafana_folder": "LLM"}}}})
+    configmap = rendered.one("ConfigMap", f"{FULLNAME}-dashboard")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["metadata"]["namespace"] == "grafana"
+    dashboard = rendered.dashboard()
+    assert dashboard["uid"] == "extproc-routing"
+    (constant,) = [v for v in dashboard["templating"]["list"] if v["name"] == "expensive_model"]
+    assert constant["query"] == "large"  # routing.cost.baseline_model by default
+
+
+def test_roles_are_created_in_each_namespace_the_policy_watches() -> None:
+    rendered = render(merge(MANY_MODELS, {"rbac": {"extraNamespaces": ["staging"]}}))
+    roles = rendered.all("Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["llm", "models", "staging", "vision"]
+    for role in roles:
+        assert role["rules"] == [
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+        ]
+    bindings = rendered.all("RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["llm", "models", "staging", "vision"]
+    for binding in bindings:
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
+    assert not rendered.all("ClusterRole")
+
+
+def test_cluster_scope_grants_one_cluster_role_instead() -> None:
+    rendered = render(merge(MANY_MODELS, {"rbac": {"scope": "cluster"}}))
+    assert not rendered.all("Role") and not rendered.all("RoleBinding")
+    role = rendered.one("ClusterRole")
+    binding = rendered.one("ClusterRoleBinding")
+    assert role["rules"][0]["verbs"] == ["get", "list", "watch"]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]}
+    assert binding["subjects"][0]["namespace"] == NAMESPACE
+
+
+def test_a_static_only_policy_needs_no_role() -> None:
+    values, _ = MATRIX["static-only-no-rbac-needed"]
+    rendered = render(values)
+    assert not rendered.all("Role") and not rendered.all("ClusterRole")
+    assert rendered.pod["automountServiceAccountToken"] is False
+
+
+def test_kubernetes_sources_without_a_namespace_get_the_release_namespace() -> None:
+    policy = yaml.safe_load(render(MANY_MODELS).policy_text)
+    assert policy["models"]["mini"]["replicas"]["kubernetes"]["namespace"] == NAMESPACE
+    assert policy["models"]["coder"]["replicas"]["kubernetes"]["namespace"] == "models"
+    default_policy = yaml.safe_load(render({}, namespace="serving").policy_text)
+    assert default_policy["models"]["small"]["replicas"]["kubernetes"] == {
+        "namespace": "serving",
+        "service": "vllm-small",
+        "port": 8000,
+    }
+
+
+def test_editing_the_routing_decisions_does_not_roll_the_pods_but_envoy_changes_do() -> None:
+    base = render({})
+    policy = copy.deepcopy(EXAMPLE_POLICY)
+    policy["decisions"] = [{"name": "code", "when": {"keyword": ["segfault"]}, "model": "large"}]
+    edited = render({"routing": policy})
+    assert edited.policy_text != base.policy_text
+    assert edited.deployment == base.deployment  # same pod template: no rollout
+    retimed = render({"envoy": {"messageTimeout": "2s"}})
+    before = base.deployment["spec"]["template"]["metadata"]["annotations"]["checksum/envoy-config"]
+    after = retimed.deployment["spec"]["template"]["metadata"]["annotations"]["checksum/envoy-config"]
+    assert before != after
+    assert not any("routing" in key for key in base.deployment["spec"]["template"]["metadata"]["annotations"])
+
+
+def test_both_containers_and_the_pod_are_locked_down() -> None:
+    rendered = render({})
+    pod = rendered.pod
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["enableServiceLinks"] is False
+    for container in pod["containers"]:
+        security = container["securityContext"]
+        assert security["runAsNonRoot"] is True
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert "resources" in container and container["resources"]["requests"]
+
+
+def test_routing_config_is_mounted_as_a_directory_never_subpath() -> None:
+    rendered = render({})
+    for container in rendered.pod["containers"]:
+        assert all("subPath" not in m for m in container["volumeMounts"])
+    mounts = {m["name"]: m["mountPath"] for m in rendered.container("extproc")["volumeMounts"]}
+    assert f"--config={mounts['routing']}/policy.yaml" in rendered.container("extproc")["args"]
+
+
+def _ports(container: dict[str, Any]) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in container["ports"]}
+
+
+def test_probes_point_at_the_sidecar_health_port_and_envoys_readiness_listener() -> None:
+    rendered = render({"sidecar": {"healthPort": 7001}, "envoy": {"readinessPort": 7002, "adminPort": 7003}})
+    sidecar, envoy = rendered.container("extproc"), rendered.container("envoy")
+    assert "--health-listen=0.0.0.0:7001" in sidecar["args"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert sidecar[probe]["grpc"]["port"] == 7001
+    assert sidecar["readinessProbe"]["grpc"]["service"] == "envoy.service.ext_proc.v3.ExternalProcessor"
+    assert envoy["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert _ports(envoy)[envoy["readinessProbe"]["httpGet"]["port"]] == 7002
+    config = rendered.envoy_config
+    (readiness,) = [listener for listener in config["static_resources"]["listeners"] if listener["name"] == "readiness"]
+    assert readiness["address"]["socket_address"]["port_value"] == 7002
+    # The admin interface stays on loopback; the readiness listener reaches it through a cluster.
+    assert config["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 7003}
+    (admin,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "envoy_admin"]
+    address = admin["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert address == {"address": "127.0.0.1", "port_value": 7003}
+
+
+def test_uds_transport_shares_the_socket_directory_and_tcp_stays_on_loopback() -> None:
+    uds = render({"sidecar": {"socketDir": "/run/x"}})
+    (cluster,) = [c for c in uds.envoy_config["static_resources"]["clusters"] if c["name"] == "extproc"]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    assert endpoint == {"pipe": {"path": "/run/x/extproc.sock"}}
+    assert "--uds=/run/x/extproc.sock" in uds.container("extproc")["args"]
+    for name in ("extproc", "envoy"):
+        assert {"name": "socket", "mountPath": "/run/x"} in uds.container(name)["volumeMounts"]
+    assert any(v["name"] == "socket" and "emptyDir" in v for v in uds.pod["volumes"])
+
+    tcp = render({"sidecar": {"transport": "tcp", "tcpPort": 50123}})
+    (cluster,) = [c for c in tcp.envoy_config["static_resources"]["clusters"] if c["name"] == "extproc"]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    assert endpoint == {"socket_address": {"address": "127.0.0.1", "port_value": 50123}}
+    args = tcp.container("extproc")["args"]
+    assert "--listen=127.0.0.1:50123" in args and "--uds=" in args
+    assert not any(v["name"] == "socket" for v in tcp.pod["volumes"])
+
+
+def test_hpa_replaces_the_replica_count() -> None:
+    with_hpa = render({"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 7}})
+    hpa = with_hpa.one("HorizontalPodAutoscaler")
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 7)
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": FULLNAME}
+    assert "replicas" not in with_hpa.deployment["spec"]
+    without = render({"replicaCount": 4})
+    assert not without.all("HorizontalPodAutoscaler")
+    assert without.deployment["spec"]["replicas"] == 4
+
+
+def test_topology_spread_and_pdb_select_this_releases_pods() -> None:
+    rendered = render({})
+    selector = rendered.deployment["spec"]["selector"]["matchLabels"]
+    constraints = rendered.pod["topologySpreadConstraints"]
+    assert {c["topologyKey"] for c in constraints} == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
+    assert all(c["labelSelector"] == {"matchLabels": selector} for c in constraints)
+    pdb = rendered.one("PodDisruptionBudget")
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": selector}}
+    assert rendered.one("Service")["spec"]["selector"] == selector
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"sidecar": {"metricsPort": 8080}},
+            "envoy.port and sidecar.metricsPort are both 8080",
+        ),
+        (
+            {"routing": {**EXAMPLE_POLICY, "limits": {"max_body_bytes": 16777216}}},
+            "envoy.maxRequestBytes (8388608) is below routing.limits.max_body_bytes (16777216)",
+        ),
+        ({"monitoring": {"expensiveModel": "gpt-9"}}, 'monitoring.expensiveModel "gpt-9" is not a model in routing.models (large, small)'),
+        (
+            {"routing": {**EXAMPLE_POLICY, "models": {**EXAMPLE_POLICY["models"], "extra": {}}}},
+            'routing.models.extra: Envoy needs endpoints for cluster "extra"; give static replicas, a Kubernetes service with a numeric port, or envoy.clusterEndpoints.extra',
+        ),
+        (
+            {"routing": {**EXAMPLE_POLICY, "unknown_models": "passthrough", "passthrough_cluster": "other"}},
+            'routing.passthrough_cluster "other" needs its endpoints in envoy.clusterEndpoints.other',
+        ),
+        (
+            {"routing": {"default_model": "large", "models": {"large": {"cluster": "extproc"}}}},
+            'routing.models.large.cluster: "extproc" is reserved',
+        ),
+        ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "autoscaling.minReplicas (5) is above autoscaling.maxReplicas (2)"),
+        ({"terminationGracePeriodSeconds": 5}, "terminationGracePeriodSeconds (5) must be above preStopSleepSeconds (5)"),
+        (
+            {"podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": "25%"}},
+            'podDisruptionBudget sets both minAvailable (1) and maxUnavailable (25%); keep one and set the other to ""',
+        ),
+    ],
+    ids=["port-clash", "buffer-below-body-limit", "unknown-expensive-model", "model-without-endpoints", "passthrough-without-endpoints", "reserved-cluster", "hpa-min-above-max", "grace-below-prestop", "pdb-both"],
+)
+def test_inconsistent_values_fail_with_a_message_that_says_what_to_change(values, message) -> None:
+    with pytest.raises(RenderError) as error:
+        render(values)
+    assert message in str(error.value)
+
+
+def test_generated_chart_files_are_fresh() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "helm" / "generate.py"), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
