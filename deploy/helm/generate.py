@@ -51,9 +51,7 @@ def _stage_quantile(q: float) -> dict[str, str]:
 
 REQUESTS = f"rate(extproc_requests_total{{{S}}}{RATE})"
 OK = f'rate(extproc_requests_total{{{S}, status="ok"}}{RATE})'
-EXPENSIVE_SHARE = (
-    f'sum(rate(extproc_requests_total{{{S}, status="ok", model="$expensive_model"}}{RATE})) / sum({OK})'
-)
+EXPENSIVE_SHARE = f'sum(rate(extproc_requests_total{{{S}, status="ok", model="$expensive_model"}}{RATE})) / sum({OK})'
 PICKS = f"sum by (model, replica) (rate(extproc_replica_picks_total{{{S}}}{RATE}))"
 
 # (row title, [(panel title, description, kind, unit, width, queries)])
@@ -175,8 +173,22 @@ ROWS: list[tuple[str, list[tuple[str, str, str, str, int, list[dict[str, str]]]]
     (
         "Added latency",
         [
-            ("Added latency p50 by stage", "Median time per stage of the decision.", "timeseries", "s", 12, [_stage_quantile(0.5)]),
-            ("Added latency p99 by stage", "p99 time per stage of the decision.", "timeseries", "s", 12, [_stage_quantile(0.99)]),
+            (
+                "Added latency p50 by stage",
+                "Median time per stage of the decision.",
+                "timeseries",
+                "s",
+                12,
+                [_stage_quantile(0.5)],
+            ),
+            (
+                "Added latency p99 by stage",
+                "p99 time per stage of the decision.",
+                "timeseries",
+                "s",
+                12,
+                [_stage_quantile(0.99)],
+            ),
             (
                 "Classifier batch size",
                 "Texts per encoder run: micro-batching at work.",
@@ -216,7 +228,7 @@ ROWS: list[tuple[str, list[tuple[str, str, str, str, int, list[dict[str, str]]]]
             ),
             (
                 "Expensive model share",
-                "Share of routed requests sent to $expensive_model; the ExtprocExpensiveModelShareJump alert watches it.",
+                "Share of routed requests sent to $expensive_model (the ExtprocExpensiveModelShareJump alert).",
                 "timeseries",
                 "percentunit",
                 8,
@@ -240,7 +252,14 @@ ROWS: list[tuple[str, list[tuple[str, str, str, str, int, list[dict[str, str]]]]
     (
         "Replicas",
         [
-            ("Picks by replica", "Replicas the router picked, per second.", "timeseries", "reqps", 12, [_q(PICKS, "{{model}} {{replica}}")]),
+            (
+                "Picks by replica",
+                "Replicas the router picked, per second.",
+                "timeseries",
+                "reqps",
+                12,
+                [_q(PICKS, "{{model}} {{replica}}")],
+            ),
             (
                 "In flight by replica",
                 "Requests in flight per replica, as the routers count them.",
@@ -348,7 +367,12 @@ ROWS: list[tuple[str, list[tuple[str, str, str, str, int, list[dict[str, str]]]]
                 "timeseries",
                 "reqps",
                 12,
-                [_q(f"sum by (signal, reason) (rate(extproc_signal_failures_total{{{S}}}{RATE}))", "{{signal}} {{reason}}")],
+                [
+                    _q(
+                        f"sum by (signal, reason) (rate(extproc_signal_failures_total{{{S}}}{RATE}))",
+                        "{{signal}} {{reason}}",
+                    )
+                ],
             ),
             (
                 "Stream errors",
@@ -386,7 +410,10 @@ def _panel(id_: int, title: str, description: str, kind: str, unit: str, grid: d
             "tooltip": {"mode": "multi", "sort": "desc"},
         }
     else:
-        panel["options"] = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}, "colorMode": "value"}
+        panel["options"] = {
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "colorMode": "value",
+        }
     return panel
 
 
@@ -413,8 +440,14 @@ def dashboard() -> dict[str, Any]:
     next_id = 1
     for row_title, row_panels in ROWS:
         panels.append(
-            {"id": next_id, "type": "row", "title": row_title, "collapsed": False, "panels": [],
-             "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}}
+            {
+                "id": next_id,
+                "type": "row",
+                "title": row_title,
+                "collapsed": False,
+                "panels": [],
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+            }
         )
         next_id += 1
         y += 1
@@ -424,7 +457,9 @@ def dashboard() -> dict[str, Any]:
             if x + width > 24:
                 x, y = 0, y + row_height
                 row_height = 0
-            panels.append(_panel(next_id, title, description, kind, unit, {"h": height, "w": width, "x": x, "y": y}, queries))
+            panels.append(
+                _panel(next_id, title, description, kind, unit, {"h": height, "w": width, "x": x, "y": y}, queries)
+            )
             next_id += 1
             x += width
             row_height = max(row_height, height)
@@ -444,13 +479,24 @@ def dashboard() -> dict[str, Any]:
         "links": [],
         "templating": {
             "list": [
-                {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
-                 "current": {}, "hide": 0},
+                {
+                    "name": "datasource",
+                    "label": "Data source",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "current": {},
+                    "hide": 0,
+                },
                 _variable("namespace", "Namespace", "label_values(extproc_requests_total, namespace)"),
                 _variable("job", "Router", 'label_values(extproc_requests_total{namespace=~"$namespace"}, job)'),
                 # The chart writes monitoring.expensiveModel here (templates/dashboard.yaml).
-                {"name": "expensive_model", "label": "Expensive model", "type": "constant",
-                 "query": "__EXPENSIVE_MODEL__", "hide": 2},
+                {
+                    "name": "expensive_model",
+                    "label": "Expensive model",
+                    "type": "constant",
+                    "query": "__EXPENSIVE_MODEL__",
+                    "hide": 2,
+                },
             ]
         },
         "panels": panels,

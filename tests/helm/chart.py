@@ -100,9 +100,7 @@ def render(
     if kube_version:
         options["kube_version"] = kube_version
     try:
-        out = _native.call_string(
-            "helm_render", chart()._raw(), json.dumps(values or {}), json.dumps(options)
-        )
+        out = _native.call_string("helm_render", chart()._raw(), json.dumps(values or {}), json.dumps(options))
     except Exception as exc:  # HelmValuesError, HelmRenderError
         raise RenderError(str(exc)) from exc
     manifests: list[dict[str, Any]] = []
@@ -162,9 +160,14 @@ MANY_MODELS: dict[str, Any] = {
             },
             "coder": {
                 "cluster": "coder-pool",
-                "replicas": {"kubernetes": {"namespace": "models", "service": "vllm-coder", "port": 8000}, "envoy": "hash"},
+                "replicas": {
+                    "kubernetes": {"namespace": "models", "service": "vllm-coder", "port": 8000},
+                    "envoy": "hash",
+                },
             },
-            "vision": {"replicas": {"kubernetes": {"namespace": "vision", "selector": "app=vllm-vision", "port": "http"}}},
+            "vision": {
+                "replicas": {"kubernetes": {"namespace": "vision", "selector": "app=vllm-vision", "port": "http"}}
+            },
             "mini": {"replicas": {"kubernetes": {"service": "vllm-mini", "port": 8000}, "envoy": "override_host"}},
             "private": {"upstream_model": "onprem-8b"},
         },

@@ -20,10 +20,10 @@ from tests.helm.chart import (
     MANY_MODELS,
     MONITORING_API,
     NAMESPACE,
-    ROOT,
     RELEASE,
-    RenderError,
+    ROOT,
     Rendered,
+    RenderError,
     merge,
     render,
 )
@@ -46,7 +46,10 @@ MATRIX: dict[str, tuple[dict[str, Any], list[str]]] = {
     "tcp": ({"sidecar": {"transport": "tcp"}}, []),
     "many-models-static-and-discovered": (merge(MANY_MODELS, MONITORING_ON), [MONITORING_API]),
     "many-models-cluster-role-tcp-hpa": (
-        merge(MANY_MODELS, {"rbac": {"scope": "cluster"}, "sidecar": {"transport": "tcp"}, "autoscaling": {"enabled": True}}),
+        merge(
+            MANY_MODELS,
+            {"rbac": {"scope": "cluster"}, "sidecar": {"transport": "tcp"}, "autoscaling": {"enabled": True}},
+        ),
         [],
     ),
     "static-only-no-rbac-needed": (
@@ -92,7 +95,9 @@ def test_every_manifest_passes_kubernetes_validate_strict_on_oldest_and_newest(c
             try:
                 kubernetes_validate.validate(manifest, version, strict=True)
             except kubernetes_validate.ValidationError as error:
-                pytest.fail(f"{manifest['kind']}/{manifest['metadata']['name']} on {version}: {error.message} at {list(error.path)}")
+                pytest.fail(
+                    f"{manifest['kind']}/{manifest['metadata']['name']} on {version}: {error.message} at {list(error.path)}"
+                )
 
 
 def test_every_object_carries_the_standard_labels(case) -> None:
@@ -136,7 +141,13 @@ def test_helm_lint_strict_passes(case) -> None:
         ({}, [], set()),
         ({"monitoring": {"serviceMonitor": {"enabled": True}}}, [MONITORING_API], {"ServiceMonitor"}),
     ],
-    ids=["enabled-with-crds", "enabled-without-crds", "disabled-with-crds", "disabled-without-crds", "only-servicemonitor"],
+    ids=[
+        "enabled-with-crds",
+        "enabled-without-crds",
+        "disabled-with-crds",
+        "disabled-without-crds",
+        "only-servicemonitor",
+    ],
 )
 def test_monitoring_objects_render_only_when_enabled_and_the_crds_exist(values, api_versions, expected) -> None:
     rendered = render(values, api_versions=api_versions)
@@ -146,7 +157,10 @@ def test_monitoring_objects_render_only_when_enabled_and_the_crds_exist(values, 
 
 
 def test_servicemonitor_scrapes_the_metrics_port_of_this_release_only() -> None:
-    rendered = render(merge(MONITORING_ON, {"monitoring": {"serviceMonitor": {"labels": {"release": "kps"}}}}), api_versions=[MONITORING_API])
+    rendered = render(
+        merge(MONITORING_ON, {"monitoring": {"serviceMonitor": {"labels": {"release": "kps"}}}}),
+        api_versions=[MONITORING_API],
+    )
     monitor = rendered.one("ServiceMonitor")
     service = rendered.one("Service")
     assert monitor["metadata"]["labels"]["release"] == "kps"
@@ -178,7 +192,9 @@ def test_prometheus_rules_select_this_release_and_name_the_expensive_model() -> 
 
 
 def test_alerts_can_be_switched_off_one_by_one() -> None:
-    values = merge(MONITORING_ON, {"monitoring": {"prometheusRule": {"alerts": {"signalFailures": {"enabled": False}}}}})
+    values = merge(
+        MONITORING_ON, {"monitoring": {"prometheusRule": {"alerts": {"signalFailures": {"enabled": False}}}}}
+    )
     rules = render(values, api_versions=[MONITORING_API]).rules()
     assert "ExtprocSignalFailures" not in {r["alert"] for g in rules["groups"] for r in g["rules"]}
 
@@ -215,7 +231,11 @@ def test_cluster_scope_grants_one_cluster_role_instead() -> None:
     role = rendered.one("ClusterRole")
     binding = rendered.one("ClusterRoleBinding")
     assert role["rules"][0]["verbs"] == ["get", "list", "watch"]
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
     assert binding["subjects"][0]["namespace"] == NAMESPACE
 
 
@@ -352,7 +372,10 @@ def test_topology_spread_and_pdb_select_this_releases_pods() -> None:
             {"routing": {**EXAMPLE_POLICY, "limits": {"max_body_bytes": 16777216}}},
             "envoy.maxRequestBytes (8388608) is below routing.limits.max_body_bytes (16777216)",
         ),
-        ({"monitoring": {"expensiveModel": "gpt-9"}}, 'monitoring.expensiveModel "gpt-9" is not a model in routing.models (large, small)'),
+        (
+            {"monitoring": {"expensiveModel": "gpt-9"}},
+            'monitoring.expensiveModel "gpt-9" is not a model in routing.models (large, small)',
+        ),
         (
             {"routing": {**EXAMPLE_POLICY, "models": {**EXAMPLE_POLICY["models"], "extra": {}}}},
             'routing.models.extra: Envoy needs endpoints for cluster "extra"; give static replicas, a Kubernetes service with a numeric port, or envoy.clusterEndpoints.extra',
@@ -365,14 +388,30 @@ def test_topology_spread_and_pdb_select_this_releases_pods() -> None:
             {"routing": {"default_model": "large", "models": {"large": {"cluster": "extproc"}}}},
             'routing.models.large.cluster: "extproc" is reserved',
         ),
-        ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "autoscaling.minReplicas (5) is above autoscaling.maxReplicas (2)"),
-        ({"terminationGracePeriodSeconds": 5}, "terminationGracePeriodSeconds (5) must be above preStopSleepSeconds (5)"),
+        (
+            {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}},
+            "autoscaling.minReplicas (5) is above autoscaling.maxReplicas (2)",
+        ),
+        (
+            {"terminationGracePeriodSeconds": 5},
+            "terminationGracePeriodSeconds (5) must be above preStopSleepSeconds (5)",
+        ),
         (
             {"podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": "25%"}},
             'podDisruptionBudget sets both minAvailable (1) and maxUnavailable (25%); keep one and set the other to ""',
         ),
     ],
-    ids=["port-clash", "buffer-below-body-limit", "unknown-expensive-model", "model-without-endpoints", "passthrough-without-endpoints", "reserved-cluster", "hpa-min-above-max", "grace-below-prestop", "pdb-both"],
+    ids=[
+        "port-clash",
+        "buffer-below-body-limit",
+        "unknown-expensive-model",
+        "model-without-endpoints",
+        "passthrough-without-endpoints",
+        "reserved-cluster",
+        "hpa-min-above-max",
+        "grace-below-prestop",
+        "pdb-both",
+    ],
 )
 def test_inconsistent_values_fail_with_a_message_that_says_what_to_change(values, message) -> None:
     with pytest.raises(RenderError) as error:
