@@ -22,6 +22,7 @@ from extproc.policy import Policy, load_policy
 from extproc.policy.load import DEFAULT_POLICY
 from extproc.replicas.load import LoadTracker
 from extproc.replicas.pool import Discovery
+from extproc.replicas.scrape import LoadScraper
 from extproc.router import Router, RouterState
 from extproc.server import ExternalProcessor
 from extproc.signals.classifier import ClassifierSignal
@@ -65,6 +66,7 @@ class Runtime:
         self.health_server: grpc.aio.Server | None = None
         self._metrics_server: tuple | None = None  # (WSGI server, thread)
         self.loop_tasks = 0
+        self.scraper: LoadScraper | None = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -90,6 +92,7 @@ class Runtime:
             self.router.swap(state)
         if self._classifier_signal is not None:
             self._classifier_signal.timeout_seconds = policy.classifier.timeout_ms / 1000
+        self._update_scrape_targets()
         self.metrics.config.info({"hash": policy.digest[:16]})
 
     async def _ensure_classifier(self, policy: Policy) -> None:
@@ -114,6 +117,23 @@ class Runtime:
             log.error(
                 "classifier could not be loaded (%s: %s); classifier conditions will not match", type(exc).__name__, exc
             )
+
+    def _update_scrape_targets(self) -> None:
+        """Scrape the /metrics of replicas whose model asks for it (replicas.metrics: true)."""
+        assert self.router is not None
+        state = self.router.state
+        targets = {
+            endpoint
+            for name, model in state.policy.models.items()
+            if model.replicas is not None and model.replicas.metrics
+            for endpoint in state.pools.endpoints(name)
+        }
+        if targets and self.scraper is None:
+            self.scraper = LoadScraper()
+            self.scraper.start()
+            self.router.set_load_reports(self.scraper.report)
+        if self.scraper is not None:
+            self.scraper.set_targets(targets)
 
     def _on_batch(self, size: int, seconds: float) -> None:
         self.metrics.classifier_batch.observe(size)
@@ -215,7 +235,9 @@ class Runtime:
         while True:
             await asyncio.sleep(0.5)
             self.router.tracker.expire()
-            self.loop_tasks = len(asyncio.all_tasks())  # sampled on the loop; read by the metrics thread
+            self.loop_tasks = len(asyncio.all_tasks())
+            if self.scraper is not None:
+                self._update_scrape_targets()  # discovered pools change between reloads  # sampled on the loop; read by the metrics thread
 
     async def stop(self) -> None:
         """Stop taking new streams, let open ones finish (up to the grace period), then close."""
@@ -233,6 +255,8 @@ class Runtime:
         if self._async_classifier is not None:
             await self._async_classifier.aclose()
         self.discovery.close()
+        if self.scraper is not None:
+            self.scraper.stop()
         if self._metrics_server is not None:
             server, _thread = self._metrics_server
             server.shutdown()

@@ -127,6 +127,11 @@ class Router:
             m.replicas.kubernetes for m in state.policy.models.values() if m.replicas and m.replicas.kubernetes
         )
 
+    def set_load_reports(self, reports: Any) -> None:
+        """Scraped replica load (queue, KV-cache use) for the load scorer."""
+        self.load_reports = reports
+        self.picker = self._picker(self.state.policy)
+
     def _picker(self, policy: Policy) -> Picker:
         p = policy.picking
         load = LeastLoad(self.tracker) if self.load_reports is None else LeastLoad(self.tracker, self.load_reports)

@@ -35,6 +35,7 @@ class StandIn:
     chunks: int = 3
     status: int = 200  # answer every LLM call with this status (fault tests)
     gate: asyncio.Event | None = None  # streams pause after their first chunk until this is set
+    waiting: int = 0  # queue length reported on /metrics (as vLLM does)
     received: collections.deque[Received] = field(default_factory=lambda: collections.deque(maxlen=2000))
     inflight: int = 0
     peak: int = 0  # most requests in flight at once
@@ -78,7 +79,7 @@ class StandIn:
         if request.path == "/metrics":
             text = (
                 f'vllm:num_requests_running{{model_name="{self.name}"}} {self.inflight}\n'
-                f'vllm:num_requests_waiting{{model_name="{self.name}"}} 0\n'
+                f'vllm:num_requests_waiting{{model_name="{self.name}"}} {self.waiting}\n'
                 f'vllm:kv_cache_usage_perc{{model_name="{self.name}"}} 0.1\n'
             ).encode()
             return await _send(writer, 200, text, "text/plain; version=0.0.4", self.name)

@@ -149,3 +149,33 @@ models:
             )
             wait_for(lambda: s.sidecar.run(lambda: len(s.sidecar.router.state.pools.endpoints("chat"))) == 1)
             assert {s.replica(s.post(chat(f"last {i}"))) for i in range(5)} == {"r1"}
+
+
+def test_scraped_queue_length_steers_picks_away_from_a_busy_replica(tmp_path) -> None:
+    policy = """
+version: 1
+default_model: chat
+models:
+  chat:
+    replicas: {static: ["$busy", "$idle"], envoy: original_dst, metrics: true}
+"""
+    busy, idle = StandIn(name="busy", waiting=40), StandIn(name="idle")
+    with Stack(tmp_path, policy, [busy, idle]) as s:
+        # The scraper reports once per second; wait until the router has seen both replicas.
+        wait_for(
+            lambda: s.sidecar.run(
+                lambda: (
+                    s.sidecar.runtime.scraper is not None
+                    and s.sidecar.runtime.scraper.report(busy.address) is not None
+                    and s.sidecar.runtime.scraper.report(idle.address) is not None
+                )
+            )
+        )
+        served = []
+        for i in range(10):
+            served.append(s.replica(s.post(chat(f"question {i}"))))
+            wait_for(lambda: s.inflight() == {})  # one at a time: only the scraped queue differs
+        assert served == ["idle"] * 10
+        busy.waiting = 0
+        wait_for(lambda: s.sidecar.run(lambda: s.sidecar.runtime.scraper.report(busy.address).waiting == 0))
+        assert "busy" in {s.replica(s.post(chat(f"again {i}"))) for i in range(6)}
