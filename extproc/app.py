@@ -213,7 +213,7 @@ class Runtime:
             self._metrics_server = start_http_server(
                 self.settings.metrics_port, self.settings.metrics_address, registry=self.metrics.registry
             )
-        self._tasks.append(asyncio.create_task(self._expire_leases()))
+        self._tasks.append(asyncio.create_task(self._housekeeping()))
         if self.settings.reload:
             from extproc.policy.reload import ConfigWatcher
 
@@ -230,14 +230,15 @@ class Runtime:
         ca = Path(self.settings.tls_client_ca).read_bytes() if self.settings.tls_client_ca else None
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
-    async def _expire_leases(self) -> None:
+    async def _housekeeping(self) -> None:
+        """Twice a second: end stale leases, sample the task count, follow pool changes."""
         assert self.router is not None
         while True:
             await asyncio.sleep(0.5)
             self.router.tracker.expire()
-            self.loop_tasks = len(asyncio.all_tasks())
+            self.loop_tasks = len(asyncio.all_tasks())  # sampled on the loop; read by the metrics thread
             if self.scraper is not None:
-                self._update_scrape_targets()  # discovered pools change between reloads  # sampled on the loop; read by the metrics thread
+                self._update_scrape_targets()  # discovered pools change between reloads
 
     async def stop(self) -> None:
         """Stop taking new streams, let open ones finish (up to the grace period), then close."""
