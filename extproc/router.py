@@ -82,6 +82,22 @@ def _digest(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
+@dataclass(slots=True)
+class Choice:
+    """The router's decision before a replica is picked."""
+
+    state: RouterState
+    parsed: request.LLMRequest
+    signals: Signals
+    stages: dict[str, float]
+    started: float
+    model: Model | None = None  # None: passthrough
+    fallbacks: tuple[str, ...] = ()
+    label: str = ""
+    pii_action: str = ""
+    redactions: dict[int, list[tuple[int, int, str]]] | None = None
+
+
 class RouterState:
     """Everything derived from one policy. Built whole, then swapped in at once; requests in
     flight keep the state they started with."""
@@ -148,7 +164,9 @@ class Router:
 
     # --- the flow ------------------------------------------------------------------------------
 
-    async def route(self, call: Call) -> Routed:
+    async def choose(self, call: Call) -> Choice:
+        """Parse, compute signals, decide, apply the PII policy: everything but the replica.
+        ``extproc eval`` calls this alone; serving continues with ``route``."""
         state = self.state
         policy = state.policy
         stages: dict[str, float] = {}
@@ -169,41 +187,49 @@ class Router:
             )
         parsed = request.parse(api, call.body)
         signals = Signals(parsed.messages, call.headers, self.counter)
-        t1 = time.perf_counter()
-        stages["parse"] = t1 - t0
+        stages["parse"] = time.perf_counter() - t0
+        choice = Choice(state, parsed, signals, stages, t0)
 
         if parsed.model in policy.auto_models:
-            decision, model_name, fallbacks = await self._decide(policy, signals, call, stages)
-            label = decision.name if decision else DEFAULT_DECISION
+            decision, model_name, choice.fallbacks = await self._decide(policy, signals, call, stages)
+            choice.label = decision.name if decision else DEFAULT_DECISION
         elif parsed.model in policy.models:
-            decision, model_name, fallbacks, label = None, parsed.model, (), EXPLICIT
+            decision, model_name, choice.label = None, parsed.model, EXPLICIT
         elif policy.unknown_models == "passthrough":
-            return await self._passthrough(policy, parsed, signals, stages, t0)
+            choice.label = PASSTHROUGH
+            return choice
         else:
             configured = ", ".join(sorted([*policy.auto_models, *policy.models]))
             raise errors.ModelNotFound(
                 f"model {parsed.model!r} is not served here; use one of: {configured}", param="model"
             )
-
-        t2 = time.perf_counter()
-        model = policy.models[model_name]
-        body: bytes | None = None
-        pii_action = ""
-        pii_policy = policy.pii_policy(decision, model)
+        choice.model = policy.models[model_name]
+        pii_policy = policy.pii_policy(decision, choice.model)
         if pii_policy is not None:
             await self._classify(signals, policy, stages)
-            model, body, pii_action = self._enforce_pii(policy, pii_policy, model, parsed, signals, label)
-            if pii_action == "reroute":
-                fallbacks, label = (), f"{label}+pii-reroute"
+            self._enforce_pii(policy, pii_policy, choice)
+        return choice
 
+    async def route(self, call: Call) -> Routed:
+        choice = await self.choose(call)
+        state, parsed, signals, stages = choice.state, choice.parsed, choice.signals, choice.stages
+        policy = state.policy
+        if choice.model is None:
+            assert policy.passthrough_cluster is not None
+            stages["total"] = time.perf_counter() - choice.started
+            return Routed("", parsed.model, PASSTHROUGH, policy.passthrough_cluster, signals=signals, stages=stages)
+        t2 = time.perf_counter()
         explain_wanted = call.explain and policy.explain
-        routed = self._place(state, model, fallbacks, parsed, signals, label, explain_wanted)
-        if body is None:
+        routed = self._place(state, choice.model, choice.fallbacks, parsed, signals, choice.label, explain_wanted)
+        if choice.redactions:
+            # After placement: a fallback model's id is what the body must name.
+            body = request.redact(parsed, choice.redactions, routed.upstream_model)
+        else:
             body = parsed.with_model(routed.upstream_model)
         routed.body = None if body is parsed.raw else body
-        routed.signals, routed.pii_action, routed.stages = signals, pii_action, stages
+        routed.signals, routed.pii_action, routed.stages = signals, choice.pii_action, stages
         stages["pick"] = time.perf_counter() - t2
-        stages["total"] = time.perf_counter() - t0
+        stages["total"] = time.perf_counter() - choice.started
         if explain_wanted:
             routed.explanation = self.explain(policy, signals, routed)
         return routed
@@ -258,12 +284,11 @@ class Router:
                 return value
         return _digest(_conversation(signals))
 
-    def _enforce_pii(
-        self, policy: Policy, rule: PiiPolicy, model: Model, parsed: request.LLMRequest, signals: Signals, label: str
-    ) -> tuple[Model, bytes | None, str]:
+    def _enforce_pii(self, policy: Policy, rule: PiiPolicy, choice: Choice) -> None:
+        signals = choice.signals
         hits = [h for h in signals.pii or () if h.score >= rule.min_score]
         if not hits:
-            return model, None, ""
+            return
         if rule.action == "allow":
             # Only the listed types may pass; anything else is blocked.
             hits = [h for h in hits if rule.types is not None and h.type not in rule.types]
@@ -274,21 +299,21 @@ class Router:
         types = sorted({h.type for h in hits}) or sorted({h.type for h in signals.pii or ()})
         for pii_type in types:
             self.metrics.pii.labels(pii_type, action).inc()
+        choice.pii_action = action
         if action == "block":
             raise errors.Forbidden(
-                f"the request contains personal data ({', '.join(types)}) that {label!r} does not accept; "
+                f"the request contains personal data ({', '.join(types)}) that {choice.label!r} does not accept; "
                 "remove it and retry",
                 code="pii_blocked",
             )
         if action == "redact":
-            spans: dict[int, list[tuple[int, int, str]]] = {}
+            choice.redactions = {}
             for h in hits:
-                spans.setdefault(h.message, []).append((h.start, h.end, f"<{h.type}>"))
-            return model, request.redact(parsed, spans, model.upstream_model), action
-        if action == "reroute":
+                choice.redactions.setdefault(h.message, []).append((h.start, h.end, f"<{h.type}>"))
+        elif action == "reroute":
             assert rule.model is not None
-            return policy.models[rule.model], None, action
-        return model, None, action
+            choice.model = policy.models[rule.model]
+            choice.fallbacks, choice.label = (), f"{choice.label}+pii-reroute"
 
     def _place(
         self,
@@ -352,13 +377,6 @@ class Router:
         routed = Routed(model.name, model.upstream_model, label, cluster, pick.endpoints, mode, lease=lease)
         routed.pick_detail = {"scores": pick.scores, "prefix_blocks": matched, "blocks": len(blocks)}
         return routed
-
-    async def _passthrough(
-        self, policy: Policy, parsed: request.LLMRequest, signals: Signals, stages: dict[str, float], t0: float
-    ) -> Routed:
-        assert policy.passthrough_cluster is not None
-        stages["total"] = time.perf_counter() - t0
-        return Routed("", parsed.model, PASSTHROUGH, policy.passthrough_cluster, signals=signals, stages=stages)
 
     def record_usage(self, model_name: str, input_tokens: int, output_tokens: int) -> None:
         """Tokens, cost, and what the same tokens would have cost on the baseline model."""
