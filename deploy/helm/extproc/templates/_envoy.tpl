@@ -1,8 +1,9 @@
 {{/*
 The Envoy bootstrap, rendered from values.routing and values.envoy in the shape extproc/envoy.py
-defines (`extproc envoy-config`; README "How Envoy is wired"). tests/helm compares the two for a
-matrix of values, so a change there must be mirrored here. The one addition is the readiness
-listener at the end.
+defines (`extproc envoy-config`; README "How Envoy is wired"). The parts no value changes are
+cut from extproc/envoy.py's output into files/envoy/ by deploy/helm/generate.py; this template
+renders the rest, and tests/helm compares the whole with extproc/envoy.py's for a matrix of
+values, so a change there must be mirrored here. The one addition is the readiness listener.
 
 Routing answers come back as dynamic metadata: routes match `extproc.cluster`, one per cluster;
 ORIGINAL_DST and override_host clusters read the picked replica from metadata.
@@ -65,7 +66,10 @@ Mirrors extproc/envoy.py render() and _model_endpoints().
 {{- $_ := set $retries $cluster (eq $mode "override_host" | ternary $fallbacks 1) }}
 {{- end }}
 {{- end }}
-{{- $hasOriginalDst := has $originalDst $routed }}
+{{- if has $originalDst $routed }}
+{{- $names = append $names $originalDst }}
+{{- $clusters = append $clusters (dict "name" $originalDst "mode" "ORIGINAL_DST") }}
+{{- end }}
 {{- if $r.passthrough_cluster }}
 {{- $passthrough := $r.passthrough_cluster }}
 {{- if not (index $e.clusterEndpoints $passthrough) }}
@@ -83,11 +87,28 @@ Mirrors extproc/envoy.py render() and _model_endpoints().
 {{- $default = "" }}
 {{- range $names }}{{ if and (not $default) (ne . $originalDst) }}{{ $default = . }}{{ end }}{{ end }}
 {{- end }}
-{{- toYaml (dict "routed" $routed "clusters" $clusters "retries" $retries "hashed" $hashed "originalDst" $originalDst "hasOriginalDst" $hasOriginalDst "default" $default) }}
+{{- toYaml (dict "routed" $routed "clusters" $clusters "retries" $retries "hashed" $hashed "default" $default) }}
 {{- end }}
 
-{{/* A cluster Envoy balances itself (or overrides with the router's pick): extproc/envoy.py _cluster(). */}}
+{{/*
+A model's cluster: Envoy balances it, or follows the router's pick (override_host, ring hash);
+extproc/envoy.py _cluster(). Or the shared ORIGINAL_DST cluster, which sends each request to the
+replica the router put in metadata.
+*/}}
 {{- define "extproc.envoy.cluster" -}}
+{{- if eq .mode "ORIGINAL_DST" }}
+- name: {{ .name | toJson }}
+  type: ORIGINAL_DST
+  lb_policy: CLUSTER_PROVIDED
+  connect_timeout: 1s
+  original_dst_lb_config:
+    use_http_header: true
+    http_header_name: x-gateway-destination-endpoint
+    metadata_key:
+      key: extproc
+      path:
+      - key: endpoint
+{{- else }}
 {{- $dns := false }}
 {{- range .endpoints }}
 {{- if not (regexMatch "^(\\[|[0-9.]*[0-9][0-9.]*:)" .) }}{{ $dns = true }}{{ end }}
@@ -133,6 +154,7 @@ Mirrors extproc/envoy.py render() and _model_endpoints().
     {{- else }}
     - {{ include "extproc.envoy.leastRequest" . | indent 6 | trim }}
     {{- end }}
+{{- end }}
 {{- end }}
 
 {{- define "extproc.envoy.leastRequest" -}}
@@ -285,6 +307,8 @@ static_resources:
           local_reply_config:
             mappers:
             {{- .Files.Get "files/envoy/local-reply-mappers.yaml" | trim | nindent 12 }}
+          access_log:
+          {{- .Files.Get "files/envoy/access-log.yaml" | trim | replace "__ACCESS_LOG_FLUSH__" $e.accessLogFlushInterval | nindent 10 }}
   {{- /*
   Readiness for the kubelet without exposing the admin interface on the pod IP: this listener's
   only route proxies GET /ready to the admin on loopback, so the probe sees Envoy's own state
@@ -332,19 +356,6 @@ static_resources:
   {{- range $plan.clusters }}
   {{- include "extproc.envoy.cluster" . | nindent 2 }}
   {{- end }}
-  {{- if $plan.hasOriginalDst }}
-  - name: {{ $plan.originalDst | toJson }}
-    type: ORIGINAL_DST
-    lb_policy: CLUSTER_PROVIDED
-    connect_timeout: 1s
-    original_dst_lb_config:
-      use_http_header: true
-      http_header_name: x-gateway-destination-endpoint
-      metadata_key:
-        key: extproc
-        path:
-        - key: endpoint
-  {{- end }}
   - name: extproc
     type: STATIC
     connect_timeout: 0.25s
@@ -380,7 +391,7 @@ overload_manager:
   {{- .Files.Get "files/envoy/overload-manager.yaml" | trim | nindent 2 }}
 {{- end }}
 
-{{/* The routing ext_proc filter, the buffer filter and the observer: extproc/envoy.py _ext_proc_filters(). */}}
+{{/* The routing ext_proc filter, the buffer filter and the usage filters: extproc/envoy.py _ext_proc_filters(). */}}
 {{- define "extproc.envoy.extProcFilters" -}}
 {{- $e := .Values.envoy }}
 {{- $r := include "extproc.routing" . | fromYaml }}
@@ -423,24 +434,7 @@ overload_manager:
   typed_config:
     '@type': type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer
     max_request_bytes: {{ $e.maxRequestBytes | int64 }}
-- name: extproc.observer
-  typed_config:
-    '@type': type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
-    grpc_service:
-      envoy_grpc:
-        cluster_name: extproc
-      timeout: {{ $e.messageTimeout }}
-    observability_mode: true
-    # Observing must never fail a request.
-    failure_mode_allow: true
-    deferred_close_timeout: 1s
-    processing_mode:
-      request_header_mode: SEND
-      response_header_mode: SEND
-      request_body_mode: NONE
-      response_body_mode: {{ $e.usage | ternary "STREAMED" "NONE" }}
-    metadata_options:
-      forwarding_namespaces:
-        untyped:
-        - extproc
+{{- if $e.usage }}
+{{ .Files.Get "files/envoy/usage-filters.yaml" | trim }}
+{{- end }}
 {{- end }}
