@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="route sample prompts through a real Envoy on this machine")
     demo.add_argument("--keep-running", action="store_true", help="leave the stack up until Ctrl-C")
 
+    evaluate = commands.add_parser("eval", help="measure routing quality and cost offline on labelled prompts")
+    evaluate.add_argument("rest", nargs=argparse.REMAINDER)
+
     classify = commands.add_parser("classify", help="run the classifier on JSONL prompts")
     classify.add_argument("rest", nargs=argparse.REMAINDER)
 
@@ -107,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         from extproc.demo import run_demo
 
         return run_demo(keep_running=args.keep_running)
+    if args.command == "eval":
+        from extproc.evaluation.cli import main as eval_main
+
+        return eval_main(args.rest)
     if args.command == "classify":
         from extproc.classifier.cli import main as classify_main
 
