@@ -1,0 +1,186 @@
+"""The chart's pod on this machine: the Envoy bootstrap, the sidecar arguments and the routing
+policy the chart renders, run as the kubelet would run them (tests/helm/pod.py), in front of
+stand-in model servers. Only ports and the socket directory are changed, through values."""
+
+from __future__ import annotations
+
+import http.client
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from extproc.standin import StandIn, StandInFleet
+from tests.harness import Response, chat, free_port, wait_for
+from tests.helm.chart import render
+from tests.helm.pod import Pod
+
+pytestmark = pytest.mark.e2e
+
+REPLICAS = ["s1", "s2", "l1", "l2", "d1"]
+
+
+def policy(fleet: StandInFleet, code_model: str = "large") -> dict:
+    return {
+        "version": 1,
+        "default_model": "small",
+        "cost": {"baseline_model": "large"},
+        "models": {
+            "small": {
+                "upstream_model": "small-8b",
+                "pricing": {"input_per_million": 0.2, "output_per_million": 0.2},
+                "replicas": {"static": [fleet["s1"].address, fleet["s2"].address], "envoy": "original_dst"},
+            },
+            "large": {
+                "upstream_model": "large-70b",
+                "pricing": {"input_per_million": 1.0, "output_per_million": 2.0},
+                "replicas": {"static": [fleet["l1"].address, fleet["l2"].address], "envoy": "override_host"},
+            },
+            "direct": {"upstream_model": "direct-model"},
+        },
+        "decisions": [
+            {"name": "code", "when": {"keyword": ["segfault"]}, "model": code_model},
+            {"name": "long", "when": {"tokens": {"min": 400}}, "model": "direct"},
+        ],
+    }
+
+
+class ChartPod:
+    def __init__(self, pod: Pod, fleet: StandInFleet, values: dict) -> None:
+        self.pod, self.fleet, self.values = pod, fleet, values
+        self.port = pod.port("envoy", "http")
+
+    def policy_text(self, code_model: str) -> str:
+        """The routing ConfigMap after `helm upgrade` with only the policy changed."""
+        return render({**self.values, "routing": policy(self.fleet, code_model)}).policy_text
+
+    def post(self, body: dict, path: str = "/v1/chat/completions") -> Response:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            connection.request("POST", path, orjson.dumps(body), {"content-type": "application/json"})
+            answer = connection.getresponse()
+            return Response(answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read())
+        finally:
+            connection.close()
+
+    def readiness(self, method: str, path: str) -> int:
+        connection = http.client.HTTPConnection("127.0.0.1", self.pod.port("envoy", "envoy-ready"), timeout=10)
+        try:
+            connection.request(method, path)
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    def metrics(self) -> str:
+        connection = http.client.HTTPConnection("127.0.0.1", self.pod.port("extproc", "metrics"), timeout=10)
+        try:
+            connection.request("GET", "/metrics")
+            return connection.getresponse().read().decode()
+        finally:
+            connection.close()
+
+
+@pytest.fixture(scope="module", params=["uds", "tcp"])
+def chart_pod(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChartPod]:
+    workdir = tmp_path_factory.mktemp(f"pod-{request.param}")
+    with StandInFleet([StandIn(name=n) for n in REPLICAS]) as fleet:
+        values = {
+            "routing": policy(fleet),
+            "envoy": {
+                "port": free_port(),
+                "readinessPort": free_port(),
+                "adminPort": free_port(),
+                "concurrency": 1,
+                "clusterEndpoints": {"direct": [fleet["d1"].address]},
+            },
+            "sidecar": {
+                "transport": request.param,
+                "socketDir": str(workdir / "run"),
+                "tcpPort": free_port(),
+                "healthPort": free_port(),
+                "metricsPort": free_port(),
+            },
+        }
+        pod = Pod(render(values), workdir)
+        try:
+            pod.start("extproc")
+            pod.wait_ready("extproc", "readinessProbe", pod.grpc_probe)
+            pod.start("envoy")
+            pod.wait_ready("envoy", "readinessProbe", pod.http_probe)
+            yield ChartPod(pod, fleet, values)
+        finally:
+            pod.stop()
+
+
+def test_kubelet_probes_pass_on_the_rendered_ports(chart_pod: ChartPod) -> None:
+    pod = chart_pod.pod
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert pod.grpc_probe("extproc", probe), probe
+    assert pod.http_probe("envoy", "readinessProbe")
+
+
+def test_requests_route_through_the_rendered_envoy_to_the_chosen_replicas(chart_pod: ChartPod) -> None:
+    code = chart_pod.post(chat("my program segfaults"))
+    assert code.status == 200, code.body
+    assert (code.headers["x-router-model"], code.headers["x-router-decision"]) == ("large", "code")
+    assert code.headers["x-replica"] in {"l1", "l2"}
+    assert code.json()["model"] == "large-70b"
+    plain = {chart_pod.post(chat(f"hello number {i}")).headers["x-replica"] for i in range(6)}
+    assert plain <= {"s1", "s2"} and plain
+    long = chart_pod.post(chat("lorem ipsum dolor sit amet " * 120))
+    assert (long.headers["x-router-model"], long.headers["x-replica"]) == ("direct", "d1")
+
+
+def test_errors_are_openai_json_from_the_rendered_envoy(chart_pod: ChartPod) -> None:
+    unknown = chart_pod.post(chat("hi", model="gpt-9"))
+    assert unknown.status == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    connection = http.client.HTTPConnection("127.0.0.1", chart_pod.port, timeout=10)
+    connection.request("GET", "/v1/chat/completions")
+    answer = connection.getresponse()
+    assert answer.status == 405 and orjson.loads(answer.read())["error"]["code"] == "method_not_allowed"
+
+
+def test_readiness_port_answers_ready_and_exposes_nothing_else_of_the_admin(chart_pod: ChartPod) -> None:
+    assert chart_pod.readiness("GET", "/ready") == 200
+    assert chart_pod.readiness("GET", "/stats") == 404
+    assert chart_pod.readiness("GET", "/config_dump") == 404
+    assert chart_pod.readiness("POST", "/ready") == 404
+    assert chart_pod.readiness("POST", "/quitquitquit") == 404
+    assert chart_pod.readiness("GET", "/ready") == 200  # still running
+    assert chart_pod.pod.processes["envoy"].poll() is None
+
+
+def test_usage_read_by_the_rendered_envoy_reaches_the_cost_metrics(chart_pod: ChartPod) -> None:
+    response = chart_pod.post(chat("another segfault, with usage"))
+    assert response.status == 200
+
+    def large_cost() -> float:
+        for line in chart_pod.metrics().splitlines():
+            if line.startswith('extproc_cost_usd_total{model="large"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    assert wait_for(large_cost, timeout=30) > 0
+
+
+def test_editing_the_routing_configmap_reroutes_without_a_restart(chart_pod: ChartPod) -> None:
+    pod = chart_pod.pod
+    sidecar = pod.processes["extproc"]
+    before = chart_pod.post(chat("segfault again"))
+    assert before.headers["x-router-model"] == "large"
+    pod.configmaps["routing"].update({"policy.yaml": chart_pod.policy_text("direct")})
+    try:
+        wait_for(lambda: chart_pod.post(chat("segfault again")).headers["x-router-model"] == "direct", timeout=60)
+        assert pod.processes["extproc"] is sidecar and sidecar.poll() is None
+    finally:
+        pod.configmaps["routing"].update({"policy.yaml": chart_pod.policy_text("large")})
+        wait_for(lambda: chart_pod.post(chat("segfault again")).headers["x-router-model"] == "large", timeout=60)
+
+
+def test_the_pod_uses_the_socket_directory_only_with_uds(chart_pod: ChartPod) -> None:
+    socket = Path(chart_pod.pod.rendered.container("extproc")["volumeMounts"][1]["mountPath"]) / "extproc.sock"
+    transport = (
+        "uds" if any(a.startswith("--uds=/") for a in chart_pod.pod.rendered.container("extproc")["args"]) else "tcp"
+    )
+    assert socket.exists() == (transport == "uds")
