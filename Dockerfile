@@ -21,8 +21,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY extproc ./extproc
 RUN /opt/extproc/bin/pip install .
-# Fail the build rather than the pod: the model must be in the package and load.
-RUN /opt/extproc/bin/python -c "from extproc.classifier import Classifier; Classifier.load(None, threads=1)"
+# Fail the build rather than the pod: the model must be in the installed package and load
+# (-I: import the installed package, not the source tree in the working directory).
+RUN /opt/extproc/bin/python -I -c "from extproc.classifier import Classifier; Classifier.load(None, threads=1)"
 
 FROM ${PYTHON_IMAGE}
 # A numeric non-root user, so the kubelet can check runAsNonRoot; the chart's
