@@ -119,6 +119,25 @@ class Metrics:
             "extproc_stream_errors_total", "ext_proc streams that ended in an error.", ["reason"], registry=r
         )
 
+        # Label children looked up once: prometheus_client's labels() costs microseconds per call.
+        self._stage_children: dict[str, object] = {}
+        self._request_children: dict[tuple[str, str, str, str], object] = {}
+
+    def observe_stages(self, stages: dict[str, float]) -> None:
+        children = self._stage_children
+        for stage, seconds in stages.items():
+            child = children.get(stage)
+            if child is None:
+                child = children[stage] = self.stage_seconds.labels(stage)
+            child.observe(seconds)  # type: ignore[attr-defined]
+
+    def count_request(self, model: str, decision: str, domain: str, status: str) -> None:
+        key = (model, decision, domain, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(*key)
+        child.inc()  # type: ignore[attr-defined]
+
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
 

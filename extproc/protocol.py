@@ -18,6 +18,7 @@ _HEADER_ATTRIBUTE = re.compile(r"^request\.headers\[['\"]([^'\"]+)['\"]\]$")
 # Visible ASCII and spaces/tabs inside; no CR, LF or other controls (header injection).
 _SAFE_VALUE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?$")
 
+EMPTY_MUTATION = pb.HeaderMutation()
 CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 CONTINUE_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
 CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
@@ -43,6 +44,18 @@ def header_map(header_map: core.HeaderMap) -> dict[str, str]:
     return out
 
 
+_attribute_names: dict[str, str | None] = {}  # attribute key -> header name (None: not a header)
+
+
+def _header_name(key: str) -> str | None:
+    # The same few keys arrive on every request: match each once.
+    name = _attribute_names.get(key, "")
+    if name == "":
+        match = _HEADER_ATTRIBUTE.match(key)
+        name = _attribute_names[key] = match.group(1).lower() if match else None
+    return name
+
+
 def attributes(request: pb.ProcessingRequest) -> tuple[dict[str, str], dict[str, str]]:
     """(request attributes, request headers sent as ``request.headers['name']`` attributes)."""
     values: dict[str, str] = {}
@@ -50,18 +63,17 @@ def attributes(request: pb.ProcessingRequest) -> tuple[dict[str, str], dict[str,
     for struct in request.attributes.values():
         for key, value in struct.fields.items():
             kind = value.WhichOneof("kind")
-            text = (
-                value.string_value
-                if kind == "string_value"
-                else (str(int(value.number_value)) if kind == "number_value" else None)
-            )
-            if text is None:
-                continue
-            match = _HEADER_ATTRIBUTE.match(key)
-            if match:
-                headers[match.group(1).lower()] = text
+            if kind == "string_value":
+                text = value.string_value
+            elif kind == "number_value":
+                text = str(int(value.number_value))
             else:
+                continue
+            name = _header_name(key)
+            if name is None:
                 values[key] = text
+            else:
+                headers[name] = text
     return values, headers
 
 

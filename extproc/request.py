@@ -89,7 +89,7 @@ def parse(api: Api, raw: bytes) -> LLMRequest:
         raise BadRequest("'stream' must be a boolean", param="stream", code="invalid_type")
     extracted = _EXTRACTORS[api](body)
     messages = tuple(Message(role, _text(pieces)) for role, pieces in extracted)
-    spans = _model_value_spans(raw)
+    spans = _single_model_span(raw) or _model_value_spans(raw)
     if len(spans) != 1:
         # Parsers disagree on which duplicate wins; the upstream might serve a model we did not pick.
         raise BadRequest("'model' appears more than once in the request body", param="model")
@@ -255,37 +255,71 @@ def redact(request: LLMRequest, spans: dict[int, list[tuple[int, int, str]]], mo
 
 # --- locating the top-level "model" value in the raw bytes ------------------------------------
 
-# A JSON string (unrolled loop, so long strings are one C-level match) or a bracket.
-_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]]')
 _COLON = re.compile(rb"\s*:\s*")
+
+
+def _depth_change(segment: bytes) -> int:
+    return segment.count(b"{") + segment.count(b"[") - segment.count(b"}") - segment.count(b"]")
+
+
+def _string_end(raw: bytes, start: int) -> int:
+    """Index of the quote closing the string that opens at ``start``."""
+    end = raw.find(b'"', start + 1)
+    while True:
+        backslashes = 0
+        while raw[end - 1 - backslashes] == 0x5C:  # an odd run of backslashes escapes the quote
+            backslashes += 1
+        if backslashes % 2 == 0:
+            return end
+        end = raw.find(b'"', end + 1)
 
 
 def _model_value_spans(raw: bytes) -> list[tuple[int, int]]:
     """Byte spans of the values of every top-level "model" key (string values, quotes included).
 
-    Only called on a body orjson accepted, so the scan never sees malformed JSON.
+    Only called on a body orjson accepted, so the scan never sees malformed JSON. It jumps from
+    quote to quote (memchr speed) and tracks nesting from the brackets in between, so a long
+    prompt costs a few string searches, not a character-by-character walk.
     """
-    depth = 0
     spans = []
+    depth = 0
+    pos = 0
     expect_value = False
-    for match in _TOKEN.finditer(raw):
-        token = match.group()
-        first = token[0]
-        if first == 0x7B or first == 0x5B:  # { [
-            depth += 1
-        elif first == 0x7D or first == 0x5D:  # } ]
-            depth -= 1
-        elif depth == 1:
-            if expect_value:
-                spans.append(match.span())
-                expect_value = False
-                continue
-            colon = _COLON.match(raw, match.end())
-            if colon and _is_model_key(token):
-                expect_value = raw[colon.end() : colon.end() + 1] == b'"'
-                if not expect_value:
-                    spans.append((-1, -1))  # counted as a key; never spliced
-    return spans
+    while True:
+        quote = raw.find(b'"', pos)
+        if quote == -1:
+            return spans
+        depth += _depth_change(raw[pos:quote])
+        end = _string_end(raw, quote)
+        pos = end + 1
+        if depth != 1:
+            continue
+        if expect_value:
+            spans.append((quote, pos))
+            expect_value = False
+            continue
+        colon = _COLON.match(raw, pos)
+        if colon and _is_model_key(raw[quote:pos]):
+            pos = colon.end()
+            expect_value = raw[pos : pos + 1] == b'"'
+            if not expect_value:
+                spans.append((-1, -1))  # counted as a key; never spliced
+
+
+def _single_model_span(raw: bytes) -> list[tuple[int, int]] | None:
+    """The common case in C-speed searches: exactly one ``"model"`` token and no ``\\u`` escapes
+    (so no escaped spelling of the key can hide elsewhere). Inside a JSON string an unescaped
+    quote cannot occur, so that one token is the top-level key the parser read."""
+    at = raw.find(b'"model"')
+    if at == -1 or raw.find(b'"model"', at + 7) != -1 or b"\\u" in raw:
+        return None
+    if at and raw[at - 1] == 0x5C:  # the tail of a string ending in an escaped quote
+        return None
+    colon = _COLON.match(raw, at + 7)
+    if colon is None or raw[colon.end() : colon.end() + 1] != b'"':
+        return None
+    start = colon.end()
+    return [(start, _string_end(raw, start) + 1)]
 
 
 def _is_model_key(token: bytes) -> bool:

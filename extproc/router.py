@@ -253,7 +253,7 @@ class Router:
         stages["policy"] = stages.get("policy", 0.0) + time.perf_counter() - t
         assert outcome is not NEEDS_CLASSIFIER
         decision = outcome if isinstance(outcome, Decision) else None
-        choice = choose_model(policy, decision, self._split_key(policy, signals, call))
+        choice = choose_model(policy, decision, lambda: self._split_key(policy, signals, call))
         return decision, choice.model, choice.fallbacks
 
     async def _classify(self, signals: Signals, policy: Policy, stages: dict[str, float]) -> None:

@@ -36,7 +36,7 @@ BUFFERED_PARTIAL = processing_mode_pb2.ProcessingMode.BUFFERED_PARTIAL
 class Exchange:
     """The state of one HTTP request as seen on one ext_proc stream."""
 
-    __slots__ = ("body_mode", "headers", "method", "path", "request_id", "routed", "router", "skip")
+    __slots__ = ("body_mode", "headers", "method", "path", "request_id", "routed", "router", "saw_headers", "skip")
 
     def __init__(self, router: Router) -> None:
         self.router = router
@@ -47,6 +47,7 @@ class Exchange:
         self.routed: Routed | None = None
         self.skip = False  # not an LLM call: let everything through untouched
         self.body_mode = 0
+        self.saw_headers = False  # Envoy sent the request headers (two-round-trip mode)
 
     async def handle(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
         kind = message.WhichOneof("request")
@@ -72,6 +73,7 @@ class Exchange:
 
     def _request_headers(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
         headers = protocol.header_map(message.request_headers.headers)
+        self.saw_headers = True
         self.method = headers.get(":method", "")
         self.path = headers.get(":path", "")
         self.request_id = headers.get(h.REQUEST_ID, "")
@@ -119,14 +121,15 @@ class Exchange:
         except errors.RouterError as error:
             return self._fail(error)
         self.routed = routed
-        self.router.metrics.requests.labels(routed.model or "passthrough", routed.decision, _domain(routed), "ok").inc()
-        self._record_stages(routed)
+        metrics = self.router.metrics
+        metrics.count_request(routed.model or "passthrough", routed.decision, _domain(routed), "ok")
+        metrics.observe_stages(routed.stages)
         log_decision(self.request_id, _api(self.path), routed, 200, None)
         return self._mutations(routed)
 
     def _mutations(self, routed: Routed) -> pb.ProcessingResponse:
         policy = self.router.state.policy
-        set_headers = {
+        set_headers: dict[str, str] = {
             policy.headers.cluster: routed.cluster,
             h.DECISION: routed.decision,
         }
@@ -158,18 +161,17 @@ class Exchange:
         dynamic = {h.METADATA_NAMESPACE: meta}
         if routed.endpoints:
             dynamic[h.LB_NAMESPACE] = {h.DESTINATION_ENDPOINT: set_headers[h.DESTINATION_ENDPOINT]}
+        if not self.saw_headers:
+            # Envoy skipped the request headers, so it could not apply header changes; routing
+            # runs on the metadata. The (empty) mutation is still sent: it makes Envoy re-route.
+            return protocol.body_response(protocol.EMPTY_MUTATION, routed.body, dynamic)
         return protocol.body_response(protocol.mutation(set_headers, remove), routed.body, dynamic)
 
     def _fail(self, error: errors.RouterError) -> pb.ProcessingResponse:
         self.skip = True
-        self.router.metrics.requests.labels("none", "none", "none", str(error.status)).inc()
+        self.router.metrics.count_request("none", "none", "none", str(error.status))
         log_decision(self.request_id, _api(self.path), None, error.status, error.code)
         return protocol.immediate(error)
-
-    def _record_stages(self, routed: Routed) -> None:
-        observe = self.router.metrics.stage_seconds.labels
-        for stage, seconds in routed.stages.items():
-            observe(stage).observe(seconds)
 
     # --- response path (only when Envoy sends it to the routing stream) -----------------------
 

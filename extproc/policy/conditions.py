@@ -84,21 +84,38 @@ class Not:
 
 @dataclass(frozen=True, slots=True)
 class Keyword:
-    any_of: re.Pattern[str] | None
-    all_of: tuple[re.Pattern[str], ...]
+    """Literal words, found with str.find (fast substring search) rather than a regex: a long
+    prompt costs microseconds, not a character-by-character regex walk."""
+
+    any_of: tuple[str, ...]
+    all_of: tuple[str, ...]
     scope: Scope
-    words: tuple[str, ...]
+    case_sensitive: bool
+    whole_word: bool
     needs_classifier: bool = False
 
     def evaluate(self, signals: Signals) -> bool:
-        text = signals.text(self.scope)
-        if self.any_of is not None and not self.any_of.search(text):
+        text = signals.text(self.scope) if self.case_sensitive else signals.lowered(self.scope)
+        if self.any_of and not any(self._found(text, w) for w in self.any_of):
             return False
-        return all(p.search(text) for p in self.all_of)
+        return all(self._found(text, w) for w in self.all_of)
+
+    def _found(self, text: str, word: str) -> bool:
+        at = text.find(word)
+        if not self.whole_word:
+            return at != -1
+        while at != -1:
+            before = text[at - 1] if at else " "
+            after = text[at + len(word)] if at + len(word) < len(text) else " "
+            if not (before.isalnum() or before == "_") and not (after.isalnum() or after == "_"):
+                return True
+            at = text.find(word, at + 1)
+        return False
 
     def explain(self, signals: Signals) -> dict[str, Any]:
         # The configured words are policy, not prompt text, so they may appear here.
-        return _explained("keyword", {"words": list(self.words), "scope": self.scope}, self.evaluate(signals))
+        detail = {"words": [*self.any_of, *self.all_of], "scope": self.scope}
+        return _explained("keyword", detail, self.evaluate(signals))
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,17 +281,18 @@ def build(spec: dict[str, Any]) -> Condition:
 
 def _keyword(value: Any) -> Keyword:
     spec = {"any": value} if isinstance(value, list) else value
-    flags = 0 if spec.get("case_sensitive", False) else re.IGNORECASE
-    whole = spec.get("whole_word", False)
+    case_sensitive = spec.get("case_sensitive", False)
 
-    def pattern(words: Sequence[str]) -> re.Pattern[str]:
-        alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
-        return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)" if whole else alternatives, flags)
+    def prepare(words: Sequence[str]) -> tuple[str, ...]:
+        return tuple(words) if case_sensitive else tuple(w.lower() for w in words)
 
-    any_of = pattern(spec["any"]) if spec.get("any") else None
-    all_of = tuple(pattern([w]) for w in spec.get("all", ()))
-    words = tuple(spec.get("any", ())) + tuple(spec.get("all", ()))
-    return Keyword(any_of, all_of, spec.get("scope", "last_user"), words)
+    return Keyword(
+        prepare(spec.get("any", ())),
+        prepare(spec.get("all", ())),
+        spec.get("scope", "last_user"),
+        case_sensitive,
+        spec.get("whole_word", False),
+    )
 
 
 def _header(spec: dict[str, Any]) -> Header:

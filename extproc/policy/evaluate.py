@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -41,12 +42,15 @@ class ModelChoice:
     fallbacks: tuple[str, ...]
 
 
-def choose_model(policy: Policy, decision: Decision | None, split_key: str) -> ModelChoice:
+def choose_model(policy: Policy, decision: Decision | None, split_key: str | Callable[[], str]) -> ModelChoice:
+    """The decision's model; a split picks by the key, computed only when a split needs it."""
     if decision is None:
         return ModelChoice(policy.default_model, ())
-    model = (
-        decision.model if decision.model is not None else split_pick(decision.split, f"{decision.name}\0{split_key}")
-    )
+    if decision.model is not None:
+        model = decision.model
+    else:
+        key = split_key() if callable(split_key) else split_key
+        model = split_pick(decision.split, f"{decision.name}\0{key}")
     return ModelChoice(model, tuple(f for f in decision.fallbacks if f != model))
 
 

@@ -167,7 +167,10 @@ def _describe(error: jsonschema.ValidationError) -> tuple[JsonPath, str]:
             hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         where = (*path, extra[0]) if len(extra) == 1 else path
         return where, f"unknown key {', '.join(hints)}; allowed: {', '.join(allowed)}"
-    if kind in ("minProperties", "maxProperties") and "exactly one of: all" in str(error.schema.get("description")).lower():
+    if (
+        kind in ("minProperties", "maxProperties")
+        and "exactly one of: all" in str(error.schema.get("description")).lower()
+    ):
         keys = ", ".join(map(str, value)) if isinstance(value, dict) and value else "none"
         return path, f"a condition has exactly one key, one of: {', '.join(_CONDITION_KINDS)} (got: {keys})"
     if kind == "required":
@@ -185,7 +188,10 @@ def _describe(error: jsonschema.ValidationError) -> tuple[JsonPath, str]:
             return _describe(branch)
         return path, error.message
     if kind == "pattern":
-        return path, f"{value!r} does not match the expected form ({error.schema.get('description', error.validator_value)})"
+        return (
+            path,
+            f"{value!r} does not match the expected form ({error.schema.get('description', error.validator_value)})",
+        )
     if kind == "const":
         return path, f"must be {error.validator_value!r}"
     return path, error.message
@@ -207,7 +213,8 @@ def _matching_branch(error: jsonschema.ValidationError) -> jsonschema.Validation
     """Of a oneOf's failed branches, the deepest error in a branch of the instance's own type."""
     own = _json_type(error.instance)
     candidates = [
-        e for e in error.context or ()
+        e
+        for e in error.context or ()
         if e.validator != "type" and _branch_type(error, e) in (own, None, "number" if own == "integer" else own)
     ]
     if not candidates:

@@ -102,9 +102,7 @@ def load_api_client(kubeconfig: str | None = None) -> kubernetes.client.ApiClien
         if in_cluster:
             kubernetes.config.load_incluster_config(client_configuration=configuration)
         else:
-            kubernetes.config.load_kube_config(
-                config_file=kubeconfig, client_configuration=configuration
-            )
+            kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
     except (kubernetes.config.ConfigException, OSError) as exc:
         hint = _config_error_hint(in_cluster, kubeconfig)
         raise KubernetesConfigError(f"{hint}: {exc}") from exc
@@ -121,10 +119,7 @@ def _config_error_hint(in_cluster: bool, kubeconfig: str | None) -> str:
             "account credentials are missing (is automountServiceAccountToken disabled?)"
         )
     where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
-    return (
-        f"cannot configure the Kubernetes client: no usable kubeconfig at {where} "
-        "(pass a path, or set KUBECONFIG)"
-    )
+    return f"cannot configure the Kubernetes client: no usable kubeconfig at {where} (pass a path, or set KUBECONFIG)"
 
 
 # --- reading EndpointSlices ----------------------------------------------------------------
@@ -147,9 +142,7 @@ def format_endpoint(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-def resolve_port(
-    ports: Iterable[DiscoveryV1EndpointPort] | None, wanted: int | str | None
-) -> int | None:
+def resolve_port(ports: Iterable[DiscoveryV1EndpointPort] | None, wanted: int | str | None) -> int | None:
     """The port number that ``wanted`` designates in one slice, or None if it has none.
 
     Resolved per slice because slices of one service may disagree, e.g. while a
@@ -240,9 +233,7 @@ class EndpointSliceWatcher:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("EndpointSliceWatcher.start() called twice")
-        self._thread = threading.Thread(
-            target=self._run, name=f"extproc-k8s-{self.source.describe()}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name=f"extproc-k8s-{self.source.describe()}", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -427,9 +418,7 @@ class EndpointSliceWatcher:
                 self._on_change(merged)
             except Exception:
                 # A faulty consumer must not kill discovery for everyone else.
-                logger.exception(
-                    "kubernetes discovery %s: on_change callback failed", self.source.describe()
-                )
+                logger.exception("kubernetes discovery %s: on_change callback failed", self.source.describe())
 
     def _mark_connected(self, slices: int) -> None:
         if self._connected:
@@ -457,8 +446,7 @@ class EndpointSliceWatcher:
         level = logging.WARNING if was_connected or first_attempt else logging.DEBUG
         logger.log(
             level,
-            "kubernetes discovery %s: API unavailable (%s), keeping %d last known endpoints, "
-            "retrying with backoff",
+            "kubernetes discovery %s: API unavailable (%s), keeping %d last known endpoints, retrying with backoff",
             self.source.describe(),
             _describe_error(exc),
             len(self._endpoints),

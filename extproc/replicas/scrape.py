@@ -140,9 +140,7 @@ def _arm(connection: http.client.HTTPConnection, deadline: float) -> None:
         connection.sock.settimeout(remaining)
 
 
-def _read_body(
-    connection: http.client.HTTPConnection, response: http.client.HTTPResponse, deadline: float
-) -> bytes:
+def _read_body(connection: http.client.HTTPConnection, response: http.client.HTTPResponse, deadline: float) -> bytes:
     body = bytearray()
     while True:
         _arm(connection, deadline)
@@ -216,9 +214,7 @@ class LoadScraper:
         if self._thread is not None:
             raise RuntimeError("LoadScraper.start() called twice")
         self._pool = ThreadPoolExecutor(self._max_workers, thread_name_prefix="extproc-scrape")
-        self._thread = threading.Thread(
-            target=self._run, name="extproc-scrape-scheduler", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name="extproc-scrape-scheduler", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:

@@ -38,6 +38,7 @@ class Signals:
     by the router after the encoder ran (or failed)."""
 
     __slots__ = (
+        "_lowered",
         "_texts",
         "_tokens",
         "classifier_error",
@@ -54,6 +55,7 @@ class Signals:
         self.headers = headers
         self.counter = counter
         self._texts: dict[str, str] = {}
+        self._lowered: dict[str, str] = {}
         self._tokens: int | None = None
         self.topic: Topic | None = None
         self.pii: tuple[PiiHit, ...] | None = None
@@ -70,6 +72,13 @@ class Signals:
             else:
                 text = "\n".join(m.text for m in self.messages)
             self._texts[scope] = text
+        return text
+
+    def lowered(self, scope: Scope) -> str:
+        """The scope's text in lower case, computed once for all case-insensitive rules."""
+        text = self._lowered.get(scope)
+        if text is None:
+            text = self._lowered[scope] = self.text(scope).lower()
         return text
 
     @property
