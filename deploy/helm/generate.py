@@ -264,12 +264,18 @@ ROWS: list[tuple[str, list[tuple[str, str, str, str, int, list[dict[str, str]]]]
                 [_q(PICKS, "{{model}} {{replica}}")],
             ),
             (
-                "In flight by replica",
-                "Requests in flight per replica, as the routers count them.",
+                "Peak in flight by replica",
+                "Most requests in flight per replica at any scrape in the interval, as the routers count "
+                "them (a replica's series disappears while it is idle).",
                 "timeseries",
                 "short",
                 12,
-                [_q(f"sum by (model, replica) (extproc_replica_inflight{{{S}}})", "{{model}} {{replica}}")],
+                [
+                    _q(
+                        f"max by (model, replica) (max_over_time(extproc_replica_inflight{{{S}}}{RATE}))",
+                        "{{model}} {{replica}}",
+                    )
+                ],
             ),
             (
                 "Replica balance",
