@@ -1,0 +1,160 @@
+"""The real router, run offline: the same ``Router.choose`` that serves requests (parse,
+signals, decisions, PII policy), over labelled prompts, with no replicas and no server.
+
+Each text is classified once per run: the encoder's results are kept for the whole run, so
+re-deciding the prompts under another value of a knob costs only the decisions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from extproc import request
+from extproc.errors import RouterError
+from extproc.evaluation.data import DataError, Example
+from extproc.policy import Policy
+from extproc.router import Call, Router
+from extproc.signals import Signals
+
+CHAT_PATH = "/v1/chat/completions"
+_CHUNK = 256  # prompts in flight at once: enough to fill the encoder's batches
+
+
+class EvalError(RuntimeError):
+    """The evaluation cannot produce honest figures (e.g. the classifier is unavailable)."""
+
+
+class TextClassifier(Protocol):
+    async def classify(self, text: str) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """Where the router sent one prompt."""
+
+    model: str | None  # policy model name; None when the router answered itself (e.g. PII block)
+    decision: str  # the decision's name, "default", or "rejected:<error code>"
+
+
+class _ClassifiedOnce:
+    """In front of the router's classifier: each distinct text goes to the encoder once per run."""
+
+    def __init__(self, inner: TextClassifier) -> None:
+        self.inner = inner
+        self.results: dict[str, asyncio.Future[Any]] = {}
+
+    async def classify(self, text: str) -> Any:
+        result = self.results.get(text)
+        if result is None:
+            result = self.results[text] = asyncio.ensure_future(self.inner.classify(text))
+        return await asyncio.shield(result)
+
+    def complexities(self) -> list[float]:
+        return [f.result().complexity for f in self.results.values() if f.done() and f.exception() is None]
+
+
+def without_replicas(policy: Policy) -> Policy:
+    """The policy with no replica discovery: deciding never looks at replicas."""
+    models = {name: dataclasses.replace(m, replicas=None) for name, m in policy.models.items()}
+    return dataclasses.replace(policy, models=models)
+
+
+class OfflineRouter:
+    """Decides labelled prompts with ``Router.choose``. Build with ``await OfflineRouter.start``."""
+
+    def __init__(self, router: Router, memo: _ClassifiedOnce | None, headers: Mapping[str, str]) -> None:
+        self.router = router
+        self._memo = memo
+        self._headers = dict(headers)
+
+    @classmethod
+    async def start(
+        cls, policy: Policy, *, headers: Mapping[str, str] | None = None, classifier: TextClassifier | None = None
+    ) -> OfflineRouter:
+        """Build the router as ``extproc route`` does (the classifier loads if the policy needs
+        it). ``classifier`` replaces the shipped encoder (tests)."""
+        policy = without_replicas(policy)
+        if classifier is None:
+            from extproc.app import Runtime, Settings
+
+            runtime = Runtime(Settings(config=Path(), reload=False, metrics_port=None))
+            await runtime.apply(policy)
+            router = runtime.router
+            assert router is not None
+        else:
+            from extproc.replicas.pool import Discovery, Pools
+            from extproc.router import RouterState
+            from extproc.signals.classifier import ClassifierSignal
+
+            router = Router(
+                RouterState(policy, Pools.build(policy, Discovery())), classifier=ClassifierSignal(classifier, 0)
+            )
+        memo = None
+        if router.classifier is not None:
+            memo = _ClassifiedOnce(router.classifier.classifier)
+            router.classifier.classifier = memo  # type: ignore[assignment]
+            router.classifier.timeout_seconds = None  # type: ignore[assignment]  # offline: wait for every result
+        elif policy.uses_classifier:
+            raise EvalError(
+                "the policy uses classifier signals but the classifier did not load (see the error above); "
+                "its conditions would all be false and the figures meaningless"
+            )
+        return cls(router, memo, headers or {})
+
+    @property
+    def policy(self) -> Policy:
+        return self.router.state.policy
+
+    @property
+    def classified_texts(self) -> int:
+        return len(self._memo.results) if self._memo is not None else 0
+
+    def complexities(self) -> list[float]:
+        """Complexity of every text classified so far."""
+        return self._memo.complexities() if self._memo is not None else []
+
+    def use(self, policy: Policy) -> None:
+        """Decide with another policy from now on (the classifier results are kept)."""
+        policy = without_replicas(policy)
+        if policy.uses_classifier and self.router.classifier is None:
+            raise EvalError("this knob value makes the policy use the classifier, which is not loaded")
+        self.router.swap(self.router.build_state(policy))
+
+    def input_tokens(self, example: Example) -> int:
+        """The prompt's tokens as the router counts them (its `tokens` conditions see the same)."""
+        try:
+            parsed = request.parse(request.Api.CHAT, example.body("auto"))
+        except RouterError as exc:
+            raise DataError(f"line {example.line}: the router cannot parse these messages: {exc.message}") from None
+        return Signals(parsed.messages, self._headers, self.router.counter).tokens
+
+    async def decide(self, examples: Sequence[Example]) -> list[Outcome]:
+        auto = sorted(self.policy.auto_models)[0]
+        out: list[Outcome] = []
+        for start in range(0, len(examples), _CHUNK):
+            chunk = examples[start : start + _CHUNK]
+            out.extend(await asyncio.gather(*(self._one(e, auto) for e in chunk)))
+        return out
+
+    async def _one(self, example: Example, auto: str) -> Outcome:
+        call = Call("POST", CHAT_PATH, self._headers, example.body(auto))
+        try:
+            choice = await self.router.choose(call)
+        except RouterError as exc:
+            if exc.status == 400:
+                raise DataError(f"line {example.line}: the router rejects this request: {exc.message}") from None
+            return Outcome(None, f"rejected:{exc.code}")
+        if choice.signals.classifier_error:
+            raise EvalError(f"line {example.line}: the classifier failed ({choice.signals.classifier_error})")
+        return Outcome(choice.model.name if choice.model is not None else None, choice.label)
+
+    async def aclose(self) -> None:
+        if self._memo is not None:
+            close = getattr(self._memo.inner, "aclose", None)
+            if close is not None:
+                await close()
