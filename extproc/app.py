@@ -141,11 +141,13 @@ class Runtime:
 
     def _register_gauges(self, router: Router) -> None:
         def inflight() -> list[tuple[tuple[str, ...], float]]:
-            models = {}
-            for name in router.state.pools.models():
-                for endpoint in router.state.pools.endpoints(name):
-                    models[endpoint] = name
-            return [((models.get(e, "unknown"), e), float(n)) for e, n in router.tracker.inflight.items()]
+            # Every pool member, idle ones at 0, so dashboards see the whole pool.
+            counts = router.tracker.inflight
+            pools = router.state.pools
+            samples = [((name, e), float(counts[e])) for name in pools.models() for e in pools.endpoints(name)]
+            known = {e for _, e in (labels for labels, _ in samples)}
+            samples += [(("unknown", e), float(n)) for e, n in counts.items() if e not in known]  # left a pool
+            return samples
 
         def ready() -> list[tuple[tuple[str, ...], float]]:
             pools = router.state.pools
@@ -178,6 +180,7 @@ class Runtime:
         await self.apply(policy)
         self.metrics.reloads.labels("success").inc()
         self.metrics.last_reload.set_to_current_time()
+        self.metrics.last_reload_ok.set(1)
         assert self.router is not None
         options = [
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--metrics-port",
         type=int,
-        default=int(os.environ.get("EXTPROC_METRICS_PORT", "9090")),
+        default=os.environ.get("EXTPROC_METRICS_PORT", "9090"),  # a string: argparse converts and reports errors
         help="Prometheus /metrics port (0 disables)",
     )
     serve.add_argument("--metrics-address", default=os.environ.get("EXTPROC_METRICS_ADDRESS", "0.0.0.0"))
@@ -53,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--tls-cert", help="serve TCP with TLS: certificate chain (PEM)")
     serve.add_argument("--tls-key", help="serve TCP with TLS: private key (PEM)")
     serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA (PEM)")
+    serve.add_argument(
+        "--lease-timeout",
+        type=float,
+        default=os.environ.get("EXTPROC_LEASE_TIMEOUT", "660"),
+        help="seconds a request may hold a replica before its lease ends anyway; keep it above Envoy's "
+        "upstream timeout (env EXTPROC_LEASE_TIMEOUT)",
+    )
     serve.add_argument("--no-reload", action="store_true", help="do not watch the config file")
     serve.add_argument("--log-level", default=os.environ.get("EXTPROC_LOG_LEVEL", "info"))
 
@@ -138,6 +145,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         reload=not args.no_reload,
+        lease_timeout=args.lease_timeout,
     )
     from extproc.policy import ConfigError
 

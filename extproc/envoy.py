@@ -54,6 +54,7 @@ class EnvoyOptions:
     # Endpoints of clusters Envoy balances itself (models without router-picked replicas).
     cluster_endpoints: Mapping[str, Sequence[str]] = field(default_factory=dict)
     default_cluster: str | None = None  # where non-LLM paths (e.g. /v1/models) go; default model's
+    cluster_domain: str = "cluster.local"  # for headless Services of Kubernetes-discovered replicas
 
 
 def _address(endpoint: str) -> dict[str, Any]:
@@ -134,19 +135,35 @@ def _cluster(
     return cluster
 
 
+def _has_hostname(endpoints: Sequence[str]) -> bool:
+    """True if some endpoint is a DNS name (Envoy then needs a STRICT_DNS cluster)."""
+    import ipaddress
+
+    for endpoint in endpoints:
+        host = endpoint.rpartition(":")[0].strip("[]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return True
+    return False
+
+
 def _model_endpoints(policy: Policy, name: str, options: EnvoyOptions) -> tuple[list[str], bool]:
     """Envoy-side endpoints of a model's cluster, and whether they are DNS names."""
     model = policy.models[name]
+    replicas = model.replicas
     if model.cluster in options.cluster_endpoints:
         endpoints = list(options.cluster_endpoints[model.cluster])
-        return endpoints, any(not e.split(":")[0].replace(".", "").isdigit() and "[" not in e for e in endpoints)
-    replicas = model.replicas
-    if replicas is not None and replicas.static:
-        return list(replicas.static), False
-    if replicas is not None and replicas.kubernetes is not None and isinstance(replicas.kubernetes.port, int):
+    elif replicas is not None and replicas.static:
+        endpoints = list(replicas.static)
+    elif replicas is not None and replicas.kubernetes is not None and isinstance(replicas.kubernetes.port, int):
         k = replicas.kubernetes
         # A headless Service resolves to the ready pod IPs: the same set the router watches.
-        return [f"{k.service}.{k.namespace}.svc.cluster.local:{k.port}"], True
+        return [f"{k.service}.{k.namespace}.svc.{options.cluster_domain}:{k.port}"], True
+    else:
+        endpoints = []
+    if endpoints:
+        return endpoints, _has_hostname(endpoints)
     raise ValueError(
         f"model {name!r}: Envoy needs endpoints for cluster {model.cluster!r} "
         "(give static replicas, a Kubernetes service with a numeric port, or cluster_endpoints)"
@@ -189,7 +206,9 @@ def render(policy: Policy, options: EnvoyOptions | None = None) -> dict[str, Any
     if policy.passthrough_cluster:
         endpoints = o.cluster_endpoints.get(policy.passthrough_cluster)
         if endpoints:
-            clusters[policy.passthrough_cluster] = _cluster(policy.passthrough_cluster, endpoints)
+            clusters[policy.passthrough_cluster] = _cluster(
+                policy.passthrough_cluster, endpoints, dns=_has_hostname(endpoints)
+            )
         routed_clusters.append(policy.passthrough_cluster)
     default_cluster: str | None = o.default_cluster or policy.models[policy.default_model].cluster
     if default_cluster not in clusters:

@@ -114,6 +114,13 @@ class Metrics:
             "Unix time of the last successful config load.",
             registry=r,
         )
+        self.last_reload_ok = Gauge(
+            "extproc_config_last_reload_successful",
+            "1 if the policy file's current content is in effect, 0 if it was refused (the pod runs an older policy).",
+            registry=r,
+        )
+        for result in ("success", "invalid", "missing", "error"):
+            self.reloads.labels(result)  # every result exists from the start, so increase() sees the first one
         self.config = Info("extproc_config", "The routing config in effect.", registry=r)
         self.stream_errors = Counter(
             "extproc_stream_errors_total", "ext_proc streams that ended in an error.", ["reason"], registry=r

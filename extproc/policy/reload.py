@@ -76,6 +76,7 @@ class ConfigWatcher:
             if not self._missing_logged:
                 log.warning("policy file %s is gone; keeping the last good policy", self.path)
                 metrics.reloads.labels("missing").inc()
+                metrics.last_reload_ok.set(0)
                 self._missing_logged = True
             return
         self._missing_logged = False
@@ -87,14 +88,17 @@ class ConfigWatcher:
             await self.target.apply(policy)
         except ConfigError as exc:
             metrics.reloads.labels("invalid").inc()
+            metrics.last_reload_ok.set(0)
             log.error("policy reload rejected; the last good policy stays in effect. %s", exc)
             self._digest = digest  # report a bad file once, not on every poll
             return
         except Exception:
             metrics.reloads.labels("error").inc()
+            metrics.last_reload_ok.set(0)
             log.exception("policy reload failed; the last good policy stays in effect")
             return
         self._digest = digest
         metrics.reloads.labels("success").inc()
         metrics.last_reload.set_to_current_time()
+        metrics.last_reload_ok.set(1)
         log.info("policy reloaded from %s (sha256 %s)", self.path, policy.digest[:16])
