@@ -178,6 +178,7 @@ def test_prometheus_rules_select_this_release_and_name_the_expensive_model() -> 
         "ExtprocRouterErrorRate",
         "ExtprocDecisionLatencyHigh",
         "ExtprocConfigReloadFailed",
+        "ExtprocStalePolicy",
         "ExtprocNoReadyReplica",
         "ExtprocExpensiveModelShareJump",
         "ExtprocUpstreamErrorRate",

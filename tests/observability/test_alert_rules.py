@@ -100,6 +100,20 @@ CASES: dict[str, list[tuple[str, list[dict[str, str]], int, dict[str, str] | Non
             None,
         ),
     ],
+    "ExtprocStalePolicy": [
+        (
+            "the current file was refused: the pod keeps an older policy",
+            [series("extproc_config_last_reload_successful", [1] * 5 + [0] * 60)],
+            15,
+            {"severity": "warning"},
+        ),
+        (
+            "a refused file that was fixed within the waiting period",
+            [series("extproc_config_last_reload_successful", [1] * 5 + [0] * 2 + [1] * 60)],
+            15,
+            None,
+        ),
+    ],
     "ExtprocNoReadyReplica": [
         (
             "replicas gone",
