@@ -90,43 +90,12 @@ def main(argv: list[str] | None = None) -> int:
             F.cross_entropy(aux, y_src[s])
         )
 
-    sweep = []
     if args.sweep:
-        short = FitConfig(**{**FITS["domain"].__dict__, "epochs": 4})
-        for rank, targets, mean_pool in (
-            (4, LORA_TARGETS, False),
-            (16, LORA_TARGETS, False),
-            (32, LORA_TARGETS, False),
-            (16, ("q", "k", "v", "o"), False),
-            (16, ("q", "v"), False),
-            (0, (), False),
-            (16, LORA_TARGETS, True),
-        ):
-            sp = BranchSpec(
-                **{
-                    **spec.__dict__,
-                    "rank": rank,
-                    "alpha": 2.0 * max(rank, 1),
-                    "targets": targets,
-                    "mean_pool": mean_pool,
-                    "pooled": not mean_pool,
-                }
-            )
-            b = new_branch(sd_t, sp, args.seed)
-            t0 = time.time()
-            fit(b, cached, train, domain_loss, short, f"sweep r{rank} {'+'.join(targets)} mean={mean_pool}")
-            acc = float((predict(b, cached, val).argmax(-1) == pooled.domain[val]).mean())
-            sweep.append(
-                {
-                    "rank": rank,
-                    "targets": list(targets),
-                    "pooling": "mean of full layer" if mean_pool else "[CLS] query only",
-                    "val_accuracy": acc,
-                    "seconds": time.time() - t0,
-                    "epochs": short.epochs,
-                }
-            )
-            print(f"  sweep -> val accuracy {acc:.3f}", flush=True)
+        sweep = run_sweep(sd_t, spec, cached, pooled, train, val, domain_loss, args.seed)
+        (args.out / "sweep.json").write_text(json.dumps(sweep, indent=1))
+        if (args.out / "metrics.json").exists():
+            write_card(args.out)
+        return 0
 
     print("train: domain", flush=True)
     domain = new_branch(sd_t, spec, args.seed)
@@ -231,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
         "n_models": len(models),
         "sizes": evaluate.split_sizes(questions, pooled),
         "domain_val_accuracy_cached": val_acc,
-        "sweep": sweep,
         "train_seconds": times,
         "fp32_vs_torch_max_abs_diff": max_diff,
         "chosen_format": chosen,
@@ -248,6 +216,49 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     print(f"done in {time.time() - started:.0f}s", flush=True)
     return 0
+
+
+def run_sweep(sd_t, spec, cached, pooled, train, val, loss, seed: int) -> list[dict]:
+    short = FitConfig(**{**FITS["domain"].__dict__, "epochs": 3})
+    configs = (
+        (4, LORA_TARGETS, False, False),
+        (16, LORA_TARGETS, False, False),
+        (16, ("q", "k", "v", "o"), False, False),
+        (16, ("q", "v"), False, False),
+        (0, (), False, False),
+        (16, LORA_TARGETS, False, True),
+        (16, LORA_TARGETS, True, False),
+    )
+    out = []
+    for rank, targets, mean_pool, trunk_mean in configs:
+        sp = BranchSpec(
+            **{
+                **spec.__dict__,
+                "rank": rank,
+                "alpha": 2.0 * max(rank, 1),
+                "targets": targets,
+                "mean_pool": mean_pool,
+                "pooled": not mean_pool,
+                "with_trunk_mean": trunk_mean,
+            }
+        )
+        b = new_branch(sd_t, sp, seed)
+        t0 = time.time()
+        fit(b, cached, train, loss, short, f"sweep r{rank} {'+'.join(targets)} mean={mean_pool} tm={trunk_mean}")
+        acc = float((predict(b, cached, val).argmax(-1) == pooled.domain[val]).mean())
+        pooling = "mean of full layer" if mean_pool else "[CLS] query only"
+        out.append(
+            {
+                "rank": rank,
+                "targets": list(targets),
+                "pooling": pooling + (" + trunk mean" if trunk_mean else ""),
+                "val_accuracy": acc,
+                "seconds": time.time() - t0,
+                "epochs": short.epochs,
+            }
+        )
+        print(f"  sweep -> val accuracy {acc:.3f}", flush=True)
+    return out
 
 
 def to_weights(name: str, branch: Branch) -> BranchWeights:
@@ -268,6 +279,7 @@ def to_weights(name: str, branch: Branch) -> BranchWeights:
         head_b=branch.head.bias.detach().numpy(),
         pooled=branch.spec.pooled,
         activation="sigmoid" if branch.spec.n_out == 1 else "softmax",
+        with_trunk_mean=branch.spec.with_trunk_mean,
     )
 
 

@@ -24,6 +24,8 @@ def _ok(ok: bool) -> str:
 
 def write_card(model_dir: Path) -> None:
     m = json.loads((model_dir / "metrics.json").read_text())
+    if (model_dir / "sweep.json").exists():
+        m["sweep"] = json.loads((model_dir / "sweep.json").read_text())
     lat_path = model_dir / "latency.json"
     lat = json.loads(lat_path.read_text()) if lat_path.exists() else None
     chosen = m["chosen_format"]

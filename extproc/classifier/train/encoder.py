@@ -184,6 +184,7 @@ class BranchSpec:
     n_out: int
     n_aux: int = 0  # auxiliary outputs used only in training
     mean_pool: bool = False  # sweep baseline: full last layer + mean over tokens (not exported)
+    with_trunk_mean: bool = False  # head also reads the masked mean of the trunk output
 
 
 class Branch(nn.Module):
@@ -202,11 +203,19 @@ class Branch(nn.Module):
             layer.load(sd, f"encoder.layer.{spec.first_layer + i}.")
             layer.add_lora(spec.targets, spec.rank, spec.alpha)
             self.layers.append(layer)
-        self.head = nn.Linear(HIDDEN, spec.n_out)
-        self.aux = nn.Linear(HIDDEN, spec.n_aux) if spec.n_aux else None
+        width = HIDDEN * (2 if spec.with_trunk_mean else 1)
+        self.head = nn.Linear(width, spec.n_out)
+        self.aux = nn.Linear(width, spec.n_aux) if spec.n_aux else None
         self.dropout = 0.1
 
     def features(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        f = self._features(x, mask)
+        if self.spec.with_trunk_mean:
+            m = mask[..., None]
+            f = torch.cat([f, (x * m).sum(1) / m.sum(1)], dim=-1)
+        return f
+
+    def _features(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         bias = mask_bias(mask)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):

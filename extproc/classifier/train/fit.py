@@ -74,7 +74,7 @@ def fit(branch: Branch, ragged: Ragged, train_idx: np.ndarray, loss_fn, cfg: Fit
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            total += float(loss) * len(sel)
+            total += float(loss.detach()) * len(sel)
             n += len(sel)
         history.append(total / n)
         print(f"  {log} epoch {epoch + 1}/{cfg.epochs} loss {total / n:.4f} ({time.time() - t0:.0f}s)", flush=True)

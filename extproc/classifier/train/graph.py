@@ -47,6 +47,7 @@ class BranchWeights:
     head_b: np.ndarray
     pooled: bool
     activation: str  # "softmax" | "sigmoid"
+    with_trunk_mean: bool = False  # head reads [pooled ; masked mean of the trunk output]
 
 
 @dataclass
@@ -191,14 +192,11 @@ def build(
         g.nodes.append(helper.make_node("Identity", [x], ["trunk"]))
         outputs.append(helper.make_tensor_value_info("trunk", TensorProto.FLOAT, ["batch", "seq", HIDDEN]))
     if "embedding" in extra_outputs:
-        m3 = g.op("Unsqueeze", [maskf, g.const(_i64(2), "ax2")], "m3")
-        s = g.op("ReduceSum", [g.op("Mul", [x, m3], "pool"), g.const(_i64(1), "ax1")], "pool", keepdims=0)
-        c = g.op("ReduceSum", [m3, g.const(_i64(1), "ax1")], "cnt", keepdims=0)
-        g.nodes.append(helper.make_node("Div", [s, c], ["embedding"]))
+        g.nodes.append(helper.make_node("Identity", [_masked_mean(b, x, maskf)], ["embedding"]))
         outputs.append(helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", HIDDEN]))
 
     if branches:
-        _branches(b, x, bias, branches, outputs)
+        _branches(b, x, bias, branches, outputs, maskf)
 
     graph = helper.make_graph(
         g.nodes,
@@ -216,8 +214,19 @@ def build(
     return model
 
 
-def _branches(b: Builder, x: str, bias: str, branches: list[BranchWeights], outputs: list[onnx.ValueInfoProto]) -> None:
+def _masked_mean(b: Builder, x: str, maskf: str) -> str:
     g = b.g
+    m3 = g.op("Unsqueeze", [maskf, g.const(_i64(2), "ax2")], "m3")
+    s = g.op("ReduceSum", [g.op("Mul", [x, m3], "pool"), g.const(_i64(1), "ax1")], "pool", keepdims=0)
+    c = g.op("ReduceSum", [m3, g.const(_i64(1), "ax1")], "cnt", keepdims=0)
+    return g.op("Div", [s, c], "mean")
+
+
+def _branches(
+    b: Builder, x: str, bias: str, branches: list[BranchWeights], outputs: list[onnx.ValueInfoProto], maskf: str
+) -> None:
+    g = b.g
+    trunk_mean = _masked_mean(b, x, maskf) if any(br.with_trunk_mean for br in branches) else None
     # First layer of every branch reads the trunk output: fuse all their projections of the full
     # sequence (Q/K/V for token-level branches, K/V only for pooled ones) into one MatMul.
     mats: list[tuple[np.ndarray, np.ndarray]] = []
@@ -251,6 +260,8 @@ def _branches(b: Builder, x: str, bias: str, branches: list[BranchWeights], outp
                 h = g.op("Squeeze", [h, g.const(_i64(1), "a1")], "pooled")
             else:
                 h = b.finish_layer(h, b.attention(q, k, v, bias), lw, hint)
+        if br.with_trunk_mean:
+            h = g.op("Concat", [h, trunk_mean], "feat", axis=-1)
         logits = b.linear(h, br.head_w, br.head_b, f"{br.name}_head")
         out = f"{br.name}_probs"
         if br.activation == "softmax":
