@@ -66,3 +66,9 @@ class ServiceUnavailable(RouterError):
     status = 503
     type = "server_error"
     code = "no_available_replica"
+
+
+class PiiCheckUnavailable(RouterError):
+    status = 503
+    type = "server_error"
+    code = "pii_check_unavailable"

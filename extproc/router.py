@@ -286,6 +286,10 @@ class Router:
 
     def _enforce_pii(self, policy: Policy, rule: PiiPolicy, choice: Choice) -> None:
         signals = choice.signals
+        if signals.pii is None:  # the check could not run
+            if rule.action != "allow" or rule.types is not None:  # (allowing everything needs no check)
+                self._pii_unchecked(policy, rule, choice)
+            return
         hits = [h for h in signals.pii or () if h.score >= rule.min_score]
         if not hits:
             return
@@ -314,6 +318,21 @@ class Router:
             assert rule.model is not None
             choice.model = policy.models[rule.model]
             choice.fallbacks, choice.label = (), f"{choice.label}+pii-reroute"
+
+    def _pii_unchecked(self, policy: Policy, rule: PiiPolicy, choice: Choice) -> None:
+        """The PII check could not run. Unless the policy says otherwise, act as if PII were there:
+        a privacy rule must not open up because the encoder was slow."""
+        if rule.on_error == "allow":
+            self.metrics.pii.labels("unchecked", "allow").inc()
+            return
+        self.metrics.pii.labels("unchecked", rule.action).inc()
+        choice.pii_action = f"{rule.action}-unchecked"
+        if rule.action == "reroute":
+            assert rule.model is not None
+            choice.model = policy.models[rule.model]
+            choice.fallbacks, choice.label = (), f"{choice.label}+pii-reroute"
+            return
+        raise errors.PiiCheckUnavailable("the request could not be checked for personal data in time; retry shortly")
 
     def _place(
         self,

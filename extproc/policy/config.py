@@ -41,6 +41,7 @@ class PiiPolicy:
     types: frozenset[str] | None = None  # None: every type
     min_score: float = 0.5
     model: str | None = None  # reroute target
+    on_error: str = "enforce"  # the check could not run: enforce (reroute, or 503) | allow
 
     def applies_to(self, pii_type: str) -> bool:
         return self.types is None or pii_type in self.types

@@ -342,7 +342,13 @@ def _pii_policy(spec: dict[str, Any] | None) -> PiiPolicy | None:
     if spec is None:
         return None
     types = spec.get("types")
-    return PiiPolicy(spec["action"], frozenset(types) if types else None, spec.get("min_score", 0.5), spec.get("model"))
+    return PiiPolicy(
+        spec["action"],
+        frozenset(types) if types else None,
+        spec.get("min_score", 0.5),
+        spec.get("model"),
+        spec.get("on_error", "enforce"),
+    )
 
 
 def _model(name: str, spec: dict[str, Any]) -> Model:

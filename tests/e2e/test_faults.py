@@ -252,3 +252,31 @@ models:
             assert health_pb2_grpc.HealthStub(channel).Check(request, timeout=10).status == 1
         with grpc.insecure_channel(listen) as channel, pytest.raises(grpc.RpcError):
             health_pb2_grpc.HealthStub(channel).Check(request, timeout=3)
+
+
+def test_a_pii_policy_fails_closed_when_the_check_cannot_run(tmp_path: Path) -> None:
+    policy = """
+version: 1
+default_model: external
+models:
+  external:
+    replicas: {static: ["$e1"], envoy: original_dst}
+    pii: {action: block, types: [US_SSN]}
+  onprem: {replicas: {static: ["$p1"], envoy: original_dst}}
+  relaxed:
+    replicas: {static: ["$r1"], envoy: original_dst}
+    pii: {action: block, on_error: allow}
+decisions:
+  - name: private
+    when: {header: {name: x-user-tier, equals: private}}
+    model: external
+    pii: {action: reroute, model: onprem}
+"""
+    with Stack(tmp_path, policy, [StandIn(name="e1"), StandIn(name="p1"), StandIn(name="r1")]) as s:
+        s.sidecar.run(lambda: setattr(s.sidecar.router, "classifier", ClassifierSignal(_Stalled(), 0.2)))
+        blocked = s.post(chat("anything at all"))
+        assert blocked.status == 503 and blocked.json()["error"]["code"] == "pii_check_unavailable"
+        rerouted = s.post(chat("anything at all"), headers={"x-user-tier": "private"})
+        assert rerouted.status == 200 and rerouted.headers["x-router-model"] == "onprem"
+        relaxed = s.post(chat("anything at all", model="relaxed"))
+        assert relaxed.status == 200 and relaxed.headers["x-router-model"] == "relaxed"
