@@ -24,7 +24,7 @@ class PiiSpan:
 
 # Minimum mean tag probability over a span; structured types are also checked by a validator.
 MIN_SCORE = {t: 0.5 for t in PII_TYPES}
-# Tagger support a validated regex candidate needs: the validator carries most of the evidence.
+# Mean P(not O) a validated pattern match needs: the validator carries most of the evidence.
 MIN_SUPPORT = 0.3
 _TRIM = " \t\n\r.,;:!?()[]{}<>\"'`*"
 _CANDIDATES = {
@@ -36,6 +36,7 @@ _CANDIDATES = {
         re.IGNORECASE,
     ),
     "US_SSN": re.compile(r"(?<![\d-])\d{3}([- ]?)\d{2}\1\d{4}(?![\d-])"),
+    "PHONE_NUMBER": re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?\(?\d[\d ().-]{5,}\d(?!\w)"),
 }
 
 
@@ -71,6 +72,63 @@ def _trim(text: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
+_NAME_PARTICLES = frozenset(
+    [
+        "van",
+        "von",
+        "der",
+        "den",
+        "de",
+        "del",
+        "della",
+        "di",
+        "da",
+        "dos",
+        "das",
+        "du",
+        "la",
+        "le",
+        "bin",
+        "ibn",
+        "al",
+        "el",
+        "y",
+        "e",
+        "und",
+        "and",
+    ]
+)
+
+
+def to_word_bounds(text: str, start: int, end: int) -> tuple[int, int]:
+    """Widen a span that starts or ends inside a word (a sub-word token) to the whole word."""
+    while start > 0 and text[start - 1].isalnum() and text[start].isalnum():
+        start -= 1
+    while end < len(text) and text[end].isalnum() and text[end - 1].isalnum():
+        end += 1
+    return start, end
+
+
+def plausible(text: str, start: int, end: int, typ: str) -> bool:
+    """Shape checks for the types no checksum can confirm.
+
+    A street address carries a number (house, suite, box or postcode) and a word: a bare number is
+    not an address. A name does not cross a line break and is more than an option letter. In text
+    that uses capital letters at all, every word of a name is capitalized (particles such as "van"
+    or "de" aside); all-lowercase chat text is left to the tagger alone.
+    """
+    span = text[start:end]
+    if typ == "STREET_ADDRESS":
+        return any(c.isdigit() for c in span) and re.search(r"[^\W\d_]{2}", span) is not None
+    if typ == "PERSON":
+        words = re.findall(r"[^\W\d_]+", span)
+        if "\n" in span or not any(len(w) > 1 for w in words):
+            return False  # names do not cross lines; "G" is an option letter, not a name
+        if any(c.isupper() for c in text):
+            return all(w[0].isupper() or w.lower() in _NAME_PARTICLES for w in words if len(w) > 1)
+    return True
+
+
 def tagged_spans(tag_probs: np.ndarray) -> list[tuple[int, int, int, float]]:
     """Greedy BIO decode: (type index, first token, last token + 1, mean type probability)."""
     tags = tag_probs.argmax(-1)
@@ -92,39 +150,53 @@ def tagged_spans(tag_probs: np.ndarray) -> list[tuple[int, int, int, float]]:
 
 
 def decode(text: str, offsets: np.ndarray, tag_probs: np.ndarray) -> tuple[PiiSpan, ...]:
-    """Character spans of PII in `text` from token offsets [n, 2] and tag probabilities [n, tags]."""
+    """Character spans of PII in `text` from token offsets [n, 2] and tag probabilities [n, tags].
+
+    Structured values come first: a pattern match that passes its validator is kept when the
+    tagger sees PII there (of any type: the validator decides which), with the match's exact
+    boundaries. Tagger spans fill in the rest; a structured-type tagger span must also validate.
+    """
     if len(offsets) == 0:
         return ()
-    tprobs = type_probs(tag_probs)
-    found: list[PiiSpan] = []
+    confirmed = _confirmed(text, offsets, tag_probs)
+    tagged: list[PiiSpan] = []
     for typ_i, a, b, score in tagged_spans(tag_probs):
         typ = PII_TYPES[typ_i]
-        start, end = _trim(text, int(offsets[a, 0]), int(offsets[b - 1, 1]))
-        if end <= start or score < MIN_SCORE[typ]:
+        start, end = _trim(text, *to_word_bounds(text, int(offsets[a, 0]), int(offsets[b - 1, 1])))
+        if end <= start or score < MIN_SCORE[typ] or not plausible(text, start, end, typ):
             continue
         check = VALIDATORS.get(typ)
         if check is not None and not check(text[start:end]):
-            continue  # a regex candidate inside may still confirm it below
-        found.append(PiiSpan(typ, start, end, round(score, 4)))
+            continue
+        tagged.append(PiiSpan(typ, start, end, round(score, 4)))
+    return _resolve(confirmed, tagged)
+
+
+def _confirmed(text: str, offsets: np.ndarray, tag_probs: np.ndarray) -> list[PiiSpan]:
+    any_pii = 1.0 - tag_probs[:, 0]
+    tprobs = type_probs(tag_probs)
+    out = []
     for typ, pattern in _CANDIDATES.items():
-        ti = PII_TYPES.index(typ)
+        # A phone-number shape is too common (postcodes, house numbers) to accept on any PII tag.
+        pii_prob = tprobs[:, PII_TYPES.index(typ)] if typ == "PHONE_NUMBER" else any_pii
         for m in pattern.finditer(text):
             start, end = _trim(text, m.start(), m.end())
-            if not VALIDATORS[typ](text[start:end]):
+            if end <= start or not VALIDATORS[typ](text[start:end]):
                 continue
             covered = (offsets[:, 0] < end) & (offsets[:, 1] > start)
             if not covered.any():
                 continue
-            support = float(tprobs[covered, ti].mean())
+            support = float(pii_prob[covered].mean())
             if support >= MIN_SUPPORT:
-                found.append(PiiSpan(typ, start, end, round(support, 4)))
-    return _resolve(found)
+                out.append(PiiSpan(typ, start, end, round(support, 4)))
+    return out
 
 
-def _resolve(spans: list[PiiSpan]) -> tuple[PiiSpan, ...]:
-    """Drop duplicates and overlaps, keeping the higher-scoring (then longer) span."""
+def _resolve(first: list[PiiSpan], then: list[PiiSpan]) -> tuple[PiiSpan, ...]:
+    """Drop overlaps: every span of `first` beats `then`; within each, higher score, then longer."""
     kept: list[PiiSpan] = []
-    for s in sorted(spans, key=lambda s: (-s.score, s.start - s.end)):
-        if all(s.end <= k.start or s.start >= k.end for k in kept):
-            kept.append(s)
+    for group in (first, then):
+        for s in sorted(group, key=lambda s: (-s.score, s.start - s.end)):
+            if all(s.end <= k.start or s.start >= k.end for k in kept):
+                kept.append(s)
     return tuple(sorted(kept, key=lambda s: s.start))

@@ -65,8 +65,8 @@ def test_onnx_matches_training_graph_reference_outputs():
     assert np.abs(domain - ref["domain_probs"]).max() < 0.1
     assert (domain.argmax(-1) == ref["domain_probs"].argmax(-1)).all()
     assert np.abs(complexity - ref["complexity_probs"]).max() < 0.1
-    assert np.abs(pii - ref["pii_probs"])[mask].max() < 0.25
-    assert (pii.argmax(-1) == ref["pii_probs"].argmax(-1))[mask].mean() >= 0.98
+    assert np.abs(pii - ref["pii_probs"])[mask].mean() < 0.01
+    assert (pii.argmax(-1) == ref["pii_probs"].argmax(-1))[mask].mean() >= 0.95
 
 
 def test_pii_late_in_a_long_prompt_is_found(classifier: Classifier):

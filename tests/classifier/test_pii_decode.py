@@ -51,7 +51,8 @@ def test_validated_candidate_needs_tagger_support():
     unsupported = tag_probs(["O"] * 6)
     assert decode(text, offs, unsupported) == ()
     weak = tag_probs(["O"] * 6)
-    weak[1:5, PII_TAGS.index("I-CREDIT_CARD")] = 0.4  # below the span threshold, above support
+    weak[1:5, 0] = 0.55  # the tagger leans to "O" but sees some PII: enough for a valid card
+    weak[1:5, PII_TAGS.index("I-CREDIT_CARD")] = 0.4
     (span,) = decode(text, offs, weak)
     assert (span.type, text[span.start : span.end]) == ("CREDIT_CARD", "4111 1111 1111 1111")
 
@@ -86,3 +87,33 @@ def test_merge_windows_prefers_the_window_where_a_token_is_central():
     assert merged[9].argmax() == PII_TAGS.index("B-PERSON")
     assert merged[2].argmax() == 0
     assert merged[14].argmax() == PII_TAGS.index("B-PERSON")
+
+
+def test_sub_word_span_is_widened_to_the_whole_word():
+    text = "hi Hertzog"
+    offsets = np.array([[0, 2], [3, 6], [6, 10]])  # "hi", "Her", "##tzog"
+    (span,) = decode(text, offsets, tag_probs(["O", "O", "B-PERSON"]))
+    assert text[span.start : span.end] == "Hertzog"
+
+
+def test_bare_number_is_not_a_street_address():
+    text = "see page 209 of the book"
+    assert decode(text, words(text), tag_probs(["O", "O", "B-STREET_ADDRESS", "O", "O", "O"])) == ()
+    text = "ship to 12 Crown Street please"
+    tags = ["O", "O", "B-STREET_ADDRESS", "I-STREET_ADDRESS", "I-STREET_ADDRESS", "O"]
+    (span,) = decode(text, words(text), tag_probs(tags))
+    assert text[span.start : span.end] == "12 Crown Street"
+
+
+def test_lowercase_word_in_cased_text_is_not_a_name_but_lowercase_chat_keeps_names():
+    cased = "Which of the following is true"
+    assert decode(cased, words(cased), tag_probs(["O", "O", "B-PERSON", "O", "O", "O"])) == ()
+    chat = "email john about it"
+    (span,) = decode(chat, words(chat), tag_probs(["O", "B-PERSON", "O", "O"]))
+    assert chat[span.start : span.end] == "john"
+
+
+def test_option_letters_and_multi_line_spans_are_not_names():
+    text = "Options:\nG\nH"
+    offsets = np.array([[0, 7], [7, 8], [9, 10], [11, 12]])
+    assert decode(text, offsets, tag_probs(["O", "O", "B-PERSON", "I-PERSON"])) == ()

@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--sweep", action="store_true", help="also measure LoRA rank / targets / pooling on the domain validation split"
     )
+    ap.add_argument(
+        "--reevaluate-pii",
+        action="store_true",
+        help="instead of retraining: re-score PII of the shipped model (after a change to span decoding)",
+    )
     ap.add_argument("--no-bench", action="store_true", help="skip the latency benchmark for the card")
     args = ap.parse_args(argv)
     started = time.time()
@@ -64,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
 
+    if args.reevaluate_pii:
+        return reevaluate_pii(args)
     tok = load_tokenizer(base_model_dir() / "tokenizer.json")
     sd_np = load_np(str(base_model_dir() / "model.safetensors"))
     sd_t, _ = load_base()
@@ -215,6 +222,23 @@ def main(argv: list[str] | None = None) -> int:
     write_card(args.out)
     shutil.rmtree(work, ignore_errors=True)
     print(f"done in {time.time() - started:.0f}s", flush=True)
+    return 0
+
+
+def reevaluate_pii(args: argparse.Namespace) -> int:
+    from extproc.classifier.classifier import Classifier
+
+    meta = json.loads((args.out / "metrics.json").read_text())
+    questions, _ = load_mmlu(args.data)
+    clf = Classifier.load(args.out, threads=args.threads)
+    fmt = meta["chosen_format"]
+    meta["results"][fmt]["pii"] = evaluate.pii_results(clf, args.data, questions)
+    for other in meta["results"]:
+        if other != fmt:
+            meta["results"][other]["pii"] = None  # scored with the older decoding; not comparable
+    meta["pii_reevaluated"] = True
+    (args.out / "metrics.json").write_text(json.dumps(meta, indent=1, default=float))
+    write_card(args.out)
     return 0
 
 

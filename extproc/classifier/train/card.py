@@ -18,6 +18,13 @@ def _f(x: float, nd: int = 3) -> str:
     return "n/a" if x is None or x != x else f"{x:.{nd}f}"
 
 
+def _get(get, results: dict) -> str:
+    try:
+        return _f(get(results))
+    except (KeyError, TypeError):
+        return "not re-run"
+
+
 def _ok(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
@@ -182,7 +189,7 @@ def _details(m: dict, r: dict, lat: dict | None) -> list[str]:
         ("PII FP rate MMLU", lambda x: x["pii"]["fp_mmlu"]["rate"]),
         ("PII FP rate code", lambda x: x["pii"]["fp_code"]["rate"]),
     ):
-        out += [f"| {name} | {_f(get(f32))} | {_f(get(i8))} |"]
+        out += [f"| {name} | {_get(get, f32)} | {_get(get, i8)} |"]
     out += ["", f"Shipped: **{m['chosen_format']}**.", "", "## Domain", ""]
     for v in ("question", "with_options"):
         d = r["domain"][v]

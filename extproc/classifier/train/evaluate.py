@@ -75,8 +75,7 @@ def evaluate_all(model_dir: Path, questions: list[Question], data: Path, threads
             "n": len(test),
             "positives": int(pair.sum()),
         }
-        if variant == "with_options":
-            res["pii"]["fp_mmlu"] = _fp_rate(cs)
+    res["pii"].update(pii_results(clf, data, questions))
     chat = classify_all(clf, [p for p, _ in CHAT_PROMPTS])
     hits = [c.domain == d for c, (_, d) in zip(chat, CHAT_PROMPTS, strict=True)]
     res["domain"]["chat"] = {
@@ -84,9 +83,16 @@ def evaluate_all(model_dir: Path, questions: list[Question], data: Path, threads
         "n": len(hits),
         "misses": [[p, d, c.domain] for c, (p, d), h in zip(chat, CHAT_PROMPTS, hits, strict=True) if not h],
     }
-    res["pii"].update(_presidio(clf, data))
-    res["pii"]["fp_code"] = _fp_rate(classify_all(clf, code_chunks()))
     return res
+
+
+def pii_results(clf: Classifier, data: Path, questions: list[Question]) -> dict:
+    """PII F1 on presidio_synth_v2 and false-positive rates on PII-free text."""
+    out = _presidio(clf, data)
+    test = [q.with_options() for q in questions if q.split == "test"]
+    out["fp_mmlu"] = _fp_rate(classify_all(clf, test))
+    out["fp_code"] = _fp_rate(classify_all(clf, code_chunks()))
+    return out
 
 
 def _domain_prior(questions: list[Question], test: list[Question]) -> np.ndarray:
