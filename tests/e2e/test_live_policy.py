@@ -164,14 +164,24 @@ def test_decision_lines_are_logged_for_every_request_without_prompt_text(tmp_pat
         "4111 1111 1111 1111",
         "zebra-quartz-umbrella",
     ]
+    # The encoder runs too (a PII policy and a domain rule need it), so its path is searched as well.
+    policy_with_encoder = POLICY + """  - name: science
+    when: {domain: [math, physics]}
+    model: large
+pii: {action: redact, types: [US_SSN, CREDIT_CARD, EMAIL_ADDRESS, PERSON]}
+classifier: {timeout_ms: 60000}
+"""
     try:
-        with live_stack(tmp_path) as s:
+        with Stack(tmp_path, policy_with_encoder, [StandIn(name=n) for n in NAMES], substitutions={"default": "small"},
+                   envoy_options={"message_timeout": "90s"}) as s:
             for secret in secrets:
                 s.post(
                     chat(f"My details: {secret}. Please remember them."), headers={"x-request-id": f"req-{secret[:3]}"}
                 )
             s.post(b'{"model": "auto", "messages": [{"role": "user", "content": "zebra-quartz-umbrella"}')  # malformed
             time.sleep(0.2)
+            forwarded = b"".join(r.body for replica in s.replicas for r in replica.received)
+            assert b"<US_SSN>" in forwarded and b"078-05-1120" not in forwarded  # the encoder did run
     finally:
         root.removeHandler(capture)
         root.setLevel(old_level)
