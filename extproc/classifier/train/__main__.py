@@ -98,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     if args.sweep:
-        sweep = run_sweep(sd_t, spec, cached, pooled, train, val, domain_loss, args.seed)
-        (args.out / "sweep.json").write_text(json.dumps(sweep, indent=1))
+        run_sweep(sd_t, spec, cached, pooled, train, val, domain_loss, args.seed, args.out / "sweep.json")
         if (args.out / "metrics.json").exists():
             write_card(args.out)
         return 0
@@ -242,15 +241,16 @@ def reevaluate_pii(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_sweep(sd_t, spec, cached, pooled, train, val, loss, seed: int) -> list[dict]:
-    short = FitConfig(**{**FITS["domain"].__dict__, "epochs": 3})
+def run_sweep(sd_t, spec, cached, pooled, train, val, loss, seed: int, path: Path) -> list[dict]:
+    """Short runs of the domain head, most informative first; results are written after each."""
+    short = FitConfig(**{**FITS["domain"].__dict__, "epochs": 2})
     configs = (
-        (4, LORA_TARGETS, False, False),
         (16, LORA_TARGETS, False, False),
-        (16, ("q", "k", "v", "o"), False, False),
-        (16, ("q", "v"), False, False),
         (0, (), False, False),
+        (4, LORA_TARGETS, False, False),
+        (16, ("q", "v"), False, False),
         (16, LORA_TARGETS, False, True),
+        (16, ("q", "k", "v", "o"), False, False),
         (16, LORA_TARGETS, True, False),
     )
     out = []
@@ -282,6 +282,7 @@ def run_sweep(sd_t, spec, cached, pooled, train, val, loss, seed: int) -> list[d
             }
         )
         print(f"  sweep -> val accuracy {acc:.3f}", flush=True)
+        path.write_text(json.dumps(out, indent=1))
     return out
 
 
