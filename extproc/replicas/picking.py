@@ -94,13 +94,16 @@ class LeastLoad:
         busiest = max(inflight[e] for e in endpoints) + 1
         out = {}
         for e in endpoints:
-            parts = [1.0 - inflight[e] / busiest]
+            load = 1.0 - inflight[e] / busiest
             report = self.reports(e)
-            if report is not None:
-                if report.waiting is not None:
-                    parts.append(1.0 / (1.0 + report.waiting))
-                if report.kv_cache_usage is not None:
-                    parts.append(1.0 - min(max(report.kv_cache_usage, 0.0), 1.0))
+            if report is None:
+                out[e] = load
+                continue
+            parts = [load]
+            if report.waiting is not None:
+                parts.append(1.0 / (1.0 + report.waiting))
+            if report.kv_cache_usage is not None:
+                parts.append(1.0 - min(max(report.kv_cache_usage, 0.0), 1.0))
             out[e] = sum(parts) / len(parts)
         return out
 
@@ -149,12 +152,11 @@ class Picker:
         # Ties (a cold start, no session) rotate, so equal replicas share the work.
         turn = self._turns[request.model] = self._turns.get(request.model, 0) + 1
         n = len(endpoints)
-        order = {e: (i - turn) % n for i, e in enumerate(endpoints)}
         inflight = self.tracker.inflight
         eligible = set(candidates)
-
-        def rank(e: str) -> tuple[bool, float, int, int]:
-            return (e not in eligible, -totals[e], inflight[e], order[e])
-
-        ranked = sorted(endpoints, key=rank)
-        return Pick(tuple(ranked[: 1 + self.fallbacks]), detail)
+        # Eligible first, then the higher total, fewer in flight, the rotating turn (unique, so the
+        # index after it never decides).
+        ranked = sorted(
+            (e not in eligible, -totals[e], inflight[e], (i - turn) % n, i) for i, e in enumerate(endpoints)
+        )
+        return Pick(tuple(endpoints[r[4]] for r in ranked[: 1 + self.fallbacks]), detail)

@@ -4,6 +4,11 @@ The rendered conversation is cut into blocks of B characters and hashed as a cha
 block's hash covers everything before it), seeded with the model name. Each replica keeps a
 bounded LRU of the chain hashes it has been sent; a replica's score is the fraction of the
 prompt's leading blocks found in its index.
+
+A chain is recorded tail first, so a block is always more recent than the blocks after it and
+the LRU evicts a chain from its tail, as vLLM evicts cached blocks. An index is therefore
+prefix-closed (a block is present only if every block before it is), so the longest matched prefix
+is found by binary search.
 """
 
 from __future__ import annotations
@@ -33,18 +38,21 @@ class PrefixIndex:
         index = self._by_endpoint.get(endpoint)
         if not index:
             return 0
-        n = 0
-        for h in hashes:
-            if h not in index:
-                break
-            n += 1
-        return n
+        # Prefix-closed, so "hashes[k - 1] is present" holds for every k up to the answer and none after.
+        lo, hi = 0, len(hashes)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if hashes[mid - 1] in index:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def record(self, endpoint: str, hashes: list[int]) -> None:
         index = self._by_endpoint.get(endpoint)
         if index is None:
             index = self._by_endpoint[endpoint] = OrderedDict()
-        for h in hashes:
+        for h in reversed(hashes):  # tail first: see the module docstring
             if h in index:
                 index.move_to_end(h)
             else:
