@@ -1,6 +1,6 @@
 """Does KV-cache-affine replica picking beat the usual balancers? A discrete-event simulation.
 
-    python bench/affinity_sim.py            # full: 4, 8, 16 replicas, then sweeps at 8 (~25 min)
+    python bench/affinity_sim.py            # full: 4, 8, 16 replicas, then sweeps at 8 (~30 min)
     python bench/affinity_sim.py --quick    # CI: fewer requests, no sweeps (well under a minute)
 
 Deterministic for a given --seed: the trace, the random baseline and every tie-break derive from it.
@@ -640,6 +640,8 @@ def sweep_picker(workload: Workload, replica: Replica, base: PickingSettings, n:
     ]
     print(f"\n## our picker at {n} replicas, one change at a time from the defaults\n")
     print(HEADER)
+    for reference in (RoundRobin(n), Ring(n, workload.seed)):  # the same runs' baselines, for scale
+        print(row(simulate(reference, n, workload, replica), f"({reference.name})"), flush=True)
     for label, settings, w, routers in variants:
         policy = Ours(n, settings, routers=routers, seed=w.seed)
         print(row(simulate(policy, n, w, replica), label), flush=True)
