@@ -87,7 +87,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extproc.policy.config import PickingSettings
 from extproc.replicas.load import Lease, LoadTracker
-from extproc.replicas.picking import BoundedLoad, LeastLoad, Picker, PickRequest, PrefixAffinity, SessionAffinity
+from extproc.replicas.picking import Picker, PickRequest, build_picker
 from extproc.replicas.prefix import PrefixIndex, block_hashes
 from extproc.request import Message, render
 
@@ -300,17 +300,7 @@ class Ours(Policy):
     @staticmethod
     def _router(p: PickingSettings) -> _RouterInstance:
         tracker, index = LoadTracker(), PrefixIndex(p.index_blocks)
-        picker = Picker(
-            filters=[BoundedLoad(tracker, p.load_bound)],
-            scorers=[
-                (PrefixAffinity(index), p.prefix_weight),
-                (LeastLoad(tracker), p.load_weight),
-                (SessionAffinity(), p.session_weight),
-            ],
-            fallbacks=p.fallbacks,
-            tracker=tracker,
-        )
-        return _RouterInstance(tracker, index, picker)
+        return _RouterInstance(tracker, index, build_picker(p, tracker, index))
 
     def pick(self, request: Request, inflight: Sequence[int]) -> int:
         request.router = self._rng.randrange(len(self.routers)) if len(self.routers) > 1 else 0

@@ -20,15 +20,7 @@ from extproc.policy.config import Decision, Model, PiiPolicy, Policy
 from extproc.policy.evaluate import NEEDS_CLASSIFIER, choose_model, decide
 from extproc.policy.evaluate import explain as trace_decisions
 from extproc.replicas.load import Lease, LoadTracker
-from extproc.replicas.picking import (
-    BoundedLoad,
-    LeastLoad,
-    Pick,
-    Picker,
-    PickRequest,
-    PrefixAffinity,
-    SessionAffinity,
-)
+from extproc.replicas.picking import Pick, Picker, PickRequest, build_picker
 from extproc.replicas.pool import Discovery, Pools
 from extproc.replicas.prefix import PrefixIndex, block_hashes
 from extproc.signals import Signals
@@ -149,18 +141,7 @@ class Router:
         self.picker = self._picker(self.state.policy)
 
     def _picker(self, policy: Policy) -> Picker:
-        p = policy.picking
-        load = LeastLoad(self.tracker) if self.load_reports is None else LeastLoad(self.tracker, self.load_reports)
-        return Picker(
-            filters=[BoundedLoad(self.tracker, p.load_bound, p.load_floor)],
-            scorers=[
-                (PrefixAffinity(self.index), p.prefix_weight),
-                (load, p.load_weight),
-                (SessionAffinity(), p.session_weight),
-            ],
-            fallbacks=p.fallbacks,
-            tracker=self.tracker,
-        )
+        return build_picker(policy.picking, self.tracker, self.index, self.load_reports)
 
     # --- the flow ------------------------------------------------------------------------------
 

@@ -103,6 +103,7 @@ class PickingSettings:
     block_chars: int = 256
     index_blocks: int = 20000
     load_bound: float = 0.25
+    sticky_load_bound: float | None = None  # bound for requests one replica holds much more of (None: load_bound)
     load_floor: int = 2
     fallbacks: int = 2
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from extproc.policy.config import PickingSettings
 from extproc.replicas.load import LoadTracker
 from extproc.replicas.prefix import PrefixIndex
 from extproc.replicas.scrape import LoadReport
@@ -19,6 +20,12 @@ class PickRequest:
     model: str
     blocks: list[int]  # prefix chain hashes of the rendered conversation
     session: str | None = None
+    matched: dict[str, int] | None = None  # blocks of the prefix each replica holds, computed once
+
+    def matched_blocks(self, index: PrefixIndex, endpoints: Sequence[str]) -> dict[str, int]:
+        if self.matched is None:
+            self.matched = {e: index.matched_blocks(e, self.blocks) for e in endpoints} if self.blocks else {}
+        return self.matched
 
 
 @dataclass(slots=True)
@@ -48,6 +55,12 @@ class BoundedLoad:
     """Consistent hashing with bounded loads: no replica may exceed (1 + epsilon) x the mean
     in-flight count once this request is added, so affinity never piles work on one replica.
 
+    The bound is cost-aware when given the prefix index: a request whose prompt one replica holds
+    much more of than the others (a conversation's later turn) may go up to ``sticky_epsilon``,
+    because moving it means prefilling its whole history again; a request that is as cheap on any
+    replica (a new conversation, a shared system prompt) is held to ``epsilon`` and so fills the
+    least loaded replicas, which keeps the balance the sticky ones stretch.
+
     Below ``floor`` requests in flight a replica is never "overloaded": model servers batch many
     requests at once, and at that load the relative bound would only break affinity (a
     conversation's next turn would be sent away while its previous turn is still finishing)."""
@@ -55,12 +68,20 @@ class BoundedLoad:
     tracker: LoadTracker
     epsilon: float
     floor: int = 2
+    index: PrefixIndex | None = None
+    sticky_epsilon: float | None = None  # None: the plain bound
+    sticky_share: float = 0.25  # the prompt share one replica must hold beyond the others
     name: str = "bounded_load"
 
     def filter(self, request: PickRequest, endpoints: Sequence[str]) -> Sequence[str]:
         inflight = self.tracker.inflight
         total = sum(inflight[e] for e in endpoints) + 1
-        capacity = max(self.floor, math.ceil((1 + self.epsilon) * total / len(endpoints)))
+        epsilon = self.epsilon
+        if self.sticky_epsilon is not None and self.index is not None and request.blocks and len(endpoints) > 1:
+            matched = sorted(request.matched_blocks(self.index, endpoints).values(), reverse=True)
+            if (matched[0] - matched[1]) >= self.sticky_share * len(request.blocks):
+                epsilon = self.sticky_epsilon
+        capacity = max(self.floor, math.ceil((1 + epsilon) * total / len(endpoints)))
         # A replica is eligible if taking this request keeps it within capacity.
         eligible = [e for e in endpoints if inflight[e] + 1 <= capacity]
         return eligible or [min(endpoints, key=lambda e: inflight[e])]
@@ -78,7 +99,8 @@ class PrefixAffinity:
         if not request.blocks:
             return {}
         n = len(request.blocks)
-        return {e: self.index.matched_blocks(e, request.blocks) / n for e in endpoints}
+        matched = request.matched_blocks(self.index, endpoints)
+        return {e: matched[e] / n for e in endpoints}
 
 
 @dataclass(slots=True)
@@ -160,3 +182,24 @@ class Picker:
             (e not in eligible, -totals[e], inflight[e], (i - turn) % n, i) for i, e in enumerate(endpoints)
         )
         return Pick(tuple(endpoints[r[4]] for r in ranked[: 1 + self.fallbacks]), detail)
+
+
+def build_picker(
+    settings: PickingSettings,
+    tracker: LoadTracker,
+    index: PrefixIndex,
+    reports: Callable[[str], LoadReport | None] | None = None,
+) -> Picker:
+    """The router's picker from its settings: the one definition the router and the simulation share."""
+    load = LeastLoad(tracker) if reports is None else LeastLoad(tracker, reports)
+    bound = BoundedLoad(tracker, settings.load_bound, settings.load_floor, index, settings.sticky_load_bound)
+    return Picker(
+        filters=[bound],
+        scorers=[
+            (PrefixAffinity(index), settings.prefix_weight),
+            (load, settings.load_weight),
+            (SessionAffinity(), settings.session_weight),
+        ],
+        fallbacks=settings.fallbacks,
+        tracker=tracker,
+    )
