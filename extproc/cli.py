@@ -15,6 +15,12 @@ from extproc.policy.load import DEFAULT_POLICY
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # eval and classify own their options; hand them everything after the command name, so
+    # `extproc eval --config P --data D` works (argparse's REMAINDER refuses a leading option).
+    if argv and argv[0] in _DELEGATED:
+        rest = argv[1:]
+        return _DELEGATED[argv[0]]()(rest[1:] if rest[:1] == ["--"] else rest)
     parser = argparse.ArgumentParser(prog="extproc", description="LLM routing sidecar for Envoy.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -117,15 +123,23 @@ def main(argv: list[str] | None = None) -> int:
         from extproc.demo import run_demo
 
         return run_demo(keep_running=args.keep_running)
-    if args.command == "eval":
-        from extproc.evaluation.cli import main as eval_main
-
-        return eval_main(args.rest)
-    if args.command == "classify":
-        from extproc.classifier.cli import main as classify_main
-
-        return classify_main(args.rest)
     raise AssertionError(args.command)
+
+
+def _eval_main():
+    from extproc.evaluation.cli import main as eval_main
+
+    return eval_main
+
+
+def _classify_main():
+    from extproc.classifier.cli import main as classify_main
+
+    return classify_main
+
+
+# Subcommands with their own parsers; listed in `extproc --help` through the stubs above.
+_DELEGATED = {"eval": _eval_main, "classify": _classify_main}
 
 
 def _serve(args: argparse.Namespace) -> int:

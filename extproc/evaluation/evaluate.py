@@ -65,7 +65,9 @@ async def evaluate(
         values = (
             list(options.values) if options.values else default_values(knob, offline.complexities(), options.points)
         )
-        values = sorted({*values, current_value})
+        # The current setting is decided on its own (the operating point); keeping it out of the
+        # sweep keeps APGR and CPT a property of the signals and the data, not of where the knob sits.
+        values = sorted(set(values))
         sweep = []
         for value in values:
             text = knobs.dump(knobs.replaced(data, knob, value))

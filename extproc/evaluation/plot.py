@@ -10,7 +10,7 @@ class PlotUnavailableError(RuntimeError):
     pass
 
 
-def _short(name: str, limit: int = 24) -> str:
+def _short(name: str, limit: int = 32) -> str:
     return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
@@ -63,32 +63,15 @@ def plot(summary: dict[str, Any], path: str | Path, title: str | None = None) ->
         lw=2,
         label=f"policy, swept: {_knob_label(sweep['knob'])}",
     )
-    # each single model
+    # each single model (named once the axis limits are known)
     for name, m in models.items():
-        ax.plot(
-            m["cost_per_1k"], m["quality"], "s", color="black" if name in (weak, strong) else "0.55", ms=7, zorder=4
-        )
-        ax.annotate(
-            _short(name),
-            (m["cost_per_1k"], m["quality"]),
-            textcoords="offset points",
-            xytext=(7, -3),
-            fontsize=8.5,
-            color="black" if name in (weak, strong) else "0.35",
-        )
-    ax.plot([], [], "s", color="black", ms=7, label="single models")
+        ax.plot(m["cost_per_1k"], m["quality"], "s", color=_model_color(name, weak, strong), ms=7, zorder=4)
+    ax.plot([], [], "s", color="black", ms=7, label="single models (black: weak, strong)")
     # 95% of the strong model's quality
     saving = metrics.get("saving_at_95pct_strong")
     if saving:
-        ax.axhline(saving["quality_target"], color="tab:red", lw=1, alpha=0.6)
-        ax.annotate(
-            f"95% of {_short(strong, 20)}",
-            (0.01, saving["quality_target"]),
-            xycoords=("axes fraction", "data"),
-            ha="left",
-            va="bottom",
-            fontsize=8.5,
-            color="tab:red",
+        ax.axhline(
+            saving["quality_target"], color="tab:red", lw=1, alpha=0.6, label=f"95% of {_short(strong, 26)}'s quality"
         )
     # the current setting
     ax.plot(
@@ -119,7 +102,20 @@ def plot(summary: dict[str, Any], path: str | Path, title: str | None = None) ->
     ax.set_xlabel(f"cost, USD per 1,000 prompts  (output {assumed} tokens assumed unless given)")
     ax.set_ylabel("quality (mean score per prompt)")
     ax.grid(True, alpha=0.3)
-    ax.margins(x=0.14, y=0.06)  # room for the model names
+    ax.margins(x=0.06, y=0.06)
+    lo, hi = ax.get_xlim()
+    for name, m in models.items():
+        # names of models in the right half go to the left of their marker, to stay inside the axes
+        right_half = m["cost_per_1k"] > (lo + hi) / 2
+        ax.annotate(
+            _short(name),
+            (m["cost_per_1k"], m["quality"]),
+            textcoords="offset points",
+            xytext=(-7 if right_half else 7, -3),
+            ha="right" if right_half else "left",
+            fontsize=8.5,
+            color=_model_color(name, weak, strong),
+        )
     ax.set_title(title or "Routing quality against cost", fontsize=12)
     # legend and figures beside the axes, where no curve can hide them
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9, framealpha=0.95, borderaxespad=0)
@@ -137,6 +133,10 @@ def plot(summary: dict[str, Any], path: str | Path, title: str | None = None) ->
     fig.subplots_adjust(left=0.07, right=0.64, top=0.93, bottom=0.1)
     fig.savefig(path)
     plt.close(fig)
+
+
+def _model_color(name: str, weak: str, strong: str) -> str:
+    return "black" if name in (weak, strong) else "0.45"
 
 
 def _knob_label(knob: str) -> str:

@@ -165,15 +165,23 @@ def test_decision_lines_are_logged_for_every_request_without_prompt_text(tmp_pat
         "zebra-quartz-umbrella",
     ]
     # The encoder runs too (a PII policy and a domain rule need it), so its path is searched as well.
-    policy_with_encoder = POLICY + """  - name: science
+    policy_with_encoder = (
+        POLICY
+        + """  - name: science
     when: {domain: [math, physics]}
     model: large
 pii: {action: redact, types: [US_SSN, CREDIT_CARD, EMAIL_ADDRESS, PERSON]}
 classifier: {timeout_ms: 60000}
 """
+    )
     try:
-        with Stack(tmp_path, policy_with_encoder, [StandIn(name=n) for n in NAMES], substitutions={"default": "small"},
-                   envoy_options={"message_timeout": "90s"}) as s:
+        with Stack(
+            tmp_path,
+            policy_with_encoder,
+            [StandIn(name=n) for n in NAMES],
+            substitutions={"default": "small"},
+            envoy_options={"message_timeout": "90s"},
+        ) as s:
             for secret in secrets:
                 s.post(
                     chat(f"My details: {secret}. Please remember them."), headers={"x-request-id": f"req-{secret[:3]}"}

@@ -123,3 +123,15 @@ def test_model_map_scores_a_policy_model_with_another_key(tmp_path, rule_policy)
     ]
     assert main([*argv, *SWEEP]) == 0
     assert json.loads(out.read_text())["models"]["strong"]["data_key"] == "b"
+
+
+def test_extproc_eval_reaches_this_command(tmp_path, rule_policy):
+    from extproc.cli import main as extproc_main
+
+    data = write_jsonl(tmp_path / "eval.jsonl", long_short_rows())
+    out = tmp_path / "s.json"
+    for separator in ([], ["--"]):
+        out.unlink(missing_ok=True)
+        argv = ["eval", *separator, "--config", str(rule_policy), "--data", str(data), "--out", str(out), *SWEEP]
+        assert extproc_main(argv) == 0
+        assert json.loads(out.read_text())["metrics"]["apgr"] == pytest.approx(0.45)

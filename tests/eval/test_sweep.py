@@ -39,8 +39,8 @@ def test_rule_only_sweep_matches_the_hand_computed_figures():
         {"default": 5, "long": 5},
     )
     assert op["cost_per_1k"] == pytest.approx(0.55)
-    assert [p["value"] for p in s["sweep"]["points"]] == [1, 50, 100, 10_000]
-    assert [p["strong_share"] for p in s["sweep"]["points"]] == [1.0, 0.5, 0.5, 0.0]
+    assert [p["value"] for p in s["sweep"]["points"]] == [1, 100, 10_000]
+    assert [p["strong_share"] for p in s["sweep"]["points"]] == [1.0, 0.5, 0.0]
     m = s["metrics"]
     # PGR over the strong share: (0, 0), (.5, .4), (1, 1) -> .5 * .4 / 2 + .5 * 1.4 / 2
     assert m["axis"] == "strong_call_share"
@@ -155,8 +155,28 @@ def test_a_chosen_model_without_labels_is_an_error_not_a_silent_zero():
 
 
 def test_calibration_picks_the_cheapest_value_reaching_the_target():
-    options = Options(knob="decisions[long].when.tokens.min", values=[1, 100, 10_000], target_quality="0.7")
+    options = Options(knob="decisions[long].when.tokens.min", values=[1, 50, 100, 10_000], target_quality="0.7")
     cal = _run(RULE_POLICY, long_short_rows(), options)["calibration"]
-    assert (cal["value"], cal["quality"]) == (50, 0.7)  # 50 and 100 tie on cost; the first wins
+    assert (cal["value"], cal["quality"]) == (50, 0.7)  # 50 and 100 route alike; the first wins
     relative = Options(knob="decisions[long].when.tokens.min", values=[1, 10_000], target_quality="95%")
     assert _run(RULE_POLICY, long_short_rows(), relative)["calibration"]["value"] == 1
+
+
+def test_each_prompt_is_classified_alone_through_the_batcher():
+    # The int8 encoder's scores for a text shift with its batch-mates; the eval must not depend
+    # on the order of the file.
+    from extproc.classifier import AsyncClassifier
+
+    class Encoder:
+        def __init__(self):
+            self.batches = []
+            self.inner = StandInClassifier()
+
+        def classify(self, texts):
+            self.batches.append(len(texts))
+            return [asyncio.run(self.inner.classify(t)) for t in texts]
+
+    encoder = Encoder()
+    rows = [{"prompt": f"q{i} c=0.{i} zanzibar", "quality": {"weak": 0, "strong": 1}} for i in range(1, 9)]
+    _run(COMPLEXITY_POLICY, rows, Options(points=5), classifier=AsyncClassifier(encoder, max_batch=16, max_wait_ms=5))
+    assert encoder.batches == [1] * 8

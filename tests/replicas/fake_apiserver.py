@@ -382,11 +382,7 @@ class FakeApiServer:
     def _list(self, namespace: str | None, selector: str) -> Obj:
         with self._lock:
             self._requests.append(RequestRecord("list", namespace, selector, ""))
-            items = [
-                copy.deepcopy(obj)
-                for obj in self._objects.values()
-                if _visible(obj, namespace, selector)
-            ]
+            items = [copy.deepcopy(obj) for obj in self._objects.values() if _visible(obj, namespace, selector)]
             version = self._version
         return {
             "kind": "EndpointSliceList",
@@ -424,9 +420,7 @@ class FakeApiServer:
             self._sessions.append(session)
             return session, cursor, initial, None
 
-    def _next_events(
-        self, session: _WatchSession, cursor: int, deadline: float
-    ) -> tuple[list[_Event], bool]:
+    def _next_events(self, session: _WatchSession, cursor: int, deadline: float) -> tuple[list[_Event], bool]:
         """Wait a little for something to send; returns (events, stream should end).
 
         The wait is short so that the caller can also notice a client that hung up:
@@ -515,9 +509,7 @@ class _Handler(BaseHTTPRequestHandler):
         if query.get("watch", "").lower() in ("true", "1"):
             timeout = float(query["timeoutSeconds"]) if "timeoutSeconds" in query else None
             bookmarks = query.get("allowWatchBookmarks", "").lower() == "true"
-            self._watch(
-                fake, namespace, selector, query.get("resourceVersion", ""), timeout, bookmarks
-            )
+            self._watch(fake, namespace, selector, query.get("resourceVersion", ""), timeout, bookmarks)
         else:
             self._send_json(200, fake._list(namespace, selector))
 

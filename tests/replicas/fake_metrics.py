@@ -44,12 +44,8 @@ def vllm_metrics(
     kv_name = "vllm:gpu_cache_usage_perc" if legacy else "vllm:kv_cache_usage_perc"
     return (
         _NOISE.format(p="vllm")
-        + _gauge(
-            "vllm:num_requests_running", "Number of requests in model execution batches.", running
-        )
-        + _gauge(
-            "vllm:num_requests_waiting", "Number of requests waiting to be processed.", waiting
-        )
+        + _gauge("vllm:num_requests_running", "Number of requests in model execution batches.", running)
+        + _gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", waiting)
         + _gauge(kv_name, "KV-cache usage. 1 means 100 percent usage.", kv_cache)
     )
 
@@ -61,9 +57,7 @@ def sglang_metrics(queue: float, running: float, token_usage: float) -> str:
         _NOISE.format(p="sglang")
         + _gauge("sglang:token_usage", "The token usage", {model: token_usage})
         + _gauge("sglang:num_running_reqs", "The number of running requests", {model: running})
-        + _gauge(
-            "sglang:num_queue_reqs", "The number of requests in the waiting queue", {model: queue}
-        )
+        + _gauge("sglang:num_queue_reqs", "The number of requests in the waiting queue", {model: queue})
     )
 
 
@@ -81,9 +75,7 @@ class MetricsServer:
         self._release.set()
         self._httpd = _Server((host, 0), _Handler)
         self._httpd.fake = self
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def __enter__(self) -> MetricsServer:
         self._thread.start()

@@ -102,14 +102,8 @@ def watcher_threads(source: KubernetesSource) -> list[str]:
 
 def test_lists_ready_endpoints_of_the_service_only(api: FakeApiServer, make_watcher: MakeWatcher):
     api.apply(vllm_slice("vllm-a", "10.0.0.2", "10.0.0.1"))
-    api.apply(
-        endpoint_slice("other-a", namespace=NS, service="other", endpoints=[endpoint("10.0.9.9")])
-    )
-    api.apply(
-        endpoint_slice(
-            "vllm-elsewhere", namespace="default", service="vllm", endpoints=[endpoint("10.0.8.8")]
-        )
-    )
+    api.apply(endpoint_slice("other-a", namespace=NS, service="other", endpoints=[endpoint("10.0.9.9")]))
+    api.apply(endpoint_slice("vllm-elsewhere", namespace="default", service="vllm", endpoints=[endpoint("10.0.8.8")]))
 
     watcher = make_watcher()
 
@@ -117,9 +111,7 @@ def test_lists_ready_endpoints_of_the_service_only(api: FakeApiServer, make_watc
     assert watcher.connected
 
 
-def test_added_endpoint_appears_and_removed_one_disappears(
-    api: FakeApiServer, make_watcher: MakeWatcher
-):
+def test_added_endpoint_appears_and_removed_one_disappears(api: FakeApiServer, make_watcher: MakeWatcher):
     api.apply(vllm_slice("vllm-a", "10.0.0.1"))
     watcher = make_watcher()
 
@@ -133,9 +125,7 @@ def test_added_endpoint_appears_and_removed_one_disappears(
     wait_for_endpoints(watcher)
 
 
-def test_not_ready_endpoint_is_left_out_until_it_becomes_ready(
-    api: FakeApiServer, make_watcher: MakeWatcher
-):
+def test_not_ready_endpoint_is_left_out_until_it_becomes_ready(api: FakeApiServer, make_watcher: MakeWatcher):
     api.apply(
         endpoint_slice(
             "vllm-a",
@@ -144,9 +134,7 @@ def test_not_ready_endpoint_is_left_out_until_it_becomes_ready(
             endpoints=[
                 endpoint("10.0.0.1", ready=True),
                 endpoint("10.0.0.2", ready=False),
-                endpoint(
-                    "10.0.0.3", ready=None
-                ),  # nil: an unknown state, read as ready per the API
+                endpoint("10.0.0.3", ready=None),  # nil: an unknown state, read as ready per the API
             ],
         )
     )
@@ -157,9 +145,7 @@ def test_not_ready_endpoint_is_left_out_until_it_becomes_ready(
     wait_for_endpoints(watcher, "10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000")
 
 
-def test_terminating_endpoint_is_left_out_even_when_marked_ready(
-    api: FakeApiServer, make_watcher: MakeWatcher
-):
+def test_terminating_endpoint_is_left_out_even_when_marked_ready(api: FakeApiServer, make_watcher: MakeWatcher):
     api.apply(vllm_slice("vllm-a", "10.0.0.1", "10.0.0.2"))
     watcher = make_watcher()
 
@@ -179,17 +165,11 @@ def test_terminating_endpoint_is_left_out_even_when_marked_ready(
 
 
 def test_endpoint_without_conditions_counts_as_ready(api: FakeApiServer, make_watcher: MakeWatcher):
-    api.apply(
-        endpoint_slice(
-            "vllm-a", namespace=NS, service="vllm", endpoints=[{"addresses": ["10.0.0.1"]}]
-        )
-    )
+    api.apply(endpoint_slice("vllm-a", namespace=NS, service="vllm", endpoints=[{"addresses": ["10.0.0.1"]}]))
     assert make_watcher().endpoints == ("10.0.0.1:8000",)
 
 
-def test_slices_of_one_service_are_merged_and_deduplicated(
-    api: FakeApiServer, make_watcher: MakeWatcher
-):
+def test_slices_of_one_service_are_merged_and_deduplicated(api: FakeApiServer, make_watcher: MakeWatcher):
     api.apply(vllm_slice("vllm-a", "10.0.0.1", "10.0.0.2"))
     # An endpoint can sit in two slices for a moment while the controller moves it.
     api.apply(vllm_slice("vllm-b", "10.0.0.2", "10.0.0.3"))
@@ -200,9 +180,7 @@ def test_slices_of_one_service_are_merged_and_deduplicated(
     wait_for_endpoints(watcher, "10.0.0.2:8000", "10.0.0.3:8000")
 
 
-def test_label_selector_source_watches_the_matching_slices(
-    api: FakeApiServer, make_watcher: MakeWatcher
-):
+def test_label_selector_source_watches_the_matching_slices(api: FakeApiServer, make_watcher: MakeWatcher):
     api.apply(
         endpoint_slice(
             "a",
@@ -243,16 +221,12 @@ def test_named_port_is_resolved_in_each_slice(
     assert any("vllm-c" in r.getMessage() and "'http'" in r.getMessage() for r in caplog.records)
 
 
-def test_without_a_port_the_first_port_of_the_slice_is_used(
-    api: FakeApiServer, make_watcher: MakeWatcher
-):
+def test_without_a_port_the_first_port_of_the_slice_is_used(api: FakeApiServer, make_watcher: MakeWatcher):
     api.apply(vllm_slice("vllm-a", "10.0.0.1", ports=[port(8000, "http"), port(9090, "metrics")]))
     assert make_watcher().endpoints == ("10.0.0.1:8000",)
 
 
-def test_port_number_must_be_one_the_slice_exposes_unless_it_lists_none(
-    api: FakeApiServer, make_watcher: MakeWatcher
-):
+def test_port_number_must_be_one_the_slice_exposes_unless_it_lists_none(api: FakeApiServer, make_watcher: MakeWatcher):
     api.apply(vllm_slice("vllm-a", "10.0.0.1", ports=[port(8000, "http"), port(9090, "m")]))
     api.apply(vllm_slice("vllm-b", "10.0.0.2", ports=[port(8000, "http")]))
     api.apply(vllm_slice("vllm-c", "10.0.0.3", ports=None))  # a headless service without ports
@@ -260,9 +234,7 @@ def test_port_number_must_be_one_the_slice_exposes_unless_it_lists_none(
     assert watcher.endpoints == ("10.0.0.1:9090", "10.0.0.3:9090")
 
 
-def test_ipv6_endpoints_are_bracketed_and_fqdn_slices_ignored(
-    api: FakeApiServer, make_watcher: MakeWatcher
-):
+def test_ipv6_endpoints_are_bracketed_and_fqdn_slices_ignored(api: FakeApiServer, make_watcher: MakeWatcher):
     api.apply(vllm_slice("vllm-v6", "fd00::1", address_type="IPv6"))
     api.apply(vllm_slice("vllm-fqdn", "vllm.example.com", address_type="FQDN"))
     assert make_watcher().endpoints == ("[fd00::1]:8000",)
@@ -309,9 +281,7 @@ def test_a_failing_on_change_does_not_stop_discovery(api: FakeApiServer):
         watcher.stop()
 
 
-def test_bookmarks_move_the_version_and_change_nothing(
-    api: FakeApiServer, make_watcher: MakeWatcher
-):
+def test_bookmarks_move_the_version_and_change_nothing(api: FakeApiServer, make_watcher: MakeWatcher):
     api.apply(vllm_slice("vllm-a", "10.0.0.1"))
     watcher = make_watcher(watch_timeout_seconds=1)
     api.send_bookmark()
@@ -327,9 +297,7 @@ def test_bookmarks_move_the_version_and_change_nothing(
 # --- list, watch, 410 and reconnects -------------------------------------------------------
 
 
-def test_watch_starts_at_the_list_version_and_resumes_without_relisting(
-    api: FakeApiServer, make_watcher: MakeWatcher
-):
+def test_watch_starts_at_the_list_version_and_resumes_without_relisting(api: FakeApiServer, make_watcher: MakeWatcher):
     api.apply(vllm_slice("vllm-a", "10.0.0.1"))
     listed_version = api.resource_version
     watcher = make_watcher(watch_timeout_seconds=1)
@@ -383,9 +351,7 @@ def test_410_status_on_resume_relists_and_catches_up():
             watcher.stop()
 
 
-def test_dropped_watch_relists_quietly(
-    api: FakeApiServer, make_watcher: MakeWatcher, caplog: pytest.LogCaptureFixture
-):
+def test_dropped_watch_relists_quietly(api: FakeApiServer, make_watcher: MakeWatcher, caplog: pytest.LogCaptureFixture):
     api.apply(vllm_slice("vllm-a", "10.0.0.1"))
     watcher = make_watcher()
     wait_until(lambda: api.open_watches == 1, message="an open watch")
@@ -429,9 +395,7 @@ def test_api_outage_keeps_last_endpoints_then_updates_resume(
 def test_outage_before_the_first_list_keeps_trying(api: FakeApiServer):
     api.apply(vllm_slice("vllm-a", "10.0.0.1"))
     api.go_down()
-    watcher = EndpointSliceWatcher(
-        VLLM, api_client=api.api_client(), backoff_initial=0.05, backoff_max=0.2
-    )
+    watcher = EndpointSliceWatcher(VLLM, api_client=api.api_client(), backoff_initial=0.05, backoff_max=0.2)
     watcher.start()
     try:
         assert not watcher.wait_synced(0.3)
@@ -465,9 +429,7 @@ def test_a_long_outage_logs_one_warning_not_one_per_retry(
 # --- stopping ------------------------------------------------------------------------------
 
 
-def test_stop_during_a_watch_closes_it_and_joins_the_thread(
-    api: FakeApiServer, make_watcher: MakeWatcher
-):
+def test_stop_during_a_watch_closes_it_and_joins_the_thread(api: FakeApiServer, make_watcher: MakeWatcher):
     source = KubernetesSource(namespace="stop-during-watch", service="vllm")
     watcher = make_watcher(source)  # the default 300 s watch: stop() must not wait for it
     wait_until(lambda: api.open_watches == 1, message="an open watch")
@@ -478,14 +440,10 @@ def test_stop_during_a_watch_closes_it_and_joins_the_thread(
     wait_until(lambda: api.open_watches == 0, message="the server to see the watch closed")
 
 
-def test_stop_during_backoff_does_not_wait_for_it(
-    api: FakeApiServer, caplog: pytest.LogCaptureFixture
-):
+def test_stop_during_backoff_does_not_wait_for_it(api: FakeApiServer, caplog: pytest.LogCaptureFixture):
     api.go_down()
     source = KubernetesSource(namespace="stop-during-backoff", service="vllm")
-    watcher = EndpointSliceWatcher(
-        source, api_client=api.api_client(), backoff_initial=60.0, backoff_max=60.0
-    )
+    watcher = EndpointSliceWatcher(source, api_client=api.api_client(), backoff_initial=60.0, backoff_max=60.0)
     with caplog.at_level(logging.DEBUG, logger="extproc.replicas"):
         watcher.start()
         # The first retry is immediate; after the second failure the watcher waits a minute.
@@ -506,17 +464,13 @@ def test_stop_before_start_is_harmless(api: FakeApiServer):
 # --- configuration -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "options", [{}, {"service": "vllm", "selector": "app=vllm"}, {"service": "vllm", "port": 0}]
-)
+@pytest.mark.parametrize("options", [{}, {"service": "vllm", "selector": "app=vllm"}, {"service": "vllm", "port": 0}])
 def test_source_needs_exactly_one_of_service_or_selector(options: dict[str, object]):
     with pytest.raises(KubernetesSourceError):
         KubernetesSource(namespace=NS, **options)  # type: ignore[arg-type]
 
 
-def test_load_api_client_reads_a_kubeconfig(
-    api: FakeApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
+def test_load_api_client_reads_a_kubeconfig(api: FakeApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     kubeconfig = tmp_path / "config"
     kubeconfig.write_text(f"""
@@ -538,9 +492,7 @@ current-context: fake
         watcher.stop()
 
 
-def test_load_api_client_names_the_missing_kubeconfig(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
+def test_load_api_client_names_the_missing_kubeconfig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     missing = tmp_path / "nope"
     with pytest.raises(KubernetesConfigError, match=str(missing)):

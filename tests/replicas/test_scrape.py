@@ -65,10 +65,7 @@ def test_older_vllm_builds_report_kv_usage_as_gpu_cache_usage():
 
 
 def test_the_current_kv_metric_wins_when_both_generations_are_exposed():
-    text = (
-        'vllm:kv_cache_usage_perc{model_name="m"} 0.9\n'
-        'vllm:gpu_cache_usage_perc{model_name="m"} 0.1\n'
-    )
+    text = 'vllm:kv_cache_usage_perc{model_name="m"} 0.9\nvllm:gpu_cache_usage_perc{model_name="m"} 0.1\n'
     assert parse_load(text, scraped_at=0.0).kv_cache_usage == 0.9
 
 
