@@ -164,15 +164,23 @@ def _serve(args: argparse.Namespace) -> int:
     from extproc.policy import ConfigError
 
     try:
-        if os.environ.get("EXTPROC_UVLOOP") == "1":
-            import uvloop
-
-            uvloop.install()
-        asyncio.run(serve(settings))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(serve(settings))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
     return 0
+
+
+def _loop_factory():
+    """uvloop unless EXTPROC_UVLOOP=0: it cuts the sidecar's CPU per request (bench/RESULTS.md)."""
+    if os.environ.get("EXTPROC_UVLOOP", "1") == "0":
+        return None
+    try:
+        import uvloop
+    except ImportError:  # a platform without a wheel: the standard loop works the same, a little slower
+        return None
+    return uvloop.new_event_loop
 
 
 def _check_config(path: Path) -> int:
