@@ -9,12 +9,14 @@ The baseline is the same front Envoy routing straight to the upstream, without e
 measured in the same run.
 
 Configurations:
+  trivial     the floor: bench/trivial_extproc.py (one JSON parse, a model rewrite, two headers;
+              Envoy's default two round trips), the issue's reference processor, same run
   rules       keyword/header/token rules; Envoy balances the model's cluster
   affinity    rules + the router picks the replica (prefix affinity, load, bounded load)
   classifier  a domain/complexity decision on every request (the encoder runs)
 
 Load: h2load (Debian nghttp2-client) over HTTP/1.1. Closed loop to saturation for the maximum
-throughput; open loop (--rps) at 50 and 200 req/s and at 80% of the measured maximum, with
+throughput; open loop (--rps) at 50 and 200 req/s and at 50% and 80% of the measured maximum, with
 per-request latencies from h2load's log. Classifier runs use a small asyncio client instead,
 because each request must carry a different prompt (h2load repeats one body).
 """
@@ -266,6 +268,65 @@ def baseline_config(listen: int, admin: int, ports: list[int]) -> dict:
     }
 
 
+def trivial_config(listen: int, admin: int, ports: list[int], uds: Path) -> dict:
+    """The baseline plus an ext_proc filter in Envoy's default mode, for bench/trivial_extproc.py."""
+    config = baseline_config(listen, admin, ports)
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"].insert(
+        0,
+        {
+            "name": "envoy.filters.http.ext_proc",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "trivial"}, "timeout": "1s"},
+                "processing_mode": {
+                    "request_header_mode": "SEND",
+                    "response_header_mode": "SKIP",
+                    "request_body_mode": "BUFFERED",
+                    "response_body_mode": "NONE",
+                },
+            },
+        },
+    )
+    config["static_resources"]["clusters"].append(
+        {
+            "name": "trivial",
+            "type": "STATIC",
+            "connect_timeout": "0.25s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            },
+            "load_assignment": {
+                "cluster_name": "trivial",
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(uds)}}}}]}],
+            },
+        }
+    )
+    return config
+
+
+class TrivialProcess(SidecarProcess):
+    """bench/trivial_extproc.py in a subprocess (no health service: ready when its socket is)."""
+
+    def __init__(self, uds: Path) -> None:
+        super().__init__(Path(), uds, 0)
+
+    def start(self, timeout: float = 30.0) -> None:
+        script = Path(__file__).with_name("trivial_extproc.py")
+        self.log = open(self.uds.with_suffix(".log"), "wb")  # noqa: SIM115 - lives with the process
+        self.process = subprocess.Popen(
+            [sys.executable, str(script), "--uds", str(self.uds)], stdout=self.log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + timeout
+        while not self.uds.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"trivial ext_proc did not start: {self.uds.with_suffix('.log').read_text()}")
+            time.sleep(0.1)
+
+
 # --- load ------------------------------------------------------------------------------------------
 
 
@@ -430,6 +491,10 @@ class Front:
         self.sidecar: SidecarProcess | None = None
         if name == "baseline":
             config = baseline_config(self.port, free_port(), upstream_ports)
+        elif name == "trivial":
+            self.sidecar = TrivialProcess(self.workdir / "trivial.sock")
+            self.sidecar.start()
+            config = trivial_config(self.port, free_port(), upstream_ports, self.sidecar.uds)
         else:
             upstreams = "[" + ", ".join(f'"127.0.0.1:{p}"' for p in upstream_ports) + "]"
             policy_path = self.workdir / "policy.yaml"
@@ -463,7 +528,11 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--concurrency", type=int, default=1, help="front Envoy worker threads")
-    parser.add_argument("--configs", default="rules,affinity,classifier", help="also: rules-asyncio")
+    parser.add_argument(
+        "--configs",
+        default="trivial,rules,affinity,classifier",
+        help="trivial: the least a Python ext_proc does (bench/trivial_extproc.py); also: rules-asyncio",
+    )
     parser.add_argument("--tokens", default="100,2000", help="prompt sizes for the h2load configurations")
     args = parser.parse_args()
     if args.quick:
