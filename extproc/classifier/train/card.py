@@ -178,6 +178,14 @@ def _details(m: dict, r: dict, lat: dict | None) -> list[str]:
         out += [""]
     out += [f"- PII: {m['pii_examples']} generated sentences (extproc/classifier/train/pii_data.py)"]
     out += [f"- fp32 ONNX vs torch training graph: max abs difference {m['fp32_vs_torch_max_abs_diff']:.1e}"]
+    if m.get("pii_only_retrain"):
+        p = m["pii_only_retrain"]
+        out += [
+            f"- The PII branch was then retrained alone (`--only-pii`, {p['total_seconds'] / 60:.1f} min wall "
+            f"time including evaluation; PII fp32 ONNX vs torch: max abs difference "
+            f"{p['fp32_vs_torch_pii_max_abs_diff']:.1e}); {p['note']}. The wall time and the domain/complexity "
+            "fp32 figures above are from the full run."
+        ]
     out += ["", "## fp32 vs int8 (same evaluation)", "", "| metric | fp32 | int8 |", "|---|---|---|"]
     f32, i8 = m["results"]["fp32"], m["results"]["int8"]
     for name, get in (

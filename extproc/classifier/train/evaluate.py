@@ -202,17 +202,26 @@ def reference_outputs(sd_t, trunk_layers: int, branches: list[Branch], tok) -> d
     return {"input_ids": ids, "attention_mask": mask, "pii_probs": p, "domain_probs": d, "complexity_probs": c}
 
 
-def compare_reference(model_dir: Path, ref: dict) -> float:
+def pii_reference(sd_t, trunk_layers: int, pii: Branch, ref: dict) -> np.ndarray:
+    """The PII head's torch outputs on the reference batch (after a PII-only retrain)."""
+    trunk = build_trunk(sd_t, trunk_layers)
+    pii.eval()
+    with torch.no_grad():
+        x = trunk(torch.from_numpy(ref["input_ids"]), torch.from_numpy(ref["attention_mask"]))
+        return pii(x, torch.from_numpy(ref["attention_mask"]).float())[0].softmax(-1).numpy()
+
+
+def compare_reference(
+    model_dir: Path, ref: dict, names: tuple[str, ...] = ("domain_probs", "complexity_probs", "pii_probs")
+) -> float:
     import onnxruntime as ort
 
     s = ort.InferenceSession(str(model_dir / "classifier.onnx"), providers=["CPUExecutionProvider"])
-    names = ["domain_probs", "complexity_probs", "pii_probs"]
-    outs = s.run(names, {"input_ids": ref["input_ids"], "attention_mask": ref["attention_mask"]})
+    outs = s.run(list(names), {"input_ids": ref["input_ids"], "attention_mask": ref["attention_mask"]})
     mask = ref["attention_mask"].astype(bool)
     diffs = [
-        np.abs(outs[0] - ref["domain_probs"]).max(),
-        np.abs(outs[1] - ref["complexity_probs"]).max(),
-        np.abs(outs[2] - ref["pii_probs"])[mask].max(),
+        np.abs(o - ref[n])[mask].max() if n == "pii_probs" else np.abs(o - ref[n]).max()
+        for o, n in zip(outs, names, strict=True)
     ]
     return float(max(diffs))
 
