@@ -61,6 +61,10 @@ def session(path: str, threads: int) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    # as the shipped Classifier sets it (extproc/classifier/classifier.py), so both graphs run alike
+    so.add_session_config_entry(
+        "session.intra_op.allow_spinning", "1" if os.environ.get("EXTPROC_ORT_SPINNING", "0") == "1" else "0"
+    )
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 

@@ -2,7 +2,9 @@
 
 Callers classify each message of a conversation separately, so a new turn costs only its new
 message: earlier messages are cache hits, and identical texts in flight share one computation.
-Inference runs in one worker thread, never on the event loop.
+Inference runs in one worker thread, never on the event loop. A text whose every caller has
+gone (timed out, cancelled) before its batch starts is dropped, so an overload sheds the work
+nobody waits for instead of queueing it ahead of the requests that still do.
 """
 
 from __future__ import annotations
@@ -49,10 +51,12 @@ class AsyncClassifier:
         self._on_batch = on_batch
         self._cache: OrderedDict[bytes, Classification] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Future[Classification]] = {}
+        self._waiting: dict[bytes, int] = {}  # callers still awaiting each in-flight key
         self._queue: asyncio.Queue[tuple[bytes, str]] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifier")
         self._closed = False
+        self._abandoned = 0  # texts given up by every caller before their result
 
     async def classify(self, text: str) -> Classification:
         if self._closed:
@@ -69,8 +73,24 @@ class AsyncClassifier:
             self._ensure_worker()
             assert self._queue is not None
             self._queue.put_nowait((key, text))
-        # shield: one caller being cancelled must not cancel the shared result for the others
-        return await asyncio.shield(pending)
+        self._waiting[key] = self._waiting.get(key, 0) + 1
+        try:
+            # shield: one caller being cancelled must not cancel the shared result for the others
+            return await asyncio.shield(pending)
+        finally:
+            self._leave(key, pending)
+
+    def _leave(self, key: bytes, pending: asyncio.Future[Classification]) -> None:
+        left = self._waiting[key] - 1
+        if left:
+            self._waiting[key] = left
+            return
+        del self._waiting[key]
+        if not pending.done() and self._inflight.get(key) is pending:
+            # Nobody waits for it any more: the batcher skips it unless its batch already started.
+            del self._inflight[key]
+            pending.cancel()
+            self._abandoned += 1
 
     def _ensure_worker(self) -> None:
         if self._worker is None:
@@ -94,7 +114,9 @@ class AsyncClassifier:
                     break
             while len(batch) < self._max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
-            await self._infer(batch)
+            batch = [item for item in batch if item[0] in self._inflight]
+            if batch:
+                await self._infer(batch)
 
     async def _infer(self, batch: list[tuple[bytes, str]]) -> None:
         loop = asyncio.get_running_loop()
@@ -115,6 +137,11 @@ class AsyncClassifier:
             fut = self._inflight.pop(key, None)
             if fut is not None and not fut.done():
                 fut.set_result(result)
+
+    @property
+    def abandoned(self) -> int:
+        """Texts every caller gave up on before they were classified (dropped or finished late)."""
+        return self._abandoned
 
     def _report(self, size: int, seconds: float) -> None:
         if self._on_batch is None:

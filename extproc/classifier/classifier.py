@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,11 @@ class Classifier:
         # The arena keeps the peak of every run (long texts: several 512-token windows) for the life
         # of the process; without it RSS stays near 200 MB instead of 500+.
         so.enable_cpu_mem_arena = False
+        # onnxruntime's intra-op threads busy-wait for work by default; beside Envoy on two cores
+        # that doubled the sidecar's CPU per classified request (bench/RESULTS.md, table 4), so
+        # they sleep instead unless EXTPROC_ORT_SPINNING=1.
+        spinning = os.environ.get("EXTPROC_ORT_SPINNING", "0") == "1"
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         session = ort.InferenceSession(str(model_dir / config["onnx"]), so, providers=["CPUExecutionProvider"])
         return cls(session, model_dir)
 

@@ -1,4 +1,5 @@
 import asyncio
+import threading
 
 import pytest
 
@@ -117,3 +118,39 @@ def test_cancelled_caller_does_not_cancel_the_shared_result(counting: Counting):
     impatient, result = asyncio.run(run())
     assert impatient.cancelled()
     assert isinstance(result, Classification)
+
+
+def test_work_every_caller_gave_up_on_is_dropped(counting: Counting):
+    """Under overload, texts whose callers timed out are not classified ahead of live ones."""
+    gate = threading.Event()
+    original = counting.classify
+
+    def gated(texts):
+        if not counting.batches:  # the first batch holds the worker until the gate opens
+            counting.batches.append([])
+            gate.wait(10)
+            counting.batches.pop()
+        return original(texts)
+
+    counting.classify = gated
+
+    async def run():
+        ac = AsyncClassifier(counting, max_batch=1, max_wait_ms=0)
+        first = asyncio.create_task(ac.classify("first"))
+        await asyncio.sleep(0.05)
+        for i in range(5):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ac.classify(f"given up {i}"), 0.01)
+        shared = asyncio.create_task(ac.classify("still wanted"))
+        with pytest.raises(TimeoutError):  # one of its two callers gives up; the other still waits
+            await asyncio.wait_for(asyncio.shield(ac.classify("still wanted")), 0.01)
+        gate.set()
+        await first
+        result = await shared
+        await ac.aclose()
+        return ac.abandoned, result
+
+    abandoned, result = asyncio.run(run())
+    assert isinstance(result, Classification)
+    assert counting.batches == [["first"], ["still wanted"]]
+    assert abandoned == 5
