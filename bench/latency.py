@@ -398,28 +398,32 @@ def h2load(port: int, body: Path, *, seconds: float, clients: int, rps: float | 
     return result
 
 
+async def _post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes) -> bool:
+    """One chat completion over a kept-alive HTTP/1.1 connection; True on a 200."""
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: b\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(payload)}\r\n\r\n"
+    ).encode()
+    writer.write(head + payload)
+    status_line = await reader.readline()
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    await reader.readexactly(length)
+    return b" 200 " in status_line
+
+
 async def _python_open_loop(port: int, rate: float, seconds: float, body: Callable[[int], bytes]) -> Result:
     result = Result(seconds=seconds)
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def one(i: int) -> None:
-        payload = body(i)
-        head = (
-            f"POST /v1/chat/completions HTTP/1.1\r\nhost: b\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(payload)}\r\n\r\n"
-        ).encode()
         connection = idle.pop() if idle else await asyncio.open_connection("127.0.0.1", port)
         reader, writer = connection
         start = time.perf_counter()
         try:
-            writer.write(head + payload)
-            status_line = await reader.readline()
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            await reader.readexactly(length)
-            if b" 200 " in status_line:
+            if await _post(reader, writer, body(i)):
                 result.latencies_ms.append((time.perf_counter() - start) * 1000)
                 idle.append(connection)
             else:
@@ -452,19 +456,8 @@ async def _python_closed_loop(port: int, clients: int, seconds: float, body: Cal
         try:
             while time.monotonic() < deadline:
                 payload = body(next(counter))
-                head = (
-                    f"POST /v1/chat/completions HTTP/1.1\r\nhost: b\r\ncontent-type: application/json\r\n"
-                    f"content-length: {len(payload)}\r\n\r\n"
-                ).encode()
                 start = time.perf_counter()
-                writer.write(head + payload)
-                status_line = await reader.readline()
-                length = 0
-                while (line := await reader.readline()) not in (b"\r\n", b""):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
-                if b" 200 " in status_line:
+                if await _post(reader, writer, payload):
                     result.latencies_ms.append((time.perf_counter() - start) * 1000)
                 else:
                     result.errors += 1
