@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -100,3 +101,14 @@ class SidecarProcess:
             self.process.wait(5)
         self.process = None
         self.log.close()
+
+
+def cpu_model() -> str:
+    """The CPU's model name, for benchmark headers."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

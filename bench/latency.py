@@ -40,7 +40,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import SidecarProcess, free_port
+from bench.common import SidecarProcess, cpu_model, free_port
 from extproc.envoy import EnvoyOptions, EnvoyProcess, render
 from extproc.policy import load_policy
 
@@ -674,7 +674,7 @@ def _pcts(runs: list[Result]) -> tuple[float, float, float]:
 
 def print_report(rows: list[tuple], args: argparse.Namespace) -> None:
     print(
-        f"machine: {platform.machine()}, {_cpu_model()}, {_cores()} cores; python {platform.python_version()}; "
+        f"machine: {platform.machine()}, {cpu_model()}, {_cores()} cores; python {platform.python_version()}; "
         f"front Envoy concurrency {args.concurrency}; {args.repeat} runs x {args.seconds:.0f}s per point "
         "(medians of the per-run percentiles)"
     )
@@ -717,16 +717,6 @@ def print_report(rows: list[tuple], args: argparse.Namespace) -> None:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _cores() -> int:

@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import extproc.replicas.picking
 import extproc.replicas.prefix
+from bench.common import cpu_model
 from extproc.policy.config import PickingSettings
 from extproc.replicas.load import LoadTracker
 from extproc.request import Message, render
@@ -203,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     prompt_chars = [len(render(m)) for m, _ in setups[0].prompts]
     print(
         f"# pick cost: {platform.python_implementation()} {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs ({_cpu_model()}), load average before {os.getloadavg()[0]:.2f}"
+        f"{os.cpu_count()} CPUs ({cpu_model()}), load average before {os.getloadavg()[0]:.2f}"
     )
     print(
         f"# {args.rounds} rounds x {args.calls} calls per op and config; {INDEXED_BLOCKS} blocks indexed per "
@@ -247,16 +248,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         if op == "pick" and code == "this"
     ]
     print("\npick p99 (CPU time) vs the 300 us target: " + ", ".join(verdicts))
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":
