@@ -156,16 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     branches = [to_weights("pii", pii), to_weights("domain", domain), to_weights("complexity", complexity)]
     graph = build(sd_np, TRUNK_LAYERS, branches)
     work = Path(tempfile.mkdtemp(prefix="extproc-train-"))
-    formats = {}
-    for fmt in ("fp32", "int8"):
-        d = work / fmt
-        d.mkdir()
-        write_model_dir(d, base_model_dir() / "tokenizer.json")
-        if fmt == "fp32":
-            onnx.save(graph, str(d / "classifier.onnx"))
-        else:
-            quantize_int8(str(work / "fp32" / "classifier.onnx"), str(d / "classifier.onnx"))
-        formats[fmt] = d
+    formats = format_dirs(work)
+    onnx.save(graph, str(formats["fp32"] / "classifier.onnx"))
+    quantize_int8(str(formats["fp32"] / "classifier.onnx"), str(formats["int8"] / "classifier.onnx"))
     reference = evaluate.reference_outputs(sd_t, TRUNK_LAYERS, [pii, domain, complexity], tok)
     max_diff = evaluate.compare_reference(formats["fp32"], reference)
     print(f"  fp32 ONNX vs torch: max abs diff {max_diff:.2e}", flush=True)
@@ -256,12 +249,7 @@ def retrain_pii(args: argparse.Namespace, tok, sd_np, sd_t, trunk, started: floa
     placeholders = [to_weights(n, new_branch(sd_t, SPECS[n], args.seed)) for n in ("domain", "complexity")]
     graph = build(sd_np, TRUNK_LAYERS, [to_weights("pii", pii), *placeholders])
     work = Path(tempfile.mkdtemp(prefix="extproc-train-"))
-    formats = {}
-    for fmt in ("fp32", "int8"):
-        d = work / fmt
-        d.mkdir()
-        write_model_dir(d, base_model_dir() / "tokenizer.json")
-        formats[fmt] = d
+    formats = format_dirs(work)
     onnx.save(graph, str(formats["fp32"] / "classifier.onnx"))
     quantize_int8(str(formats["fp32"] / "classifier.onnx"), str(work / "int8-new.onnx"))
     merged = carry_over(onnx.load(str(work / "int8-new.onnx")), shipped, ("domain", "complexity"), 3 * HIDDEN)
@@ -410,6 +398,16 @@ def to_weights(name: str, branch: Branch) -> BranchWeights:
         activation="sigmoid" if branch.spec.n_out == 1 else "softmax",
         with_trunk_mean=branch.spec.with_trunk_mean,
     )
+
+
+def format_dirs(work: Path) -> dict[str, Path]:
+    """One model directory (config and tokenizer, no graph yet) per format, under work."""
+    formats = {}
+    for fmt in ("fp32", "int8"):
+        formats[fmt] = work / fmt
+        formats[fmt].mkdir()
+        write_model_dir(formats[fmt], base_model_dir() / "tokenizer.json")
+    return formats
 
 
 def write_model_dir(d: Path, base_tokenizer: Path) -> None:
