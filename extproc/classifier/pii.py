@@ -23,7 +23,12 @@ class PiiSpan:
 
 
 # Minimum mean tag probability over a span; structured types are also checked by a validator.
-MIN_SCORE = {t: 0.5 for t in PII_TYPES}
+# PERSON needs more: its spans carry no checksum, and names of public figures and textbook
+# characters in questions were most of the false positives. 0.75 was chosen on held-out data the
+# evaluation never sees (fresh generator sentences, the MMLU-Pro validation split, other code
+# chunks): the best generator F1 (0.883, as at 0.6) with the fewest flagged validation questions
+# (13.8% at 0.5 -> 10.5%); above 0.8 PERSON recall falls faster than false positives do.
+MIN_SCORE = {t: 0.75 if t == "PERSON" else 0.5 for t in PII_TYPES}
 # Mean P(not O) a validated pattern match needs: the validator carries most of the evidence.
 MIN_SUPPORT = 0.3
 _TRIM = " \t\n\r.,;:!?()[]{}<>\"'`*"
