@@ -106,14 +106,20 @@ def test_numbers_code_and_ids_are_not_pii(classifier: Classifier, text: str):
     assert c.pii == ()
 
 
-def test_batch_results_match_single_results(classifier: Classifier):
-    texts = ["short one", "Which enzyme unwinds DNA during replication? " * 3, "x " * 1200 + "end"]
+def test_a_texts_result_does_not_depend_on_its_batch_mates(classifier: Classifier):
+    # Similar lengths, so a length-grouping batcher would put them in one padded run, where int8
+    # dynamic quantization shares one activation scale between them.
+    texts = [
+        "Which of the following best describes the role of the Federal Reserve in setting interest rates?",
+        "Solve for x: 3x + 7 = 22. Show steps. Solve for x: 3x + 7 = 22. Show steps. 12345 %%% ~~~ 99999999",
+        "hey, email John Smith at john.smith@example.com or call 415-555-0132 about order 88231",
+        "short one",
+        "x " * 1200 + "end",
+    ]
     batched = classifier.classify(texts)
     for t, b in zip(texts, batched, strict=True):
         [single] = classifier.classify([t])
-        assert single.domain == b.domain
-        assert abs(single.complexity - b.complexity) < 1e-3
-        assert [(s.type, s.start, s.end) for s in single.pii] == [(s.type, s.start, s.end) for s in b.pii]
+        assert single == b  # exactly: same probabilities, complexity and spans
 
 
 def test_empty_input_list_and_empty_text(classifier: Classifier):

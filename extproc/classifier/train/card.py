@@ -186,6 +186,13 @@ def _details(m: dict, r: dict, lat: dict | None) -> list[str]:
             f"{p['fp32_vs_torch_pii_max_abs_diff']:.1e}); {p['note']}. The wall time and the domain/complexity "
             "fp32 figures above are from the full run."
         ]
+    if m.get("reevaluated"):
+        r = m["reevaluated"]
+        out += [
+            f"- Re-scored on {r['at']} (`--reevaluate`) through the current runtime, {r['format']} only: every "
+            f"{r['format']} figure in this card is from that run; the other format's column below is from "
+            "training time (a runtime change, e.g. to batching or decoding, can move it slightly)."
+        ]
     out += ["", "## fp32 vs int8 (same evaluation)", "", "| metric | fp32 | int8 |", "|---|---|---|"]
     f32, i8 = m["results"]["fp32"], m["results"]["int8"]
     for name, get in (
