@@ -187,10 +187,10 @@ def _details(m: dict, r: dict, lat: dict | None) -> list[str]:
             "fp32 figures above are from the full run."
         ]
     if m.get("reevaluated"):
-        r = m["reevaluated"]
+        again = m["reevaluated"]
         out += [
-            f"- Re-scored on {r['at']} (`--reevaluate`) through the current runtime, {r['format']} only: every "
-            f"{r['format']} figure in this card is from that run; the other format's column below is from "
+            f"- Re-scored on {again['at']} (`--reevaluate`) through the current runtime, {again['format']} only: "
+            f"every {again['format']} figure in this card is from that run; the other format's column below is from "
             "training time (a runtime change, e.g. to batching or decoding, can move it slightly)."
         ]
     out += ["", "## fp32 vs int8 (same evaluation)", "", "| metric | fp32 | int8 |", "|---|---|---|"]
