@@ -79,7 +79,7 @@ decisions:
     "classifier": """
 version: 1
 default_model: small
-classifier: {max_batch: 16, max_wait_ms: 2}
+classifier: {max_batch: 16, max_wait_ms: 0}
 models:
   small: {upstream_model: llama-3.1-8b-instruct}
   large: {upstream_model: llama-3.1-70b-instruct}

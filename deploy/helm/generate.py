@@ -194,7 +194,7 @@ ROWS: list[tuple[str, list[tuple[str, str, str, str, int, list[dict[str, str]]]]
             ),
             (
                 "Classifier batch size",
-                "Texts per encoder run: micro-batching at work.",
+                "Texts collected per batch (each runs alone): how many classifications queue together.",
                 "timeseries",
                 "short",
                 12,

@@ -90,7 +90,7 @@ class ClassifierSettings:
     enabled: bool | str = "auto"
     threads: int = 2
     max_batch: int = 16
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.0  # texts run one at a time (batching.py): waiting would only delay
     cache_size: int = 4096
     timeout_ms: float = 300.0
 

@@ -25,7 +25,7 @@ def counting(classifier: Classifier) -> Counting:
     return Counting(classifier)
 
 
-def test_concurrent_calls_are_micro_batched(counting: Counting):
+def test_concurrent_calls_are_collected_into_batches_and_run_one_by_one(counting: Counting):
     sizes: list[int] = []
 
     async def run():
@@ -36,10 +36,40 @@ def test_concurrent_calls_are_micro_batched(counting: Counting):
 
     results = asyncio.run(run())
     assert all(isinstance(r, Classification) for r in results)
-    assert max(len(b) for b in counting.batches) == 8  # the cap holds
-    assert sum(len(b) for b in counting.batches) == 12  # every text classified once
-    assert len(counting.batches) < 12  # and they were batched
-    assert sizes == [len(b) for b in counting.batches]
+    assert max(sizes) == 8  # the cap holds
+    assert len(sizes) < 12  # concurrent texts were collected together
+    assert sum(sizes) == 12
+    # ... and each ran alone, so no text's outputs depend on its batch-mates
+    assert [len(b) for b in counting.batches] == [1] * 12
+
+
+def test_each_caller_is_answered_when_its_own_text_is_done(counting: Counting):
+    gate = threading.Event()
+    original = counting.classify
+
+    def gated(texts):
+        if "last" in texts:
+            gate.wait(10)
+        return original(texts)
+
+    counting.classify = gated
+
+    async def run():
+        ac = AsyncClassifier(counting, max_batch=8, max_wait_ms=50)
+        first = asyncio.create_task(ac.classify("first"))
+        last = asyncio.create_task(ac.classify("last"))
+        try:
+            result = await asyncio.wait_for(asyncio.shield(first), 5)  # while "last" still runs
+            still_running = not last.done()
+        finally:
+            gate.set()
+        await last
+        await ac.aclose()
+        return result, still_running
+
+    result, still_running = asyncio.run(run())
+    assert isinstance(result, Classification) and still_running
+    assert counting.batches == [["first"], ["last"]]
 
 
 def test_repeated_text_is_a_cache_hit(counting: Counting):
@@ -79,18 +109,19 @@ def test_lru_evicts_the_least_recently_used(counting: Counting):
     assert [t for b in counting.batches for t in b] == ["a", "b", "c", "b"]
 
 
-def test_error_reaches_callers_and_the_worker_survives(counting: Counting):
+def test_an_error_reaches_only_its_own_callers_and_the_worker_survives(counting: Counting):
     async def run():
         ac = AsyncClassifier(counting, max_batch=4, max_wait_ms=20)
-        bad = await asyncio.gather(ac.classify("boom"), ac.classify("fine"), return_exceptions=True)
+        bad, fine = await asyncio.gather(ac.classify("boom"), ac.classify("fine"), return_exceptions=True)
         after = await ac.classify("still working")
-        again = await ac.classify("fine")  # failed texts are not cached
+        again = await asyncio.gather(ac.classify("boom"), return_exceptions=True)  # failures are not cached
         await ac.aclose()
-        return bad, after, again
+        return bad, fine, after, again
 
-    bad, after, again = asyncio.run(run())
-    assert all(isinstance(e, ValueError) for e in bad)
-    assert isinstance(after, Classification) and isinstance(again, Classification)
+    bad, fine, after, again = asyncio.run(run())
+    assert isinstance(bad, ValueError) and isinstance(again[0], ValueError)
+    assert isinstance(fine, Classification) and isinstance(after, Classification)
+    assert counting.batches.count(["boom"]) == 2
 
 
 def test_closed_classifier_refuses_new_work(counting: Counting):
