@@ -73,6 +73,7 @@ import functools
 import hashlib
 import heapq
 import itertools
+import json
 import math
 import random
 import statistics
@@ -628,6 +629,22 @@ def sweep_picker(workload: Workload, replica: Replica, base: PickingSettings, n:
         ("3 routers, session 1", replace(base, session_weight=1.0), workload, 3),
         ("3 routers, session 0", replace(base, session_weight=0.0), workload, 3),
     ]
+    # Cost-aware stickiness (opt-in): only moves that would re-prefill >= 12 blocks stretch the home
+    # (up to 1.0), every cheaper move is made at bound 0; the prefix leader keeps a moved conversation.
+    costly = replace(
+        base,
+        load_bound=0.0,
+        sticky_load_bound=1.0,
+        sticky_move_blocks=12,
+        leader_weight=5.0,
+        index_blocks=replica.kv_blocks,
+    )
+    variants += [
+        ("cost 12, leader 5", costly, workload, 1),
+        ("cost 12, leader 0", replace(costly, leader_weight=0.0), workload, 1),
+        ("3 rtr, cost 12, ldr 5", costly, workload, 3),
+        ("3 rtr, cost 12, ldr 0", replace(costly, leader_weight=0.0), workload, 3),
+    ]
     print(f"\n## our picker at {n} replicas, one change at a time from the defaults\n")
     print(HEADER)
     for reference in (RoundRobin(n), Ring(n, workload.seed)):  # the same runs' baselines, for scale
@@ -644,6 +661,15 @@ def sweep_rate(workload: Workload, replica: Replica, settings: PickingSettings, 
             f"{n} replicas at {rate:g} requests/s per replica",
             [(None, simulate(p, n, w, replica)) for p in policies(n, w, settings)],
         )
+
+
+def _setting(kv: str) -> tuple[str, object]:
+    field_name, _, value = kv.partition("=")
+    if field_name not in PickingSettings.__dataclass_fields__:
+        raise SystemExit(
+            f"--picking: no setting {field_name!r}; one of {', '.join(PickingSettings.__dataclass_fields__)}"
+        )
+    return field_name, json.loads(value)
 
 
 def main(argv: Sequence[str] | None = None) -> list[Result]:
@@ -663,6 +689,13 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
     parser.add_argument("--engine", choices=("steps", "simple"), default=Replica().engine)
     parser.add_argument("--kv-blocks", type=int, default=Replica().kv_blocks, help="KV cache per replica, in blocks")
     parser.add_argument("--no-sweeps", action="store_true", help="only the main tables")
+    parser.add_argument(
+        "--picking",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="PickingSettings for ours, e.g. load_bound=0 sticky_load_bound=1 sticky_move_blocks=12 leader_weight=5",
+    )
     args = parser.parse_args(argv)
 
     workload = Workload(
@@ -674,7 +707,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
         session_share=args.session_share,
     )
     replica = Replica(engine=args.engine, kv_blocks=args.kv_blocks)
-    settings = PickingSettings()
+    settings = PickingSettings(**dict(_setting(kv) for kv in args.picking))
     print(
         f"# affinity simulation: seed {workload.seed}, {workload.duration:g} s of arrivals a run "
         f"(the first {workload.warmup:g} s not counted), {workload.rate_per_replica:g} requests/s and "
@@ -684,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
     print(
         f"# ours: weights prefix {settings.prefix_weight:g}, load {settings.load_weight:g}, session "
         f"{settings.session_weight:g}; load_bound {settings.load_bound}; block_chars {settings.block_chars}; "
-        f"index_blocks {settings.index_blocks}"
+        f"index_blocks {settings.index_blocks}" + "".join(f"; {kv}" for kv in args.picking)
     )
     results: list[Result] = []
     for n in args.replicas:

@@ -100,10 +100,12 @@ class PickingSettings:
     prefix_weight: float = 3.0
     load_weight: float = 2.0
     session_weight: float = 4.0
+    leader_weight: float = 0.0  # the replica with the longest prefix (after a move, stay)
     block_chars: int = 256
     index_blocks: int = 20000
     load_bound: float = 0.25
     sticky_load_bound: float | None = None  # bound for requests one replica holds much more of (None: load_bound)
+    sticky_move_blocks: int | None = None  # sticky bound only where moving re-prefills >= this many blocks
     load_floor: int = 2
     fallbacks: int = 2
 

@@ -390,12 +390,8 @@ def _build(data: dict[str, Any], lines: dict[JsonPath, int], digest: str) -> tup
     classifier = ClassifierSettings(**data.get("classifier", {}))
     weights = data.get("picking", {}).get("weights", {})
     picking_spec = {k: v for k, v in data.get("picking", {}).items() if k != "weights"}
-    picking = PickingSettings(
-        prefix_weight=weights.get("prefix", 3.0),
-        load_weight=weights.get("load", 2.0),
-        session_weight=weights.get("session", 4.0),
-        **picking_spec,
-    )
+    # weights.<scorer> -> <scorer>_weight; unset ones keep PickingSettings' defaults
+    picking = PickingSettings(**{f"{k}_weight": v for k, v in weights.items()}, **picking_spec)
     default_pii = _pii_policy(data.get("pii"))
     models = {name: _model(name, spec) for name, spec in data["models"].items()}
     needs_pii = (

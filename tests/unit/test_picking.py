@@ -4,8 +4,19 @@ from __future__ import annotations
 
 from collections import Counter
 
+from extproc.policy.config import PickingSettings
 from extproc.replicas.load import LoadTracker
-from extproc.replicas.picking import BoundedLoad, LeastLoad, Picker, PickRequest, PrefixAffinity, SessionAffinity
+from extproc.replicas.picking import (
+    BoundedLoad,
+    LeastLoad,
+    Picker,
+    PickRequest,
+    PrefixAffinity,
+    PrefixLeader,
+    SessionAffinity,
+    StickyHome,
+    build_picker,
+)
 from extproc.replicas.prefix import PrefixIndex, block_hashes
 from extproc.replicas.scrape import LoadReport
 
@@ -100,3 +111,62 @@ def test_scraped_queue_and_kv_usage_lower_the_load_score() -> None:
     reports = {ENDPOINTS[0]: LoadReport(waiting=12, running=4, kv_cache_usage=0.95, scraped_at=0.0)}
     scores = LeastLoad(tracker, reports.get).score(PickRequest("m", []), ENDPOINTS)
     assert scores[ENDPOINTS[0]] < min(scores[e] for e in ENDPOINTS[1:])
+
+
+def _loaded(tracker: LoadTracker, counts: dict[str, int]) -> None:
+    for endpoint, count in counts.items():
+        for _ in range(count):
+            tracker.acquire(endpoint, "m")
+
+
+def test_sticky_home_keeps_a_turn_whose_move_would_reprefill_its_history() -> None:
+    tracker, index = LoadTracker(), PrefixIndex(1000)
+    home, other = ENDPOINTS[0], ENDPOINTS[1]
+    long_turn = block_hashes("m", "a long conversation " * 400, 64)  # 125 blocks
+    index.record(home, long_turn[:-2])
+    index.record(other, long_turn[:2])  # the shared system prompt
+    _loaded(tracker, {home: 12, other: 8, ENDPOINTS[2]: 8, ENDPOINTS[3]: 8})  # home over the plain bound
+    sticky = StickyHome(BoundedLoad(tracker, 0.0), index, tracker, sticky_epsilon=1.0, min_blocks=12)
+    assert home not in BoundedLoad(tracker, 0.0).filter(PickRequest("m", long_turn), ENDPOINTS)
+    assert home in sticky.filter(PickRequest("m", long_turn), ENDPOINTS)
+    # A cheap move (the other replica holds nearly as much) is still made.
+    index.record(other, long_turn[:-8])
+    assert home not in sticky.filter(PickRequest("m", long_turn), ENDPOINTS)
+    # And the sticky bound still holds: 51 in flight, ceil(2 x 51 / 4) = 26 < 26 + 1.
+    fresh = PrefixIndex(1000)
+    fresh.record(home, long_turn[:-2])
+    _loaded(tracker, {home: 14})
+    sticky = StickyHome(BoundedLoad(tracker, 0.0), fresh, tracker, sticky_epsilon=1.0, min_blocks=12)
+    assert home not in sticky.filter(PickRequest("m", long_turn), ENDPOINTS)
+    _loaded(tracker, {other: 8})  # 59 in flight: ceil(2 x 59 / 4) = 30, room again
+    assert home in sticky.filter(PickRequest("m", long_turn), ENDPOINTS)
+
+
+def test_prefix_leader_prefers_the_replica_with_the_newest_turn() -> None:
+    index = PrefixIndex(1000)
+    turns = block_hashes("m", "turn after turn " * 200, 64)
+    leader = PrefixLeader(index)
+    assert leader.score(PickRequest("m", turns), ENDPOINTS) == {}  # nobody holds anything: no opinion
+    index.record(ENDPOINTS[0], turns[:30])  # its rendezvous home, before a move
+    index.record(ENDPOINTS[2], turns[:40])  # where the last turn was moved
+    scores = leader.score(PickRequest("m", turns), ENDPOINTS)
+    assert scores[ENDPOINTS[2]] == 1.0 and scores[ENDPOINTS[0]] == 0.0
+
+
+def test_after_a_move_the_conversation_stays_with_a_leader_weight() -> None:
+    tracker, index = LoadTracker(), PrefixIndex(1000)
+    settings = PickingSettings(leader_weight=5.0, sticky_move_blocks=12, sticky_load_bound=1.0)
+    p = build_picker(settings, tracker, index)
+    conversation = "system prompt " * 40 + "first turn " * 100
+    session = "s1"
+    home = p.pick(PickRequest("m", block_hashes("m", conversation, 64), session), ENDPOINTS).endpoints[0]
+    index.record(home, block_hashes("m", conversation, 64))
+    moved_to = next(e for e in ENDPOINTS if e != home)
+    conversation += " second turn " * 30
+    index.record(moved_to, block_hashes("m", conversation, 64))  # a forced move took the second turn
+    conversation += " third turn " * 30
+    picked = p.pick(PickRequest("m", block_hashes("m", conversation, 64), session), ENDPOINTS).endpoints[0]
+    assert picked == moved_to
+    # Without the leader weight the session pulls it back to its home, which lacks the second turn.
+    q = build_picker(PickingSettings(), tracker, index)
+    assert q.pick(PickRequest("m", block_hashes("m", conversation, 64), session), ENDPOINTS).endpoints[0] == home

@@ -39,6 +39,23 @@ def test_defaults_fill_in_what_the_file_leaves_out() -> None:
     assert policy.decisions == () and not policy.uses_classifier
 
 
+def test_picking_settings_from_yaml_keep_unset_defaults() -> None:
+    picking = parse_policy(
+        BASE
+        + """\
+picking:
+  weights: {leader: 5, load: 1}
+  load_bound: 0
+  sticky_load_bound: 1.0
+  sticky_move_blocks: 12
+"""
+    ).picking
+    assert (picking.leader_weight, picking.load_weight) == (5, 1)
+    assert (picking.prefix_weight, picking.session_weight) == (3.0, 4.0)  # PickingSettings' defaults
+    assert (picking.load_bound, picking.sticky_load_bound, picking.sticky_move_blocks) == (0, 1.0, 12)
+    assert parse_policy(BASE).picking.sticky_move_blocks is None
+
+
 def test_unknown_model_reference_names_path_line_and_choices() -> None:
     found = problems(
         BASE
