@@ -629,21 +629,23 @@ def sweep_picker(workload: Workload, replica: Replica, base: PickingSettings, n:
         ("3 routers, session 1", replace(base, session_weight=1.0), workload, 3),
         ("3 routers, session 0", replace(base, session_weight=0.0), workload, 3),
     ]
-    # Cost-aware stickiness (opt-in): only moves that would re-prefill >= 12 blocks stretch the home
-    # (up to 1.0), every cheaper move is made at bound 0; the prefix leader keeps a moved conversation.
-    costly = replace(
-        base,
-        load_bound=0.0,
-        sticky_load_bound=1.0,
-        sticky_move_blocks=12,
-        leader_weight=5.0,
-        index_blocks=replica.kv_blocks,
-    )
+    # The cost-aware stickiness the defaults now use, against what came before it, and the leader
+    # scorer (opt-in: it helps one router and hurts several).
+    previous = replace(base, load_bound=0.25, sticky_load_bound=None, sticky_move_blocks=None)
     variants += [
-        ("cost 12, leader 5", costly, workload, 1),
-        ("cost 12, leader 0", replace(costly, leader_weight=0.0), workload, 1),
-        ("3 rtr, cost 12, ldr 5", costly, workload, 3),
-        ("3 rtr, cost 12, ldr 0", replace(costly, leader_weight=0.0), workload, 3),
+        ("sticky_move_blocks 8", replace(base, sticky_move_blocks=8), workload, 1),
+        ("sticky_move_blocks 16", replace(base, sticky_move_blocks=16), workload, 1),
+        ("sticky_load_bound 0.5", replace(base, sticky_load_bound=0.5), workload, 1),
+        ("leader 5", replace(base, leader_weight=5.0), workload, 1),
+        (
+            f"leader 5, index_blocks {replica.kv_blocks}",
+            replace(base, leader_weight=5.0, index_blocks=replica.kv_blocks),
+            workload,
+            1,
+        ),
+        ("previous defaults", previous, workload, 1),
+        ("3 routers, leader 5", replace(base, leader_weight=5.0), workload, 3),
+        ("3 routers, previous defaults", previous, workload, 3),
     ]
     print(f"\n## our picker at {n} replicas, one change at a time from the defaults\n")
     print(HEADER)
@@ -716,8 +718,10 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
     )
     print(
         f"# ours: weights prefix {settings.prefix_weight:g}, load {settings.load_weight:g}, session "
-        f"{settings.session_weight:g}; load_bound {settings.load_bound}; block_chars {settings.block_chars}; "
-        f"index_blocks {settings.index_blocks}" + "".join(f"; {kv}" for kv in args.picking)
+        f"{settings.session_weight:g}, leader {settings.leader_weight:g}; load_bound {settings.load_bound}, "
+        f"sticky_load_bound {settings.sticky_load_bound}, sticky_move_blocks {settings.sticky_move_blocks}; "
+        f"block_chars {settings.block_chars}; index_blocks {settings.index_blocks}"
+        + "".join(f"; {kv}" for kv in args.picking)
     )
     results: list[Result] = []
     for n in args.replicas:

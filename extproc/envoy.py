@@ -183,7 +183,11 @@ def render(policy: Policy, options: EnvoyOptions | None = None) -> dict[str, Any
             retries[policy.original_dst_cluster] = 0  # the address is fixed; a retry would hit it again
             continue
         endpoints, dns = _model_endpoints(policy, name, o)
-        balance = max(100, round(100 * (1 + policy.picking.load_bound))) if mode == "hash" else None
+        # Envoy's ring hash keeps every request with its key's host, like the picker's later turns,
+        # so it gets the bound those have: the sticky one, where set.
+        p = policy.picking
+        bound = p.sticky_load_bound if p.sticky_load_bound is not None else p.load_bound
+        balance = max(100, round(100 * (1 + bound))) if mode == "hash" else None
         clusters[model.cluster] = _cluster(
             model.cluster, endpoints, override_host=mode == "override_host", dns=dns, hash_balance_factor=balance
         )

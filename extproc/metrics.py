@@ -57,7 +57,10 @@ class Metrics:
             registry=r,
         )
         self.classifier_batch = Histogram(
-            "extproc_classifier_batch_size", "Texts per batch (collected together, run one by one).", buckets=_BATCH_BUCKETS, registry=r
+            "extproc_classifier_batch_size",
+            "Texts per batch (collected together, run one by one).",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
         )
         self.classifier_seconds = Histogram(
             "extproc_classifier_batch_duration_seconds",

@@ -103,9 +103,9 @@ class PickingSettings:
     leader_weight: float = 0.0  # the replica with the longest prefix (after a move, stay)
     block_chars: int = 256
     index_blocks: int = 20000
-    load_bound: float = 0.25
-    sticky_load_bound: float | None = None  # bound for requests one replica holds much more of (None: load_bound)
-    sticky_move_blocks: int | None = None  # sticky bound only where moving re-prefills >= this many blocks
+    load_bound: float = 0.0  # a new conversation goes to a replica at or below the mean (bench/RESULTS-affinity.md)
+    sticky_load_bound: float | None = 1.0  # bound for requests one replica holds much more of (None: load_bound)
+    sticky_move_blocks: int | None = 12  # sticky bound only where moving re-prefills >= this many blocks
     load_floor: int = 2
     fallbacks: int = 2
 

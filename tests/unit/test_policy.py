@@ -7,6 +7,7 @@ import textwrap
 import pytest
 
 from extproc.policy import ConfigError, load_policy, parse_policy
+from extproc.policy.config import PickingSettings
 from extproc.policy.load import DEFAULT_POLICY
 
 BASE = """\
@@ -45,15 +46,15 @@ def test_picking_settings_from_yaml_keep_unset_defaults() -> None:
         + """\
 picking:
   weights: {leader: 5, load: 1}
-  load_bound: 0
-  sticky_load_bound: 1.0
-  sticky_move_blocks: 12
+  load_bound: 0.3
+  sticky_load_bound: null
+  sticky_move_blocks: 20
 """
     ).picking
     assert (picking.leader_weight, picking.load_weight) == (5, 1)
     assert (picking.prefix_weight, picking.session_weight) == (3.0, 4.0)  # PickingSettings' defaults
-    assert (picking.load_bound, picking.sticky_load_bound, picking.sticky_move_blocks) == (0, 1.0, 12)
-    assert parse_policy(BASE).picking.sticky_move_blocks is None
+    assert (picking.load_bound, picking.sticky_load_bound, picking.sticky_move_blocks) == (0.3, None, 20)
+    assert parse_policy(BASE).picking == PickingSettings()
 
 
 def test_unknown_model_reference_names_path_line_and_choices() -> None:

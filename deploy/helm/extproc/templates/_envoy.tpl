@@ -24,7 +24,11 @@ Mirrors extproc/envoy.py render() and _model_endpoints().
 {{- $originalDst := $r.original_dst_cluster | default "original_dst" }}
 {{- $picking := $r.picking | default dict }}
 {{- $fallbacks := hasKey $picking "fallbacks" | ternary $picking.fallbacks 2 }}
-{{- $loadBound := hasKey $picking "load_bound" | ternary $picking.load_bound 0.25 }}
+{{- /* Envoy's ring hash keeps every request with its key's host, like the picker's later turns:
+     it gets their bound, the sticky one unless that is null. Defaults as in PickingSettings. */}}
+{{- $loadBound := hasKey $picking "load_bound" | ternary $picking.load_bound 0 }}
+{{- $hashBound := hasKey $picking "sticky_load_bound" | ternary $picking.sticky_load_bound 1.0 }}
+{{- if kindIs "invalid" $hashBound }}{{ $hashBound = $loadBound }}{{ end }}
 {{- $routed := list }}
 {{- $clusters := list }}
 {{- $names := list }}
@@ -56,7 +60,7 @@ Mirrors extproc/envoy.py render() and _model_endpoints().
 {{- fail (printf "routing.models.%s: Envoy needs endpoints for cluster %q; give static replicas, a Kubernetes service with a numeric port, or envoy.clusterEndpoints.%s" $name $cluster $cluster) }}
 {{- end }}
 {{- $balance := 0 }}
-{{- if eq $mode "hash" }}{{ $balance = max 100 (round (mulf 100 (addf 1 $loadBound)) 0 | int) }}{{ end }}
+{{- if eq $mode "hash" }}{{ $balance = max 100 (round (mulf 100 (addf 1 $hashBound)) 0 | int) }}{{ end }}
 {{- if not (has $cluster $names) }}
 {{- $names = append $names $cluster }}
 {{- $clusters = append $clusters (dict "name" $cluster "endpoints" $endpoints "mode" $mode "balance" $balance) }}
