@@ -81,7 +81,7 @@ class BoundedLoad:
             matched = sorted(request.matched_blocks(self.index, endpoints).values(), reverse=True)
             if (matched[0] - matched[1]) >= self.sticky_share * len(request.blocks):
                 epsilon = self.sticky_epsilon
-        capacity = max(self.floor, math.ceil((1 + epsilon) * total / len(endpoints)))
+        capacity = _capacity(epsilon, total, len(endpoints), self.floor)
         # A replica is eligible if taking this request keeps it within capacity.
         eligible = [e for e in endpoints if inflight[e] + 1 <= capacity]
         return eligible or [min(endpoints, key=lambda e: inflight[e])]
@@ -115,10 +115,15 @@ class StickyHome:
         cost = matched[home] - max((matched[e] for e in eligible), default=0)
         inflight = self.tracker.inflight
         total = sum(inflight[e] for e in endpoints) + 1
-        capacity = max(self.floor, math.ceil((1 + self.sticky_epsilon) * total / len(endpoints)))
+        capacity = _capacity(self.sticky_epsilon, total, len(endpoints), self.floor)
         if cost >= self.min_blocks and inflight[home] + 1 <= capacity:
             return [*eligible, home]
         return eligible
+
+
+def _capacity(epsilon: float, total: int, replicas: int, floor: int) -> int:
+    """In-flight requests a replica may hold: (1 + epsilon) x the mean, this request included."""
+    return max(floor, math.ceil((1 + epsilon) * total / replicas))
 
 
 # --- scorers --------------------------------------------------------------------------------------
