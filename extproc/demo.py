@@ -44,9 +44,11 @@ SAMPLES = [
     Sample("small talk", _chat("What is a good name for a grey cat?")),
     Sample("code question", _chat("Why does this segfault?\n```c\nint *p = 0; *p = 1;\n```")),
     Sample(
-        "hard math",
+        "multi-step physics",
         _chat(
-            "Prove that the sum of the reciprocals of the primes diverges, and estimate the partial sums up to 10^6."
+            "A 2.0 kg block slides down a 30 degree incline with kinetic friction coefficient 0.25, then "
+            "compresses a spring of constant 400 N/m. Find the maximum compression.\n"
+            "A) 0.21 m\nB) 0.34 m\nC) 0.42 m\nD) 0.55 m"
         ),
     ),
     Sample("premium user", _chat("Summarise the plot of Hamlet."), {"x-user-tier": "premium"}),
