@@ -364,9 +364,11 @@ class Router:
         assert model.replicas is not None
         blocks = block_hashes(model.name, request.render(parsed.messages), policy.picking.block_chars)
         session = signals.headers.get(policy.headers.session)
-        pick: Pick = self.picker.pick(PickRequest(model.name, blocks, session), endpoints, explain=explain)  # type: ignore[assignment]
+        wanted = PickRequest(model.name, blocks, session)
+        pick: Pick = self.picker.pick(wanted, endpoints, explain=explain)  # type: ignore[assignment]
         primary = pick.endpoints[0]
-        matched = self.index.matched_blocks(primary, blocks)
+        # The scorers already matched the prompt against every replica's index (before recording).
+        matched = wanted.matched[primary] if wanted.matched else self.index.matched_blocks(primary, blocks)
         self.index.record(primary, blocks)
         lease = self.tracker.acquire(primary, model.name)
         self.metrics.picks.labels(model.name, primary).inc()

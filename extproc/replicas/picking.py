@@ -32,7 +32,6 @@ class PickRequest:
 class Pick:
     endpoints: tuple[str, ...]  # the pick first, then fallbacks
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # endpoint -> scorer -> score
-    prefix_blocks: int = 0  # blocks of this prompt the picked replica is estimated to hold
 
 
 class Filter(Protocol):

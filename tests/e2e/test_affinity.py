@@ -6,6 +6,7 @@ import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 
+import orjson
 import pytest
 
 from extproc.replicas.pool import Discovery
@@ -179,3 +180,20 @@ models:
         busy.waiting = 0
         wait_for(lambda: s.sidecar.run(lambda: s.sidecar.runtime.scraper.report(busy.address).waiting == 0))
         assert "busy" in {s.replica(s.post(chat(f"again {i}"))) for i in range(6)}
+
+
+def test_the_explanation_reports_how_much_of_the_prompt_the_picked_replica_holds(tmp_path) -> None:
+    names = ["r1", "r2"]
+    policy = static_policy("original_dst", names) + "debug: {explain: true}\n"
+    with Stack(tmp_path, policy, [StandIn(name=n) for n in names]) as s:
+        body = conversation("reykjavik", 3, "You plan trips to Iceland. " * 40)
+
+        def replicas_explained() -> dict:
+            response = s.post(body, headers={"x-router-debug": "true"})
+            wait_for(lambda: s.inflight() == {})
+            return orjson.loads(response.headers["x-router-explain"])["replicas"]
+
+        first, again = replicas_explained(), replicas_explained()
+        assert first["blocks"] > 1 and first["prefix_blocks"] == 0  # nothing sent anywhere yet
+        assert again["picked"][0] == first["picked"][0]
+        assert again["prefix_blocks"] == again["blocks"] == first["blocks"]  # the same prompt, all held
