@@ -638,14 +638,14 @@ def sweep_picker(workload: Workload, replica: Replica, base: PickingSettings, n:
         ("sticky_load_bound 0.5", replace(base, sticky_load_bound=0.5), workload, 1),
         ("leader 5", replace(base, leader_weight=5.0), workload, 1),
         (
-            f"leader 5, index_blocks {replica.kv_blocks}",
+            f"leader 5, index {replica.kv_blocks}",
             replace(base, leader_weight=5.0, index_blocks=replica.kv_blocks),
             workload,
             1,
         ),
         ("previous defaults", previous, workload, 1),
         ("3 routers, leader 5", replace(base, leader_weight=5.0), workload, 3),
-        ("3 routers, previous defaults", previous, workload, 3),
+        ("3 routers, previous", previous, workload, 3),
     ]
     print(f"\n## our picker at {n} replicas, one change at a time from the defaults\n")
     print(HEADER)
