@@ -398,9 +398,9 @@ class FakeApiServer:
         version: str,
         timeout: float | None,
         bookmarks: bool,
-        sock: socket.socket,
-    ) -> tuple[_WatchSession | None, int, list[_Event], Obj | None]:
-        """Register a watch: (session, cursor, initial events, 410 status if too old)."""
+    ) -> tuple[int, list[_Event], Obj | None]:
+        """Start a watch: (cursor, initial events, 410 status if too old). It counts as open
+        (and can be dropped) only once its response headers are out: see _register_watch."""
         with self._lock:
             self._requests.append(RequestRecord("watch", namespace, selector, version, timeout))
             if version in ("", "0"):
@@ -415,10 +415,19 @@ class FakeApiServer:
                 initial = []
                 if cursor < self._compacted:
                     message = f"too old resource version: {cursor} ({self._compacted})"
-                    return None, cursor, [], gone_status(message)
+                    return cursor, [], gone_status(message)
+            return cursor, initial, None
+
+    def _register_watch(
+        self, namespace: str | None, selector: str, bookmarks: bool, sock: socket.socket
+    ) -> _WatchSession:
+        """A cut before the response headers would be "closed without response", which urllib3
+        retries on its own at the same resourceVersion: not the mid-stream drop tests mean.
+        Events are found by version (_next_events), so none is missed by registering late."""
+        with self._lock:
             session = _WatchSession(namespace, selector, bookmarks, sock)
             self._sessions.append(session)
-            return session, cursor, initial, None
+            return session
 
     def _next_events(self, session: _WatchSession, cursor: int, deadline: float) -> tuple[list[_Event], bool]:
         """Wait a little for something to send; returns (events, stream should end).
@@ -530,9 +539,7 @@ class _Handler(BaseHTTPRequestHandler):
         timeout: float | None,
         bookmarks: bool,
     ) -> None:
-        session, cursor, initial, gone = fake._open_watch(
-            namespace, selector, version, timeout, bookmarks, self.connection
-        )
+        cursor, initial, gone = fake._open_watch(namespace, selector, version, timeout, bookmarks)
         if gone is not None and fake.gone_as_status:
             self._send_json(410, gone)
             return
@@ -544,7 +551,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._chunk({"type": "ERROR", "object": gone})
             self._end_chunks()
             return
-        assert session is not None
+        session = fake._register_watch(namespace, selector, bookmarks, self.connection)
         try:
             self._stream(fake, session, cursor, initial, timeout)
         except OSError:
