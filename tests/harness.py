@@ -119,17 +119,27 @@ class Stack:
         self.sidecar = Sidecar(settings, Runtime(settings, discovery=self.discovery)).start()
         policy = load_policy(self.config_path)
         extra = self.envoy_options(self.fleet) if callable(self.envoy_options) else self.envoy_options
-        options = EnvoyOptions(
-            listen_address="127.0.0.1", listen_port=self.port, admin_port=free_port(), extproc_uds=self.uds, **extra
-        )
-        self.envoy_config = render(policy, options)
-        self.envoy = EnvoyProcess(self.envoy_config, str(self.workdir))
-        try:
-            self.envoy.start()
-        except Exception:
-            self.stop()
-            raise
-        return self
+        # A port found free may be taken (by any socket's ephemeral port) before Envoy binds it:
+        # then Envoy exits at once, and it is tried again on other ports.
+        for attempt in range(3):
+            options = EnvoyOptions(
+                listen_address="127.0.0.1", listen_port=self.port, admin_port=free_port(), extproc_uds=self.uds, **extra
+            )
+            self.envoy_config = render(policy, options)
+            self.envoy = EnvoyProcess(self.envoy_config, str(self.workdir))
+            try:
+                self.envoy.start()
+                return self
+            except RuntimeError as e:
+                if "Address already in use" in str(e) and attempt < 2:
+                    self.port = free_port()
+                    continue
+                self.stop()
+                raise
+            except Exception:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
 
     def stop(self) -> None:
         if hasattr(self, "envoy"):
