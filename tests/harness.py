@@ -130,13 +130,10 @@ class Stack:
             try:
                 self.envoy.start()
                 return self
-            except RuntimeError as e:
-                if "Address already in use" in str(e) and attempt < 2:
+            except Exception as e:
+                if attempt < 2 and "Address already in use" in str(e):
                     self.port = free_port()
                     continue
-                self.stop()
-                raise
-            except Exception:
                 self.stop()
                 raise
         raise AssertionError("unreachable")
