@@ -1,11 +1,16 @@
 """The shipped model against fixed held-out slices and the training graph's reference outputs."""
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 from extproc.classifier import DOMAINS, PII_TYPES, Classifier
 from extproc.classifier.classifier import MODEL_DIR
@@ -53,22 +58,71 @@ def test_pii_on_heldout_presidio_slice(classifier: Classifier):
     assert pred_hit / pred >= PII_PRECISION_FLOOR
 
 
+def _reference_run(ref) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(str(MODEL_DIR / "classifier.onnx"), providers=["CPUExecutionProvider"])
+    names = ["domain_probs", "complexity_probs", "pii_probs"]
+    outs = session.run(names, {"input_ids": ref["input_ids"], "attention_mask": ref["attention_mask"]})
+    return dict(zip(names, outs, strict=True))
+
+
+def test_outputs_are_the_same_on_every_instruction_set():
+    # graph_* were computed by the shipped graph on the training machine (AMD EPYC Zen 5,
+    # AVX-512 VNNI). 7-bit weights make every MLAS int8 kernel (AVX2, AVX-512BW, VNNI, AMX) sum
+    # the same integers, so only float rounding in the fp32 ops may differ: at most 6e-6 seen
+    # (model card). With 8-bit weights an AVX2 machine was 0.22 away here, enough to flip routes.
+    ref = np.load(DATA / "reference.npz")
+    out = _reference_run(ref)
+    for name, got in out.items():
+        assert np.abs(got - ref[f"graph_{name}"]).max() < 1e-4, name
+        assert (got.argmax(-1) == ref[f"graph_{name}"].argmax(-1)).all(), name
+
+
 def test_onnx_matches_training_graph_reference_outputs():
     ref = np.load(DATA / "reference.npz")
-    session = ort.InferenceSession(str(MODEL_DIR / "classifier.onnx"), providers=["CPUExecutionProvider"])
-    domain, complexity, pii = session.run(
-        ["domain_probs", "complexity_probs", "pii_probs"],
-        {"input_ids": ref["input_ids"], "attention_mask": ref["attention_mask"]},
-    )
+    out = _reference_run(ref)
+    domain, complexity, pii = out["domain_probs"], out["complexity_probs"], out["pii_probs"]
     mask = ref["attention_mask"].astype(bool)
-    # The shipped graph may be int8: probabilities agree loosely, decisions agree exactly.
-    assert np.abs(domain - ref["domain_probs"]).max() < 0.1
-    assert (domain.argmax(-1) == ref["domain_probs"].argmax(-1)).all()
-    assert np.abs(complexity - ref["complexity_probs"]).max() < 0.1
+    # The shipped graph is int8 with activations quantized per run: against the fp32 training
+    # graph its probabilities move by up to 0.22 on this batch's low-confidence texts (the empty
+    # text, the card/IBAN line; measured 0.216 domain, 0.034 complexity). An export bug moves far
+    # more; confident decisions must agree exactly.
+    assert np.abs(domain - ref["domain_probs"]).max() < 0.25
+    confident = ref["domain_probs"].max(-1) >= 0.5
+    assert confident.sum() >= 3
+    assert (domain.argmax(-1) == ref["domain_probs"].argmax(-1))[confident].all()
+    assert np.abs(complexity - ref["complexity_probs"]).max() < 0.06
     assert np.abs(pii - ref["pii_probs"])[mask].mean() < 0.01
-    # int8 moves some boundary tokens of this PII-dense batch (94% agree for the shipped branch;
+    # int8 moves some boundary tokens of this PII-dense batch (95% agree for the shipped branch;
     # its F1 is measured on the int8 graph itself, see the model card)
     assert (pii.argmax(-1) == ref["pii_probs"].argmax(-1))[mask].mean() >= 0.93
+
+
+def test_int8_weights_cannot_saturate_16_bit_pair_sums():
+    # u8 x s8 kernels without VNNI add two products in a saturating int16: 2 * 255 * |w| must
+    # stay below 32768, i.e. |w| <= 64 (7-bit weights). 8-bit weights made outputs CPU-dependent.
+    model = onnx.load(str(MODEL_DIR / "classifier.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    weights = [inits[n.input[1]] for n in model.graph.node if n.op_type == "MatMulInteger" and n.input[1] in inits]
+    assert weights, "the shipped graph has no int8 MatMuls: update this test and the model card"
+    for w in weights:
+        assert w.dtype == np.int8 and int(np.abs(w.astype(np.int32)).max()) <= 64
+
+
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None, reason="needs qemu-user (.ci/run installs it)")
+def test_outputs_match_on_an_emulated_avx2_cpu(tmp_path):
+    # The same graph on a CPU without AVX-512 or VNNI (qemu's Haswell model: AVX2 + FMA), the
+    # kind of machine whose int8 kernels once moved a domain probability by 0.22.
+    out = tmp_path / "haswell.npz"
+    subprocess.run(
+        ["qemu-x86_64", "-cpu", "Haswell", sys.executable, str(Path(__file__).with_name("isa_probe.py")), str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    emulated = np.load(out)
+    native = _reference_run(np.load(DATA / "reference.npz"))
+    for name, got in native.items():
+        assert np.abs(got - emulated[name]).max() < 1e-4, name
 
 
 def test_pii_late_in_a_long_prompt_is_found(classifier: Classifier):

@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     for f in ("classifier.onnx", "tokenizer.json", "config.json"):
         shutil.copy(formats[chosen] / f, args.out / f)
     args.tests_data.mkdir(parents=True, exist_ok=True)
+    reference.update(evaluate.graph_outputs(args.out, reference))
     evaluate.write_reference(args.tests_data / "reference.npz", reference)
     evaluate.write_heldout(args.tests_data, questions, args.data, args.seed)
 
@@ -274,6 +275,7 @@ def retrain_pii(args: argparse.Namespace, tok, sd_np, sd_t, trunk, started: floa
     fp32_pii = evaluate.pii_results(Classifier.load(formats["fp32"], threads=args.threads), args.data, questions)
 
     shutil.copy(formats["int8"] / "classifier.onnx", args.out / "classifier.onnx")
+    ref.update(evaluate.graph_outputs(args.out, ref))
     evaluate.write_reference(args.tests_data / "reference.npz", ref)
     meta["results"]["int8"] = int8
     meta["results"]["fp32"]["pii"] = fp32_pii

@@ -226,6 +226,23 @@ def compare_reference(
     return float(max(diffs))
 
 
+GRAPH_OUTPUTS = ("domain_probs", "complexity_probs", "pii_probs")
+
+
+def graph_outputs(model_dir: Path, ref: dict) -> dict:
+    """The exported graph's own outputs on the reference batch, as `graph_<name>`.
+
+    Computed on the training machine and stored beside the torch outputs: a test compares the
+    graph on whatever CPU runs it with these, so an output that moves with the instruction set
+    fails there (the torch comparison only bounds the quantization error).
+    """
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(model_dir / "classifier.onnx"), providers=["CPUExecutionProvider"])
+    outs = s.run(list(GRAPH_OUTPUTS), {"input_ids": ref["input_ids"], "attention_mask": ref["attention_mask"]})
+    return {f"graph_{n}": o for n, o in zip(GRAPH_OUTPUTS, outs, strict=True)}
+
+
 def write_reference(path: Path, ref: dict) -> None:
     np.savez_compressed(path, **ref)
 
