@@ -15,7 +15,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from extproc._pb.envoy.service.accesslog.v3 import als_pb2_grpc
-from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.accesslog import AccessLogSink
 from extproc.metrics import GaugeCollector, Metrics
 from extproc.policy import Policy, load_policy
@@ -24,7 +23,7 @@ from extproc.replicas.load import LoadTracker
 from extproc.replicas.pool import Discovery
 from extproc.replicas.scrape import LoadScraper
 from extproc.router import Router, RouterState
-from extproc.server import ExternalProcessor
+from extproc.server import add_to_server as add_ext_proc_to_server
 from extproc.signals.classifier import ClassifierSignal
 
 log = logging.getLogger("extproc.app")
@@ -188,7 +187,7 @@ class Runtime:
             *self.settings.extra_server_options,
         ]
         server = grpc.aio.server(options=options)
-        pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.router), server)
+        add_ext_proc_to_server(self.router, server)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogSink(self.router), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.settings.uds:

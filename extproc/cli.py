@@ -98,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help="extra request header the policy reads (repeatable)",
     )
+    envoy.add_argument(
+        "--forward-path",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="non-LLM path forwarded to the default cluster unrouted (repeatable; default: /v1/models only)",
+    )
     envoy.add_argument("--two-round-trips", action="store_true", help="send request headers as their own message")
     envoy.add_argument("--no-usage", action="store_true", help="do not stream response bodies for usage and cost")
 
@@ -212,6 +219,9 @@ ENVOY_HEADER = """\
 # - Request headers are skipped: one gRPC round trip per request. Path, method and the headers
 #   the policy reads arrive as attributes; list any other header the policy tests in
 #   request_attributes (`--forward-header`).
+# - Paths are normalised; only the exact LLM paths reach the router, and only /v1/models
+#   (`--forward-path`) is forwarded unrouted: every other path gets a JSON 404.
+# - A client's x-request-id is dropped; logs carry Envoy's own id, returned in the response.
 """
 
 
@@ -242,6 +252,8 @@ def _envoy_config(args: argparse.Namespace) -> int:
         options.extproc_uds = args.uds
     if args.forward_header:
         options.forward_headers = (*options.forward_headers, *args.forward_header)
+    if args.forward_path is not None:
+        options.forward_paths = tuple(args.forward_path)
     try:
         config = render(policy, options)
     except ValueError as exc:

@@ -14,12 +14,16 @@ The shape (see README, "How Envoy is wired"):
   bodies into metadata (Envoy parses; nothing is copied to the sidecar);
 * a gRPC access log sends the sidecar one entry per finished request, batched: it ends the
   replica lease on every ending and carries the status and the usage;
-* local replies Envoy makes itself (router unreachable, body too large, no upstream) are turned
-  into OpenAI-style JSON errors; the router's own errors already are.
+* paths are normalised; only the exact LLM paths reach the router, near misses are refused,
+  and of the rest only ``forward_paths`` reach a model server (README "Paths");
+* local replies Envoy makes itself (router unreachable, body too large, no upstream, every
+  refusal of its HTTP/1 codec) are turned into OpenAI-style JSON errors; the router's own
+  errors already are.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +32,7 @@ import yaml
 
 from extproc import headers as h
 from extproc.policy.config import Policy
-from extproc.request import API_PATHS
+from extproc.request import API_PATHS, UNKNOWN_PATH_MESSAGE
 
 EXT_PROC_CLUSTER = "extproc"
 USAGE_NAMESPACE = "extproc.usage"
@@ -53,7 +57,11 @@ class EnvoyOptions:
     two_round_trips: bool = False  # send request headers too (header mutations route instead of metadata)
     # Endpoints of clusters Envoy balances itself (models without router-picked replicas).
     cluster_endpoints: Mapping[str, Sequence[str]] = field(default_factory=dict)
-    default_cluster: str | None = None  # where non-LLM paths (e.g. /v1/models) go; default model's
+    default_cluster: str | None = None  # where forward_paths go; default: the default model's
+    # Non-LLM paths Envoy forwards to default_cluster untouched (exact match; the query may vary).
+    # Every other path is a 404: a catch-all would carry /v1/embeddings, /v1/messages, /generate
+    # or a model server's admin endpoints past the router.
+    forward_paths: Sequence[str] = ("/v1/models",)
     cluster_domain: str = "cluster.local"  # for headless Services of Kubernetes-discovered replicas
 
 
@@ -63,7 +71,7 @@ def _address(endpoint: str) -> dict[str, Any]:
 
 
 def _json_error(status: int, message: str, kind: str, code: str) -> dict[str, Any]:
-    body = {"error": {"message": message, "type": kind, "code": code}}
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     import orjson
 
     return {
@@ -279,7 +287,6 @@ def _ext_proc_filters(policy: Policy, o: EnvoyOptions) -> list[dict[str, Any]]:
             *o.forward_headers,
             policy.headers.session,
             policy.headers.user,
-            h.REQUEST_ID,
             h.CONTENT_TYPE,
             h.CONTENT_ENCODING,
             h.DEBUG,
@@ -427,6 +434,17 @@ def _listener(
     path_regex = "^(" + "|".join(p.replace("/", "\\/") for p in llm_paths) + r")(\?.*)?$"
     routes: list[dict[str, Any]] = [
         {
+            # CONNECT carries no path, so no other route matches it, and unanswered it held a
+            # stream open until the idle timeout. Matched here, Envoy refuses it at once (403:
+            # CONNECT is not an enabled upgrade).
+            "name": "connect",
+            "match": {"connect_matcher": {}},
+            "direct_response": _json_error(
+                405, "CONNECT is not supported", "invalid_request_error", "method_not_allowed"
+            ),
+            "typed_per_filter_config": _DISABLED,
+        },
+        {
             "name": "llm-method-not-allowed",
             "match": {
                 "safe_regex": {"regex": path_regex},
@@ -436,7 +454,7 @@ def _listener(
                 405, "LLM API paths only accept POST", "invalid_request_error", "method_not_allowed"
             ),
             "typed_per_filter_config": _DISABLED,
-        }
+        },
     ]
     for cluster in routed_clusters:
         route: dict[str, Any] = {"cluster": cluster, "timeout": o.upstream_timeout}
@@ -484,25 +502,63 @@ def _listener(
             ),
         }
     )
-    other: dict[str, Any] = {"name": "other", "match": {"prefix": "/"}, "typed_per_filter_config": _DISABLED}
-    if default_cluster is None:
-        other["direct_response"] = _json_error(404, "not found", "invalid_request_error", "not_found")
-    else:
-        other["route"] = {"cluster": default_cluster, "timeout": o.upstream_timeout}
-    routes.append(other)
+    routes.append(
+        {
+            # Paths that only resemble an LLM path once Envoy has normalised them (any case, a
+            # trailing slash or anything after it, ;params, escapes Envoy keeps): some servers
+            # would serve them as the LLM call, so none is forwarded.
+            "name": "llm-path-variant",
+            "match": {"safe_regex": {"regex": lookalike_regex(llm_paths)}},
+            "direct_response": _json_error(404, UNKNOWN_PATH_MESSAGE, "invalid_request_error", "unknown_path"),
+            "typed_per_filter_config": _DISABLED,
+        }
+    )
+    if default_cluster is not None:
+        for path in o.forward_paths:
+            routes.append(
+                {
+                    "name": f"forward {path}",
+                    "match": {"path": path},
+                    "route": {"cluster": default_cluster, "timeout": o.upstream_timeout},
+                    "typed_per_filter_config": _DISABLED,
+                }
+            )
+    routes.append(
+        {
+            # Everything else: never forwarded, so no model-server endpoint is reachable past
+            # the router unless forward_paths names it.
+            "name": "other",
+            "match": {"prefix": "/"},
+            "direct_response": _json_error(404, "not found", "invalid_request_error", "not_found"),
+            "typed_per_filter_config": _DISABLED,
+        }
+    )
     from_metadata = f"%DYNAMIC_METADATA({h.METADATA_NAMESPACE}:{{}})%"
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "llm",
         "codec_type": "AUTO",
+        # Paths are canonical before routing (README "Paths"): dot segments resolved, percent-
+        # escapes of unreserved characters decoded, backslashes and repeated slashes made single;
+        # an escaped slash or backslash, NUL or a fragment is refused with 400.
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        # The request id is always Envoy's own (a client's x-request-id is removed below), so
+        # logs never carry a value the client chose; the client gets it back in the response.
         "generate_request_id": True,
+        "preserve_external_request_id": False,
+        "always_set_request_id_in_response": True,
+        # HTTP/1.0 clients (ab, old SDKs) are served like HTTP/1.1 ones instead of a text 426.
+        "http_protocol_options": {"accept_http_10": True, "default_host_for_http_10": "extproc"},
         "early_header_mutation_extensions": [
             {
                 "name": "strip-router-headers",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
-                    # A client must not pick a replica or a cluster by sending the router's headers.
-                    "mutations": [{"remove": name} for name in (*h.ROUTER_OWNED, policy.headers.cluster)],
+                    # A client must not pick a replica or a cluster by sending the router's headers,
+                    # nor choose the request id the logs carry.
+                    "mutations": [{"remove": name} for name in (*h.ROUTER_OWNED, policy.headers.cluster, h.REQUEST_ID)],
                 },
             }
         ],
@@ -556,6 +612,12 @@ def _listener(
     }
 
 
+def lookalike_regex(llm_paths: Sequence[str]) -> str:
+    """RE2 (Envoy's safe_regex, matched against the whole normalised path without its query):
+    an LLM path in any case, with anything after it."""
+    return "(?i)(" + "|".join(re.escape(p) for p in llm_paths) + ").*"
+
+
 def _cel(expression: str) -> dict[str, Any]:
     return {
         "extension_filter": {
@@ -568,35 +630,78 @@ def _cel(expression: str) -> dict[str, Any]:
     }
 
 
-def _mapper(expression: str, status: int, message: str, kind: str, code: str) -> dict[str, Any]:
-    return {
+def _mapper(expression: str, status: int | None, message: str, kind: str, code: str) -> dict[str, Any]:
+    mapper: dict[str, Any] = {
         "filter": _cel(expression),
-        "status_code": status,
         "body_format_override": {
-            "json_format": {"error": {"message": message, "type": kind, "code": code}},
+            "json_format": {"error": {"message": message, "type": kind, "param": None, "code": code}},
             "content_type": "application/json",
         },
     }
+    if status is not None:  # None: keep Envoy's status
+        mapper["status_code"] = status
+    return mapper
 
 
 def _local_reply_mappers() -> list[dict[str, Any]]:
-    """Envoy's own local replies as OpenAI-style errors. The router's replies (details
-    ``extproc_*``) and direct responses already carry JSON and are left alone."""
+    """Envoy's own local replies as OpenAI-style errors, the first matching mapper winning. The
+    router's replies (details ``extproc_*``) and direct responses already carry JSON and are left
+    alone. HTTP/1 codec errors (malformed requests) are local replies too: each gets JSON here.
+    What Envoy answers without a local reply (HTTP/2 stream resets, closed connections) is in
+    the README ("Bad input")."""
     ours = "response.code_details.startsWith('extproc_') || response.code_details == 'direct_response'"
+    details = "response.code_details"
     return [
         {  # direct responses carry our JSON bodies; only the content type needs fixing
-            "filter": _cel("response.code_details == 'direct_response'"),
+            "filter": _cel(f"{details} == 'direct_response'"),
             "body_format_override": {
                 "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
                 "content_type": "application/json",
             },
         },
         _mapper(
-            "response.code_details.startsWith('ext_proc_error')",
+            f"{details}.startsWith('ext_proc_error')",
             503,
             "the router is unavailable; retry shortly",
             "server_error",
             "router_unavailable",
+        ),
+        _mapper(
+            f"{details} == 'path_normalization_failed'",
+            400,
+            # (No literal percent signs: Envoy would read them as format commands.)
+            "the request path cannot be normalised: percent-encoded slashes or backslashes, NUL and "
+            "fragments (#) are not accepted",
+            "invalid_request_error",
+            "invalid_path",
+        ),
+        _mapper(
+            f"{details} == 'http1.content_length_and_chunked_not_allowed'",
+            400,
+            "the request has both content-length and transfer-encoding; send one of them",
+            "invalid_request_error",
+            "malformed_request",
+        ),
+        _mapper(
+            f"{details} == 'http1.invalid_characters'",
+            400,
+            "a header contains a character HTTP does not allow (NUL or another control character)",
+            "invalid_request_error",
+            "malformed_request",
+        ),
+        _mapper(
+            f"{details} == 'http1.invalid_transfer_encoding'",
+            501,
+            "only transfer-encoding: chunked is supported",
+            "invalid_request_error",
+            "unsupported_transfer_encoding",
+        ),
+        _mapper(
+            "response.code == 431",
+            431,
+            "request headers are too large (over 60 KiB, or more than 100 headers)",
+            "invalid_request_error",
+            "headers_too_large",
         ),
         _mapper(
             f"response.code == 413 && !({ours})",
@@ -613,6 +718,25 @@ def _local_reply_mappers() -> list[dict[str, Any]]:
             "upstream_unavailable",
         ),
         _mapper(f"response.code == 404 && !({ours})", 404, "not found", "invalid_request_error", "not_found"),
+        _mapper(
+            # The HTTP/1 codec's other refusals (a malformed request line, header or chunk, two
+            # content-lengths) and a missing host: Envoy's status and its reason, which names
+            # no client data.
+            f"{details}.startsWith('http1.') || {details} == 'missing_host_header'",
+            None,
+            "the request is not valid HTTP (%RESPONSE_CODE_DETAILS%)",
+            "invalid_request_error",
+            "malformed_request",
+        ),
+        _mapper(
+            # Any other refusal of Envoy's own (a request timeout, an HTTP/2 message Envoy
+            # answers instead of resetting): Envoy's status and reason.
+            f"!({ours})",
+            None,
+            "the proxy refused the request (%RESPONSE_CODE_DETAILS%)",
+            "invalid_request_error",
+            "invalid_request",
+        ),
     ]
 
 
@@ -648,6 +772,7 @@ class EnvoyProcess:
         concurrency: int = 1,
         log_level: str = "warn",
         base_id: int | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         import os
 
@@ -657,6 +782,7 @@ class EnvoyProcess:
         self.concurrency = concurrency
         self.log_level = log_level
         self.base_id = base_id
+        self.extra_args = tuple(extra_args)
         self.process: Any = None
 
     @property
@@ -682,6 +808,7 @@ class EnvoyProcess:
         ]
         if self.base_id is not None:
             args += ["--base-id", str(self.base_id)]
+        args += self.extra_args
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

@@ -20,9 +20,8 @@ class RouterError(Exception):
         self.param = param
 
     def body(self) -> bytes:
-        error: dict[str, object] = {"message": self.message, "type": self.type, "code": self.code}
-        if self.param is not None:
-            error["param"] = self.param
+        # OpenAI's shape: param is always there, null when no one field is at fault.
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
         return orjson.dumps({"error": error})
 
 
@@ -36,6 +35,12 @@ class Forbidden(RouterError):
     status = 403
     type = "invalid_request_error"
     code = "forbidden"
+
+
+class NotFound(RouterError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
 
 
 class ModelNotFound(RouterError):

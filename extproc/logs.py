@@ -7,6 +7,7 @@ values are never logged at any level; only names, counts, labels and timings.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,15 @@ if TYPE_CHECKING:
     from extproc.router import Routed
 
 decision_log = logging.getLogger("extproc.decision")
+
+# The form of the ids Envoy generates. The shipped Envoy config drops a client's x-request-id and
+# makes its own; where another proxy passes a client's value on, it is logged only in this form,
+# so an id can never carry prompt text, PII or another value a client typed.
+_REQUEST_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def loggable_request_id(value: str) -> str | None:
+    return value if _REQUEST_ID.match(value) else None
 
 
 class JsonFormatter(logging.Formatter):
@@ -64,7 +74,12 @@ def log_decision(
 ) -> None:
     if not decision_log.isEnabledFor(logging.INFO):
         return
-    fields: dict[str, Any] = {"event": "decision", "request_id": request_id, "api": api, "status": status}
+    fields: dict[str, Any] = {
+        "event": "decision",
+        "request_id": loggable_request_id(request_id),
+        "api": api,
+        "status": status,
+    }
     if routed is not None:
         signals = routed.signals
         topic = signals.topic if signals else None

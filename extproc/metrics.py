@@ -125,6 +125,12 @@ class Metrics:
         for result in ("success", "invalid", "missing", "error"):
             self.reloads.labels(result)  # every result exists from the start, so increase() sees the first one
         self.config = Info("extproc_config", "The routing config in effect.", registry=r)
+        self.errors = Counter(
+            "extproc_request_errors_total",
+            "Requests the router answered with an error itself, by error code (bad input, PII blocks, no replica).",
+            ["code"],
+            registry=r,
+        )
         self.stream_errors = Counter(
             "extproc_stream_errors_total", "ext_proc streams that ended in an error.", ["reason"], registry=r
         )
@@ -132,6 +138,7 @@ class Metrics:
         # Label children looked up once: prometheus_client's labels() costs microseconds per call.
         self._stage_children: dict[str, object] = {}
         self._request_children: dict[tuple[str, str, str, str], object] = {}
+        self._error_children: dict[str, object] = {}
 
     def observe_stages(self, stages: dict[str, float]) -> None:
         children = self._stage_children
@@ -146,6 +153,12 @@ class Metrics:
         child = self._request_children.get(key)
         if child is None:
             child = self._request_children[key] = self.requests.labels(*key)
+        child.inc()  # type: ignore[attr-defined]
+
+    def count_error(self, code: str) -> None:
+        child = self._error_children.get(code)
+        if child is None:
+            child = self._error_children[code] = self.errors.labels(code)
         child.inc()  # type: ignore[attr-defined]
 
     def add_collector(self, collector: Collector) -> None:

@@ -7,10 +7,12 @@ from collections.abc import Iterable, Mapping
 
 import orjson
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 
 from extproc._pb.envoy.config.core.v3 import base_pb2 as core
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc._pb.envoy.type.v3 import http_status_pb2 as http_status
+from extproc._pb.extproc import lenient_pb2
 from extproc.errors import RouterError
 
 OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -36,12 +38,71 @@ def safe_header_value(value: str) -> bool:
 
 def header_map(header_map: core.HeaderMap) -> dict[str, str]:
     """Headers of an HttpHeaders message. Envoy fills raw_value only (lower-case keys)."""
-    out = {}
+    return read_headers(header_map)[0]
+
+
+def read_headers(header_map: core.HeaderMap) -> tuple[dict[str, str], list[str]]:
+    """(headers, names of those whose value is not UTF-8). Such values are kept with U+FFFD in
+    place of the bad bytes; the caller decides whether to refuse the request."""
+    out: dict[str, str] = {}
+    invalid: list[str] = []
     for header in header_map.headers:
-        value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
+        if header.raw_value:
+            try:
+                value = header.raw_value.decode()
+            except UnicodeDecodeError:
+                invalid.append(header.key)
+                value = header.raw_value.decode("utf-8", "replace")
+        else:
+            value = header.value
         # Repeated headers are joined the way HTTP defines it.
         out[header.key] = f"{out[header.key]},{value}" if header.key in out else value
-    return out
+    return out, invalid
+
+
+# --- reading a ProcessingRequest whose attributes carry bytes that are not UTF-8 --------------
+
+# Attributes Envoy sent that were not UTF-8 are listed (as keys) under this attributes entry,
+# which Envoy itself never uses (its entries are named after filters).
+INVALID_ATTRIBUTES = "extproc.invalid_utf8"
+
+
+def parse_request(data: bytes) -> pb.ProcessingRequest:
+    """A ProcessingRequest from the wire. One non-UTF-8 header value in the attributes would make
+    the standard parse fail and with it the stream (Envoy answers 503): such a message is read
+    again with those values left out and listed under INVALID_ATTRIBUTES."""
+    try:
+        return pb.ProcessingRequest.FromString(data)
+    except DecodeError:
+        lenient = lenient_pb2.ProcessingRequest.FromString(data)  # raises again if the rest is bad too
+    attributes = {name: dict(struct.fields) for name, struct in lenient.attributes.items()}
+    lenient.ClearField("attributes")
+    request = pb.ProcessingRequest.FromString(lenient.SerializeToString())  # every other field, unchanged
+    invalid: list[str] = []
+    for name, fields in attributes.items():
+        target = request.attributes[name]
+        for key, value in fields.items():
+            kind = value.WhichOneof("kind")
+            if kind == "string_value":
+                try:
+                    target.fields[key].string_value = value.string_value.decode()
+                except UnicodeDecodeError:
+                    invalid.append(key)
+            elif kind == "number_value":
+                target.fields[key].number_value = value.number_value
+            elif kind == "bool_value":
+                target.fields[key].bool_value = value.bool_value
+    for key in invalid:
+        request.attributes[INVALID_ATTRIBUTES].fields[key].bool_value = True
+    return request
+
+
+def invalid_attributes(request: pb.ProcessingRequest) -> list[str]:
+    """Names of the headers (or other attributes) whose value was not UTF-8 (see parse_request)."""
+    struct = request.attributes.get(INVALID_ATTRIBUTES)
+    if struct is None:
+        return []
+    return sorted(_header_name(key) or key for key in struct.fields)
 
 
 _attribute_names: dict[str, str | None] = {}  # attribute key -> header name (None: not a header)
@@ -60,7 +121,9 @@ def attributes(request: pb.ProcessingRequest) -> tuple[dict[str, str], dict[str,
     """(request attributes, request headers sent as ``request.headers['name']`` attributes)."""
     values: dict[str, str] = {}
     headers: dict[str, str] = {}
-    for struct in request.attributes.values():
+    for name, struct in request.attributes.items():
+        if name == INVALID_ATTRIBUTES:
+            continue
         for key, value in struct.fields.items():
             kind = value.WhichOneof("kind")
             if kind == "string_value":

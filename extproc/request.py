@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 
@@ -29,9 +30,47 @@ API_PATHS: dict[str, Api] = {
 }
 
 
+# What a client sent to a path that only resembles an LLM path is told (by Envoy and the router).
+UNKNOWN_PATH_MESSAGE = (
+    f"unknown path; LLM calls go to exactly {', '.join(sorted(API_PATHS))} "
+    "(lower case, no trailing slash, path parameters or escapes)"
+)
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+
+
 def api_for_path(path: str) -> Api | None:
-    """The API a request path calls, or None for paths that are not LLM calls."""
+    """The API a request path calls: only an exact LLM path (the query string may vary), the one
+    form Envoy's routes send to the router. None for everything else."""
     return API_PATHS.get(path.split("?", 1)[0])
+
+
+def looks_like_llm_path(path: str) -> bool:
+    """True for a path that is not exactly an LLM path but that some server might serve as one:
+    once percent-decoded (repeatedly), lower-cased, with backslashes as slashes, ;params, dot
+    segments, control characters and repeated slashes removed, it starts with an LLM path. The
+    router refuses these instead of letting them through unrouted (Envoy does the same in its
+    ``llm-path-variant`` route; README "Paths")."""
+    if api_for_path(path) is not None:
+        return False
+    text = path.split("?", 1)[0].split("#", 1)[0]
+    for _ in range(4):  # %2563 -> %63 -> c
+        decoded = unquote(text, errors="replace")
+        if decoded == text:
+            break
+        text = decoded
+    text = _CONTROL.sub("", text.replace("\\", "/")).lower()
+    segments: list[str] = []
+    for segment in text.split("/"):
+        segment = segment.split(";", 1)[0]
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    canonical = "/" + "/".join(segments)
+    return any(canonical.startswith(p) for p in API_PATHS)
 
 
 @dataclass(frozen=True, slots=True)

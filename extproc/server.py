@@ -25,7 +25,7 @@ from extproc._pb.envoy.extensions.filters.http.ext_proc.v3 import processing_mod
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.logs import log_decision
-from extproc.request import api_for_path
+from extproc.request import UNKNOWN_PATH_MESSAGE, api_for_path, looks_like_llm_path
 from extproc.router import Call, Routed, Router
 
 log = logging.getLogger("extproc.server")
@@ -72,14 +72,16 @@ class Exchange:
     # --- request path ------------------------------------------------------------------------
 
     def _request_headers(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
-        headers = protocol.header_map(message.request_headers.headers)
+        headers, invalid = protocol.read_headers(message.request_headers.headers)
         self.saw_headers = True
         self.method = headers.get(":method", "")
         self.path = headers.get(":path", "")
         self.request_id = headers.get(h.REQUEST_ID, "")
         self.headers = headers
-        if api_for_path(self.path) is None:
-            self.skip = True
+        refused = self._refuse_path() or self._refuse_invalid(invalid)
+        if refused is not None:
+            return refused
+        if self.skip:
             return protocol.CONTINUE_HEADERS
         if self.method != "POST":
             return self._fail(
@@ -96,8 +98,9 @@ class Exchange:
             self.path = values.get("request.path", "")
             self.request_id = values.get("request.id", "") or headers.get(h.REQUEST_ID, "")
             self.headers = headers
-            if api_for_path(self.path) is None:
-                self.skip = True
+            refused = self._refuse_path() or self._refuse_invalid(protocol.invalid_attributes(message))
+            if refused is not None:
+                return refused
         if self.skip:
             return protocol.CONTINUE_BODY
         if not message.request_body.end_of_stream:
@@ -126,6 +129,28 @@ class Exchange:
         metrics.observe_stages(routed.stages)
         log_decision(self.request_id, _api(self.path), routed, 200, None)
         return self._mutations(routed)
+
+    def _refuse_path(self) -> pb.ProcessingResponse | None:
+        """Not an LLM call: let it through (skip). Close to one but not exact: refuse it, since
+        some server might serve it as the LLM call it resembles, unrouted."""
+        if api_for_path(self.path) is not None:
+            return None
+        if looks_like_llm_path(self.path):
+            return self._fail(errors.NotFound(UNKNOWN_PATH_MESSAGE, code="unknown_path"))
+        self.skip = True
+        return None
+
+    def _refuse_invalid(self, names: list[str]) -> pb.ProcessingResponse | None:
+        """A header the router was given (and may read) is not UTF-8: the client's own error."""
+        if not names or self.skip:  # (a request that is not an LLM call passes as it is)
+            return None
+        return self._fail(
+            errors.BadRequest(
+                f"header {names[0]!r} is not valid UTF-8; send header values as ASCII or UTF-8",
+                code="invalid_header",
+                param=names[0],
+            )
+        )
 
     def _mutations(self, routed: Routed) -> pb.ProcessingResponse:
         policy = self.router.state.policy
@@ -170,6 +195,7 @@ class Exchange:
     def _fail(self, error: errors.RouterError) -> pb.ProcessingResponse:
         self.skip = True
         self.router.metrics.count_request("none", "none", "none", str(error.status))
+        self.router.metrics.count_error(error.code)
         log_decision(self.request_id, _api(self.path), None, error.status, error.code)
         return protocol.immediate(error)
 
@@ -199,6 +225,19 @@ def _domain(routed: Routed) -> str:
 def _api(path: str) -> str:
     api = api_for_path(path)
     return api.value if api else "other"
+
+
+def add_to_server(router: Router, server: grpc.aio.Server) -> None:
+    """Serve ExternalProcessor.Process on server, reading each message with
+    protocol.parse_request (which survives header values that are not UTF-8)."""
+    handler = grpc.stream_stream_rpc_method_handler(
+        ExternalProcessor(router).Process,
+        request_deserializer=protocol.parse_request,
+        response_serializer=pb.ProcessingResponse.SerializeToString,
+    )
+    service, handlers = "envoy.service.ext_proc.v3.ExternalProcessor", {"Process": handler}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):

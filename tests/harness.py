@@ -97,6 +97,9 @@ class Stack:
     sidecar_settings: dict[str, Any] = field(default_factory=dict)
     substitutions: dict[str, str] = field(default_factory=dict)
     discovery: Any = None
+    # Edits the rendered Envoy config in place before Envoy starts (a setup extproc/envoy.py
+    # does not generate, e.g. a gateway that sends every path to the router).
+    envoy_config_hook: Callable[[dict[str, Any]], None] | None = None
 
     def __post_init__(self) -> None:
         self.fleet = StandInFleet(self.replicas)
@@ -126,6 +129,8 @@ class Stack:
                 listen_address="127.0.0.1", listen_port=self.port, admin_port=free_port(), extproc_uds=self.uds, **extra
             )
             self.envoy_config = render(policy, options)
+            if self.envoy_config_hook is not None:
+                self.envoy_config_hook(self.envoy_config)
             self.envoy = EnvoyProcess(self.envoy_config, str(self.workdir))
             try:
                 self.envoy.start()

@@ -210,14 +210,15 @@ def test_errors_come_back_as_openai_json_with_the_right_status(
     assert envoy_stack.post(chat("still there?")).status == 200
 
 
-def test_paths_that_are_not_llm_calls_pass_through_untouched(envoy_stack: Stack) -> None:
-    raw = b'{"model": "auto", "anything": [1, 2, 3]}'
-    response = envoy_stack.request("POST", "/v2/embeddings-like", raw)
-    assert response.status == 200
-    assert "x-router-model" not in response.headers
-    assert envoy_stack.fleet["d1"].received[-1].body == raw
-    listing = envoy_stack.request("GET", "/v1/models")
+def test_only_the_forward_paths_pass_through_unrouted(envoy_stack: Stack) -> None:
+    listing = envoy_stack.request("GET", "/v1/models?limit=5")
     assert listing.status == 200 and listing.json()["object"] == "list"
+    assert "x-router-model" not in listing.headers
+    assert envoy_stack.fleet["d1"].received[-1].path == "/v1/models?limit=5"
+    seen = len(envoy_stack.fleet["d1"].received)
+    other = envoy_stack.request("POST", "/v2/embeddings-like", b'{"model": "auto", "anything": [1, 2, 3]}')
+    assert other.status == 404 and other.json()["error"]["code"] == "not_found"
+    assert len(envoy_stack.fleet["d1"].received) == seen
 
 
 def test_explanation_only_when_asked(envoy_stack: Stack) -> None:

@@ -35,6 +35,7 @@ CASES: dict[str, dict[str, Any]] = {
             "maxRequestBytes": 16777216,
             "forwardHeaders": ["x-org"],
             "defaultCluster": "large",
+            "forwardPaths": ["/v1/models", "/health"],
         },
         "sidecar": {"socketDir": "/run/extproc/"},
     },
@@ -75,6 +76,7 @@ def python_options(values: dict[str, Any]) -> EnvoyOptions:
         two_round_trips=envoy["twoRoundTrips"],
         cluster_endpoints=envoy["clusterEndpoints"],
         default_cluster=envoy["defaultCluster"] or None,
+        forward_paths=tuple(envoy["forwardPaths"]),
     )
 
 

@@ -172,3 +172,10 @@ def test_render_keeps_roles_and_order() -> None:
         Api.CHAT, b'{"model":"a","messages":[{"role":"system","content":"s"},{"role":"user","content":"u"}]}'
     )
     assert render(request.messages) == "<system>\ns\n<user>\nu\n"
+
+
+def test_an_error_body_always_has_param_null_when_unset() -> None:
+    assert orjson.loads(BadRequest("nope").body()) == {
+        "error": {"message": "nope", "type": "invalid_request_error", "param": None, "code": "invalid_request"}
+    }
+    assert orjson.loads(BadRequest("nope", param="model").body())["error"]["param"] == "model"

@@ -13,6 +13,11 @@ ORIGINAL_DST and override_host clusters read the picked replica from metadata.
 ^(\/v1\/chat\/completions|\/v1\/completions|\/v1\/responses)(\?.*)?$
 {{- end }}
 
+{{- /* extproc/envoy.py lookalike_regex(): an LLM path in any case, with anything after it. */}}
+{{- define "extproc.envoy.llmLookalikeRegex" -}}
+(?i)(/v1/chat/completions|/v1/completions|/v1/responses).*
+{{- end }}
+
 {{/*
 The clusters Envoy routes LLM requests to, as YAML: {routed: [cluster names in route order],
 clusters: [{name, endpoints, dns, lb, balance}], retries: {cluster: n}, hashed: [names]}.
@@ -85,7 +90,7 @@ Mirrors extproc/envoy.py render() and _model_endpoints().
 {{- end }}
 {{- if not (has $passthrough $routed) }}{{ $routed = append $routed $passthrough }}{{ end }}
 {{- end }}
-{{- /* Non-LLM paths go to the default model's cluster, else the first one Envoy balances, else 404. */}}
+{{- /* envoy.forwardPaths go to the default model's cluster, else the first one Envoy balances, else nowhere (404). */}}
 {{- $default := $e.defaultCluster | default ((index $r.models $r.default_model | default dict).cluster | default $r.default_model) }}
 {{- if not (has $default $names) }}
 {{- $default = "" }}
@@ -172,7 +177,7 @@ typed_extension_config:
 {{- define "extproc.envoy.jsonError" -}}
 status: {{ .status }}
 body:
-  inline_string: {{ printf `{"error":{"message":%s,"type":%s,"code":%s}}` (toJson .message) (toJson .type) (toJson .code) | toJson }}
+  inline_string: {{ printf `{"error":{"message":%s,"type":%s,"param":null,"code":%s}}` (toJson .message) (toJson .type) (toJson .code) | toJson }}
 {{- end }}
 
 {{- define "extproc.envoy.bootstrap" -}}
@@ -203,14 +208,29 @@ static_resources:
           '@type': type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: llm
           codec_type: AUTO
+          # Paths are canonical before routing (README "Paths"): dot segments resolved, escapes of
+          # unreserved characters decoded, backslashes and repeated slashes made single; an
+          # escaped slash or backslash, NUL or a fragment is refused with 400.
+          normalize_path: true
+          merge_slashes: true
+          path_with_escaped_slashes_action: REJECT_REQUEST
+          # The request id is always Envoy's own (a client's x-request-id is removed below), so
+          # logs never carry a value the client chose; the client gets it back in the response.
           generate_request_id: true
+          preserve_external_request_id: false
+          always_set_request_id_in_response: true
+          # HTTP/1.0 clients are served like HTTP/1.1 ones instead of a text 426.
+          http_protocol_options:
+            accept_http_10: true
+            default_host_for_http_10: extproc
           early_header_mutation_extensions:
           - name: strip-router-headers
             typed_config:
               '@type': type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation
-              # A client must not pick a replica or a cluster by sending the router's headers.
+              # A client must not pick a replica or a cluster by sending the router's headers,
+              # nor choose the request id the logs carry.
               mutations:
-              {{- range list "x-selected-model" "x-gateway-destination-endpoint" "x-extproc-affinity" "x-router-decision" "x-router-explain" ($headers.cluster | default "x-extproc-cluster") }}
+              {{- range list "x-selected-model" "x-gateway-destination-endpoint" "x-extproc-affinity" "x-router-decision" "x-router-explain" ($headers.cluster | default "x-extproc-cluster") "x-request-id" }}
               - remove: {{ . | toJson }}
               {{- end }}
           route_config:
@@ -219,6 +239,15 @@ static_resources:
             - name: llm
               domains: ['*']
               routes:
+              # CONNECT carries no path, so no other route matches it, and unanswered it held a
+              # stream open until the idle timeout. Matched here, Envoy refuses it at once (403).
+              - name: connect
+                match:
+                  connect_matcher: {}
+                direct_response:
+                  {{- include "extproc.envoy.jsonError" (dict "status" 405 "message" "CONNECT is not supported" "type" "invalid_request_error" "code" "method_not_allowed") | nindent 18 }}
+                typed_per_filter_config:
+                  {{- $disabled | nindent 18 }}
               - name: llm-method-not-allowed
                 match:
                   safe_regex:
@@ -277,20 +306,39 @@ static_resources:
                     regex: {{ $pathRegex | toJson }}
                 direct_response:
                   {{- include "extproc.envoy.jsonError" (dict "status" 400 "message" "request body is empty; send a JSON object with a 'model' field" "type" "invalid_request_error" "code" "invalid_request") | nindent 18 }}
-              - name: other
+              # Paths that only resemble an LLM path once Envoy has normalised them (any case, a
+              # trailing slash or anything after it, ;params, escapes Envoy keeps): some servers
+              # would serve them as the LLM call, so none is forwarded.
+              - name: llm-path-variant
                 match:
-                  prefix: /
-                # Never sent to the sidecar (files/envoy/per-route-disabled.yaml).
+                  safe_regex:
+                    regex: {{ include "extproc.envoy.llmLookalikeRegex" . | toJson }}
+                direct_response:
+                  {{- include "extproc.envoy.jsonError" (dict "status" 404 "message" "unknown path; LLM calls go to exactly /v1/chat/completions, /v1/completions, /v1/responses (lower case, no trailing slash, path parameters or escapes)" "type" "invalid_request_error" "code" "unknown_path") | nindent 18 }}
                 typed_per_filter_config:
                   {{- $disabled | nindent 18 }}
-                {{- if $plan.default }}
+              {{- if $plan.default }}
+              {{- range $e.forwardPaths }}
+              - name: {{ printf "forward %s" . | toJson }}
+                match:
+                  path: {{ . | toJson }}
                 route:
                   cluster: {{ $plan.default | toJson }}
                   timeout: {{ $e.upstreamTimeout }}
-                {{- else }}
+                typed_per_filter_config:
+                  {{- $disabled | nindent 18 }}
+              {{- end }}
+              {{- end }}
+              # Everything else: never forwarded, so no model-server endpoint is reachable past
+              # the router unless envoy.forwardPaths names it.
+              - name: other
+                match:
+                  prefix: /
                 direct_response:
                   {{- include "extproc.envoy.jsonError" (dict "status" 404 "message" "not found" "type" "invalid_request_error" "code" "not_found") | nindent 18 }}
-                {{- end }}
+                # Never sent to the sidecar (files/envoy/per-route-disabled.yaml).
+                typed_per_filter_config:
+                  {{- $disabled | nindent 18 }}
               request_headers_to_add:
               - header:
                   key: x-selected-model
@@ -400,7 +448,7 @@ overload_manager:
 {{- $e := .Values.envoy }}
 {{- $r := include "extproc.routing" . | fromYaml }}
 {{- $headers := $r.headers | default dict }}
-{{- $read := concat $e.forwardHeaders (list ($headers.session | default "x-session-id") ($headers.user | default "x-user-id") "x-request-id" "content-type" "content-encoding" "x-router-debug") | uniq | sortAlpha -}}
+{{- $read := concat $e.forwardHeaders (list ($headers.session | default "x-session-id") ($headers.user | default "x-user-id") "content-type" "content-encoding" "x-router-debug") | uniq | sortAlpha -}}
 - name: envoy.filters.http.ext_proc
   typed_config:
     '@type': type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
