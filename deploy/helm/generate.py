@@ -391,6 +391,15 @@ ROWS: list[tuple[str, list[tuple[str, str, str, str, int, list[dict[str, str]]]]
                 12,
                 [_q(f"sum by (reason) (rate(extproc_stream_errors_total{{{S}}}{RATE}))", "{{reason}}")],
             ),
+            (
+                "Refused requests",
+                "Requests the router answered with an error, by code (bad input such as invalid_header, "
+                "PII blocks, no replica). Envoy's own refusals (malformed HTTP, unknown paths) are in its stats.",
+                "timeseries",
+                "reqps",
+                12,
+                [_q(f"sum by (code) (rate(extproc_request_errors_total{{{S}}}{RATE}))", "{{code}}")],
+            ),
         ],
     ),
 ]
