@@ -1,8 +1,9 @@
 """Envoy's gRPC access log, received: the end of every routed request.
 
 Each entry carries the request's dynamic metadata (the router's decision and replica lease, and
-the token usage Envoy read from the response), its status and timing. The router ends the lease,
-counts the upstream status and accounts tokens and cost. Envoy never waits for this stream.
+the token usage Envoy read from the response), its status and timing, and how the upstream
+exchange went. The router ends the lease, counts the upstream status, accounts tokens and cost,
+and tells outlier detection how each replica it picked fared. Envoy never waits for this stream.
 """
 
 from __future__ import annotations
@@ -15,11 +16,20 @@ import grpc
 from extproc import headers as h
 from extproc._pb.envoy.data.accesslog.v3 import accesslog_pb2
 from extproc._pb.envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from extproc.replicas.health import Outcome
 from extproc.router import Router
 
 log = logging.getLogger("extproc.accesslog")
 
 USAGE_NAMESPACE = "extproc.usage"
+
+# The request got no answer from the replica (UF, UC, UR, UT): Envoy's local-origin errors.
+_LOCAL_ORIGIN_FLAGS = (
+    "upstream_connection_failure",
+    "upstream_connection_termination",
+    "upstream_remote_reset",
+    "upstream_request_timeout",
+)
 
 
 def finished(router: Router, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
@@ -40,12 +50,46 @@ def finished(router: Router, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
         return
     code = entry.response.response_code.value if entry.response.HasField("response_code") else 0
     router.metrics.upstream.labels(model, f"{code // 100}xx" if code else "none").inc()
+    if "endpoint" in fields:  # the router picked the replica (not Envoy's own balancing)
+        lb = metadata.get(h.LB_NAMESPACE)
+        listed = lb.fields[h.DESTINATION_ENDPOINT].string_value if lb and h.DESTINATION_ENDPOINT in lb.fields else ""
+        outcomes = upstream_outcomes(entry, listed.split(",") if listed else [fields["endpoint"].string_value])
+        if outcomes:
+            router.observe_upstream(model, outcomes)
     usage = metadata.get(USAGE_NAMESPACE)
     if usage is not None and 200 <= code < 300:
         tokens = usage.fields
         input_tokens = int(tokens["input"].number_value) if "input" in tokens else 0
         output_tokens = int(tokens["output"].number_value) if "output" in tokens else 0
         router.record_usage(model, input_tokens, output_tokens)
+
+
+def upstream_outcomes(entry: accesslog_pb2.HTTPAccessLogEntry, listed: list[str]) -> list[tuple[str, Outcome]]:
+    """How the request fared on each replica Envoy tried, from the replicas the router listed
+    (the pick, then the fallbacks Envoy's retries walk). The entry names only the last attempt's
+    host; the attempts before it were retried, which the routes do only on connect failures and
+    resets, so they failed that way. A request that ended with no upstream verdict (the client
+    left first, or no attempt was made) says nothing."""
+    common = entry.common_properties
+    attempts = common.upstream_request_attempt_count
+    if attempts == 0:
+        return []
+    address = common.upstream_remote_address.socket_address
+    host = (f"[{address.address}]" if ":" in address.address else address.address) + f":{address.port_value}"
+    if host not in listed:
+        host = listed[0] if attempts == 1 else host  # a name resolved by Envoy, or the fallback policy's pick
+    flags = common.response_flags
+    if common.upstream_transport_failure_reason or any(getattr(flags, f) for f in _LOCAL_ORIGIN_FLAGS):
+        last: Outcome | None = Outcome.LOCAL_ORIGIN_FAILURE
+    elif entry.response.response_code_details == "via_upstream":
+        last = Outcome.ERROR_5XX if entry.response.response_code.value >= 500 else Outcome.SUCCESS
+    else:
+        last = None
+    earlier = listed[: listed.index(host)] if host in listed else listed
+    outcomes = [(e, Outcome.LOCAL_ORIGIN_FAILURE) for e in earlier[: attempts - 1]]
+    if last is not None:
+        outcomes.append((host, last))
+    return outcomes
 
 
 class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):

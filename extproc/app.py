@@ -152,6 +152,10 @@ class Runtime:
             pools = router.state.pools
             return [((m,), float(len(pools.endpoints(m)))) for m in pools.models()]
 
+        def ejected() -> list[tuple[tuple[str, ...], float]]:
+            pools, out = router.state.pools, router.health.ejected
+            return [((m,), float(sum(1 for e in pools.endpoints(m) if e in out))) for m in pools.models()]
+
         self.metrics.add_collector(
             GaugeCollector(
                 "extproc_replica_inflight",
@@ -162,6 +166,14 @@ class Runtime:
         )
         self.metrics.add_collector(
             GaugeCollector("extproc_ready_replicas", "Ready replicas per model.", ["model"], ready)
+        )
+        self.metrics.add_collector(
+            GaugeCollector(
+                "extproc_ejected_replicas",
+                "Ready replicas that outlier detection keeps out of picking, per model.",
+                ["model"],
+                ejected,
+            )
         )
         self.metrics.add_collector(
             GaugeCollector(
@@ -233,14 +245,25 @@ class Runtime:
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
     async def _housekeeping(self) -> None:
-        """Twice a second: end stale leases, sample the task count, follow pool changes."""
+        """Twice a second: end stale leases, let back ejected replicas whose time is up, sample
+        the task count, follow pool changes."""
         assert self.router is not None
-        while True:
-            await asyncio.sleep(0.5)
-            self.router.tracker.expire()
-            self.loop_tasks = len(asyncio.all_tasks())  # sampled on the loop; read by the metrics thread
-            if self.scraper is not None:
-                self._update_scrape_targets()  # discovered pools change between reloads
+        probes: asyncio.Task[None] | None = None
+        try:
+            while True:
+                await asyncio.sleep(0.5)
+                self.router.tracker.expire()
+                health = self.router.health
+                if health.tracked:
+                    health.retain(self.router.state.pools.all_endpoints())
+                if health.ejected and (probes is None or probes.done()):  # a probe takes up to its timeout
+                    probes = asyncio.create_task(health.probe_due())
+                self.loop_tasks = len(asyncio.all_tasks())  # sampled on the loop; read by the metrics thread
+                if self.scraper is not None:
+                    self._update_scrape_targets()  # discovered pools change between reloads
+        finally:
+            if probes is not None:
+                probes.cancel()
 
     async def stop(self) -> None:
         """Stop taking new streams, let open ones finish (up to the grace period), then close."""

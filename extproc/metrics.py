@@ -93,6 +93,19 @@ class Metrics:
         self.no_replica = Counter(
             "extproc_no_ready_replica_total", "Picks that found no ready replica for a model.", ["model"], registry=r
         )
+        self.ejections = Counter(
+            "extproc_replica_ejections_total",
+            "Replicas ejected from picking by outlier detection, by reason (connect_probe: still "
+            "unreachable when its ejection ended, ejected again).",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.ejections_overflow = Counter(
+            "extproc_replica_ejections_overflow_total",
+            "Ejections refused because max_ejection_percent of the pool was already out.",
+            ["model"],
+            registry=r,
+        )
         self.upstream = Counter(
             "extproc_upstream_responses_total",
             "Upstream responses seen by the router, by status class.",

@@ -19,6 +19,7 @@ from extproc.metrics import Metrics
 from extproc.policy.config import Decision, Model, PiiPolicy, Policy
 from extproc.policy.evaluate import NEEDS_CLASSIFIER, choose_model, decide
 from extproc.policy.evaluate import explain as trace_decisions
+from extproc.replicas.health import Outcome, OutlierDetector
 from extproc.replicas.load import Lease, LoadTracker
 from extproc.replicas.picking import Pick, Picker, PickRequest, build_picker
 from extproc.replicas.pool import Discovery, Pools
@@ -119,6 +120,11 @@ class Router:
         self.counter = counter or TokenCounter()
         self.index = PrefixIndex(state.policy.picking.index_blocks)
         self.load_reports = load_reports
+        self.health = OutlierDetector(
+            state.policy.picking.outlier_detection,
+            on_eject=lambda model, reason: self.metrics.ejections.labels(model, reason).inc(),
+            on_overflow=lambda model: self.metrics.ejections_overflow.labels(model).inc(),
+        )
         self.picker = self._picker(state.policy)
 
     # --- state ---------------------------------------------------------------------------------
@@ -129,6 +135,7 @@ class Router:
 
     def swap(self, state: RouterState) -> None:
         self.state = state
+        self.health.configure(state.policy.picking.outlier_detection)
         self.picker = self._picker(state.policy)
         self.index.capacity = state.policy.picking.index_blocks
         self.discovery.retain(
@@ -141,7 +148,14 @@ class Router:
         self.picker = self._picker(self.state.policy)
 
     def _picker(self, policy: Policy) -> Picker:
-        return build_picker(policy.picking, self.tracker, self.index, self.load_reports)
+        return build_picker(policy.picking, self.tracker, self.index, self.load_reports, self.health)
+
+    def observe_upstream(self, model: str, outcomes: list[tuple[str, Outcome]]) -> None:
+        """How a finished request went on each replica it tried (from the access log), for
+        outlier detection. Only replicas the router picks count: Envoy watches its own."""
+        pool = self.state.pools.endpoints(model)
+        for endpoint, outcome in outcomes:
+            self.health.observe(endpoint, model, outcome, pool)
 
     # --- the flow ------------------------------------------------------------------------------
 
@@ -378,6 +392,8 @@ class Router:
         cluster = policy.original_dst_cluster if mode == "original_dst" else model.cluster
         routed = Routed(model.name, model.upstream_model, label, cluster, pick.endpoints, mode, lease=lease)
         routed.pick_detail = {"scores": pick.scores, "prefix_blocks": matched, "blocks": len(blocks)}
+        if pick.excluded:
+            routed.pick_detail["excluded"] = pick.excluded
         return routed
 
     def record_usage(self, model_name: str, input_tokens: int, output_tokens: int) -> None:

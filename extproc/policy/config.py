@@ -96,6 +96,23 @@ class ClassifierSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    """Passive health, in Envoy's terms (config.cluster.v3.OutlierDetection, with
+    split_external_local_origin_errors): a replica that fails this many requests in a row is
+    ejected for base_ejection_time x its ejection count (capped), never more than
+    max_ejection_percent of a pool at once. Durations are seconds."""
+
+    enabled: bool = True
+    consecutive_5xx: int = 5  # 5xx answers from the replica in a row
+    consecutive_local_origin_failure: int = 3  # connect failures, resets, timeouts in a row
+    interval: float = 10.0  # each interval without an ejection takes one off the ejection count
+    base_ejection_time: float = 30.0
+    max_ejection_time: float = 300.0
+    max_ejection_percent: int = 50  # of a pool; at 50, one of two replicas may be ejected
+    connect_probe: bool = True  # after its ejection time, a replica returns once a TCP connect succeeds
+
+
+@dataclass(frozen=True, slots=True)
 class PickingSettings:
     prefix_weight: float = 3.0
     load_weight: float = 2.0
@@ -108,6 +125,7 @@ class PickingSettings:
     sticky_move_blocks: int | None = 12  # sticky bound only where moving re-prefills >= this many blocks
     load_floor: int = 2
     fallbacks: int = 2
+    outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)
 
 
 @dataclass(frozen=True, slots=True)

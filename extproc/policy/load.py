@@ -22,6 +22,7 @@ from extproc.policy.config import (
     HeaderNames,
     KubernetesReplicas,
     Model,
+    OutlierDetection,
     PickingSettings,
     PiiPolicy,
     Policy,
@@ -178,7 +179,9 @@ def _describe(error: jsonschema.ValidationError) -> tuple[JsonPath, str]:
     if kind == "enum":
         return path, f"{value!r} is not one of: {', '.join(map(str, error.validator_value))}"
     if kind == "type":
-        return path, f"expected {_article(error.validator_value)}, got {_article(_json_type(value))}"
+        described = "pattern" in error.schema and "description" in error.schema
+        form = f" ({error.schema['description']})" if described else ""
+        return path, f"expected {_article(error.validator_value)}{form}, got {_article(_json_type(value))}"
     if kind == "oneOf":
         hint = _one_of_hint(path, value)
         if hint:
@@ -351,6 +354,18 @@ def _pii_policy(spec: dict[str, Any] | None) -> PiiPolicy | None:
     )
 
 
+DURATIONS = ("interval", "base_ejection_time", "max_ejection_time")
+
+
+def _outlier_detection(spec: dict[str, Any]) -> OutlierDetection:
+    """Durations arrive as Envoy writes them ("30s"); the settings hold seconds."""
+    settings = {k: float(v[:-1]) if k in DURATIONS else v for k, v in spec.items()}
+    if "max_ejection_time" not in settings and "base_ejection_time" in settings:
+        # As Envoy: an unset cap is the default or the base, whichever is longer.
+        settings["max_ejection_time"] = max(OutlierDetection().max_ejection_time, settings["base_ejection_time"])
+    return OutlierDetection(**settings)
+
+
 def _model(name: str, spec: dict[str, Any]) -> Model:
     pricing = spec.get("pricing")
     replicas = spec.get("replicas")
@@ -389,7 +404,9 @@ def _build(data: dict[str, Any], lines: dict[JsonPath, int], digest: str) -> tup
     ordered = tuple(sorted(decisions, key=lambda d: -d.priority))
     classifier = ClassifierSettings(**data.get("classifier", {}))
     weights = data.get("picking", {}).get("weights", {})
-    picking_spec = {k: v for k, v in data.get("picking", {}).items() if k != "weights"}
+    picking_spec = {k: v for k, v in data.get("picking", {}).items() if k not in ("weights", "outlier_detection")}
+    if "outlier_detection" in data.get("picking", {}):
+        picking_spec["outlier_detection"] = _outlier_detection(data["picking"]["outlier_detection"])
     # weights.<scorer> -> <scorer>_weight; unset ones keep PickingSettings' defaults
     picking = PickingSettings(**{f"{k}_weight": v for k, v in weights.items()}, **picking_spec)
     default_pii = _pii_policy(data.get("pii"))
@@ -403,6 +420,17 @@ def _build(data: dict[str, Any], lines: dict[JsonPath, int], digest: str) -> tup
         classifier.enabled == "auto" and (needs_pii or any(d.needs_classifier for d in ordered))
     )
     problems = []
+    outliers = picking.outlier_detection
+    if outliers.max_ejection_time < outliers.base_ejection_time:
+        path = ("picking", "outlier_detection", "max_ejection_time")
+        problems.append(
+            Problem(
+                path,
+                f"{outliers.max_ejection_time:g}s is shorter than base_ejection_time "
+                f"({outliers.base_ejection_time:g}s); raise it or lower the base",
+                _line(lines, path),
+            )
+        )
     if classifier.enabled is False and any(d.needs_classifier for d in ordered):
         problems.append(
             Problem(

@@ -1,5 +1,9 @@
 """Replica picking as small plugins: filters drop replicas, scorers rate them in [0, 1], the
-picker takes the best weighted sum and lists the next best as fallbacks for Envoy's retries."""
+picker takes the best weighted sum and lists the next best as fallbacks for Envoy's retries.
+
+Two kinds of filter: exclusions (an ejected replica) leave a replica out altogether, fallbacks
+included; the others (a load bound) only make it ineligible for the pick while it may still be
+listed as a fallback."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from extproc.policy.config import PickingSettings
+from extproc.replicas.health import OutlierDetector
 from extproc.replicas.load import LoadTracker
 from extproc.replicas.prefix import PrefixIndex
 from extproc.replicas.scrape import LoadReport
@@ -32,6 +37,7 @@ class PickRequest:
 class Pick:
     endpoints: tuple[str, ...]  # the pick first, then fallbacks
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # endpoint -> scorer -> score
+    excluded: dict[str, str] = field(default_factory=dict)  # endpoint -> the exclusion that left it out
 
 
 class Filter(Protocol):
@@ -47,6 +53,21 @@ class Scorer(Protocol):
 
 
 # --- filters --------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class OutlierEjection:
+    """Leaves out replicas that outlier detection ejected (extproc/replicas/health.py). If every
+    replica is out (the pool shrank under its ejections), none is: errors beat an empty pool."""
+
+    detector: OutlierDetector
+    name: str = "outlier_detection"
+
+    def filter(self, request: PickRequest, endpoints: Sequence[str]) -> Sequence[str]:
+        if not self.detector.ejected:
+            return endpoints
+        healthy = [e for e in endpoints if not self.detector.is_ejected(e)]
+        return healthy or endpoints
 
 
 @dataclass(slots=True)
@@ -213,11 +234,18 @@ class Picker:
     scorers: Sequence[tuple[Scorer, float]]  # (scorer, weight)
     fallbacks: int
     tracker: LoadTracker
+    exclusions: Sequence[Filter] = ()  # what these drop is neither picked nor listed as a fallback
     _turns: dict[str, int] = field(default_factory=dict)  # per model, so models don't share a rhythm
 
     def pick(self, request: PickRequest, endpoints: Sequence[str], explain: bool = False) -> Pick | None:
         if not endpoints:
             return None
+        excluded: dict[str, str] = {}
+        for exclusion in self.exclusions:
+            kept = exclusion.filter(request, endpoints)
+            if len(kept) < len(endpoints):
+                excluded.update((e, exclusion.name) for e in set(endpoints).difference(kept))
+                endpoints = kept
         candidates: Sequence[str] = endpoints
         for f in self.filters:
             candidates = f.filter(request, candidates)
@@ -240,7 +268,7 @@ class Picker:
         ranked = sorted(
             (e not in eligible, -totals[e], inflight[e], (i - turn) % n, i) for i, e in enumerate(endpoints)
         )
-        return Pick(tuple(endpoints[r[4]] for r in ranked[: 1 + self.fallbacks]), detail)
+        return Pick(tuple(endpoints[r[4]] for r in ranked[: 1 + self.fallbacks]), detail, excluded)
 
 
 def build_picker(
@@ -248,6 +276,7 @@ def build_picker(
     tracker: LoadTracker,
     index: PrefixIndex,
     reports: Callable[[str], LoadReport | None] | None = None,
+    health: OutlierDetector | None = None,
 ) -> Picker:
     """The router's picker from its settings: the one definition the router and the simulation share."""
     load = LeastLoad(tracker) if reports is None else LeastLoad(tracker, reports)
@@ -268,4 +297,5 @@ def build_picker(
         ],
         fallbacks=settings.fallbacks,
         tracker=tracker,
+        exclusions=[OutlierEjection(health)] if health is not None and settings.outlier_detection.enabled else [],
     )
