@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from extproc import headers as h
-from extproc.policy.config import Policy
+from extproc.policy.config import OutlierDetection, Policy
 from extproc.request import API_PATHS, UNKNOWN_PATH_MESSAGE
 
 EXT_PROC_CLUSTER = "extproc"
@@ -87,6 +87,7 @@ def _cluster(
     override_host: bool = False,
     dns: bool = False,
     hash_balance_factor: int | None = None,
+    outlier_detection: OutlierDetection | None = None,
 ) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": name,
@@ -97,6 +98,8 @@ def _cluster(
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(e)}} for e in endpoints]}],
         },
     }
+    if outlier_detection is not None and outlier_detection.enabled:
+        cluster["outlier_detection"] = _outlier_detection(outlier_detection)
     least_request = {
         "typed_extension_config": {
             "name": "envoy.load_balancing_policies.least_request",
@@ -141,6 +144,20 @@ def _cluster(
     else:
         cluster["load_balancing_policy"] = {"policies": [least_request]}
     return cluster
+
+
+def _outlier_detection(settings: OutlierDetection) -> dict[str, Any]:
+    """The router's outlier detection settings as Envoy's, for the clusters whose hosts Envoy
+    chooses (hash; override_host when its list runs out). connect_probe has no Envoy analogue."""
+    return {
+        "split_external_local_origin_errors": True,
+        "consecutive_5xx": settings.consecutive_5xx,
+        "consecutive_local_origin_failure": settings.consecutive_local_origin_failure,
+        "interval": f"{settings.interval:g}s",
+        "base_ejection_time": f"{settings.base_ejection_time:g}s",
+        "max_ejection_time": f"{settings.max_ejection_time:g}s",
+        "max_ejection_percent": settings.max_ejection_percent,
+    }
 
 
 def _has_hostname(endpoints: Sequence[str]) -> bool:
@@ -197,7 +214,12 @@ def render(policy: Policy, options: EnvoyOptions | None = None) -> dict[str, Any
         bound = p.sticky_load_bound if p.sticky_load_bound is not None else p.load_bound
         balance = max(100, round(100 * (1 + bound))) if mode == "hash" else None
         clusters[model.cluster] = _cluster(
-            model.cluster, endpoints, override_host=mode == "override_host", dns=dns, hash_balance_factor=balance
+            model.cluster,
+            endpoints,
+            override_host=mode == "override_host",
+            dns=dns,
+            hash_balance_factor=balance,
+            outlier_detection=p.outlier_detection if mode in ("hash", "override_host") else None,
         )
         routed_clusters.append(model.cluster)
         if mode == "hash":
@@ -464,6 +486,19 @@ def _listener(
                 "retry_on": "connect-failure,refused-stream,reset-before-request",
                 "num_retries": attempts,
             }
+            if cluster in hashed:
+                # Step along the ring to a host not tried yet; each step lands on an adjacent ring
+                # entry, which may be the same host again, so allow several.
+                route["retry_policy"]["retry_host_predicate"] = [
+                    {
+                        "name": "envoy.retry_host_predicates.previous_hosts",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/"
+                            "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                        },
+                    }
+                ]
+                route["retry_policy"]["host_selection_retry_max_attempts"] = 10
         entry: dict[str, Any] = {
             "name": f"llm-{cluster}",
             "match": {

@@ -650,6 +650,18 @@ def envoy_parts() -> dict[str, str]:
     names = [f["name"] for f in hcm["http_filters"]]
     usage = hcm["http_filters"][names.index("envoy.filters.http.buffer") + 1 : names.index("envoy.filters.http.router")]
     (sidecar,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "extproc"]
+    # A hash-mode model: its cluster's outlier detection (the defaults the template overrides
+    # with routing.picking.outlier_detection) and its route's retry to another host.
+    hashed = render(
+        parse_policy(
+            "version: 1\ndefault_model: m\nmodels:\n  m: {replicas: {static: ['10.0.0.1:80'], envoy: hash}}\n"
+        ),
+        EnvoyOptions(),
+    )
+    (cluster,) = [c for c in hashed["static_resources"]["clusters"] if c["name"] == "m"]
+    hcm_hashed = hashed["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (route,) = [r for r in hcm_hashed["route_config"]["virtual_hosts"][0]["routes"] if r["name"] == "llm-m"]
+    retry = {k: v for k, v in route["route"]["retry_policy"].items() if k not in ("retry_on", "num_retries")}
     parts = {
         "per-route-disabled.yaml": (
             "typed_per_filter_config of routes the sidecar never sees",
@@ -666,6 +678,11 @@ def envoy_parts() -> dict[str, str]:
             sidecar["typed_extension_protocol_options"],
         ),
         "overload-manager.yaml": ("the overload manager", config["overload_manager"]),
+        "outlier-detection.yaml": (
+            "outlier detection of hash and override_host clusters, with the policy's defaults",
+            cluster["outlier_detection"],
+        ),
+        "hash-retry-hosts.yaml": ("how a hash-mode route's retry picks another host", retry),
     }
     return {name: _ENVOY_HEADER.format(what=what) + _yaml(data) for name, (what, data) in parts.items()}
 

@@ -39,6 +39,22 @@ CASES: dict[str, dict[str, Any]] = {
         },
         "sidecar": {"socketDir": "/run/extproc/"},
     },
+    "outlier-detection-tuned": merge(
+        MANY_MODELS,
+        {
+            "routing": {
+                "picking": {
+                    "outlier_detection": {
+                        "consecutive_5xx": 2,
+                        "max_ejection_percent": 34,
+                        "interval": "0.5s",
+                        "base_ejection_time": "600.0s",  # no cap given: the cap becomes the base, as in Envoy
+                    }
+                }
+            }
+        },
+    ),
+    "outlier-detection-off": merge(MANY_MODELS, {"routing": {"picking": {"outlier_detection": {"enabled": False}}}}),
     "static-ips-envoy-balanced-default": {
         "routing": {
             "version": 1,

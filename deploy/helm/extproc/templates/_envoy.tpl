@@ -34,6 +34,25 @@ Mirrors extproc/envoy.py render() and _model_endpoints().
 {{- $loadBound := hasKey $picking "load_bound" | ternary $picking.load_bound 0 }}
 {{- $hashBound := hasKey $picking "sticky_load_bound" | ternary $picking.sticky_load_bound 1.0 }}
 {{- if kindIs "invalid" $hashBound }}{{ $hashBound = $loadBound }}{{ end }}
+{{- /* Outlier detection of the clusters whose hosts Envoy chooses (hash, override_host): the
+     policy's picking.outlier_detection over its defaults (files/envoy/outlier-detection.yaml);
+     extproc/envoy.py _outlier_detection(). */}}
+{{- $od := $picking.outlier_detection | default dict }}
+{{- $envoyOd := dict }}
+{{- if hasKey $od "enabled" | ternary $od.enabled true }}
+{{- $envoyOd = .Files.Get "files/envoy/outlier-detection.yaml" | fromYaml }}
+{{- range list "consecutive_5xx" "consecutive_local_origin_failure" "max_ejection_percent" }}
+{{- if hasKey $od . }}{{ $_ := set $envoyOd . (index $od .) }}{{ end }}
+{{- end }}
+{{- range list "interval" "base_ejection_time" "max_ejection_time" }}
+{{- if hasKey $od . }}{{ $_ := set $envoyOd . (printf "%gs" (index $od . | trimSuffix "s" | float64)) }}{{ end }}
+{{- end }}
+{{- if and (hasKey $od "base_ejection_time") (not (hasKey $od "max_ejection_time")) }}
+{{- /* As Envoy: an unset cap is the default or the base, whichever is longer. */}}
+{{- $cap := .Files.Get "files/envoy/outlier-detection.yaml" | fromYaml | dig "max_ejection_time" "" | trimSuffix "s" | float64 }}
+{{- $_ := set $envoyOd "max_ejection_time" (printf "%gs" (maxf $cap ($od.base_ejection_time | trimSuffix "s" | float64))) }}
+{{- end }}
+{{- end }}
 {{- $routed := list }}
 {{- $clusters := list }}
 {{- $names := list }}
@@ -68,7 +87,8 @@ Mirrors extproc/envoy.py render() and _model_endpoints().
 {{- if eq $mode "hash" }}{{ $balance = max 100 (round (mulf 100 (addf 1 $hashBound)) 0 | int) }}{{ end }}
 {{- if not (has $cluster $names) }}
 {{- $names = append $names $cluster }}
-{{- $clusters = append $clusters (dict "name" $cluster "endpoints" $endpoints "mode" $mode "balance" $balance) }}
+{{- $outlier := has $mode (list "hash" "override_host") | ternary $envoyOd dict }}
+{{- $clusters = append $clusters (dict "name" $cluster "endpoints" $endpoints "mode" $mode "balance" $balance "outlier" $outlier) }}
 {{- end }}
 {{- if not (has $cluster $routed) }}{{ $routed = append $routed $cluster }}{{ end }}
 {{- if eq $mode "hash" }}{{ $hashed = append $hashed $cluster }}{{ end }}
@@ -137,6 +157,10 @@ replica the router put in metadata.
               address: {{ $host | toJson }}
               port_value: {{ regexFind "[0-9]+$" . }}
       {{- end }}
+  {{- if .outlier }}
+  outlier_detection:
+    {{- toYaml .outlier | nindent 4 }}
+  {{- end }}
   load_balancing_policy:
     policies:
     {{- if eq .mode "override_host" }}
@@ -283,6 +307,9 @@ static_resources:
                   retry_policy:
                     retry_on: connect-failure,refused-stream,reset-before-request
                     num_retries: {{ $attempts }}
+                    {{- if has . $plan.hashed }}
+                    {{- $.Files.Get "files/envoy/hash-retry-hosts.yaml" | trim | nindent 20 }}
+                    {{- end }}
                   {{- end }}
                   {{- if has . $plan.hashed }}
                   # The ring hash reads the router's affinity key; the header is added before hashing.
