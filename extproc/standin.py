@@ -41,6 +41,7 @@ class StandIn:
     peak: int = 0  # most requests in flight at once
     served: int = 0
     _server: asyncio.Server | None = None
+    _open: set[asyncio.StreamWriter] = field(default_factory=set)
 
     @property
     def address(self) -> str:
@@ -57,7 +58,16 @@ class StandIn:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
             self._server = None
 
+    async def kill(self) -> None:
+        """Die as a crashed process does: stop listening and drop every open connection."""
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._open):
+            writer.transport.abort()
+        await self.stop()
+
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open.add(writer)
         try:
             while True:
                 request = await _read_request(reader)
@@ -71,6 +81,7 @@ class StandIn:
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass
         finally:
+            self._open.discard(writer)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
