@@ -307,6 +307,33 @@ ROWS: list[tuple[str, list[tuple[str, str, str, str, int, list[dict[str, str]]]]
                 8,
                 [_q(f"min by (model) (extproc_ready_replicas{{{S}}})", "{{model}}")],
             ),
+            (
+                "Ejected replicas",
+                "Ready replicas outlier detection keeps out of picking (they failed requests in a row), "
+                "per model (highest over router pods).",
+                "timeseries",
+                "short",
+                12,
+                [_q(f"max by (model) (extproc_ejected_replicas{{{S}}})", "{{model}}")],
+            ),
+            (
+                "Replica ejections",
+                "Ejections per reason (connect_probe: still unreachable when its time was up), and "
+                "ejections refused because max_ejection_percent of the pool was already out.",
+                "timeseries",
+                "short",
+                12,
+                [
+                    _q(
+                        f"sum by (model, reason) (increase(extproc_replica_ejections_total{{{S}}}{RATE}))",
+                        "{{model}} {{reason}}",
+                    ),
+                    _q(
+                        f"sum by (model) (increase(extproc_replica_ejections_overflow_total{{{S}}}{RATE}))",
+                        "{{model}} refused",
+                    ),
+                ],
+            ),
         ],
     ),
     (

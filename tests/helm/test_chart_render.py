@@ -180,6 +180,7 @@ def test_prometheus_rules_select_this_release_and_name_the_expensive_model() -> 
         "ExtprocConfigReloadFailed",
         "ExtprocStalePolicy",
         "ExtprocNoReadyReplica",
+        "ExtprocReplicaEjected",
         "ExtprocExpensiveModelShareJump",
         "ExtprocUpstreamErrorRate",
         "ExtprocSignalFailures",

@@ -132,6 +132,29 @@ CASES: dict[str, list[tuple[str, list[dict[str, str]], int, dict[str, str] | Non
         ),
         ("replicas ready", [series("extproc_ready_replicas", [2] * 60, model="small")], 12, None),
     ],
+    "ExtprocReplicaEjected": [
+        (
+            "a replica out for ten minutes",
+            [series("extproc_ejected_replicas", [0] * 5 + [1] * 60, model="small")],
+            20,
+            {"severity": "warning", "model": "small"},
+        ),
+        (
+            "out for a minute, then back",
+            [series("extproc_ejected_replicas", [0] * 5 + [1] + [0] * 60, model="small")],
+            20,
+            None,
+        ),
+        (
+            "too many failing to eject one more",
+            [
+                series("extproc_ejected_replicas", [1] * 60, model="small"),
+                series("extproc_replica_ejections_overflow_total", counter(2), model="small"),
+            ],
+            20,
+            {"severity": "warning", "model": "small"},
+        ),
+    ],
     "ExtprocExpensiveModelShareJump": [
         ("share jumps from 20% to 80%", shifted_share(0.2, 0.8, 375), 405, {"severity": "warning", "model": "large"}),
         ("share falls from 50% to 0%", shifted_share(0.5, 0.0, 375), 405, {"severity": "warning", "model": "large"}),

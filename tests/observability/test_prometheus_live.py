@@ -78,6 +78,8 @@ LIVE_ALERTS: dict[str, dict[str, Any]] = {
 # Queries that may return nothing here, and why.
 MAY_BE_EMPTY = {
     "Stream errors": "only a bug in the router ends a stream in an error; nothing here provokes one",
+    "Replica ejections": "the one failing replica (flaky) fails three times here, below consecutive_5xx, and "
+    "is alone in its pool; tests/adversarial/test_dead_replica.py ejects replicas",
 }
 NEEDS_CLASSIFIER = {"Classifier batch size", "Classifier batch duration", "PII events"}
 NEEDS_CLASSIFIER_FAILURE = {"Signal failures"}  # data when the encoder is missing (or times out)
