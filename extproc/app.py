@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from prometheus_client import start_http_server
 
 from extproc._pb.envoy.service.accesslog.v3 import als_pb2_grpc
 from extproc.accesslog import AccessLogSink
+from extproc.listen import SocketClaim, bind_error, ensure_free
 from extproc.metrics import GaugeCollector, Metrics
 from extproc.policy import Policy, load_policy
 from extproc.policy.load import DEFAULT_POLICY
@@ -68,6 +68,8 @@ class Runtime:
         self.scraper: LoadScraper | None = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self._tasks: list[asyncio.Task[None]] = []
+        self._socket: SocketClaim | None = None
+        self._socket_bound = False  # the socket file is this process's: remove it on stop
 
     # --- policy ------------------------------------------------------------------------------
 
@@ -187,55 +189,68 @@ class Runtime:
     # --- serving -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        policy = await asyncio.to_thread(load_policy, self.settings.config)
+        """Claim the socket and the metrics port first (failing fast with AddressInUse, and never
+        touching what another process serves), then build the router, then serve. A start that
+        fails part way undoes what it did."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        settings = self.settings
+        if settings.uds:
+            self._socket = SocketClaim(Path(settings.uds))
+            self._socket.acquire()
+        if settings.metrics_port is not None:
+            try:
+                self._metrics_server = start_http_server(
+                    settings.metrics_port, settings.metrics_address, registry=self.metrics.registry
+                )
+            except OSError as exc:
+                raise bind_error("metrics port", f"{settings.metrics_address}:{settings.metrics_port}", exc) from None
+        policy = await asyncio.to_thread(load_policy, settings.config)
         await self.apply(policy)
         self.metrics.reloads.labels("success").inc()
         self.metrics.last_reload.set_to_current_time()
         self.metrics.last_reload_ok.set(1)
         assert self.router is not None
         options = [
-            ("grpc.max_receive_message_length", self.settings.max_message_bytes),
-            ("grpc.max_send_message_length", self.settings.max_message_bytes),
-            *self.settings.extra_server_options,
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second sidecar on the same TCP port must fail, not share it
+            *settings.extra_server_options,
         ]
         server = grpc.aio.server(options=options)
         add_ext_proc_to_server(self.router, server)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogSink(self.router), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        if self.settings.uds:
-            path = Path(self.settings.uds)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()  # a stale socket from a previous run
-            server.add_insecure_port(f"unix:{path}")
-        if self.settings.listen:
-            if self.settings.tls_cert and self.settings.tls_key:
-                server.add_secure_port(self.settings.listen, self._tls_credentials())
-            else:
-                server.add_insecure_port(self.settings.listen)
-        await server.start()
         self.server = server
-        if self.settings.health_listen:
+        if settings.uds:
+            _bind(server, "socket", f"unix:{settings.uds}")
+            self._socket_bound = True
+        if settings.listen:
+            credentials = self._tls_credentials() if settings.tls_cert and settings.tls_key else None
+            _bind(server, "gRPC address", settings.listen, credentials)
+        await server.start()
+        if settings.health_listen:
             # Only the health service here: the probe port never exposes the processor itself.
-            self.health_server = grpc.aio.server()
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            self.health_server.add_insecure_port(self.settings.health_listen)
+            _bind(self.health_server, "health address", settings.health_listen)
             await self.health_server.start()
         for service in ("", SERVICE_NAME):
             await _set_health(self.health, service, health_pb2.HealthCheckResponse.SERVING)
-        if self.settings.metrics_port is not None:
-            self._metrics_server = start_http_server(
-                self.settings.metrics_port, self.settings.metrics_address, registry=self.metrics.registry
-            )
         self._tasks.append(asyncio.create_task(self._housekeeping()))
-        if self.settings.reload:
+        if settings.reload:
             from extproc.policy.reload import ConfigWatcher
 
-            watcher = ConfigWatcher(self.settings.config, self, debounce=self.settings.reload_debounce)
+            watcher = ConfigWatcher(settings.config, self, debounce=settings.reload_debounce)
             self._tasks.append(asyncio.create_task(watcher.run()))
         log.info(
             "serving ext_proc on %s",
-            ", ".join(filter(None, [f"unix:{self.settings.uds}" if self.settings.uds else None, self.settings.listen])),
+            ", ".join(filter(None, [f"unix:{settings.uds}" if settings.uds else None, settings.listen])),
         )
 
     def _tls_credentials(self) -> grpc.ServerCredentials:
@@ -271,8 +286,10 @@ class Runtime:
             await _set_health(self.health, service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.server is not None:
             await self.server.stop(self.settings.shutdown_grace)
+            self.server = None
         if self.health_server is not None:
             await self.health_server.stop(0)
+            self.health_server = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -287,9 +304,22 @@ class Runtime:
             server, _thread = self._metrics_server
             server.shutdown()
             server.server_close()
-        if self.settings.uds:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.settings.uds)
+            self._metrics_server = None
+        if self._socket is not None:
+            self._socket.release(remove_socket=self._socket_bound)  # only a socket this process made
+            self._socket, self._socket_bound = None, False
+
+
+def _bind(server: grpc.aio.Server, what: str, address: str, credentials: grpc.ServerCredentials | None = None) -> None:
+    if not address.startswith("unix:"):
+        ensure_free(what, address)
+    try:
+        if credentials is None:
+            server.add_insecure_port(address)
+        else:
+            server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # grpc says only "Failed to bind"; the address is the useful part
+        raise bind_error(what, address, exc) from None
 
 
 def _pools(policy: Policy, discovery: Discovery):

@@ -168,6 +168,7 @@ def _serve(args: argparse.Namespace) -> int:
         reload=not args.no_reload,
         lease_timeout=args.lease_timeout,
     )
+    from extproc.listen import AddressInUse
     from extproc.policy import ConfigError
 
     try:
@@ -175,6 +176,9 @@ def _serve(args: argparse.Namespace) -> int:
             runner.run(serve(settings))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return 1
+    except AddressInUse as exc:  # another sidecar serves here: leave it be, say so in one line
+        print(f"extproc serve: {exc}", file=sys.stderr)
         return 1
     return 0
 
