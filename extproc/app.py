@@ -94,6 +94,7 @@ class Runtime:
         if self._classifier_signal is not None:
             self._classifier_signal.timeout_seconds = policy.classifier.timeout_ms / 1000
         self._update_scrape_targets()
+        self._retain_replica_series()
         self.metrics.config.info({"hash": policy.digest[:16]})
 
     async def _ensure_classifier(self, policy: Policy) -> None:
@@ -135,6 +136,12 @@ class Runtime:
             self.router.set_load_reports(self.scraper.report)
         if self.scraper is not None:
             self.scraper.set_targets(targets)
+
+    def _retain_replica_series(self) -> None:
+        """Drop the per-replica series of replicas that left their pool (by reload or discovery)."""
+        assert self.router is not None
+        pools = self.router.state.pools
+        self.metrics.retain_replicas({(m, e) for m in pools.models() for e in pools.endpoints(m)})
 
     def _on_batch(self, size: int, seconds: float) -> None:
         self.metrics.classifier_batch.observe(size)
@@ -276,6 +283,7 @@ class Runtime:
                 self.loop_tasks = len(asyncio.all_tasks())  # sampled on the loop; read by the metrics thread
                 if self.scraper is not None:
                     self._update_scrape_targets()  # discovered pools change between reloads
+                self._retain_replica_series()
         finally:
             if probes is not None:
                 probes.cancel()

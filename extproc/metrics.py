@@ -1,14 +1,26 @@
 """Every Prometheus metric the router exports, defined in one place.
 
 Labels stay bounded: model, decision and domain names come from the policy and the classifier's
-fixed label set; replica labels are pool members; nothing derived from prompts or users.
+fixed label set; replica labels are pool members, and a replica's series are removed when it
+leaves its model's pool (:meth:`Metrics.retain_replicas`); nothing derived from prompts or users.
+The process's own CPU, memory, file descriptors and garbage collector are exported too
+(``process_*``, ``python_*``), as prometheus_client's default registry would.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -43,6 +55,10 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # The collectors prometheus_client's default registry has, in this one: the sidecar's
+        # CPU, memory and descriptors (process_*, Linux /proc), interpreter and GC (python_*).
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)
         self.requests = Counter(
             "extproc_requests_total",
             "LLM requests the router decided on, by outcome.",
@@ -152,6 +168,9 @@ class Metrics:
         self._stage_children: dict[str, object] = {}
         self._request_children: dict[tuple[str, str, str, str], object] = {}
         self._error_children: dict[str, object] = {}
+        # Families labelled (model, replica), with the children created so far: a replica's
+        # series are removed when it leaves its model's pool, so pod churn cannot grow them.
+        self._per_replica: dict[Counter | Gauge | Histogram, dict[tuple[str, str], object]] = {self.picks: {}}
 
     def observe_stages(self, stages: dict[str, float]) -> None:
         children = self._stage_children
@@ -173,6 +192,25 @@ class Metrics:
         if child is None:
             child = self._error_children[code] = self.errors.labels(code)
         child.inc()  # type: ignore[attr-defined]
+
+    def count_pick(self, model: str, replica: str) -> None:
+        self.replica_child(self.picks, model, replica).inc()  # type: ignore[attr-defined]
+
+    def replica_child(self, family: Counter | Gauge | Histogram, model: str, replica: str) -> object:
+        """The (model, replica) child of a per-replica family, remembered for retain_replicas."""
+        children = self._per_replica[family]
+        child = children.get((model, replica))
+        if child is None:
+            child = children[(model, replica)] = family.labels(model, replica)
+        return child
+
+    def retain_replicas(self, members: Collection[tuple[str, str]]) -> None:
+        """Remove the per-replica series of every (model, replica) not in members (the pools)."""
+        keep = members if isinstance(members, (set, frozenset)) else set(members)
+        for family, children in self._per_replica.items():
+            for key in [key for key in children if key not in keep]:
+                del children[key]
+                family.remove(*key)
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)

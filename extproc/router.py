@@ -385,7 +385,7 @@ class Router:
         matched = wanted.matched[primary] if wanted.matched else self.index.matched_blocks(primary, blocks)
         self.index.record(primary, blocks)
         lease = self.tracker.acquire(primary, model.name)
-        self.metrics.picks.labels(model.name, primary).inc()
+        self.metrics.count_pick(model.name, primary)
         if blocks:
             self.metrics.prefix_hit.labels(model.name).observe(matched / len(blocks))
         mode = model.replicas.envoy

@@ -266,7 +266,7 @@ ROWS: list[tuple[str, list[tuple[str, str, str, str, int, list[dict[str, str]]]]
             (
                 "Peak in flight by replica",
                 "Most requests in flight per replica at any scrape in the interval, as the routers count "
-                "them (a replica's series disappears while it is idle).",
+                "them (idle replicas show 0; a replica's series end when it leaves its model's pool).",
                 "timeseries",
                 "short",
                 12,
@@ -362,6 +362,54 @@ ROWS: list[tuple[str, list[tuple[str, str, str, str, int, list[dict[str, str]]]]
                 "short",
                 8,
                 [_q(f"count by (hash) (extproc_config_info{{{S}}})", "{{hash}}")],
+            ),
+        ],
+    ),
+    (
+        "Sidecar process",
+        [
+            (
+                "Sidecar CPU",
+                "CPU cores the routing sidecar uses, per pod (process_cpu_seconds_total); compare with "
+                "sidecar.resources.requests.cpu.",
+                "timeseries",
+                "short",
+                6,
+                [_q(f"sum by (instance) (rate(process_cpu_seconds_total{{{S}}}{RATE}))", "{{instance}}")],
+            ),
+            (
+                "Sidecar memory",
+                "Resident memory of the routing sidecar, per pod; compare with sidecar.resources.limits.memory.",
+                "timeseries",
+                "bytes",
+                6,
+                [_q(f"max by (instance) (process_resident_memory_bytes{{{S}}})", "{{instance}}")],
+            ),
+            (
+                "Sidecar file descriptors",
+                "Share of the sidecar's file descriptor limit in use, per pod.",
+                "timeseries",
+                "percentunit",
+                6,
+                [
+                    _q(
+                        f"max by (instance) (process_open_fds{{{S}}} / process_max_fds{{{S}}})",
+                        "{{instance}}",
+                    )
+                ],
+            ),
+            (
+                "Python GC collections",
+                "Garbage collections per second by generation; generation 2 pauses are the long ones.",
+                "timeseries",
+                "short",
+                6,
+                [
+                    _q(
+                        f"sum by (generation) (rate(python_gc_collections_total{{{S}}}{RATE}))",
+                        "gen {{generation}}",
+                    )
+                ],
             ),
         ],
     ),
@@ -479,6 +527,28 @@ def _variable(name: str, label: str, query: str) -> dict[str, Any]:
     }
 
 
+EXPENSIVE_MODEL = "expensive_model"
+
+
+def _model_variable() -> dict[str, Any]:
+    query = f'label_values(extproc_requests_total{{{S}, model!="none"}}, model)'
+    return {
+        "name": EXPENSIVE_MODEL,
+        "label": "Expensive model",
+        "description": "The model whose traffic share the expensive-model panels and alert watch.",
+        "type": "query",
+        "datasource": DATASOURCE,
+        "definition": query,
+        "query": {"query": query, "refId": EXPENSIVE_MODEL},
+        "refresh": 2,
+        "includeAll": False,
+        "multi": False,
+        # Empty: Grafana takes the first model found; the chart fills in the configured one.
+        "current": {},
+        "sort": 1,
+    }
+
+
 def dashboard() -> dict[str, Any]:
     panels: list[dict[str, Any]] = []
     y = 0
@@ -534,14 +604,9 @@ def dashboard() -> dict[str, Any]:
                 },
                 _variable("namespace", "Namespace", "label_values(extproc_requests_total, namespace)"),
                 _variable("job", "Router", 'label_values(extproc_requests_total{namespace=~"$namespace"}, job)'),
-                # The chart writes monitoring.expensiveModel here (templates/dashboard.yaml).
-                {
-                    "name": "expensive_model",
-                    "label": "Expensive model",
-                    "type": "constant",
-                    "query": "__EXPENSIVE_MODEL__",
-                    "hide": 2,
-                },
+                # A choice among the routed models, so a dashboard imported by hand works too; the
+                # chart preselects monitoring.expensiveModel (templates/dashboard.yaml).
+                _model_variable(),
             ]
         },
         "panels": panels,

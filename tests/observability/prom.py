@@ -56,7 +56,12 @@ def dashboard_targets(rendered: Rendered) -> list[tuple[str, str]]:
 
 def grafana_variables(rendered: Rendered, rate_interval: str, dashboard_range: str) -> dict[str, str]:
     """What Grafana substitutes in the queries, for one selected namespace and router."""
-    constants = {v["name"]: v["query"] for v in rendered.dashboard()["templating"]["list"] if v["type"] == "constant"}
+    # Single-choice variables take the value the chart preselected.
+    constants = {
+        v["name"]: v["current"]["value"]
+        for v in rendered.dashboard()["templating"]["list"]
+        if v["type"] == "query" and not v.get("multi") and v.get("current")
+    }
     return {
         "__rate_interval": rate_interval,
         "__range": dashboard_range,
