@@ -629,16 +629,9 @@ def _rebase_refs(node: Any, prefix: str) -> Any:
 
 def routing_schema() -> dict[str, Any]:
     """The policy schema, nested under values.routing, applied when routing is not empty (empty
-    means the chart's example). One difference: a Kubernetes replica source may leave out its
-    namespace, which the chart fills in with the release's."""
+    means the chart's example)."""
     policy = json.loads(POLICY_SCHEMA.read_text())
     defs = policy["$defs"]
-    kubernetes = defs["replicas"]["properties"]["kubernetes"]
-    kubernetes["required"] = [r for r in kubernetes.get("required", []) if r != "namespace"]
-    kubernetes["properties"]["namespace"] = {
-        **kubernetes["properties"]["namespace"],
-        "description": "Namespace of the replicas (the chart fills in the release's when left out).",
-    }
     body = {k: v for k, v in policy.items() if k not in ("$schema", "$id", "$defs", "title", "description")}
     nested = {
         "type": "object",

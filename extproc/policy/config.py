@@ -21,7 +21,7 @@ class Pricing:
 
 @dataclass(frozen=True, slots=True)
 class KubernetesReplicas:
-    namespace: str
+    namespace: str | None = None  # None: the pod's own namespace (of the kubeconfig's context outside a cluster)
     service: str | None = None
     selector: str | None = None
     port: int | str | None = None

@@ -3,29 +3,24 @@
 An :class:`EndpointSliceWatcher` lists the slices of one service (or label selector),
 then watches them from the list's ``resourceVersion`` in a daemon thread, and keeps the
 ready ``ip:port`` set that the picker reads. The API being unreachable never empties the
-pool: the last known endpoints stay until the watch is back.
+pool: the last known endpoints stay until the watch is back. Objects are the API's JSON
+(camelCase dicts), read through the small client in :mod:`extproc.replicas.kubeapi`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
 
-import kubernetes.client
-import kubernetes.config
-import kubernetes.watch
-from kubernetes.client import (
-    DiscoveryV1EndpointPort,
-    V1Endpoint,
-    V1EndpointSlice,
-    V1EndpointSliceList,
-)
-from kubernetes.client.exceptions import ApiException
+from extproc.replicas.kubeapi import ApiClient, ApiError, KubernetesConfigError, WatchStream, load_api_client
+
+__all__ = ["ApiClient", "EndpointSliceWatcher", "KubernetesConfigError", "KubernetesSource", "load_api_client"]
 
 logger = logging.getLogger("extproc.replicas")
 
@@ -41,14 +36,11 @@ _WATCH_READ_GRACE = 30.0
 _STOP_JOIN_TIMEOUT = 10.0
 
 OnChange = Callable[[tuple[str, ...]], None]
+Json = dict[str, Any]
 
 
 class KubernetesSourceError(ValueError):
     """A :class:`KubernetesSource` that cannot select EndpointSlices."""
-
-
-class KubernetesConfigError(RuntimeError):
-    """Neither in-cluster credentials nor a usable kubeconfig were found."""
 
 
 class WatchEndedEarly(RuntimeError):
@@ -89,52 +81,19 @@ class KubernetesSource:
         return f"{self.namespace}{{{self.selector}}}"
 
 
-def load_api_client(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
-    """In-cluster config when running in a pod (KUBERNETES_SERVICE_HOST set), else the
-    kubeconfig (path or default).
-
-    An explicit ``kubeconfig`` path wins even inside a pod: the caller asked for it.
-    The returned client has its own Configuration; the process-wide default is untouched.
-    """
-    configuration = kubernetes.client.Configuration()
-    in_cluster = kubeconfig is None and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-    try:
-        if in_cluster:
-            kubernetes.config.load_incluster_config(client_configuration=configuration)
-        else:
-            kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-    except (kubernetes.config.ConfigException, OSError) as exc:
-        hint = _config_error_hint(in_cluster, kubeconfig)
-        raise KubernetesConfigError(f"{hint}: {exc}") from exc
-    # The watcher retries with its own backoff; urllib3's extra retries would only
-    # multiply the attempts and log a warning for each one during an outage.
-    configuration.retries = 0
-    return kubernetes.client.ApiClient(configuration)
-
-
-def _config_error_hint(in_cluster: bool, kubeconfig: str | None) -> str:
-    if in_cluster:
-        return (
-            "cannot configure the Kubernetes client: running in a pod, but its service "
-            "account credentials are missing (is automountServiceAccountToken disabled?)"
-        )
-    where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
-    return f"cannot configure the Kubernetes client: no usable kubeconfig at {where} (pass a path, or set KUBECONFIG)"
-
-
 # --- reading EndpointSlices ----------------------------------------------------------------
 
 
-def is_ready(item: V1Endpoint) -> bool:
+def is_ready(item: Json) -> bool:
     """Ready per the API: a nil ``ready`` means ready; a terminating endpoint never is."""
-    conditions = item.conditions
-    if conditions is None:
+    conditions = item.get("conditions")
+    if not conditions:
         return True
-    if conditions.terminating:
+    if conditions.get("terminating"):
         # ready=true with terminating=true happens with publishNotReadyAddresses;
         # a replica on its way out should not get new requests either way.
         return False
-    return conditions.ready is not False
+    return conditions.get("ready") is not False
 
 
 def format_endpoint(address: str, port: int) -> str:
@@ -142,7 +101,7 @@ def format_endpoint(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-def resolve_port(ports: Iterable[DiscoveryV1EndpointPort] | None, wanted: int | str | None) -> int | None:
+def resolve_port(ports: Iterable[Json] | None, wanted: int | str | None) -> int | None:
     """The port number that ``wanted`` designates in one slice, or None if it has none.
 
     Resolved per slice because slices of one service may disagree, e.g. while a
@@ -150,34 +109,34 @@ def resolve_port(ports: Iterable[DiscoveryV1EndpointPort] | None, wanted: int | 
     """
     listed = list(ports or [])
     if wanted is None:
-        return listed[0].port if listed else None
+        return listed[0].get("port") if listed else None
     if isinstance(wanted, str):
-        return next((p.port for p in listed if p.name == wanted), None)
+        return next((p.get("port") for p in listed if p.get("name") == wanted), None)
     # A number is used as is when the slice lists none, or lists the "all ports" entry
     # (port nil), as headless services without ports do.
-    if not listed or any(p.port is None for p in listed) or any(p.port == wanted for p in listed):
+    if not listed or any(p.get("port") is None for p in listed) or any(p.get("port") == wanted for p in listed):
         return wanted
     return None
 
 
-def ready_endpoints(
-    endpoint_slice: V1EndpointSlice, wanted_port: int | str | None
-) -> tuple[frozenset[str], str | None]:
+def ready_endpoints(endpoint_slice: Json, wanted_port: int | str | None) -> tuple[frozenset[str], str | None]:
     """The ready ``ip:port`` strings of one slice, and why it contributes none, if so."""
-    if endpoint_slice.address_type not in ("IPv4", "IPv6"):
+    address_type = endpoint_slice.get("addressType")
+    if address_type not in ("IPv4", "IPv6"):
         # Envoy's original-destination cluster needs an IP; FQDN slices are deprecated.
-        return frozenset(), f"address type {endpoint_slice.address_type} is not an IP"
-    port = resolve_port(endpoint_slice.ports, wanted_port)
+        return frozenset(), f"address type {address_type} is not an IP"
+    ports = endpoint_slice.get("ports")
+    port = resolve_port(ports, wanted_port)
     if port is None:
-        listed = ", ".join(f"{p.name or '-'}={p.port}" for p in endpoint_slice.ports or [])
+        listed = ", ".join(f"{p.get('name') or '-'}={p.get('port')}" for p in ports or [])
         wanted = "any port" if wanted_port is None else f"port {wanted_port!r}"
         return frozenset(), f"it has no {wanted} (ports: {listed or 'none'})"
     # The API defines no meaning for addresses beyond the first (the EndpointSlice
     # controller writes exactly one, and kube-proxy reads only that one).
     found = frozenset(
-        format_endpoint(item.addresses[0], port)
-        for item in endpoint_slice.endpoints or []
-        if item.addresses and is_ready(item)
+        format_endpoint(item["addresses"][0], port)
+        for item in endpoint_slice.get("endpoints") or []
+        if item.get("addresses") and is_ready(item)
     )
     return found, None
 
@@ -201,7 +160,7 @@ class EndpointSliceWatcher:
         self,
         source: KubernetesSource,
         *,
-        api_client: kubernetes.client.ApiClient,
+        api_client: ApiClient,
         on_change: OnChange | None = None,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
@@ -212,7 +171,8 @@ class EndpointSliceWatcher:
         if watch_timeout_seconds < 1:
             raise ValueError("watch_timeout_seconds must be at least 1")
         self.source = source
-        self._api = kubernetes.client.DiscoveryV1Api(api_client)
+        self._api = api_client
+        self._path = f"/apis/discovery.k8s.io/v1/namespaces/{quote(source.namespace, safe='')}/endpointslices"
         self._on_change = on_change
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
@@ -224,7 +184,7 @@ class EndpointSliceWatcher:
         self._synced = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._watch: kubernetes.watch.Watch | None = None
+        self._watch: WatchStream | None = None
         self._failures = 0  # consecutive; only the watcher thread touches it
         self._skipped: dict[str, str] = {}  # slice name -> reason it contributes nothing
 
@@ -248,7 +208,7 @@ class EndpointSliceWatcher:
             # stop(): closing the socket is what unblocks a read in progress.
             watch = self._watch
             if watch is not None:
-                watch.stop()
+                watch.close()
             thread.join(0.05)
         if thread.is_alive():
             logger.warning(
@@ -293,7 +253,7 @@ class EndpointSliceWatcher:
         logger.debug("kubernetes discovery %s: stopped", self.source.describe())
 
     def _report_failure(self, exc: Exception) -> None:
-        if isinstance(exc, ApiException) and exc.status == _GONE:
+        if isinstance(exc, ApiError) and exc.status == _GONE:
             logger.info(
                 "kubernetes discovery %s: watch expired (410 Gone), relisting",
                 self.source.describe(),
@@ -316,16 +276,16 @@ class EndpointSliceWatcher:
         return random.uniform(ceiling / 2, ceiling)
 
     def _list(self) -> str:
-        result: V1EndpointSliceList = self._api.list_namespaced_endpoint_slice(
-            self.source.namespace,
-            label_selector=self.source.label_selector,
-            _request_timeout=(_CONNECT_TIMEOUT, _LIST_READ_TIMEOUT),
+        result = self._api.get(
+            self._path,
+            {"labelSelector": self.source.label_selector},
+            timeout=(_CONNECT_TIMEOUT, _LIST_READ_TIMEOUT),
         )
-        version = result.metadata.resource_version if result.metadata else None
+        version = (result.get("metadata") or {}).get("resourceVersion")
         if not version:
             raise ValueError("the API server returned a list without a resourceVersion")
         self._skipped.clear()
-        slices = {_name_of(item): self._read_slice(item) for item in result.items}
+        slices = {_name_of(item): self._read_slice(item) for item in result.get("items") or []}
         with self._lock:
             self._slices = slices
         self._publish()
@@ -335,26 +295,32 @@ class EndpointSliceWatcher:
 
     def _watch_from(self, version: str) -> str:
         """Apply watch events until the server ends the stream; returns the last version."""
-        watch = kubernetes.watch.Watch()
-        self._watch = watch
         if self._stopping.is_set():
             return version
-        stream = watch.stream(
-            self._api.list_namespaced_endpoint_slice,
-            self.source.namespace,
-            label_selector=self.source.label_selector,
-            resource_version=version,
-            allow_watch_bookmarks=True,
-            # With a server-side timeout, the client raises a 410 instead of retrying
-            # it silently, so every 410 reaches _run() and ends in a relist.
-            timeout_seconds=self._watch_timeout,
-            _request_timeout=(_CONNECT_TIMEOUT, self._watch_timeout + _WATCH_READ_GRACE),
+        stream = self._api.watch(
+            self._path,
+            {
+                "labelSelector": self.source.label_selector,
+                "resourceVersion": version,
+                "allowWatchBookmarks": "true",
+                "timeoutSeconds": self._watch_timeout,
+            },
+            timeout=(_CONNECT_TIMEOUT, self._watch_timeout + _WATCH_READ_GRACE),
         )
+        self._watch = stream
+        if self._stopping.is_set():  # stop() may have looked for a stream just before this one
+            stream.close()
+            return version
         started, events = time.monotonic(), 0
         for event in stream:
             if self._stopping.is_set():
                 break
-            self._apply(event["type"], event["object"])
+            kind, obj = event.get("type"), event.get("object") or {}
+            if kind == "ERROR":
+                # 410 Gone (the version was compacted away) ends in a relist, as any failure.
+                raise ApiError.from_status(int(obj.get("code") or 500), obj)
+            version = (obj.get("metadata") or {}).get("resourceVersion") or version
+            self._apply(kind, obj)
             events += 1
             self._failures = 0
         if not events and time.monotonic() - started < self._watch_timeout / 2:
@@ -363,25 +329,23 @@ class EndpointSliceWatcher:
             raise WatchEndedEarly("the watch ended at once, without a single event")
         self._failures = 0  # a clean end at the server's timeout is healthy
         logger.debug("kubernetes discovery %s: watch ended, resuming", self.source.describe())
-        return watch.resource_version or version
+        return version
 
-    def _apply(self, event_type: str, obj: object) -> None:
-        if not isinstance(obj, V1EndpointSlice):
-            return  # BOOKMARK: the Watch already recorded its resourceVersion
+    def _apply(self, event_type: str | None, obj: Json) -> None:
+        if event_type not in ("ADDED", "MODIFIED", "DELETED"):
+            return  # BOOKMARK: only its resourceVersion counts, recorded by the caller
         name = _name_of(obj)
         if event_type == "DELETED":
             self._skipped.pop(name, None)
             with self._lock:
                 self._slices.pop(name, None)
-        elif event_type in ("ADDED", "MODIFIED"):
+        else:
             found = self._read_slice(obj)
             with self._lock:
                 self._slices[name] = found
-        else:
-            return
         self._publish()
 
-    def _read_slice(self, endpoint_slice: V1EndpointSlice) -> frozenset[str]:
+    def _read_slice(self, endpoint_slice: Json) -> frozenset[str]:
         found, skipped = ready_endpoints(endpoint_slice, self.source.port)
         name = _name_of(endpoint_slice)
         # Warn once per slice and reason, not on every event for the same slice.
@@ -453,15 +417,16 @@ class EndpointSliceWatcher:
         )
 
 
-def _name_of(endpoint_slice: V1EndpointSlice) -> str:
-    metadata = endpoint_slice.metadata
-    return (metadata.name if metadata else None) or ""
+def _name_of(endpoint_slice: Json) -> str:
+    return (endpoint_slice.get("metadata") or {}).get("name") or ""
 
 
 def _describe_error(exc: Exception) -> str:
-    if isinstance(exc, ApiException):
+    if isinstance(exc, ApiError):
         hint = ""
         if exc.status == 403:
             hint = "; grant list and watch on endpointslices.discovery.k8s.io"
+        elif exc.status == 401:
+            hint = "; the API token or client certificate was refused"
         return f"HTTP {exc.status} {exc.reason}{hint}"
     return f"{type(exc).__name__}: {exc}"

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from extproc.policy.config import KubernetesReplicas, Policy
 
 if TYPE_CHECKING:
+    from extproc.replicas.kubeapi import ApiClient
     from extproc.replicas.kubernetes import EndpointSliceWatcher
 
 log = logging.getLogger("extproc.replicas")
@@ -25,7 +26,7 @@ class Discovery:
     """Owns the Kubernetes watchers; creates the API client only if some model needs it."""
 
     def __init__(
-        self, kubeconfig: str | None = None, api_client: object | None = None, sync_timeout: float = 5.0
+        self, kubeconfig: str | None = None, api_client: ApiClient | None = None, sync_timeout: float = 5.0
     ) -> None:
         self._kubeconfig = kubeconfig
         self._api = api_client
@@ -43,15 +44,16 @@ class Discovery:
             if watcher is None:
                 if self._api is None:
                     self._api = kubernetes.load_api_client(self._kubeconfig)
-                source = kubernetes.KubernetesSource(spec.namespace, spec.service, spec.selector, spec.port)
+                # No namespace in the policy: the pod's own (or the kubeconfig context's), as kubectl.
+                namespace = spec.namespace or self._api.namespace
+                source = kubernetes.KubernetesSource(namespace, spec.service, spec.selector, spec.port)
                 watcher = kubernetes.EndpointSliceWatcher(source, api_client=self._api, on_change=self._changed)
                 watcher.start()
                 self._watchers[spec] = watcher
         if not watcher.wait_synced(self._sync_timeout):
             log.warning(
-                "replica discovery %s/%s: no list within %.0fs; routing starts with no replicas for it",
-                spec.namespace,
-                spec.service or spec.selector,
+                "replica discovery %s: no list within %.0fs; routing starts with no replicas for it",
+                watcher.source.describe(),
                 self._sync_timeout,
             )
         return lambda: watcher.endpoints

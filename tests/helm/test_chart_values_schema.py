@@ -97,16 +97,10 @@ def test_defaults_and_the_example_policy_pass_the_schema() -> None:
 
 
 def test_routing_schema_is_the_package_policy_schema() -> None:
-    """The chart embeds extproc/policy/schema.json (generate.py); only the namespace of Kubernetes
-    replica sources becomes optional, because the chart fills it in."""
+    """The chart embeds extproc/policy/schema.json unchanged (generate.py)."""
     policy = json.loads((ROOT / "extproc" / "policy" / "schema.json").read_text())
     embedded = json.loads((CHART_DIR / "values.schema.json").read_text())["properties"]["routing"]
     rebased = json.loads(re.sub(r'"#/properties/routing/\$defs/', '"#/$defs/', json.dumps(embedded)))
     assert rebased["then"]["properties"] == policy["properties"]
     assert rebased["then"]["required"] == policy["required"]
-    kubernetes = policy["$defs"]["replicas"]["properties"]["kubernetes"]
-    assert kubernetes["required"] == ["namespace"]
-    assert rebased["$defs"]["replicas"]["properties"]["kubernetes"]["required"] == []
-    for name, definition in policy["$defs"].items():
-        if name != "replicas":
-            assert rebased["$defs"][name] == definition, name
+    assert rebased["$defs"] == policy["$defs"]

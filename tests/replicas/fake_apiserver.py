@@ -1,7 +1,8 @@
 """A small in-memory Kubernetes API server for EndpointSlices.
 
-It speaks the real list + watch protocol over HTTP/1.1, so tests drive the
-official ``kubernetes`` client unmodified:
+It speaks the real list + watch protocol over HTTP/1.1, the way the official ``kubernetes``
+client expects it (tests/replicas/test_fake_apiserver.py runs that client against it), and
+the sidecar's own client (extproc/replicas/kubeapi.py) is tested against it:
 
 - ``GET /apis/discovery.k8s.io/v1/[namespaces/{ns}/]endpointslices?labelSelector=...``
   returns an ``EndpointSliceList`` whose ``metadata.resourceVersion`` is the
@@ -19,7 +20,7 @@ Typical use::
 
     with FakeApiServer() as api:
         api.apply(endpoint_slice("vllm-a", service="vllm", endpoints=[endpoint("10.0.0.1")]))
-        client = api.api_client()   # a real kubernetes.client.ApiClient pointed at it
+        client = api.api_client()   # the sidecar's ApiClient pointed at it
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import json
 import re
 import select
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -39,7 +41,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import kubernetes.client
+from extproc.replicas.kubeapi import ApiClient
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 _API_VERSION = "discovery.k8s.io/v1"
@@ -200,9 +202,24 @@ class RequestRecord:
 class FakeApiServer:
     """An in-memory EndpointSlice store served over the Kubernetes list + watch protocol."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, gone_as_status: bool = False):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        gone_as_status: bool = False,
+        token: str | None = None,
+        tls: tuple[str, str] | None = None,
+        client_ca: str | None = None,
+    ):
         self.host = host
         self.port = port
+        # With a token, requests without `Authorization: Bearer <token>` get 401; with tls
+        # (certificate, key files), the server speaks HTTPS, as a real API server does.
+        self.token = token
+        self.tls = tls
+        self.client_ca = client_ca  # with tls: require a client certificate signed by this CA
+        self.authorizations: list[str | None] = []
         # How a watch from a compacted resourceVersion is refused. The real API server does
         # both: usually an HTTP 200 stream carrying one ERROR event, sometimes an HTTP 410.
         self.gone_as_status = gone_as_status
@@ -223,6 +240,13 @@ class FakeApiServer:
     def start(self) -> FakeApiServer:
         httpd = _Server((self.host, self.port), _Handler)
         httpd.fake = self
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls)
+            if self.client_ca is not None:
+                context.verify_mode = ssl.CERT_REQUIRED
+                context.load_verify_locations(self.client_ca)
+            httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
         self.port = httpd.server_address[1]
         self._httpd = httpd
         self._serve_thread = threading.Thread(
@@ -246,10 +270,16 @@ class FakeApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
-    def api_client(self) -> kubernetes.client.ApiClient:
-        """A real client pointed at this server, configured the way a kubeconfig would."""
+    def api_client(self) -> ApiClient:
+        """The sidecar's client pointed at this server, as a kubeconfig with no credentials would."""
+        return ApiClient(self.url)
+
+    def official_client(self) -> Any:
+        """The official ``kubernetes`` package's client (a test dependency only) pointed here."""
+        import kubernetes.client
+
         return kubernetes.client.ApiClient(kubernetes.client.Configuration(host=self.url))
 
     # -- state --
@@ -506,6 +536,12 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        fake = self.server.fake
+        authorization = self.headers.get("Authorization")
+        fake.authorizations.append(authorization)
+        if fake.token is not None and authorization != f"Bearer {fake.token}":
+            self._send_json(401, _status(401, "Unauthorized", "Unauthorized"))
+            return
         url = urlsplit(self.path)
         match = _PATH.match(url.path)
         if match is None:
@@ -514,7 +550,6 @@ class _Handler(BaseHTTPRequestHandler):
         query = {key: values[-1] for key, values in parse_qs(url.query).items()}
         namespace = match["ns"]
         selector = query.get("labelSelector", "")
-        fake = self.server.fake
         if query.get("watch", "").lower() in ("true", "1"):
             timeout = float(query["timeoutSeconds"]) if "timeoutSeconds" in query else None
             bookmarks = query.get("allowWatchBookmarks", "").lower() == "true"

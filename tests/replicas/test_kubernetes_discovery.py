@@ -1,5 +1,6 @@
-"""EndpointSlice discovery, driven through the real ``kubernetes`` client against a local
-server that speaks the list + watch protocol (``fake_apiserver``)."""
+"""EndpointSlice discovery through the sidecar's own API client (extproc/replicas/kubeapi.py)
+against a local server that speaks the list + watch protocol (``fake_apiserver``; the official
+``kubernetes`` client is run against the same server in test_fake_apiserver.py)."""
 
 from __future__ import annotations
 
