@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
@@ -21,53 +22,29 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in _DELEGATED:
         rest = argv[1:]
         return _DELEGATED[argv[0]]()(rest[1:] if rest[:1] == ["--"] else rest)
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "check-config":
+        return _check_config(args.path)
+    if args.command == "route":
+        return _route(args)
+    if args.command == "envoy-config":
+        return _envoy_config(args)
+    if args.command == "demo":
+        from extproc.demo import run_demo
+
+        return run_demo(keep_running=args.keep_running)
+    raise AssertionError(args.command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; option defaults read the environment when this is called."""
     parser = argparse.ArgumentParser(prog="extproc", description="LLM routing sidecar for Envoy.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the ext_proc gRPC server")
-    serve.add_argument(
-        "--config",
-        type=Path,
-        default=Path(os.environ.get("EXTPROC_CONFIG", DEFAULT_POLICY)),
-        help="routing policy YAML (default: the bundled example; env EXTPROC_CONFIG)",
-    )
-    serve.add_argument(
-        "--uds",
-        default=os.environ.get("EXTPROC_UDS", "/tmp/extproc/extproc.sock"),
-        help="Unix socket path ('' to disable; env EXTPROC_UDS)",
-    )
-    serve.add_argument(
-        "--listen",
-        default=os.environ.get("EXTPROC_LISTEN"),
-        help="also serve TCP on host:port, e.g. 127.0.0.1:50051 (env EXTPROC_LISTEN)",
-    )
-    serve.add_argument(
-        "--health-listen",
-        default=os.environ.get("EXTPROC_HEALTH_LISTEN"),
-        help="serve only the gRPC health service on host:port, for kubelet probes (env EXTPROC_HEALTH_LISTEN)",
-    )
-    serve.add_argument(
-        "--metrics-port",
-        type=int,
-        default=os.environ.get("EXTPROC_METRICS_PORT", "9090"),  # a string: argparse converts and reports errors
-        help="Prometheus /metrics port (0 disables)",
-    )
-    serve.add_argument("--metrics-address", default=os.environ.get("EXTPROC_METRICS_ADDRESS", "0.0.0.0"))
-    serve.add_argument(
-        "--kubeconfig", default=os.environ.get("KUBECONFIG"), help="kubeconfig for replica discovery outside a cluster"
-    )
-    serve.add_argument("--tls-cert", help="serve TCP with TLS: certificate chain (PEM)")
-    serve.add_argument("--tls-key", help="serve TCP with TLS: private key (PEM)")
-    serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA (PEM)")
-    serve.add_argument(
-        "--lease-timeout",
-        type=float,
-        default=os.environ.get("EXTPROC_LEASE_TIMEOUT", "660"),
-        help="seconds a request may hold a replica before its lease ends anyway; keep it above Envoy's "
-        "upstream timeout (env EXTPROC_LEASE_TIMEOUT)",
-    )
-    serve.add_argument("--no-reload", action="store_true", help="do not watch the config file")
-    serve.add_argument("--log-level", default=os.environ.get("EXTPROC_LOG_LEVEL", "info"))
+    _add_serve_options(serve)
 
     check = commands.add_parser("check-config", help="validate a routing policy; exit 1 on errors")
     check.add_argument("path", type=Path)
@@ -77,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     route.add_argument("--config", type=Path, default=DEFAULT_POLICY)
     route.add_argument("--path", help="API path (default: guessed from the body)")
     route.add_argument("--header", "-H", action="append", default=[], metavar="NAME:VALUE")
+    route.add_argument(
+        "--kubeconfig", default=os.environ.get("KUBECONFIG"), help="kubeconfig for Kubernetes replicas (env KUBECONFIG)"
+    )
 
     envoy = commands.add_parser("envoy-config", help="print the Envoy bootstrap YAML for a policy")
     envoy.add_argument("--config", type=Path, default=DEFAULT_POLICY)
@@ -116,21 +96,61 @@ def main(argv: list[str] | None = None) -> int:
 
     classify = commands.add_parser("classify", help="run the classifier on JSONL prompts")
     classify.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
 
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
-    if args.command == "check-config":
-        return _check_config(args.path)
-    if args.command == "route":
-        return _route(args)
-    if args.command == "envoy-config":
-        return _envoy_config(args)
-    if args.command == "demo":
-        from extproc.demo import run_demo
 
-        return run_demo(keep_running=args.keep_running)
-    raise AssertionError(args.command)
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level(value: str) -> str:
+    level = value.strip().lower()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a log level; use one of: {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def _flag(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _add_serve_options(serve: argparse.ArgumentParser) -> None:
+    """Every option also reads an environment variable, named in its help (a container sets
+    either). A string default goes through ``type``, so a bad variable is reported like a bad
+    option."""
+
+    def option(flag: str, env: str, help: str, default: str | None = None, **kwargs: Any) -> None:
+        serve.add_argument(flag, default=os.environ.get(env, default), help=f"{help} (env {env})", **kwargs)
+
+    option(
+        "--config",
+        "EXTPROC_CONFIG",
+        "routing policy YAML (default: the bundled example; the image sets /etc/extproc/policy.yaml)",
+        str(DEFAULT_POLICY),
+        type=Path,
+    )
+    option("--uds", "EXTPROC_UDS", "Unix socket path ('' to disable)", "/tmp/extproc/extproc.sock")
+    option("--listen", "EXTPROC_LISTEN", "also serve TCP on host:port, e.g. 127.0.0.1:50051")
+    option("--health-listen", "EXTPROC_HEALTH_LISTEN", "serve only the gRPC health service on host:port (kubelet)")
+    option("--metrics-port", "EXTPROC_METRICS_PORT", "Prometheus /metrics port (0 disables)", "9090", type=int)
+    option("--metrics-address", "EXTPROC_METRICS_ADDRESS", "address of the /metrics server", "0.0.0.0")
+    option("--kubeconfig", "KUBECONFIG", "kubeconfig for replica discovery outside a cluster")
+    option("--tls-cert", "EXTPROC_TLS_CERT", "serve TCP with TLS: certificate chain (PEM)")
+    option("--tls-key", "EXTPROC_TLS_KEY", "serve TCP with TLS: private key (PEM)")
+    option("--tls-client-ca", "EXTPROC_TLS_CLIENT_CA", "require client certificates signed by this CA (PEM)")
+    option(
+        "--lease-timeout",
+        "EXTPROC_LEASE_TIMEOUT",
+        "seconds a request may hold a replica before its lease ends anyway; keep it above Envoy's upstream timeout",
+        "660",
+        type=float,
+    )
+    serve.add_argument(
+        "--no-reload",
+        action="store_true",
+        default=_flag(os.environ.get("EXTPROC_NO_RELOAD", "")),
+        help="do not watch the config file (env EXTPROC_NO_RELOAD=1)",
+    )
+    option("--log-level", "EXTPROC_LOG_LEVEL", f"one of {', '.join(LOG_LEVELS)}", "info", type=_log_level)
 
 
 def _eval_main():
@@ -170,14 +190,19 @@ def _serve(args: argparse.Namespace) -> int:
     )
     from extproc.listen import AddressInUse
     from extproc.policy import ConfigError
+    from extproc.replicas.kubeapi import KubernetesConfigError
 
+    if args.config.resolve() == DEFAULT_POLICY:
+        logging.getLogger("extproc.cli").warning(
+            "serving the bundled example policy (replicas on 127.0.0.1); pass --config or EXTPROC_CONFIG"
+        )
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(serve(settings))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    except AddressInUse as exc:  # another sidecar serves here: leave it be, say so in one line
+    except (AddressInUse, KubernetesConfigError) as exc:  # another sidecar serves here, or no cluster: one line
         print(f"extproc serve: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -296,18 +321,30 @@ def _route(args: argparse.Namespace) -> int:
     except orjson.JSONDecodeError:
         body_json = None
     path = args.path or _guess_path(body_json)
-    out = asyncio.run(_route_once(policy, path, headers, raw))
+    from extproc.replicas.kubeapi import KubernetesConfigError
+
+    try:
+        out = asyncio.run(_route_once(policy, path, headers, raw, args.kubeconfig))
+    except KubernetesConfigError as exc:
+        print(f"extproc route: {exc}", file=sys.stderr)
+        return 1
     print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
     return 0 if "error" not in out else 2
 
 
-async def _route_once(policy: Any, path: str, headers: dict[str, str], raw: bytes) -> dict[str, Any]:
+async def _route_once(
+    policy: Any, path: str, headers: dict[str, str], raw: bytes, kubeconfig: str | None = None
+) -> dict[str, Any]:
     from extproc.app import Runtime, Settings
     from extproc.errors import RouterError
     from extproc.router import Call
 
-    runtime = Runtime(Settings(config=Path(), reload=False))
-    await runtime.apply(policy)
+    runtime = Runtime(Settings(config=Path(), reload=False, kubeconfig=kubeconfig))
+    try:
+        await runtime.apply(policy)
+    except BaseException:
+        runtime.discovery.close()
+        raise
     router = runtime.router
     assert router is not None
     # The dry run always explains itself, whatever the policy allows over HTTP.
@@ -319,6 +356,7 @@ async def _route_once(policy: Any, path: str, headers: dict[str, str], raw: byte
     finally:
         if runtime._async_classifier is not None:
             await runtime._async_classifier.aclose()
+        runtime.discovery.close()
     explanation = routed.explanation or {}
     body = routed.body if routed.body is not None else raw
     return {

@@ -83,8 +83,8 @@ def load_policy(path: str | Path | None = None) -> Policy:
 def parse_policy(text: str, source: str = "<string>") -> Policy:
     data, lines = _read_yaml(text, source)
     problems = list(_schema_problems(data, lines))
-    if not problems:
-        problems = list(_reference_problems(data, lines))
+    # Cross references too, where the schema found nothing wrong: every mistake in one pass.
+    problems += _reference_problems(data, lines, skip=[p.path for p in problems])
     if not problems:
         policy, problems = _build(data, lines, hashlib.sha256(text.encode()).hexdigest())
         if not problems:
@@ -248,35 +248,52 @@ def _article(kind: Any) -> str:
 # --- cross references --------------------------------------------------------------------------
 
 
-def _reference_problems(data: dict[str, Any], lines: dict[JsonPath, int]) -> Iterator[Problem]:
+def _reference_problems(data: Any, lines: dict[JsonPath, int], skip: list[JsonPath] = ()) -> list[Problem]:  # type: ignore[assignment]
+    """Names that must refer to something. Parts at, inside or around a path in ``skip`` (where
+    the schema already found a mistake) are not checked: their shape is unknown."""
+    if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
+        return []
+
+    def clean(path: JsonPath) -> bool:
+        return not any(bad and (bad[: len(path)] == path or path[: len(bad)] == bad) for bad in skip)
+
+    return [p for p in _references(data, lines, clean)]
+
+
+def _references(data: dict[str, Any], lines: dict[JsonPath, int], clean: Any) -> Iterator[Problem]:
     models = data["models"]
-    configured = ", ".join(sorted(models))
+    configured = ", ".join(sorted(map(str, models)))
 
     def check(path: JsonPath, name: Any) -> Iterator[Problem]:
-        if name not in models:
-            close = difflib.get_close_matches(str(name), list(models), n=1)
+        if clean(path) and name not in models:
+            close = difflib.get_close_matches(str(name), list(map(str, models)), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             yield Problem(
                 path, f"{name!r} is not a configured model{hint}; configured: {configured}", _line(lines, path)
             )
 
-    yield from check(("default_model",), data["default_model"])
-    baseline = data.get("cost", {}).get("baseline_model")
-    if baseline is not None:
-        yield from check(("cost", "baseline_model"), baseline)
-    for name in data.get("auto_models", ["auto"]):
-        if name in models:
-            yield Problem(
-                ("auto_models",),
-                f"{name!r} is both an auto name and a model; rename one",
-                _line(lines, ("auto_models",)),
-            )
+    if "default_model" in data:
+        yield from check(("default_model",), data["default_model"])
+    cost = data.get("cost")
+    if isinstance(cost, dict) and cost.get("baseline_model") is not None:
+        yield from check(("cost", "baseline_model"), cost["baseline_model"])
+    auto_models = data.get("auto_models", ["auto"])
+    if clean(("auto_models",)) and isinstance(auto_models, list):
+        for name in auto_models:
+            if isinstance(name, str) and name in models:
+                yield Problem(
+                    ("auto_models",),
+                    f"{name!r} is both an auto name and a model; rename one",
+                    _line(lines, ("auto_models",)),
+                )
     if data.get("unknown_models") == "passthrough" and not data.get("passthrough_cluster"):
         yield Problem(
             ("passthrough_cluster",), "required when unknown_models is 'passthrough'", _line(lines, ("unknown_models",))
         )
     for path, pii in _pii_policies(data):
-        if pii["action"] == "reroute":
+        if not clean(path) or not isinstance(pii, dict):
+            continue
+        if pii.get("action") == "reroute":
             if "model" not in pii:
                 yield Problem((*path, "model"), "'reroute' needs the model allowed to see PII", _line(lines, path))
             else:
@@ -284,23 +301,28 @@ def _reference_problems(data: dict[str, Any], lines: dict[JsonPath, int]) -> Ite
         elif "model" in pii:
             yield Problem((*path, "model"), "only used with action 'reroute'", _line(lines, (*path, "model")))
     seen: dict[str, int] = {}
-    for i, decision in enumerate(data.get("decisions", [])):
+    decisions = data.get("decisions", [])
+    for i, decision in enumerate(decisions if isinstance(decisions, list) else []):
         base: JsonPath = ("decisions", i)
-        name = decision["name"]
-        if name in seen:
-            yield Problem(
-                (*base, "name"),
-                f"decision name {name!r} is already used by decisions[{seen[name]}]",
-                _line(lines, (*base, "name")),
-            )
-        seen.setdefault(name, i)
+        if not isinstance(decision, dict):
+            continue
+        name = decision.get("name")
+        if isinstance(name, str) and clean((*base, "name")):
+            if name in seen:
+                yield Problem(
+                    (*base, "name"),
+                    f"decision name {name!r} is already used by decisions[{seen[name]}]",
+                    _line(lines, (*base, "name")),
+                )
+            seen.setdefault(name, i)
         if "model" in decision:
             yield from check((*base, "model"), decision["model"])
-        for j, part in enumerate(decision.get("split", [])):
+        split, fallbacks = decision.get("split", []), decision.get("fallbacks", [])
+        for j, part in enumerate(split if isinstance(split, list) and clean((*base, "split")) else []):
             yield from check((*base, "split", j, "model"), part["model"])
-        for j, fallback in enumerate(decision.get("fallbacks", [])):
+        for j, fallback in enumerate(fallbacks if isinstance(fallbacks, list) else []):
             yield from check((*base, "fallbacks", j), fallback)
-        if "when" in decision:
+        if "when" in decision and clean((*base, "when")):
             yield from _condition_problems(decision["when"], (*base, "when"), lines)
 
 
@@ -308,10 +330,11 @@ def _pii_policies(data: dict[str, Any]) -> Iterator[tuple[JsonPath, dict[str, An
     if "pii" in data:
         yield ("pii",), data["pii"]
     for name, model in data["models"].items():
-        if "pii" in model:
+        if isinstance(model, dict) and "pii" in model:
             yield ("models", name, "pii"), model["pii"]
-    for i, decision in enumerate(data.get("decisions", [])):
-        if "pii" in decision:
+    decisions = data.get("decisions", [])
+    for i, decision in enumerate(decisions if isinstance(decisions, list) else []):
+        if isinstance(decision, dict) and "pii" in decision:
             yield ("decisions", i, "pii"), decision["pii"]
 
 

@@ -452,3 +452,29 @@ def test_generated_chart_files_are_fresh() -> None:
         [sys.executable, str(ROOT / "deploy" / "helm" / "generate.py"), "--check"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_readme_alert_table_lists_exactly_the_alerts_the_chart_ships() -> None:
+    rules = render(MONITORING_ON, api_versions=[MONITORING_API]).rules()
+    shipped = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    readme = (CHART_DIR / "README.md").read_text()
+    table = readme[readme.index("| alert | fires when |") :].split("\n\n")[0]
+    documented = set(re.findall(r"^\| `(\w+)` \|", table, re.M))
+    assert documented == shipped, {"undocumented": shipped - documented, "not shipped": documented - shipped}
+
+
+@pytest.mark.parametrize(
+    ("change", "rolls"),
+    [
+        ({"limits": {"max_body_bytes": 1048576}}, False),
+        ({"pii": {"action": "block"}}, False),
+        ({"models": {**EXAMPLE_POLICY["models"], "extra": {"replicas": {"static": ["10.0.0.9:8000"]}}}}, True),
+        ({"headers": {"session": "x-conversation"}}, True),
+    ],
+    ids=["limits", "pii", "a-new-model", "headers"],
+)
+def test_what_the_docs_say_rolls_the_pods_does(change: dict[str, Any], rolls: bool) -> None:
+    """values.yaml and the README name the policy keys that reach Envoy's bootstrap."""
+    base = render({}).deployment
+    changed = render({"routing": {**EXAMPLE_POLICY, **change}}).deployment
+    assert (changed != base) is rolls
