@@ -20,8 +20,9 @@ RELEASE = "demo"
 NAMESPACE = "llm"
 FULLNAME = f"{RELEASE}-extproc"
 MONITORING_API = "monitoring.coreos.com/v1"
-# Kinds kubernetes-validate has no schema for: the Prometheus Operator's CRDs.
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+GATEWAY_API = "gateway.networking.k8s.io/v1"
+# Kinds kubernetes-validate has no schema for: the Prometheus Operator's and Gateway API's CRDs.
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "HTTPRoute"}
 
 
 @functools.cache
@@ -180,4 +181,49 @@ MANY_MODELS: dict[str, Any] = {
         "clusterEndpoints": {"private": ["vllm-private.llm.svc.cluster.local:8000"], "other": ["10.9.9.9:8000"]},
         "forwardHeaders": ["x-user-tier", "x-team"],
     },
+}
+
+# Everything a platform team adds without forking: a CA bundle mounted in both containers, an
+# OpenTelemetry collector beside them, an init container, environment, pod metadata, a
+# NetworkPolicy, an HTTPRoute from a Gateway, and an extra manifest.
+OPEN_CHART: dict[str, Any] = {
+    "extraVolumes": [{"name": "ca-bundle", "configMap": {"name": "corp-ca"}}],
+    "sidecar": {
+        "extraVolumeMounts": [{"name": "ca-bundle", "mountPath": "/etc/ssl/corp", "readOnly": True}],
+        "extraEnv": [{"name": "SSL_CERT_FILE", "value": "/etc/ssl/corp/ca.crt"}],
+        "extraEnvFrom": [{"configMapRef": {"name": "extproc-env"}}],
+        "extraArgs": ["--metrics-address=0.0.0.0"],
+    },
+    "envoy": {
+        "extraVolumeMounts": [{"name": "ca-bundle", "mountPath": "/etc/ssl/corp", "readOnly": True}],
+        "extraEnv": [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://127.0.0.1:4317"}],
+    },
+    "extraContainers": [
+        {
+            "name": "otel-collector",
+            "image": "otel/opentelemetry-collector:0.100.0",
+            "args": ["--config=/etc/otel/{{ .Release.Name }}.yaml"],
+            "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
+        }
+    ],
+    "extraInitContainers": [{"name": "wait", "image": "busybox:1.36", "command": ["true"]}],
+    "podAnnotations": {"sidecar.opentelemetry.io/inject": "false"},
+    "podLabels": {"team": "platform"},
+    "networkPolicy": {
+        "enabled": True,
+        "clients": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}}}],
+        "metrics": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        "apiServer": [{"ipBlock": {"cidr": "172.20.0.1/32"}}],
+    },
+    "gateway": {
+        "httpRoute": {
+            "enabled": True,
+            "parentRefs": [{"name": "inference", "namespace": "gateway-system"}],
+            "hostnames": ["llm.example.com"],
+            "timeouts": {"request": "660s"},
+        }
+    },
+    "extraObjects": [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "{{ .Release.Name }}-otel"}, "data": {"x": "y"}}
+    ],
 }

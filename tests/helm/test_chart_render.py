@@ -19,9 +19,11 @@ from tests.helm.chart import (
     CHART_DIR,
     CRD_KINDS,
     FULLNAME,
+    GATEWAY_API,
     MANY_MODELS,
     MONITORING_API,
     NAMESPACE,
+    OPEN_CHART,
     RELEASE,
     ROOT,
     Rendered,
@@ -70,6 +72,7 @@ MATRIX: dict[str, tuple[dict[str, Any], list[str]]] = {
         {"serviceAccount": {"create": False, "name": "router"}, "rbac": {"create": False}},
         [],
     ),
+    "open-chart-every-extension": (merge(MANY_MODELS, OPEN_CHART), [GATEWAY_API]),
     "digests-and-two-round-trips": (
         {
             "image": {"digest": "sha256:" + "a" * 64},
@@ -478,3 +481,123 @@ def test_what_the_docs_say_rolls_the_pods_does(change: dict[str, Any], rolls: bo
     base = render({}).deployment
     changed = render({"routing": {**EXAMPLE_POLICY, **change}}).deployment
     assert (changed != base) is rolls
+
+
+# --- extending the chart without forking it ------------------------------------------------------
+
+
+def test_extra_volumes_mounts_containers_env_and_pod_metadata_land_where_asked() -> None:
+    rendered = render(OPEN_CHART, api_versions=[GATEWAY_API])
+    pod = rendered.pod
+    assert {"name": "ca-bundle", "configMap": {"name": "corp-ca"}} in pod["volumes"]
+    for name in ("extproc", "envoy"):
+        assert {"name": "ca-bundle", "mountPath": "/etc/ssl/corp", "readOnly": True} in rendered.container(name)[
+            "volumeMounts"
+        ]
+    sidecar, envoy = rendered.container("extproc"), rendered.container("envoy")
+    assert {"name": "SSL_CERT_FILE", "value": "/etc/ssl/corp/ca.crt"} in sidecar["env"]
+    assert sidecar["envFrom"] == [{"configMapRef": {"name": "extproc-env"}}]
+    assert sidecar["args"][-1] == "--metrics-address=0.0.0.0"
+    assert envoy["env"] == [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://127.0.0.1:4317"}]
+    collector = rendered.container("otel-collector")
+    assert collector["args"] == [f"--config=/etc/otel/{RELEASE}.yaml"]  # templated
+    assert [c["name"] for c in pod["initContainers"]] == ["wait"]
+    template = rendered.deployment["spec"]["template"]["metadata"]
+    assert template["annotations"]["sidecar.opentelemetry.io/inject"] == "false"
+    assert template["labels"]["team"] == "platform"
+    assert rendered.one("ConfigMap", f"{RELEASE}-otel")["data"] == {"x": "y"}
+    # Without them, nothing of it appears.
+    plain = render({})
+    assert "initContainers" not in plain.pod and "env" not in plain.container("envoy")
+    assert [c["name"] for c in plain.pod["containers"]] == ["extproc", "envoy"]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"sidecar": {"extraVolumeMounts": [{"name": "ca", "mountPath": "/ca"}]}},
+            'sidecar.extraVolumeMounts: "ca" is not a volume of the pod; add it to extraVolumes',
+        ),
+        (
+            {"extraVolumes": [{"name": "tmp", "emptyDir": {}}]},
+            'extraVolumes: a volume is named "tmp", as one of the chart\'s',
+        ),
+        (
+            {"gateway": {"httpRoute": {"enabled": True}}},
+            "gateway.httpRoute.enabled needs gateway.httpRoute.parentRefs",
+        ),
+    ],
+    ids=["mount-of-unknown-volume", "volume-name-clash", "route-without-gateway"],
+)
+def test_extensions_that_cannot_work_fail_with_what_to_change(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(RenderError) as error:
+        render(values)
+    assert message in str(error.value)
+
+
+def _egress(rendered: Rendered) -> list[dict[str, Any]]:
+    return rendered.one("NetworkPolicy")["spec"]["egress"]
+
+
+def test_network_policy_is_off_by_default() -> None:
+    assert not render({}).all("NetworkPolicy")
+
+
+def test_network_policy_allows_exactly_the_pods_traffic() -> None:
+    rendered = render(merge(MANY_MODELS, OPEN_CHART), api_versions=[GATEWAY_API])
+    policy = rendered.one("NetworkPolicy")["spec"]
+    assert policy["podSelector"]["matchLabels"] == rendered.deployment["spec"]["selector"]["matchLabels"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    # In: clients to Envoy's listener, Prometheus to the metrics port, each from the given peers only.
+    ports = {p["name"]: p["containerPort"] for c in rendered.pod["containers"] for p in c.get("ports", [])}
+    (clients, metrics) = policy["ingress"]
+    assert clients["ports"] == [{"port": "http", "protocol": "TCP"}] and ports["http"] == 8080
+    assert clients["from"] == OPEN_CHART["networkPolicy"]["clients"]
+    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}] and ports["metrics"] == 9090
+    assert metrics["from"] == OPEN_CHART["networkPolicy"]["metrics"]
+    # Out: DNS, the API server, and every replica source of the policy on its port.
+    egress = _egress(rendered)
+    assert egress[0]["ports"] == [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
+    assert egress[1] == {
+        "ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}],
+        "to": [{"ipBlock": {"cidr": "172.20.0.1/32"}}],
+    }
+    rules = egress[2:]
+    for address in ("10.0.0.5", "10.0.0.6", "10.0.1.5", "10.0.1.6", "10.9.9.9"):  # static, clusterEndpoints
+        assert {"ports": [{"port": 8000, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": f"{address}/32"}}]} in rules
+    for namespace, port in (("models", 8000), ("vision", "http"), (NAMESPACE, 8000)):  # discovered
+        peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}
+        assert {"ports": [{"port": port, "protocol": "TCP"}], "to": [peer]} in rules
+    # A DNS name (envoy.clusterEndpoints.private) can only be allowed by its port.
+    assert {"ports": [{"port": 8000, "protocol": "TCP"}]} in rules
+    assert len(rules) == 9
+
+
+def test_network_policy_of_a_static_policy_opens_no_api_server_access() -> None:
+    values = {
+        "networkPolicy": {"enabled": True},
+        "routing": {"version": 1, "default_model": "a", "models": {"a": {"replicas": {"static": ["[fd00::7]:8000"]}}}},
+    }
+    egress = _egress(render(values))
+    assert egress == [
+        {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]},
+        {"ports": [{"port": 8000, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "fd00::7/128"}}]},
+    ]
+
+
+def test_httproute_sends_the_gateways_requests_to_the_routers_service() -> None:
+    rendered = render(OPEN_CHART, api_versions=[GATEWAY_API])
+    route = rendered.one("HTTPRoute")
+    assert route["apiVersion"] == GATEWAY_API
+    assert route["spec"]["parentRefs"] == [{"name": "inference", "namespace": "gateway-system"}]
+    assert route["spec"]["hostnames"] == ["llm.example.com"]
+    (rule,) = route["spec"]["rules"]
+    assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/v1"}}]
+    assert rule["timeouts"] == {"request": "660s"}
+    service = rendered.one("Service")
+    (http,) = [p for p in service["spec"]["ports"] if p["name"] == "http"]
+    assert rule["backendRefs"] == [{"name": service["metadata"]["name"], "port": http["port"]}]
+    without_crds = render(OPEN_CHART)
+    assert not without_crds.all("HTTPRoute")
+    assert "does not serve\ngateway.networking.k8s.io/v1" in without_crds.notes

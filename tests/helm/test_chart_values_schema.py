@@ -49,6 +49,19 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], list[str]]] = {
         {"podDisruptionBudget": {"maxUnavailable": "half"}},
         ["at '/podDisruptionBudget/maxUnavailable'", "'half' does not match pattern '^[0-9]+%$'"],
     ),
+    "extra-volume-without-name": ({"extraVolumes": [{"emptyDir": {}}]}, ["at '/extraVolumes/0'", "'name'"]),
+    "mount-without-path": (
+        {"envoy": {"extraVolumeMounts": [{"name": "ca"}]}},
+        ["at '/envoy/extraVolumeMounts/0'", "'mountPath'"],
+    ),
+    "network-policy-typo": (
+        {"networkPolicy": {"enabled": True, "client": []}},
+        ["at '/networkPolicy'", "additional properties 'client' not allowed"],
+    ),
+    "route-timeout-form": (
+        {"gateway": {"httpRoute": {"timeouts": {"request": "ten minutes"}}}},
+        ["at '/gateway/httpRoute/timeouts/request'", "does not match pattern"],
+    ),
     "policy-missing-keys": ({"routing": {"models": {"m": {}}}}, ["at '/routing'", "missing property 'default_model'"]),
     "policy-unknown-key": (
         {"routing": {"default_model": "m", "models": {"m": {}}, "decision": []}},

@@ -24,6 +24,25 @@ Included by deployment.yaml, so `helm template` and `helm install` both run it.
 {{- if and .Values.preStopSleepSeconds (le (int .Values.terminationGracePeriodSeconds) (int .Values.preStopSleepSeconds)) }}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must be above preStopSleepSeconds (%d), or the kubelet kills the pod before it stops cleanly" (int .Values.terminationGracePeriodSeconds) (int .Values.preStopSleepSeconds)) }}
 {{- end }}
+{{- $volumes := list "routing" "envoy-config" "socket" "tmp" }}
+{{- range .Values.extraVolumes }}
+{{- if has .name $volumes }}
+{{- fail (printf "extraVolumes: a volume is named %q, as one of the chart's (routing, envoy-config, socket, tmp); rename it" .name) }}
+{{- end }}
+{{- $volumes = append $volumes .name }}
+{{- end }}
+{{- range $key, $mounts := dict "sidecar.extraVolumeMounts" .Values.sidecar.extraVolumeMounts "envoy.extraVolumeMounts" .Values.envoy.extraVolumeMounts }}
+{{- range $mounts }}
+{{- if not (has .name $volumes) }}
+{{- fail (printf "%s: %q is not a volume of the pod; add it to extraVolumes" $key .name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- with .Values.gateway.httpRoute }}
+{{- if and .enabled (not .parentRefs) }}
+{{- fail "gateway.httpRoute.enabled needs gateway.httpRoute.parentRefs: the Gateway to attach to, e.g. [{name: my-gateway, namespace: gateway-system}]" }}
+{{- end }}
+{{- end }}
 {{- $models := (include "extproc.routing" . | fromYaml).models | default dict }}
 {{- $expensive := include "extproc.expensiveModel" . }}
 {{- if and $expensive (not (hasKey $models $expensive)) }}
