@@ -91,7 +91,8 @@ class ApiClient:
         if server_hostname:
             pool_options["server_hostname"] = server_hostname
         # No retries: the watcher has its own backoff, and a retried watch would hide a cut.
-        self._pool = urllib3.PoolManager(num_pools=2, maxsize=4, retries=False, **pool_options)
+        # Each watch holds a connection for minutes: room for one per replica source, and a list.
+        self._pool = urllib3.PoolManager(num_pools=2, maxsize=32, retries=False, **pool_options)
 
     def _headers(self) -> dict[str, str]:
         headers = {"Accept": "application/json", "User-Agent": "extproc"}
