@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -248,7 +248,7 @@ def _article(kind: Any) -> str:
 # --- cross references --------------------------------------------------------------------------
 
 
-def _reference_problems(data: Any, lines: dict[JsonPath, int], skip: list[JsonPath] = ()) -> list[Problem]:  # type: ignore[assignment]
+def _reference_problems(data: Any, lines: dict[JsonPath, int], skip: Sequence[JsonPath] = ()) -> list[Problem]:
     """Names that must refer to something. Parts at, inside or around a path in ``skip`` (where
     the schema already found a mistake) are not checked: their shape is unknown."""
     if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
@@ -257,10 +257,12 @@ def _reference_problems(data: Any, lines: dict[JsonPath, int], skip: list[JsonPa
     def clean(path: JsonPath) -> bool:
         return not any(bad and (bad[: len(path)] == path or path[: len(bad)] == bad) for bad in skip)
 
-    return [p for p in _references(data, lines, clean)]
+    return list(_references(data, lines, clean))
 
 
-def _references(data: dict[str, Any], lines: dict[JsonPath, int], clean: Any) -> Iterator[Problem]:
+def _references(
+    data: dict[str, Any], lines: dict[JsonPath, int], clean: Callable[[JsonPath], bool]
+) -> Iterator[Problem]:
     models = data["models"]
     configured = ", ".join(sorted(map(str, models)))
 
