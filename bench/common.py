@@ -31,8 +31,10 @@ class SidecarProcess:
         *,
         log_level: str = "warning",
         env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.policy, self.uds, self.metrics_port = policy, uds, metrics_port
+        self.cwd = cwd  # a checkout to run instead of the installed package (a same-run baseline)
         self.log_level = log_level
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
@@ -56,7 +58,7 @@ class SidecarProcess:
             self.log_level,
         ]
         self.log = open(self.uds.with_suffix(".log"), "wb")  # noqa: SIM115 - lives with the process
-        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
         deadline = time.monotonic() + timeout
         request = health_pb2.HealthCheckRequest(service="envoy.service.ext_proc.v3.ExternalProcessor")
         while time.monotonic() < deadline:

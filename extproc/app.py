@@ -93,6 +93,7 @@ class Runtime:
             self.router.swap(state)
         if self._classifier_signal is not None:
             self._classifier_signal.timeout_seconds = policy.classifier.timeout_ms / 1000
+            self._classifier_signal.pii_tokens = policy.classifier.pii_tokens
         self._update_scrape_targets()
         self._retain_replica_series()
         self.metrics.config.info({"hash": policy.digest[:16]})
@@ -103,8 +104,10 @@ class Runtime:
         settings = policy.classifier
         try:
             from extproc.classifier import AsyncClassifier, Classifier
+            from extproc.classifier.normalize import warm as warm_normalizer
 
             model = await asyncio.to_thread(Classifier.load, None, threads=settings.threads)
+            await asyncio.to_thread(warm_normalizer)  # its tables, built once, not on a request
             self._async_classifier = AsyncClassifier(
                 model,
                 max_batch=settings.max_batch,
@@ -112,7 +115,9 @@ class Runtime:
                 cache_size=settings.cache_size,
                 on_batch=self._on_batch,
             )
-            self._classifier_signal = ClassifierSignal(self._async_classifier, settings.timeout_ms / 1000)
+            self._classifier_signal = ClassifierSignal(
+                self._async_classifier, settings.timeout_ms / 1000, settings.pii_tokens
+            )
             log.info("classifier loaded")
         except Exception as exc:  # routing must work without it
             self.metrics.signal_failures.labels("classifier", "load").inc()

@@ -84,6 +84,20 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.classifier_skipped_chars = Counter(
+            "extproc_classifier_skipped_chars_total",
+            "Characters the encoder did not read because of the per-request budget: part=topic is the "
+            "middle of a long latest user message, part=pii text past classifier.pii_tokens (structured "
+            "values there are still found by pattern and checksum).",
+            ["part"],
+            registry=r,
+        )
+        self.classifier_skipped_requests = Counter(
+            "extproc_classifier_budget_exceeded_total",
+            "Requests of which the encoder left text unread (see extproc_classifier_skipped_chars_total).",
+            ["part"],
+            registry=r,
+        )
         self.signal_failures = Counter(
             "extproc_signal_failures_total",
             "Signals that failed; the request routed without them.",

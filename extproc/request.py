@@ -6,6 +6,8 @@ original bytes, so every other byte the client sent reaches the upstream unchang
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -75,10 +77,28 @@ def looks_like_llm_path(path: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One turn of the prompt as plain text. Non-text parts (images, audio) are left out."""
+    """One turn of the prompt as plain text. Non-text parts (images, audio) are left out.
+
+    A message of several text parts (content parts, tool-call fields) is their texts joined by
+    newlines; `breaks` holds the offsets of those joining newlines. A server's chat template may
+    instead concatenate parts directly, which PII detection also reads (``joined``).
+    """
 
     role: str
     text: str
+    breaks: tuple[int, ...] = ()
+
+    def joined(self) -> str:
+        """The parts concatenated with nothing between them."""
+        if not self.breaks:
+            return self.text
+        bounds = (-1, *self.breaks, len(self.text))
+        return "".join(self.text[a + 1 : b] for a, b in itertools.pairwise(bounds))
+
+    def from_joined(self, offset: int) -> int:
+        """The offset in `text` of offset `offset` of ``joined()``."""
+        starts = [b - k for k, b in enumerate(self.breaks)]  # where parts 1.. begin in joined()
+        return offset + bisect.bisect_right(starts, offset)
 
 
 @dataclass(slots=True)
@@ -127,7 +147,7 @@ def parse(api: Api, raw: bytes) -> LLMRequest:
     if stream is not None and not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean", param="stream", code="invalid_type")
     extracted = _EXTRACTORS[api](body)
-    messages = tuple(Message(role, _text(pieces)) for role, pieces in extracted)
+    messages = tuple(_message(role, pieces) for role, pieces in extracted)
     spans = _single_model_span(raw) or _model_value_spans(raw)
     if len(spans) != 1:
         # Parsers disagree on which duplicate wins; the upstream might serve a model we did not pick.
@@ -264,8 +284,15 @@ _EXTRACTORS = {
 }
 
 
-def _text(pieces: list[Piece]) -> str:
-    return "\n".join(container[key] for container, key in pieces)
+def _message(role: str, pieces: list[Piece]) -> Message:
+    texts = [container[key] for container, key in pieces]
+    if len(texts) < 2:
+        return Message(role, texts[0] if texts else "")
+    breaks, at = [], -1
+    for t in texts[:-1]:
+        at += len(t) + 1
+        breaks.append(at)
+    return Message(role, "\n".join(texts), tuple(breaks))
 
 
 def redact(request: LLMRequest, spans: dict[int, list[tuple[int, int, str]]], model: str) -> bytes:

@@ -31,6 +31,7 @@ from extproc.signals.tokens import TokenCounter
 log = logging.getLogger("extproc.router")
 
 DEFAULT_DECISION = "default"
+_COUNT_INLINE_BYTES = 4096  # bodies up to this are token-counted on the loop (a thread hop costs more)
 EXPLICIT = "explicit"
 PASSTHROUGH = "passthrough"
 
@@ -186,6 +187,10 @@ class Router:
         choice = Choice(state, parsed, signals, stages, t0)
 
         if parsed.model in policy.auto_models:
+            if policy.uses_tokens and len(call.body) > _COUNT_INLINE_BYTES:
+                # Tokenizing holds the interpreter: a long prompt is counted in a thread (which the
+                # tokenizer releases it in), not on the event loop every other request needs.
+                await asyncio.to_thread(signals.count_tokens)
             decision, model_name, choice.fallbacks = await self._decide(policy, signals, call, stages)
             choice.label = decision.name if decision else DEFAULT_DECISION
         elif parsed.model in policy.models:
@@ -201,7 +206,7 @@ class Router:
         choice.model = policy.models[model_name]
         pii_policy = policy.pii_policy(decision, choice.model)
         if pii_policy is not None:
-            await self._classify(signals, policy, stages)
+            await self._classify(signals, policy, stages, topic=False)
             self._enforce_pii(policy, pii_policy, choice)
         return choice
 
@@ -236,7 +241,7 @@ class Router:
         classify = None
         if policy.needs_pii and self.classifier is not None:
             # PII is needed whatever the decision; start the encoder now, beside the cheap rules.
-            classify = asyncio.ensure_future(self._classify(signals, policy, stages))
+            classify = asyncio.ensure_future(self._classify(signals, policy, stages, topic=policy.uses_topic))
         outcome = decide(policy, signals)
         if outcome is NEEDS_CLASSIFIER:
             stages["policy"] = time.perf_counter() - t
@@ -251,7 +256,7 @@ class Router:
         choice = choose_model(policy, decision, lambda: self._split_key(policy, signals, call))
         return decision, choice.model, choice.fallbacks
 
-    async def _classify(self, signals: Signals, policy: Policy, stages: dict[str, float]) -> None:
+    async def _classify(self, signals: Signals, policy: Policy, stages: dict[str, float], topic: bool = True) -> None:
         if not signals.classifier_pending:
             return
         if self.classifier is None:
@@ -260,7 +265,8 @@ class Router:
             return
         t = time.perf_counter()
         try:
-            await self.classifier.annotate(signals, pii=policy.needs_pii)
+            await self.classifier.annotate(signals, pii=policy.needs_pii, topic=topic, pii_types=policy.pii_types)
+            self._count_skipped(signals)
         except TimeoutError:
             signals.classifier_failed("timeout")
             self.metrics.signal_failures.labels("classifier", "timeout").inc()
@@ -269,6 +275,14 @@ class Router:
             self.metrics.signal_failures.labels("classifier", "error").inc()
             log.warning("classifier failed (%s); routing on the remaining signals", type(exc).__name__)
         stages["classify"] = time.perf_counter() - t
+
+    def _count_skipped(self, signals: Signals) -> None:
+        read = signals.classifier_read or {}
+        for part, key in (("topic", "topic_skipped_chars"), ("pii", "skipped_chars")):
+            skipped = int(read.get(key, 0))
+            if skipped > 0:
+                self.metrics.classifier_skipped_chars.labels(part).inc(skipped)
+                self.metrics.classifier_skipped_requests.labels(part).inc()
 
     @staticmethod
     def _split_key(policy: Policy, signals: Signals, call: Call) -> str:
@@ -286,6 +300,9 @@ class Router:
                 self._pii_unchecked(policy, rule, choice)
             return
         hits = [h for h in signals.pii or () if h.score >= rule.min_score]
+        if signals.pii_unchecked and self._open_question(rule, hits, signals.pii_unchecked):
+            self._pii_unchecked(policy, rule, choice, incomplete=True)
+            return
         if not hits:
             return
         if rule.action == "allow":
@@ -314,9 +331,20 @@ class Router:
             choice.model = policy.models[rule.model]
             choice.fallbacks, choice.label = (), f"{choice.label}+pii-reroute"
 
-    def _pii_unchecked(self, policy: Policy, rule: PiiPolicy, choice: Choice) -> None:
-        """The PII check could not run. Unless the policy says otherwise, act as if PII were there:
-        a privacy rule must not open up because the encoder was slow."""
+    @staticmethod
+    def _open_question(rule: PiiPolicy, hits: list, unchecked: frozenset[str]) -> bool:
+        """Could what the check did not look at change this rule's outcome?"""
+        if rule.action == "allow":
+            return rule.types is None or bool(unchecked - rule.types)  # an allow-list blocks the rest
+        if not any(rule.applies_to(t) for t in unchecked):
+            return False
+        # Blocking or rerouting on what was found already decides; redaction needs every span.
+        return rule.action == "redact" or not any(rule.applies_to(h.type) for h in hits)
+
+    def _pii_unchecked(self, policy: Policy, rule: PiiPolicy, choice: Choice, *, incomplete: bool = False) -> None:
+        """The PII check could not run (or not over all the text). Unless the policy says otherwise,
+        act as if PII were there: a privacy rule must not open up because the encoder was slow or
+        the prompt long."""
         if rule.on_error == "allow":
             self.metrics.pii.labels("unchecked", "allow").inc()
             return
@@ -327,6 +355,13 @@ class Router:
             choice.model = policy.models[rule.model]
             choice.fallbacks, choice.label = (), f"{choice.label}+pii-reroute"
             return
+        if incomplete:
+            raise errors.PayloadTooLarge(
+                f"the request is too long for {choice.label!r}'s personal-data check, which reads "
+                f"{policy.classifier.pii_tokens} tokens for names and addresses: shorten the conversation "
+                "(or raise classifier.pii_tokens)",
+                code="pii_check_incomplete",
+            )
         raise errors.PiiCheckUnavailable("the request could not be checked for personal data in time; retry shortly")
 
     def _place(
@@ -422,12 +457,15 @@ class Router:
             "decision": routed.decision,
             "signals": {
                 "tokens": signals.tokens,
+                "tokens_estimated": signals.tokens_estimated,
                 "messages": len(signals.messages),
                 "domain": topic.domain if topic else None,
                 "domain_top": sorted(topic.domain_probs.items(), key=lambda kv: -kv[1])[:3] if topic else None,
                 "complexity": round(topic.complexity, 4) if topic else None,
                 "pii": signals.pii_types() if signals.pii is not None else None,
                 "classifier": "skipped" if signals.classifier_pending else (signals.classifier_error or "ok"),
+                "classifier_read": signals.classifier_read,
+                "pii_unchecked": sorted(signals.pii_unchecked) or None,
             },
             "trace": trace_decisions(policy, signals) if routed.decision not in (EXPLICIT, PASSTHROUGH) else [],
             "pii_action": routed.pii_action or None,

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from extproc.classifier.classifier import Classification, Classifier
+from extproc.classifier.text import DEFAULT_PII_TOKENS, WINDOW
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,12 @@ class ClassifierClosedError(RuntimeError):
     """classify() was called on, or was pending in, an AsyncClassifier that has been closed."""
 
 
-def text_key(text: str) -> bytes:
-    """Cache key: a 16-byte digest, so the cache never holds prompt text."""
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+def text_key(text: str, pii_tokens: int = DEFAULT_PII_TOKENS, topic: bool = True) -> bytes:
+    """Cache key: a 16-byte digest (so the cache never holds prompt text) and what was asked."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    if len(text) <= 2 * WINDOW:  # read once for everything, whatever was asked (classifier.py)
+        pii_tokens, topic = max(pii_tokens, WINDOW), True
+    return digest + pii_tokens.to_bytes(4, "big") + bytes([topic])
 
 
 class AsyncClassifier:
@@ -59,16 +63,23 @@ class AsyncClassifier:
         self._cache: OrderedDict[bytes, Classification] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Future[Classification]] = {}
         self._waiting: dict[bytes, int] = {}  # callers still awaiting each in-flight key
-        self._queue: asyncio.Queue[tuple[bytes, str]] | None = None
+        self._queue: asyncio.Queue[tuple[bytes, str, int, bool]] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifier")
         self._closed = False
         self._abandoned = 0  # texts given up by every caller before their result
 
-    async def classify(self, text: str) -> Classification:
+    def cached(self, text: str, pii_tokens: int = DEFAULT_PII_TOKENS, topic: bool = True) -> bool:
+        """The result for `text` is at hand (cached or being computed): asking costs no encoder time."""
+        key = text_key(text, pii_tokens, topic)
+        return key in self._cache or key in self._inflight
+
+    async def classify(self, text: str, pii_tokens: int = DEFAULT_PII_TOKENS, topic: bool = True) -> Classification:
+        """Domain, complexity and PII of one text; the tagger reads its first `pii_tokens` tokens
+        (0: none), and `topic=False` may skip domain and complexity (Classifier.classify)."""
         if self._closed:
             raise ClassifierClosedError("AsyncClassifier is closed")
-        key = text_key(text)
+        key = text_key(text, pii_tokens, topic)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
@@ -79,7 +90,7 @@ class AsyncClassifier:
             self._inflight[key] = pending
             self._ensure_worker()
             assert self._queue is not None
-            self._queue.put_nowait((key, text))
+            self._queue.put_nowait((key, text, pii_tokens, topic))
         self._waiting[key] = self._waiting.get(key, 0) + 1
         try:
             # shield: one caller being cancelled must not cancel the shared result for the others
@@ -125,17 +136,17 @@ class AsyncClassifier:
             if batch:
                 await self._infer(batch)
 
-    async def _infer(self, batch: list[tuple[bytes, str]]) -> None:
+    async def _infer(self, batch: list[tuple[bytes, str, int, bool]]) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         done = 0
         try:
-            for key, text in batch:
+            for key, text, pii_tokens, topic in batch:
                 if key not in self._inflight:
                     continue  # every caller gave up while earlier texts of the batch ran
                 done += 1
                 try:
-                    [result] = await loop.run_in_executor(self._executor, self._classifier.classify, [text])
+                    [result] = await loop.run_in_executor(self._executor, self._classify_one, text, pii_tokens, topic)
                 except Exception as e:  # this text's callers get the error; the worker lives on
                     fut = self._inflight.pop(key, None)
                     if fut is not None and not fut.done():
@@ -148,6 +159,9 @@ class AsyncClassifier:
         finally:
             if done:
                 self._report(done, time.perf_counter() - started)
+
+    def _classify_one(self, text: str, pii_tokens: int, topic: bool) -> list[Classification]:
+        return self._classifier.classify([text], pii_tokens=pii_tokens, topic=topic)
 
     @property
     def abandoned(self) -> int:

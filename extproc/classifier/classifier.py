@@ -12,12 +12,17 @@ import numpy as np
 import onnxruntime as ort
 
 from extproc.classifier.labels import DOMAINS, PII_TAGS
+from extproc.classifier.normalize import Normalized, normalize
 from extproc.classifier.pii import PiiSpan, decode, merge_windows
 from extproc.classifier.text import (
+    DEFAULT_PII_TOKENS,
     WINDOW,
+    Encoded,
     encode,
+    head_slice,
     head_tail,
     load_tokenizer,
+    tail_slice,
     window_starts,
     with_specials,
 )
@@ -25,7 +30,9 @@ from extproc.classifier.text import (
 MODEL_DIR = Path(__file__).parent / "model"
 # A run pads every sequence to its longest; start a new run rather than pad short ones past this.
 _MAX_PAD_RATIO = 1.5
-_MAX_RUN_TOKENS = 4096
+# Tokens per onnxruntime run: its activations (attention is [batch, 12, 512, 512] floats per layer)
+# are the largest allocation per request; 2048 keeps them near 50 MB.
+_MAX_RUN_TOKENS = 2048
 
 
 class ModelError(RuntimeError):
@@ -37,7 +44,9 @@ class Classification:
     domain: str  # argmax category
     domain_probs: dict[str, float]  # all 14 categories
     complexity: float  # [0, 1]
-    pii: tuple[PiiSpan, ...]
+    pii: tuple[PiiSpan, ...]  # char offsets into the text as given
+    pii_chars: int | None = None  # the tagger read text[:pii_chars]; None: all of it
+    topic_chars: int | None = None  # characters domain and complexity read (head + tail); None: all
 
 
 @dataclass(slots=True)
@@ -80,12 +89,21 @@ class Classifier:
         session = ort.InferenceSession(str(model_dir / config["onnx"]), so, providers=["CPUExecutionProvider"])
         return cls(session, model_dir)
 
-    def classify(self, texts: Sequence[str]) -> list[Classification]:
-        """Classify a batch of texts in as few onnxruntime runs as padding allows."""
+    def classify(
+        self, texts: Sequence[str], *, pii_tokens: int = DEFAULT_PII_TOKENS, topic: bool = True
+    ) -> list[Classification]:
+        """Classify a batch of texts in as few onnxruntime runs as padding allows.
+
+        Domain and complexity read each text's head and tail (one window); the PII tagger reads
+        the first `pii_tokens` tokens of its normalized form (normalize.py). Only bounded slices
+        of a text are tokenized, so the cost does not grow with the text's length. A text longer
+        than one window costs a run for each: `topic=False` or `pii_tokens=0` skips one (a short
+        text is read once for both, whatever is asked).
+        """
         if not texts:
             return []
-        encoded = encode(self._tok, list(texts))
-        seqs = [s for i, e in enumerate(encoded) for s in _sequences(i, e.ids)]
+        views = [_views(self._tok, text, pii_tokens, topic) for text in texts]
+        seqs = [s for i, v in enumerate(views) for s in v.sequences(i)]
         domain = np.zeros((len(texts), len(DOMAINS)), np.float32)
         complexity = np.zeros(len(texts), np.float32)
         windows: list[list[tuple[int, np.ndarray]]] = [[] for _ in texts]
@@ -102,18 +120,100 @@ class Classifier:
                 if s.pii_start >= 0:
                     windows[s.text].append((s.pii_start, p[j, 1 : len(s.ids) - 1]))
         out = []
-        for i, text in enumerate(texts):
-            e = encoded[i]
+        for i, v in enumerate(views):
+            e = v.pii
             probs = merge_windows(len(e.ids), windows[i]) if len(e.ids) else np.zeros((0, len(PII_TAGS)))
+            spans = decode(v.pii_text, e.offsets, probs)
             out.append(
                 Classification(
                     domain=DOMAINS[int(domain[i].argmax())],
                     domain_probs={name: float(p) for name, p in zip(DOMAINS, domain[i], strict=True)},
                     complexity=float(complexity[i]),
-                    pii=decode(text, e.offsets, probs),
+                    pii=tuple(_to_source(s, v.norm) for s in spans),
+                    pii_chars=v.pii_chars,
+                    topic_chars=v.topic_chars,
                 )
             )
         return out
+
+
+@dataclass(slots=True)
+class _Views:
+    """What one text is read as: the pooled sequence's ids, and the tagger's tokens."""
+
+    topic: np.ndarray  # ids (no specials) for domain and complexity
+    topic_chars: int
+    pii: Encoded  # tokens of pii_text
+    pii_text: str  # the normalized head of the text that the tagger reads
+    norm: Normalized  # maps pii_text offsets back to the text
+    pii_chars: int
+    shared: bool  # one sequence serves all three heads
+
+    def sequences(self, text: int) -> list[_Seq]:
+        if self.shared:
+            return _sequences(text, self.pii.ids)
+        seqs = [_Seq(text, with_specials(self.topic), True, -1)] if len(self.topic) else []
+        n = len(self.pii.ids)
+        if n:
+            seqs += [_Seq(text, with_specials(self.pii.ids[a : a + WINDOW]), False, a) for a in window_starts(n)]
+        return seqs
+
+
+def _views(tok, text: str, pii_tokens: int, topic: bool = True) -> _Views:
+    if len(text) <= WINDOW * 2:  # surely one window (or near it): read once, for everything
+        pii_tokens, topic = max(pii_tokens, WINDOW), True
+    head = head_slice(text, pii_tokens) if pii_tokens else ""
+    norm = normalize(head)
+    [pii] = encode(tok, [norm.text])
+    pii_text = norm.text
+    if len(pii.ids) > pii_tokens:
+        cut = int(pii.offsets[pii_tokens - 1, 1])
+        pii = Encoded(pii.ids[:pii_tokens], pii.offsets[:pii_tokens])
+        pii_text = norm.text[:cut]
+    if len(pii_text) == len(norm.text) and len(head) == len(text):
+        pii_chars = len(text)
+    elif not pii_text:
+        pii_chars = 0
+    else:
+        pii_chars = norm.span(0, len(pii_text))[1]
+    whole = pii_chars == len(text) and norm.starts is None
+    if whole and len(pii.ids) <= WINDOW:
+        return _Views(pii.ids, len(text), pii, pii_text, norm, pii_chars, True)
+    if not topic:
+        return _Views(np.zeros(0, np.int64), 0, pii, pii_text, norm, pii_chars, False)
+    # Domain and complexity read the text as sent (not normalized): what the heads were trained on.
+    half = WINDOW // 2
+    if whole:
+        topic, topic_chars = head_tail(pii.ids), min(len(text), _topic_chars(pii.offsets, half))
+    elif len(text) <= 2 * half * 8:
+        [e] = encode(tok, [text])
+        topic, topic_chars = head_tail(e.ids), min(len(text), _topic_chars(e.offsets, half))
+    else:
+        [h] = encode(tok, [head_slice(text, half)])
+        _, tail = tail_slice(text, WINDOW - half)
+        [t] = encode(tok, [tail])
+        topic = np.concatenate([h.ids[:half], t.ids[max(0, len(t.ids) - (WINDOW - half)) :]])
+        head_chars = int(h.offsets[min(half, len(h.ids)) - 1, 1]) if len(h.ids) else 0
+        first_tail = max(0, len(t.ids) - (WINDOW - half))
+        tail_chars = len(tail) - int(t.offsets[first_tail, 0]) if len(t.ids) else 0
+        topic_chars = head_chars + tail_chars
+    return _Views(topic, topic_chars, pii, pii_text, norm, pii_chars, False)
+
+
+def _topic_chars(offsets: np.ndarray, half: int) -> int:
+    """Characters that head_tail's tokens cover."""
+    n = len(offsets)
+    if n <= WINDOW:
+        return int(offsets[-1, 1]) if n else 0
+    tail_from = n - (WINDOW - half)
+    return int(offsets[half - 1, 1]) + int(offsets[-1, 1] - offsets[tail_from, 0])
+
+
+def _to_source(span: PiiSpan, norm: Normalized) -> PiiSpan:
+    if norm.starts is None:
+        return span
+    start, end = norm.span(span.start, span.end)
+    return PiiSpan(span.type, start, end, span.score)
 
 
 def _sequences(text: int, ids: np.ndarray) -> list[_Seq]:

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
+import re2
 
 from extproc.classifier.labels import PII_TAGS, PII_TYPES
+from extproc.classifier.normalize import normalize
 from extproc.classifier.validators import VALIDATORS
 
 
@@ -32,17 +35,87 @@ MIN_SCORE = {t: 0.75 if t == "PERSON" else 0.5 for t in PII_TYPES}
 # Mean P(not O) a validated pattern match needs: the validator carries most of the evidence.
 MIN_SUPPORT = 0.3
 _TRIM = " \t\n\r.,;:!?()[]{}<>\"'`*"
+_OPTIONS = re2.Options()
+_OPTIONS.log_errors = False
+
+
+def _re2(pattern: bytes) -> re2._Regexp:
+    return re2.compile(pattern, _OPTIONS)
+
+
+# Candidate shapes of the structured types, matched by RE2 (linear time: no backtracking) on the
+# UTF-8 bytes of normalized text (normalize.py), so every digit and dash here is ASCII. RE2 has no
+# look-around; a boundary the value must not touch is matched (group 1 is the value) and the
+# next search starts at the value's end, so that boundary character can open the next match.
 _CANDIDATES = {
-    "EMAIL_ADDRESS": re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+"),
-    "CREDIT_CARD": re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"),
-    "IBAN_CODE": re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){8,30}\b", re.IGNORECASE),
-    "IP_ADDRESS": re.compile(
-        r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])|(?<![\w:])(?:[0-9a-f]{0,4}:){2,7}[0-9a-f]{0,4}(?![\w:])",
-        re.IGNORECASE,
-    ),
-    "US_SSN": re.compile(r"(?<![\d-])\d{3}([- ]?)\d{2}\1\d{4}(?![\d-])"),
-    "PHONE_NUMBER": re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?\(?\d[\d ().-]{5,}\d(?!\w)"),
+    "EMAIL_ADDRESS": _re2(rb"()([A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)+)"),
+    "CREDIT_CARD": _re2(rb"(^|[^\d-])(\d(?:[ -]?\d){12,18})(?:[^\d-]|$)"),
+    "IBAN_CODE": _re2(rb"(?i)()\b([a-z]{2}\d{2}(?: ?[a-z0-9]){8,30})\b"),
+    "IP_ADDRESS": _re2(rb"(^|[^\d.])((?:\d{1,3}\.){3}\d{1,3})(?:[^\d.]|$)"),
+    "IP_ADDRESS/6": _re2(rb"(?i)(^|[^\w:])((?:[0-9a-f]{0,4}:){2,7}[0-9a-f]{0,4})(?:[^\w:]|$)"),
+    "US_SSN": _re2(rb"(^|[^\d-])(\d{3}-\d{2}-\d{4}|\d{3} \d{2} \d{4}|\d{9})(?:[^\d-]|$)"),
+    "PHONE_NUMBER": _re2(rb"(^|[^\w+])((?:\+\d{1,3}[ .-]?)?\(?\d[\d ().-]{5,}\d)(?:\W|$)"),
 }
+STRUCTURED = frozenset(t.split("/")[0] for t in _CANDIDATES)
+# Candidates examined per scan; past it the scan stops and says so (the rest is not checked).
+MAX_CANDIDATES = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    type: str
+    start: int  # char offsets into the scanned text
+    end: int
+
+
+def candidates(
+    text: str, types: frozenset[str] | None = None, limit: int = MAX_CANDIDATES
+) -> tuple[list[Candidate], bool]:
+    """Validated structured values in `text` (already normalized), and whether the whole text was
+    examined (False: more than `limit` shapes were found and the rest was not looked at).
+
+    Linear in len(text): RE2 scans, one bounded validator call per shape found.
+    """
+    data = text.encode("utf-8", "surrogatepass")
+    char_at = None if len(data) == len(text) else _char_index(data)
+    out: list[Candidate] = []
+    seen = 0
+    for key, pattern in _CANDIDATES.items():
+        typ = key.split("/")[0]
+        if types is not None and typ not in types:
+            continue
+        pos = 0
+        while pos <= len(data):
+            m = pattern.search(data, pos)
+            if m is None:
+                break
+            a, b = m.span(2)
+            pos = b if b > m.start() else m.start() + 1
+            seen += 1
+            if seen > limit:
+                return out, False
+            if char_at is not None:
+                a, b = int(char_at[a]), int(char_at[b])
+            a, b = _trim(text, a, b)
+            if b > a and VALIDATORS[typ](text[a:b]):
+                out.append(Candidate(typ, a, b))
+    return out, True
+
+
+def scan(text: str, types: frozenset[str] | None = None, limit: int = MAX_CANDIDATES) -> tuple[list[Candidate], bool]:
+    """Validated structured values in `text` as sent: normalized first (normalize.py), offsets
+    mapped back to `text`. Linear; what PII policies apply to the whole conversation."""
+    norm = normalize(text)
+    found, complete = candidates(norm.text, types, limit)
+    if norm.starts is not None:
+        found = [Candidate(c.type, *norm.span(c.start, c.end)) for c in found]
+    return found, complete
+
+
+def _char_index(data: bytes) -> np.ndarray:
+    """Char offset of every byte offset of UTF-8 `data` that starts a character (and of its end)."""
+    starts = (np.frombuffer(data, np.uint8) & 0xC0) != 0x80
+    return np.concatenate([[0], np.cumsum(starts)])
 
 
 def type_probs(tag_probs: np.ndarray) -> np.ndarray:
@@ -70,11 +143,10 @@ def merge_windows(n_tokens: int, windows: list[tuple[int, np.ndarray]]) -> np.nd
 
 
 def _trim(text: str, start: int, end: int) -> tuple[int, int]:
-    while start < end and text[start] in _TRIM:
-        start += 1
-    while end > start and text[end - 1] in _TRIM:
-        end -= 1
-    return start, end
+    span = text[start:end]
+    inner = span.lstrip(_TRIM)
+    start += len(span) - len(inner)
+    return start, start + len(inner.rstrip(_TRIM))
 
 
 _NAME_PARTICLES = frozenset(
@@ -105,11 +177,19 @@ _NAME_PARTICLES = frozenset(
 )
 
 
+# No name or address has a longer word; a span inside a longer run of letters stays as tagged,
+# and plausible() turns longer spans down, so no step walks a hostile 100,000-letter word.
+MAX_WORD = 64
+MAX_SPAN = {"PERSON": 120, "STREET_ADDRESS": 300}
+
+
 def to_word_bounds(text: str, start: int, end: int) -> tuple[int, int]:
     """Widen a span that starts or ends inside a word (a sub-word token) to the whole word."""
-    while start > 0 and text[start - 1].isalnum() and text[start].isalnum():
+    floor = max(0, start - MAX_WORD)
+    while start > floor and text[start - 1].isalnum() and text[start].isalnum():
         start -= 1
-    while end < len(text) and text[end].isalnum() and text[end - 1].isalnum():
+    ceiling = min(len(text), end + MAX_WORD)
+    while end < ceiling and text[end].isalnum() and text[end - 1].isalnum():
         end += 1
     return start, end
 
@@ -122,6 +202,8 @@ def plausible(text: str, start: int, end: int, typ: str) -> bool:
     that uses capital letters at all, every word of a name is capitalized (particles such as "van"
     or "de" aside); all-lowercase chat text is left to the tagger alone.
     """
+    if end - start > MAX_SPAN.get(typ, 254):
+        return False
     span = text[start:end]
     if typ == "STREET_ADDRESS":
         return any(c.isdigit() for c in span) and re.search(r"[^\W\d_]{2}", span) is not None
@@ -129,9 +211,15 @@ def plausible(text: str, start: int, end: int, typ: str) -> bool:
         words = re.findall(r"[^\W\d_]+", span)
         if "\n" in span or not any(len(w) > 1 for w in words):
             return False  # names do not cross lines; "G" is an option letter, not a name
-        if any(c.isupper() for c in text):
+        if _uses_capitals(text):
             return all(w[0].isupper() or w.lower() in _NAME_PARTICLES for w in words if len(w) > 1)
     return True
+
+
+@lru_cache(maxsize=4)
+def _uses_capitals(text: str) -> bool:
+    """Once per text (decode asks for every span): str hashes are cached, so a hit is cheap."""
+    return text.lower() != text
 
 
 def tagged_spans(tag_probs: np.ndarray) -> list[tuple[int, int, int, float]]:
@@ -181,19 +269,16 @@ def _confirmed(text: str, offsets: np.ndarray, tag_probs: np.ndarray) -> list[Pi
     any_pii = 1.0 - tag_probs[:, 0]
     tprobs = type_probs(tag_probs)
     out = []
-    for typ, pattern in _CANDIDATES.items():
+    found, _ = candidates(text)
+    for c in found:
         # A phone-number shape is too common (postcodes, house numbers) to accept on any PII tag.
-        pii_prob = tprobs[:, PII_TYPES.index(typ)] if typ == "PHONE_NUMBER" else any_pii
-        for m in pattern.finditer(text):
-            start, end = _trim(text, m.start(), m.end())
-            if end <= start or not VALIDATORS[typ](text[start:end]):
-                continue
-            covered = (offsets[:, 0] < end) & (offsets[:, 1] > start)
-            if not covered.any():
-                continue
-            support = float(pii_prob[covered].mean())
-            if support >= MIN_SUPPORT:
-                out.append(PiiSpan(typ, start, end, round(support, 4)))
+        pii_prob = tprobs[:, PII_TYPES.index(c.type)] if c.type == "PHONE_NUMBER" else any_pii
+        covered = (offsets[:, 0] < c.end) & (offsets[:, 1] > c.start)
+        if not covered.any():
+            continue
+        support = float(pii_prob[covered].mean())
+        if support >= MIN_SUPPORT:
+            out.append(PiiSpan(c.type, c.start, c.end, round(support, 4)))
     return out
 
 

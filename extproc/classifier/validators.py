@@ -1,4 +1,8 @@
-"""Checksums and syntax checks that confirm what the tagger proposes for structured PII."""
+"""Checksums and syntax checks that confirm what the tagger proposes for structured PII.
+
+Each validator first turns down text longer than any value of its type, so one call costs a
+bounded amount whatever it is handed (a candidate shape can be as long as a hostile prompt).
+"""
 
 from __future__ import annotations
 
@@ -96,7 +100,7 @@ def digits(text: str) -> str:
 
 def luhn_valid(text: str) -> bool:
     """Payment card number: 13-19 digits (spaces and dashes allowed) with a valid Luhn sum."""
-    if re.search(r"[^\d \-]", text.strip()):
+    if len(text) > 64 or re.search(r"[^\d \-]", text.strip()):
         return False
     d = digits(text)
     if not 13 <= len(d) <= 19 or len(set(d)) == 1:
@@ -112,6 +116,8 @@ def luhn_valid(text: str) -> bool:
 
 def iban_valid(text: str) -> bool:
     """IBAN: known country length and the ISO 7064 mod-97 check."""
+    if len(text) > 64:
+        return False
     s = re.sub(r"[\s-]", "", text).upper()
     if not re.fullmatch(r"[A-Z]{2}\d{2}[A-Z0-9]{8,30}", s):
         return False
@@ -123,6 +129,8 @@ def iban_valid(text: str) -> bool:
 
 def ip_valid(text: str) -> bool:
     """A routable-looking IPv4 or IPv6 address (loopback, unspecified and masks are not PII)."""
+    if len(text) > 64:
+        return False
     try:
         ip = ipaddress.ip_address(text.strip().strip("[]"))
     except ValueError:
@@ -137,7 +145,7 @@ def email_valid(text: str) -> bool:
 def ssn_valid(text: str) -> bool:
     """US SSN shape: 9 digits as AAA-GG-SSSS (or spaced/contiguous), no all-zero group, no 666/9xx."""
     s = text.strip()
-    if not re.fullmatch(r"\d{3}([- ]?)\d{2}\1\d{4}", s):
+    if len(s) > 11 or not re.fullmatch(r"\d{3}([- ]?)\d{2}\1\d{4}", s):
         return False
     d = digits(s)
     area, group, serial = d[:3], d[3:5], d[5:]
@@ -147,6 +155,8 @@ def ssn_valid(text: str) -> bool:
 def phone_plausible(text: str) -> bool:
     """7-15 digits (E.164 allows at most 15) and only phone punctuation."""
     s = text.strip()
+    if len(s) > 40:
+        return False
     return bool(re.fullmatch(r"[+(]?[\d()\s./-]+", s)) and 7 <= len(digits(s)) <= 15
 
 

@@ -29,7 +29,7 @@ class EvalError(RuntimeError):
 
 
 class TextClassifier(Protocol):
-    async def classify(self, text: str) -> Any: ...
+    async def classify(self, text: str, pii_tokens: int = ..., topic: bool = ...) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,16 +45,25 @@ class _ClassifiedOnce:
 
     def __init__(self, inner: TextClassifier) -> None:
         self.inner = inner
-        self.results: dict[str, asyncio.Future[Any]] = {}
+        self.results: dict[tuple[Any, ...], asyncio.Future[Any]] = {}
 
-    async def classify(self, text: str) -> Any:
-        result = self.results.get(text)
+    def cached(self, *args: Any) -> bool:
+        return False
+
+    async def classify(self, text: str, *args: Any) -> Any:
+        key = (text, *args)
+        result = self.results.get(key)
         if result is None:
-            result = self.results[text] = asyncio.ensure_future(self.inner.classify(text))
+            result = self.results[key] = asyncio.ensure_future(self.inner.classify(text, *args))
         return await asyncio.shield(result)
 
     def complexities(self) -> list[float]:
-        return [f.result().complexity for f in self.results.values() if f.done() and f.exception() is None]
+        """Of the texts whose topic was read (args: pii_tokens, topic)."""
+        return [
+            f.result().complexity
+            for key, f in self.results.items()
+            if (len(key) < 3 or key[2]) and f.done() and f.exception() is None
+        ]
 
 
 def without_replicas(policy: Policy) -> Policy:
@@ -111,7 +120,7 @@ class OfflineRouter:
 
     @property
     def classified_texts(self) -> int:
-        return len(self._memo.results) if self._memo is not None else 0
+        return len({key[0] for key in self._memo.results}) if self._memo is not None else 0
 
     def complexities(self) -> list[float]:
         """Complexity of every text classified so far."""

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import re2
 
 from extproc.signals import Scope, Signals
 
@@ -85,7 +87,9 @@ class Not:
 @dataclass(frozen=True, slots=True)
 class Keyword:
     """Literal words, found with str.find (fast substring search) rather than a regex: a long
-    prompt costs microseconds, not a character-by-character regex walk."""
+    prompt costs microseconds, not a character-by-character regex walk. Whole words are found
+    with one precompiled pattern per word (a literal between two one-character look-arounds:
+    linear, in C), not by a Python loop over every occurrence."""
 
     any_of: tuple[str, ...]
     all_of: tuple[str, ...]
@@ -93,6 +97,7 @@ class Keyword:
     case_sensitive: bool
     whole_word: bool
     needs_classifier: bool = False
+    _words: dict[str, re.Pattern[str]] | None = field(default=None, compare=False, repr=False)
 
     def evaluate(self, signals: Signals) -> bool:
         text = signals.text(self.scope) if self.case_sensitive else signals.lowered(self.scope)
@@ -101,16 +106,10 @@ class Keyword:
         return all(self._found(text, w) for w in self.all_of)
 
     def _found(self, text: str, word: str) -> bool:
-        at = text.find(word)
         if not self.whole_word:
-            return at != -1
-        while at != -1:
-            before = text[at - 1] if at else " "
-            after = text[at + len(word)] if at + len(word) < len(text) else " "
-            if not (before.isalnum() or before == "_") and not (after.isalnum() or after == "_"):
-                return True
-            at = text.find(word, at + 1)
-        return False
+            return word in text
+        assert self._words is not None
+        return self._words[word].search(text) is not None
 
     def explain(self, signals: Signals) -> dict[str, Any]:
         # The configured words are policy, not prompt text, so they may appear here.
@@ -120,7 +119,10 @@ class Keyword:
 
 @dataclass(frozen=True, slots=True)
 class Regex:
-    pattern: re.Pattern[str]
+    """A policy's pattern, run by RE2: linear in the prompt's length whatever the pattern (Python's
+    backtracking engine can take exponential time on prompt text an attacker chooses)."""
+
+    pattern: Any  # re2._Regexp
     scope: Scope
     needs_classifier: bool = False
 
@@ -152,7 +154,7 @@ class Header:
     name: str
     equals: str | None = None
     one_of: frozenset[str] | None = None
-    matches: re.Pattern[str] | None = None
+    matches: Any = None  # re2._Regexp
     present: bool | None = None
     needs_classifier: bool = False
 
@@ -259,8 +261,7 @@ def build(spec: dict[str, Any]) -> Condition:
         return _keyword(value)
     if kind == "regex":
         spec = {"pattern": value} if isinstance(value, str) else value
-        flags = 0 if spec.get("case_sensitive", True) else re.IGNORECASE
-        return Regex(_compile(spec["pattern"], flags), spec.get("scope", "last_user"))
+        return Regex(_compile(spec["pattern"], spec.get("case_sensitive", True)), spec.get("scope", "last_user"))
     if kind == "tokens":
         return Tokens(value.get("min"), value.get("max"))
     if kind == "header":
@@ -286,13 +287,13 @@ def _keyword(value: Any) -> Keyword:
     def prepare(words: Sequence[str]) -> tuple[str, ...]:
         return tuple(words) if case_sensitive else tuple(w.lower() for w in words)
 
-    return Keyword(
-        prepare(spec.get("any", ())),
-        prepare(spec.get("all", ())),
-        spec.get("scope", "last_user"),
-        case_sensitive,
-        spec.get("whole_word", False),
+    any_of, all_of = prepare(spec.get("any", ())), prepare(spec.get("all", ()))
+    whole_word = spec.get("whole_word", False)
+    # A word character is alphanumeric or "_" (Unicode-aware, as str.isalnum).
+    words = (
+        {w: re.compile(rf"(?<![^\W])(?:{re.escape(w)})(?![^\W])") for w in (*any_of, *all_of)} if whole_word else None
     )
+    return Keyword(any_of, all_of, spec.get("scope", "last_user"), case_sensitive, whole_word, _words=words)
 
 
 def _header(spec: dict[str, Any]) -> Header:
@@ -302,12 +303,27 @@ def _header(spec: dict[str, Any]) -> Header:
     if "in" in spec:
         return Header(name, one_of=frozenset(spec["in"]))
     if "matches" in spec:
-        return Header(name, matches=_compile(spec["matches"], 0))
+        return Header(name, matches=_compile(spec["matches"], True))
     return Header(name, present=spec["present"])
 
 
-def _compile(pattern: str, flags: int) -> re.Pattern[str]:
+_RE2_HINT = (
+    "patterns run in RE2 syntax, in linear time: no look-around ((?=...), (?!...), (?<=...), (?<!...)), "
+    "no backreferences (\\1), no possessive or atomic groups, \\z instead of \\Z; "
+    "\\d, \\w and \\b are ASCII (use \\p{N}, \\pL for Unicode)"
+)
+
+
+def _compile(pattern: str, case_sensitive: bool) -> Any:
+    options = re2.Options()
+    options.log_errors = False
+    options.case_sensitive = case_sensitive
     try:
-        return re.compile(pattern, flags)
-    except re.error as exc:
-        raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
+        return re2.compile(pattern, options)
+    except re2.error as exc:
+        reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        try:
+            re.compile(pattern)
+        except re.error:
+            raise ValueError(f"invalid regular expression {pattern!r}: {reason}") from None
+        raise ValueError(f"regular expression {pattern!r} is not supported ({reason}); {_RE2_HINT}") from None

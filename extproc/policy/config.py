@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from extproc import headers
+from extproc.classifier.text import DEFAULT_PII_TOKENS
 from extproc.policy.conditions import Condition
 
 
@@ -93,6 +94,7 @@ class ClassifierSettings:
     max_wait_ms: float = 0.0  # texts run one at a time (batching.py): waiting would only delay
     cache_size: int = 4096
     timeout_ms: float = 300.0
+    pii_tokens: int = DEFAULT_PII_TOKENS  # tagger budget per request (signals/classifier.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +148,9 @@ class Policy:
     pii: PiiPolicy | None = None
     digest: str = ""  # sha256 of the source text, for the config-hash info metric
     needs_pii: bool = False  # some decision tests PII or some PII policy is set
+    pii_types: frozenset[str] | None = None  # every type a PII policy or condition asks for (None: all)
+    uses_tokens: bool = False  # some decision has a `tokens` condition
+    uses_topic: bool = False  # some decision tests domain or complexity
     uses_classifier: bool = False  # the encoder must be loaded
 
     def pii_policy(self, decision: Decision | None, model: Model) -> PiiPolicy | None:

@@ -441,6 +441,13 @@ def _build(data: dict[str, Any], lines: dict[JsonPath, int], digest: str) -> tup
         or any(m.pii for m in models.values())
         or any(d.pii or any(isinstance(c, conditions.Pii) for c in conditions.walk(d.when)) for d in ordered)
     )
+    pii_types = _pii_types(
+        [default_pii, *(m.pii for m in models.values()), *(d.pii for d in ordered)],
+        [c for d in ordered for c in conditions.walk(d.when) if isinstance(c, conditions.Pii)],
+    )
+    walked = [c for d in ordered for c in conditions.walk(d.when)]
+    uses_tokens = any(isinstance(c, conditions.Tokens) for c in walked)
+    uses_topic = any(isinstance(c, conditions.Domain | conditions.Complexity) for c in walked)
     uses_classifier = classifier.enabled is True or (
         classifier.enabled == "auto" and (needs_pii or any(d.needs_classifier for d in ordered))
     )
@@ -481,6 +488,26 @@ def _build(data: dict[str, Any], lines: dict[JsonPath, int], digest: str) -> tup
         pii=default_pii,
         digest=digest,
         needs_pii=needs_pii,
+        pii_types=pii_types,
+        uses_tokens=uses_tokens,
+        uses_topic=uses_topic,
         uses_classifier=uses_classifier,
     )
     return policy, problems
+
+
+def _pii_types(policies: list[PiiPolicy | None], tests: list[conditions.Pii]) -> frozenset[str] | None:
+    """Every PII type the policy looks for; None when some rule needs them all (no `types`, or an
+    allow-list, which blocks every type it does not list)."""
+    types: set[str] = set()
+    for rule in policies:
+        if rule is None:
+            continue
+        if rule.types is None or rule.action == "allow":
+            return None
+        types |= rule.types
+    for test in tests:
+        if test.types is None:
+            return None
+        types |= test.types
+    return frozenset(types)

@@ -43,10 +43,13 @@ class Signals:
         "_tokens",
         "classifier_error",
         "classifier_pending",
+        "classifier_read",
         "counter",
         "headers",
         "messages",
         "pii",
+        "pii_unchecked",
+        "tokens_estimated",
         "topic",
     )
 
@@ -61,6 +64,11 @@ class Signals:
         self.pii: tuple[PiiHit, ...] | None = None
         self.classifier_pending = True
         self.classifier_error: str | None = None
+        # PII types the check could not look for everywhere (text past the tagger's budget, or
+        # a scan that stopped at its candidate limit); empty: the check was complete.
+        self.pii_unchecked: frozenset[str] = frozenset()
+        self.classifier_read: dict[str, int | bool] | None = None  # what the encoder read, for explanations
+        self.tokens_estimated = False
 
     def text(self, scope: Scope) -> str:
         text = self._texts.get(scope)
@@ -90,9 +98,15 @@ class Signals:
 
     @property
     def tokens(self) -> int:
+        """Prompt tokens of the whole conversation: exact up to the counter's bound, estimated
+        beyond it (signals/tokens.py). The router counts long prompts off the event loop first."""
         if self._tokens is None:
-            self._tokens = sum(self.counter.count(m.text) for m in self.messages)
+            self.count_tokens()
+        assert self._tokens is not None
         return self._tokens
+
+    def count_tokens(self) -> None:
+        self._tokens, self.tokens_estimated = self.counter.count_all([m.text for m in self.messages])
 
     def classified(self, topic: Topic | None, pii: tuple[PiiHit, ...] | None) -> None:
         self.topic, self.pii, self.classifier_pending = topic, pii, False

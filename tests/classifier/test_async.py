@@ -13,11 +13,11 @@ class Counting(Classifier):
         self._session, self._tok = inner._session, inner._tok
         self.batches: list[list[str]] = []
 
-    def classify(self, texts):
+    def classify(self, texts, **kwargs):
         self.batches.append(list(texts))
         if "boom" in texts:
             raise ValueError("bad input")
-        return super().classify(texts)
+        return super().classify(texts, **kwargs)
 
 
 @pytest.fixture
@@ -47,10 +47,10 @@ def test_each_caller_is_answered_when_its_own_text_is_done(counting: Counting):
     gate = threading.Event()
     original = counting.classify
 
-    def gated(texts):
+    def gated(texts, **kwargs):
         if "last" in texts:
             gate.wait(10)
-        return original(texts)
+        return original(texts, **kwargs)
 
     counting.classify = gated
 
@@ -156,12 +156,12 @@ def test_work_every_caller_gave_up_on_is_dropped(counting: Counting):
     gate = threading.Event()
     original = counting.classify
 
-    def gated(texts):
+    def gated(texts, **kwargs):
         if not counting.batches:  # the first batch holds the worker until the gate opens
             counting.batches.append([])
             gate.wait(10)
             counting.batches.pop()
-        return original(texts)
+        return original(texts, **kwargs)
 
     counting.classify = gated
 

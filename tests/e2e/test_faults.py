@@ -41,12 +41,15 @@ decisions:
 
 
 class _Failing:
-    async def classify(self, text: str):
+    def cached(self, *args: object) -> bool:
+        return False
+
+    async def classify(self, text: str, *args: object):
         raise RuntimeError("encoder exploded")
 
 
-class _Stalled:
-    async def classify(self, text: str):
+class _Stalled(_Failing):
+    async def classify(self, text: str, *args: object):
         await asyncio.sleep(30)
 
 

@@ -48,7 +48,7 @@ class StandInClassifier:
         self.calls: list[str] = []
         self.pii = pii or {}
 
-    async def classify(self, text: str) -> Classification:
+    async def classify(self, text: str, *args: object) -> Classification:
         self.calls.append(text)
         complexity = float(text.split("c=", 1)[1].split()[0]) if "c=" in text else 0.0
         spans = tuple(PiiSpan(kind, 0, 3, 0.99) for marker, kind in self.pii.items() if marker in text)

@@ -128,7 +128,7 @@ def test_pii_blocked_prompts_score_zero_and_cost_nothing():
 
 def test_a_failing_classifier_stops_the_evaluation():
     class Broken:
-        async def classify(self, text):
+        async def classify(self, text, *args):
             raise RuntimeError("boom")
 
     rows = [{"prompt": "c=0.9 zanzibar", "quality": {"weak": 0, "strong": 1}}]
@@ -172,7 +172,7 @@ def test_each_prompt_is_classified_alone_through_the_batcher():
             self.batches = []
             self.inner = StandInClassifier()
 
-        def classify(self, texts):
+        def classify(self, texts, **kwargs):
             self.batches.append(len(texts))
             return [asyncio.run(self.inner.classify(t)) for t in texts]
 

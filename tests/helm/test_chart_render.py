@@ -189,6 +189,7 @@ def test_prometheus_rules_select_this_release_and_name_the_expensive_model() -> 
         "ExtprocExpensiveModelShareJump",
         "ExtprocUpstreamErrorRate",
         "ExtprocSignalFailures",
+        "ExtprocPiiFailClosed",
     }
     for rule in rules.values():
         assert f'namespace="{NAMESPACE}", job="{FULLNAME}"' in rule["expr"]

@@ -180,6 +180,28 @@ CASES: dict[str, list[tuple[str, list[dict[str, str]], int, dict[str, str] | Non
             None,
         ),
     ],
+    "ExtprocPiiFailClosed": [
+        (
+            "a tenth of the requests miss the classifier deadline and fail closed",
+            [
+                requests("private", "ok", 100),
+                series("extproc_pii_detections_total", counter(10), type="unchecked", action="reroute"),
+                series("extproc_pii_detections_total", counter(5), type="US_SSN", action="reroute"),
+            ],
+            30,
+            {"severity": "warning"},
+        ),
+        (
+            "PII found and rerouted, every check ran",
+            [
+                requests("private", "ok", 100),
+                series("extproc_pii_detections_total", counter(40), type="US_SSN", action="reroute"),
+                series("extproc_pii_detections_total", counter(0.5), type="unchecked", action="reroute"),
+            ],
+            30,
+            None,
+        ),
+    ],
     "ExtprocSignalFailures": [
         (
             "classifier unavailable for half the requests",
