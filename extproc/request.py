@@ -7,11 +7,14 @@ original bytes, so every other byte the client sent reaches the upstream unchang
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gc
 import itertools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote
 
 import orjson
@@ -75,9 +78,10 @@ def looks_like_llm_path(path: str) -> bool:
     return any(canonical.startswith(p) for p in API_PATHS)
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
     """One turn of the prompt as plain text. Non-text parts (images, audio) are left out.
+    (A named tuple: a body may hold 100,000 of them, and a frozen dataclass costs three times
+    as much to create.)
 
     A message of several text parts (content parts, tool-call fields) is their texts joined by
     newlines; `breaks` holds the offsets of those joining newlines. A server's chat template may
@@ -129,6 +133,25 @@ class LLMRequest:
 
 def parse(api: Api, raw: bytes) -> LLMRequest:
     """Parse and check a request body. Raises BadRequest with a message a client can act on."""
+    with _collector_paused():
+        return _parse(api, raw)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Every object a body becomes lives until the request ends, so the cyclic garbage collector,
+    run again and again while they are built, only walks them: with it paused, 100,000 messages
+    parse three times faster. (Nested or concurrent use only re-enables it early.)"""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _parse(api: Api, raw: bytes) -> LLMRequest:
     if not raw:
         raise BadRequest("request body is empty; send a JSON object with a 'model' field")
     try:
@@ -178,6 +201,13 @@ def _chat_messages(body: dict[str, Any]) -> Extracted:
         raise BadRequest("'messages' must contain at least one message", param="messages")
     out = []
     for i, message in enumerate(messages):
+        if type(message) is dict and "tool_calls" not in message and "function_call" not in message:
+            # The common shape (string role and content, no tool calls), without the checks'
+            # per-message allocations: a body of 100,000 messages parses in a fraction of the time.
+            role, content = message.get("role"), message.get("content")
+            if type(role) is str and type(content) is str:
+                out.append((role, [(message, "content")]))
+                continue
         param = f"messages[{i}]"
         if not isinstance(message, dict):
             raise BadRequest(f"'{param}' must be an object", param=param, code="invalid_type")
@@ -285,9 +315,9 @@ _EXTRACTORS = {
 
 
 def _message(role: str, pieces: list[Piece]) -> Message:
+    if len(pieces) < 2:
+        return Message(role, pieces[0][0][pieces[0][1]] if pieces else "")
     texts = [container[key] for container, key in pieces]
-    if len(texts) < 2:
-        return Message(role, texts[0] if texts else "")
     breaks, at = [], -1
     for t in texts[:-1]:
         at += len(t) + 1

@@ -152,10 +152,15 @@ class ClassifierSignal:
     ) -> list[tuple[int, int, bool]]:
         """(message, tagger tokens, topic) to ask the encoder for: the latest user message (for the
         topic, or first in line for PII), then the others newest first, while the budget lasts."""
-        order = [last, *(i for i in range(len(messages) - 1, -1, -1) if i != last)] if messages else []
+        if not messages:
+            return []
+        if needs_tagger:
+            newest_first = (i for i in range(len(messages) - 1, -1, -1) if i != last)
+        else:  # only messages holding a structured value need the tagger
+            newest_first = (i for i in sorted(found.found, reverse=True) if i != last)
         left = self.pii_tokens
         asks: list[tuple[int, int, bool]] = []
-        for i in order:
+        for i in itertools.chain([last], newest_first):
             text = messages[i].text
             is_topic = topic and i == last
             tag = pii and (needs_tagger or i in found.found)
@@ -165,21 +170,22 @@ class ClassifierSignal:
             if tag and not self.classifier.cached(text, tokens, is_topic):
                 if left <= 0:
                     if not is_topic:
-                        continue  # past the budget: structured values count on their validator
+                        break  # past the budget: structured values count on their validator
                     tokens = 0
                 left -= max(MIN_MESSAGE_TOKENS, min(self.pii_tokens, len(text) // 4))
             asks.append((i, tokens, is_topic))
         return asks
 
     def _hits(self, signals: Signals, found: Scan, done: dict, needs_tagger: bool) -> tuple[PiiHit, ...]:
+        messages = signals.messages
         hits: list[PiiHit] = []
-        skipped = tagged_chars = 0
-        for i, m in enumerate(signals.messages):
-            result = done.get(i)
+        tagged_chars = 0
+        # Only messages the tagger read or a value was found in: a body of 100,000 messages
+        # costs what its few interesting ones do.
+        for i in sorted({*done, *found.found, *found.crossing}):
+            m, result = messages[i], done.get(i)
             tagged = 0 if result is None else len(m.text) if result.pii_chars is None else result.pii_chars
             tagged_chars += tagged
-            if needs_tagger:
-                skipped += len(m.text) - tagged
             spans = [PiiHit(i, s.type, s.start, s.end, s.score) for s in result.pii] if result is not None else []
             # Where the tagger did not read, a validated value counts on its own; and a value
             # split across parts is taken on its validator too (nobody splits one by accident).
@@ -188,6 +194,7 @@ class ClassifierSignal:
                 if all(c.end <= h.start or c.start >= h.end for h in spans):
                     spans.append(PiiHit(i, c.type, c.start, c.end, VALIDATED_ONLY))
             hits.extend(sorted(spans, key=lambda h: h.start))
+        skipped = sum(map(len, (m.text for m in messages))) - tagged_chars if needs_tagger else 0
         unchecked: frozenset[str] = frozenset()
         if not found.complete:
             unchecked = STRUCTURED | TAGGER_ONLY
