@@ -27,8 +27,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import cpu_model  # noqa: E402
-from bench.pii_load import Stack, prompt  # noqa: E402
+from bench.common import cpu_model
+from bench.pii_load import Stack, prompt
 
 PROSE = (
     "The committee reviewed the quarterly figures and the hiring plan in detail, then asked the "
