@@ -4,11 +4,14 @@ A reroute policy over the structured PII types (the bundled policy's), through a
 sidecar in its own process, stand-in replicas. Closed loop: C clients each send the next request
 as soon as the last is answered, every request with its own PII-free prompt (~40 tokens), so no
 cache hit helps. For each concurrency it prints how many of the requests were sent to the private
-model because their PII check missed the classifier deadline (fail-closed), the 503s, latency,
-and the sidecar's CPU per request.
+model because their PII check missed the classifier deadline (fail-closed: `private` and the
+`unchecked` metric), how many requests missed the deadline at all (`timeouts`: for the auto mix,
+domain and complexity then count as false), errors, latency, and the sidecar's CPU per request.
 
-Two request mixes: `explicit` (model: small, only the PII check needs the encoder) and `auto`
-(the bundled decisions: domain and complexity need the encoder for the latest message anyway).
+Request mixes: `explicit` (model: small, only the PII check needs the encoder), `auto` (the
+bundled decisions: domain and complexity need the encoder for the latest message anyway), and
+`numbers` (explicit, and one prompt in ten carries a number shaped like a phone number, which
+the tagger must judge).
 Two sidecars in the same run: this checkout, and `--baseline DIR` (a checkout of the code before,
 run from its own directory) when given.
 
@@ -66,16 +69,19 @@ ASKS = ["Write a short poem about", "Explain in plain words how to think about",
         "Summarise what people usually get wrong about", "Tell a story for children about"]  # fmt: skip
 
 
-def prompt(i: int) -> str:
+def prompt(i: int, numbers: bool = False) -> str:
     tag = "".join(chr(97 + (i // 26**k) % 26) for k in range(3))  # distinct texts: no cache hits
-    return f"{ASKS[i % len(ASKS)]} {SUBJECTS[i // 5 % len(SUBJECTS)]}, and keep it friendly and brief ({tag})."
+    text = f"{ASKS[i % len(ASKS)]} {SUBJECTS[i // 5 % len(SUBJECTS)]}, and keep it friendly and brief ({tag})."
+    if numbers and i % 10 == 0:  # a reference number shaped like a phone number: the tagger must judge it
+        text += f" Ref {4411 + i % 97} 0932 17."
+    return text
 
 
 class Stack:
     def __init__(self, workdir: Path, checkout: Path | None) -> None:
         self.fleet = StandInFleet([StandIn(name=n) for n in ("s1", "l1", "p1")])
         self.fleet.start()
-        addresses = {r.name: r.address for r in self.fleet.replicas}
+        addresses = {r.name: r.address for r in self.fleet.replicas.values()}
         text = POLICY
         for name, address in addresses.items():
             text = text.replace(f"${name}", address)
@@ -99,22 +105,23 @@ class Stack:
         self.sidecar.stop()
         self.fleet.stop()
 
-    def unchecked(self) -> float:
+    def counts(self) -> tuple[float, float]:
+        """(PII checks that failed closed, classifier timeouts) so far."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             text = r.read().decode()
-        return sum(
-            map(float, re.findall(r'extproc_pii_detections_total\{action="[^"]+",type="unchecked"\} (\S+)', text))
-        )
+        unchecked = re.findall(r'extproc_pii_detections_total\{action="[^"]+",type="unchecked"\} (\S+)', text)
+        timeouts = re.findall(r'extproc_signal_failures_total\{reason="timeout",signal="classifier"\} (\S+)', text)
+        return sum(map(float, unchecked)), sum(map(float, timeouts))
 
 
-def run(stack: Stack, model: str, clients: int, count: int, offset: int) -> dict[str, float]:
+def run(stack: Stack, model: str, clients: int, count: int, offset: int, numbers: bool = False) -> dict[str, float]:
     local = threading.local()
 
     def one(i: int) -> tuple[int, str, float]:
         conn = getattr(local, "conn", None)
         if conn is None:
             conn = local.conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
-        body = orjson.dumps({"model": model, "messages": [{"role": "user", "content": prompt(offset + i)}]})
+        body = orjson.dumps({"model": model, "messages": [{"role": "user", "content": prompt(offset + i, numbers)}]})
         t = time.perf_counter()
         try:
             conn.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
@@ -125,7 +132,7 @@ def run(stack: Stack, model: str, clients: int, count: int, offset: int) -> dict
             local.conn = None
             return 0, "", time.perf_counter() - t
 
-    before, cpu = stack.unchecked(), stack.sidecar.cpu_seconds()
+    (before, timeouts), cpu = stack.counts(), stack.sidecar.cpu_seconds()
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(one, range(count)))
@@ -133,7 +140,8 @@ def run(stack: Stack, model: str, clients: int, count: int, offset: int) -> dict
     latencies = sorted(r[2] for r in results)
     return {
         "private": sum(r[1] == "private" for r in results),
-        "unchecked": stack.unchecked() - before,
+        "unchecked": stack.counts()[0] - before,
+        "timeouts": stack.counts()[1] - timeouts,
         "errors": sum(r[0] != 200 for r in results),
         "p50": statistics.median(latencies) * 1000,
         "p99": latencies[int(0.99 * (len(latencies) - 1))] * 1000,
@@ -152,7 +160,7 @@ def main() -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     variants = [("this checkout", None)] + ([("baseline", args.baseline)] if args.baseline else [])
     print(f"CPU: {cpu_model()}, {len(__import__('os').sched_getaffinity(0))} cores; {args.requests} requests per cell")
-    print(f"{'sidecar':<14} {'mix':<9} {'clients':>7} {'private':>8} {'unchecked':>9} {'errors':>6} "
+    print(f"{'sidecar':<14} {'mix':<9} {'clients':>7} {'private':>8} {'unchecked':>9} {'timeouts':>8} {'errors':>6} "
           f"{'p50 ms':>8} {'p99 ms':>8} {'req/s':>7} {'cpu ms/req':>10}")  # fmt: skip
     offset = 0
     for name, checkout in variants:
@@ -162,9 +170,10 @@ def main() -> int:
                 run(stack, "small", 4, 40, 10**6)  # warm-up (model load, first runs)
                 for mix in args.mixes.split(","):
                     for clients in levels:
-                        r = run(stack, "small" if mix == "explicit" else "auto", clients, args.requests, offset)
+                        model = "auto" if mix == "auto" else "small"
+                        r = run(stack, model, clients, args.requests, offset, numbers=mix == "numbers")
                         offset += args.requests
-                        print(f"{name:<14} {mix:<9} {clients:>7} {r['private']:>8} {r['unchecked']:>9.0f} "
+                        print(f"{name:<14} {mix:<9} {clients:>7} {r['private']:>8} {r['unchecked']:>9.0f} {r['timeouts']:>8.0f} "
                               f"{r['errors']:>6} {r['p50']:>8.1f} {r['p99']:>8.1f} {r['rps']:>7.1f} {r['cpu_ms']:>10.2f}",
                               flush=True)  # fmt: skip
             finally:
