@@ -114,6 +114,7 @@ class Runtime:
                 max_wait_ms=settings.max_wait_ms,
                 cache_size=settings.cache_size,
                 on_batch=self._on_batch,
+                workers=settings.workers,
             )
             self._classifier_signal = ClassifierSignal(
                 self._async_classifier, settings.timeout_ms / 1000, settings.pii_tokens
@@ -258,7 +259,8 @@ class Runtime:
         if settings.reload:
             from extproc.policy.reload import ConfigWatcher
 
-            watcher = ConfigWatcher(settings.config, self, debounce=settings.reload_debounce)
+            heads = self.router.state.policy.head_files if self.router is not None else ()
+            watcher = ConfigWatcher(settings.config, self, debounce=settings.reload_debounce, head_files=heads)
             self._tasks.append(asyncio.create_task(watcher.run()))
         log.info(
             "serving ext_proc on %s",

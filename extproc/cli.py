@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     classify = commands.add_parser("classify", help="run the classifier on JSONL prompts")
     classify.add_argument("rest", nargs=argparse.REMAINDER)
+
+    fit = commands.add_parser("fit", help="fit a complexity head for your own weak/strong pair from labelled prompts")
+    fit.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -165,8 +168,14 @@ def _classify_main():
     return classify_main
 
 
+def _fit_main():
+    from extproc.evaluation.fit import main as fit_main
+
+    return fit_main
+
+
 # Subcommands with their own parsers; listed in `extproc --help` through the stubs above.
-_DELEGATED = {"eval": _eval_main, "classify": _classify_main}
+_DELEGATED = {"eval": _eval_main, "classify": _classify_main, "fit": _fit_main}
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -31,3 +31,15 @@ eval_ --config extproc/evaluation/policies/dcrouter_tiers.yaml --data "$work/dcr
 # 3. The CI gate's slice (tests/eval/data), as the gate measures it.
 eval_ --config extproc/evaluation/policies/mmlu_llama_pair.yaml --data tests/eval/data/mmlu_pro_heldout_small.jsonl \
     --out "$out/mmlu_pro_heldout_small.json"
+
+# 4. extproc fit on dcrouter: a head for gemma-2-9b-it -> nemotron-51b fitted on the train split,
+#    against the shipped head for the same pair, both scored on the test split.
+extproc fit --data "$work/dcrouter_train.jsonl" --weak gemma-2-9b-it --strong llama-3.1-nemotron-51b-instruct \
+    --name dcrouter-pair --out "$out/dcrouter-pair.json" | tee "$out/dcrouter-pair.fit.txt"
+eval_ --config bench/eval/dcrouter_pair_fitted.yaml --data "$work/dcrouter_test.jsonl" \
+    --target-quality 95% --out "$out/dcrouter_pair_fitted_test.json"
+eval_ --config bench/eval/dcrouter_pair.yaml --data "$work/dcrouter_test.jsonl" \
+    --target-quality 95% --out "$out/dcrouter_pair_test.json"
+
+# 5. Transfer tables for the model card (needs litellm in a scratch venv for its baseline).
+# python bench/transfer.py --data ../shared/data --litellm /path/to/litellm-venv/bin/python

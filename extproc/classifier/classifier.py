@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from extproc.classifier.text import (
     window_starts,
     with_specials,
 )
+from extproc.heads import Head, parse_head
 
 MODEL_DIR = Path(__file__).parent / "model"
 # A run pads every sequence to its longest; start a new run rather than pad short ones past this.
@@ -33,6 +34,7 @@ _MAX_PAD_RATIO = 1.5
 # Tokens per onnxruntime run: its activations (attention is [batch, 12, 512, 512] floats per layer)
 # are the largest allocation per request; 2048 keeps them near 50 MB.
 _MAX_RUN_TOKENS = 2048
+_HIDDEN = 384
 
 
 class ModelError(RuntimeError):
@@ -47,6 +49,11 @@ class Classification:
     pii: tuple[PiiSpan, ...]  # char offsets into the text as given
     pii_chars: int | None = None  # the tagger read text[:pii_chars]; None: all of it
     topic_chars: int | None = None  # characters domain and complexity read (head + tail); None: all
+    # [384] float32, mean of the shared trunk's output over the text's pooled sequence: the
+    # features fitted complexity heads read (extproc.heads). Free: computed anyway.
+    embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # [384] float32, unit length: all-MiniLM-L6-v2's sentence embedding, only with embed=True
+    sentence_embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)
@@ -60,9 +67,21 @@ class _Seq:
 class Classifier:
     """Synchronous and thread-safe: one onnxruntime session shared by all callers."""
 
-    def __init__(self, session: ort.InferenceSession, model_dir: Path) -> None:
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        model_dir: Path,
+        sentence: ort.InferenceSession | None = None,
+        complexity_head: Head | None = None,
+    ) -> None:
         self._session = session
+        self._sentence = sentence
         self._tok = load_tokenizer(model_dir / "tokenizer.json")
+        outputs = {o.name for o in session.get_outputs()}
+        self._has_embedding = "embedding" in outputs
+        # The shipped complexity: a head over the embedding and the prompt's form (model card,
+        # "Transfer"); a graph without an embedding output keeps its own complexity head.
+        self._complexity_head = complexity_head if self._has_embedding else None
 
     @classmethod
     def load(cls, model_dir: Path | None = None, *, threads: int = 2) -> Classifier:
@@ -87,10 +106,33 @@ class Classifier:
         spinning = os.environ.get("EXTPROC_ORT_SPINNING", "0") == "1"
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         session = ort.InferenceSession(str(model_dir / config["onnx"]), so, providers=["CPUExecutionProvider"])
-        return cls(session, model_dir)
+        sentence = None
+        if config.get("sentence_onnx") and (model_dir / config["sentence_onnx"]).exists():
+            sentence = ort.InferenceSession(
+                str(model_dir / config["sentence_onnx"]), so, providers=["CPUExecutionProvider"]
+            )
+        head = None
+        if config.get("complexity_head"):
+            head = parse_head(json.loads((model_dir / config["complexity_head"]).read_text()), "default")
+        return cls(session, model_dir, sentence, head)
+
+    @property
+    def embeds(self) -> bool:
+        """Whether `classify(..., embed=True)` can add sentence embeddings (the model ships them)."""
+        return self._sentence is not None
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """[len(texts), 384] float32 unit-length sentence embeddings (all-MiniLM-L6-v2's, int8).
+
+        Costs a classification plus one layer; a caller that also classifies the text should call
+        `classify(texts, embed=True)` once instead (AsyncClassifier.embed does, and caches both).
+        """
+        if not texts:
+            return np.zeros((0, _HIDDEN), np.float32)
+        return np.stack([c.sentence_embedding for c in self.classify(texts, embed=True)])  # type: ignore[misc]
 
     def classify(
-        self, texts: Sequence[str], *, pii_tokens: int = DEFAULT_PII_TOKENS, topic: bool = True
+        self, texts: Sequence[str], *, pii_tokens: int = DEFAULT_PII_TOKENS, topic: bool = True, embed: bool = False
     ) -> list[Classification]:
         """Classify a batch of texts in as few onnxruntime runs as padding allows.
 
@@ -99,26 +141,47 @@ class Classifier:
         of a text are tokenized, so the cost does not grow with the text's length. A text longer
         than one window costs a run for each: `topic=False` or `pii_tokens=0` skips one (a short
         text is read once for both, whatever is asked).
+
+        With `embed`, each result also carries its `sentence_embedding` (of the sequence domain and
+        complexity read): one more encoder layer over the trunk states this run computed anyway
+        (~18% of a plain MiniLM pass, model card).
         """
         if not texts:
             return []
+        if embed and self._sentence is None:
+            raise ModelError("this model directory ships no sentence embedding graph")
+        topic = topic or embed
         views = [_views(self._tok, text, pii_tokens, topic) for text in texts]
         seqs = [s for i, v in enumerate(views) for s in v.sequences(i)]
         domain = np.zeros((len(texts), len(DOMAINS)), np.float32)
         complexity = np.zeros(len(texts), np.float32)
+        pooled = np.zeros((len(texts), _HIDDEN), np.float32)
+        sentence = np.zeros((len(texts), _HIDDEN), np.float32)
         windows: list[list[tuple[int, np.ndarray]]] = [[] for _ in texts]
+        names = ["domain_probs", "complexity_probs", "pii_probs"]
+        if self._has_embedding:
+            names += ["embedding", "trunk"] if embed else ["embedding"]
         for run in _runs(seqs):
             ids, mask = _pad([s.ids for s in run])
-            d, c, p = self._session.run(
-                ["domain_probs", "complexity_probs", "pii_probs"],
-                {"input_ids": ids, "attention_mask": mask},
-            )
+            d, c, p, *extra = self._session.run(names, {"input_ids": ids, "attention_mask": mask})
+            if embed:
+                pooled_rows = [j for j, s in enumerate(run) if s.pooled]
+                (e,) = self._sentence.run(  # type: ignore[union-attr]
+                    None, {"trunk": extra[1][pooled_rows], "attention_mask": mask[pooled_rows]}
+                )
+                for j, row in zip(pooled_rows, e, strict=True):
+                    sentence[run[j].text] = row
             for j, s in enumerate(run):
                 if s.pooled:
                     domain[s.text] = d[j]
                     complexity[s.text] = c[j, 0]
+                    if extra:
+                        pooled[s.text] = extra[0][j]
                 if s.pii_start >= 0:
                     windows[s.text].append((s.pii_start, p[j, 1 : len(s.ids) - 1]))
+        if self._complexity_head is not None and topic:
+            head = self._complexity_head
+            complexity = np.array([head.score(pooled[i], t) for i, t in enumerate(texts)], np.float32)
         out = []
         for i, v in enumerate(views):
             e = v.pii
@@ -132,6 +195,8 @@ class Classifier:
                     pii=tuple(_to_source(s, v.norm) for s in spans),
                     pii_chars=v.pii_chars,
                     topic_chars=v.topic_chars,
+                    embedding=pooled[i] if self._has_embedding and topic else None,
+                    sentence_embedding=sentence[i] if embed else None,
                 )
             )
         return out

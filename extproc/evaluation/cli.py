@@ -98,7 +98,7 @@ def main(argv: list[str]) -> int:
     try:
         text = args.config.read_text(encoding="utf-8")
         examples = load_examples(args.data)
-        summary = asyncio.run(evaluate(text, examples, options, source=str(args.config)))
+        summary = asyncio.run(evaluate(text, examples, options, source=str(args.config), base_dir=args.config.parent))
     except OSError as exc:
         print(f"extproc eval: cannot read {args.config}: {exc.strerror or exc}", file=sys.stderr)
         return 1

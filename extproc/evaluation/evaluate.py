@@ -11,6 +11,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -19,6 +20,7 @@ from extproc.evaluation import curves, knobs
 from extproc.evaluation.baselines import Single, Table, oracle, reference_pair, share_oracle, singles
 from extproc.evaluation.data import DataError, Example
 from extproc.evaluation.offline import EvalError, OfflineRouter, Outcome, TextClassifier
+from extproc.heads import Head
 from extproc.policy import Policy, parse_policy
 
 DEFAULT_OUTPUT_TOKENS = 256
@@ -47,10 +49,11 @@ async def evaluate(
     *,
     source: str = "<policy>",
     classifier: TextClassifier | None = None,
+    base_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The summary of routing ``examples`` with the policy and its swept knob."""
     options = options or Options()
-    policy = parse_policy(policy_text, source)
+    policy = parse_policy(policy_text, source, base_dir)
     data = yaml.safe_load(policy_text)
     offline = await OfflineRouter.start(policy, headers=options.headers, classifier=classifier)
     try:
@@ -63,7 +66,9 @@ async def evaluate(
         if isinstance(current_value, bool) or not isinstance(current_value, int | float):
             raise knobs.KnobError(f"knob {knob} is {current_value!r}, not a number")
         values = (
-            list(options.values) if options.values else default_values(knob, offline.complexities(), options.points)
+            list(options.values)
+            if options.values
+            else default_values(knob, offline.complexities(_knob_head(policy, data, knob)), options.points)
         )
         # The current setting is decided on its own (the operating point); keeping it out of the
         # sweep keeps APGR and CPT a property of the signals and the data, not of where the knob sits.
@@ -71,12 +76,21 @@ async def evaluate(
         sweep = []
         for value in values:
             text = knobs.dump(knobs.replaced(data, knob, value))
-            offline.use(parse_policy(text, f"{source} with {knob} = {value}"))
+            offline.use(parse_policy(text, f"{source} with {knob} = {value}", base_dir))
             sweep.append((value, await offline.decide(examples)))
         classified = offline.classified_texts
     finally:
         await offline.aclose()
     return _summary(policy, table, keys, current, knob, current_value, sweep, options, measured_input, classified)
+
+
+def _knob_head(policy: Policy, data: Any, knob: str) -> Head | None:
+    """The fitted head a complexity knob's condition reads, if it names one."""
+    if not knob.endswith(("complexity.above", "complexity.below")):
+        return None
+    condition = knobs.get(data, knob.rsplit(".", 1)[0])
+    name = condition.get("head") if isinstance(condition, dict) else None
+    return policy.heads.get(name) if name else None
 
 
 def default_values(knob: str, complexities: Sequence[float], points: int) -> list[float]:

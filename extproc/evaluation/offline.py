@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from extproc import request
 from extproc.errors import RouterError
 from extproc.evaluation.data import DataError, Example
+from extproc.heads import Head
 from extproc.policy import Policy
 from extproc.router import Call, Router
 from extproc.signals import Signals
@@ -57,13 +58,15 @@ class _ClassifiedOnce:
             result = self.results[key] = asyncio.ensure_future(self.inner.classify(text, *args))
         return await asyncio.shield(result)
 
-    def complexities(self) -> list[float]:
-        """Of the texts whose topic was read (args: pii_tokens, topic)."""
-        return [
-            f.result().complexity
-            for key, f in self.results.items()
-            if (len(key) < 3 or key[2]) and f.done() and f.exception() is None
-        ]
+    def complexities(self, head: Head | None = None) -> list[float]:
+        """Of the texts whose topic was read (args: pii_tokens, topic): the shipped complexity, or
+        a fitted head's score."""
+        out = []
+        for key, f in self.results.items():
+            if (len(key) < 3 or key[2]) and f.done() and f.exception() is None:
+                r = f.result()
+                out.append(r.complexity if head is None else head.score(r.embedding, key[0]))
+        return out
 
 
 def without_replicas(policy: Policy) -> Policy:
@@ -122,9 +125,9 @@ class OfflineRouter:
     def classified_texts(self) -> int:
         return len({key[0] for key in self._memo.results}) if self._memo is not None else 0
 
-    def complexities(self) -> list[float]:
-        """Complexity of every text classified so far."""
-        return self._memo.complexities() if self._memo is not None else []
+    def complexities(self, head: Head | None = None) -> list[float]:
+        """Complexity of every text classified so far (by `head` if given)."""
+        return self._memo.complexities(head) if self._memo is not None else []
 
     def use(self, policy: Policy) -> None:
         """Decide with another policy from now on (the classifier results are kept)."""

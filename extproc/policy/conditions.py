@@ -8,12 +8,13 @@ encoder only runs when the decision that could match actually needs it.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import re2
 
+from extproc.heads import Head, HeadError
 from extproc.signals import Scope, Signals
 
 
@@ -202,17 +203,27 @@ class Domain:
 class Complexity:
     above: float | None
     below: float | None
+    head: Head | None = None  # a fitted head (policy `heads:`); None: the shipped one
     needs_classifier: bool = True
 
     def evaluate(self, signals: Signals) -> bool | None:
         topic = signals.topic
         if topic is None:
             return None if signals.classifier_pending else False
-        c = topic.complexity
+        try:
+            c = topic.complexity_of(self.head)
+        except HeadError:
+            return False  # the model gave no embedding: the head cannot speak, so it does not match
         return (self.above is None or c > self.above) and (self.below is None or c < self.below)
 
     def explain(self, signals: Signals) -> dict[str, Any]:
-        return _explained("complexity", {"above": self.above, "below": self.below}, self.evaluate(signals))
+        detail: dict[str, Any] = {"above": self.above, "below": self.below}
+        if self.head is not None:
+            detail["head"] = self.head.name
+            topic = signals.topic
+            if topic is not None and topic.features is not None:
+                detail["score"] = round(topic.complexity_of(self.head), 4)
+        return _explained("complexity", detail, self.evaluate(signals))
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,15 +258,16 @@ def walk(condition: Condition | None) -> list[Condition]:
 # --- building from validated config -------------------------------------------------------------
 
 
-def build(spec: dict[str, Any]) -> Condition:
-    """A condition from its (schema-validated) config mapping; raises ValueError for bad regexes."""
+def build(spec: dict[str, Any], heads: Mapping[str, Head] | None = None) -> Condition:
+    """A condition from its (schema-validated) config mapping; raises ValueError for bad regexes
+    and for a complexity head that is not among `heads`."""
     ((kind, value),) = spec.items()
     if kind in ("all", "any"):
-        children = tuple(build(c) for c in value)
+        children = tuple(build(c, heads) for c in value)
         needs = any(c.needs_classifier for c in children)
         return All(children, needs) if kind == "all" else Any_(children, needs)
     if kind == "not":
-        child = build(value)
+        child = build(value, heads)
         return Not(child, child.needs_classifier)
     if kind == "keyword":
         return _keyword(value)
@@ -270,7 +282,10 @@ def build(spec: dict[str, Any]) -> Condition:
         spec = {"in": value} if isinstance(value, list) else value
         return Domain(frozenset(spec["in"]), spec.get("min_probability"))
     if kind == "complexity":
-        return Complexity(value.get("above"), value.get("below"))
+        name = value.get("head")
+        if name is not None and name not in (heads or {}):
+            raise ValueError(f"complexity head {name!r} is not defined under heads")
+        return Complexity(value.get("above"), value.get("below"), (heads or {})[name] if name else None)
     if kind == "pii":
         if isinstance(value, bool):
             condition = Pii(None, 0.5)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from extproc import headers
 from extproc.classifier.text import DEFAULT_PII_TOKENS
+from extproc.heads import Head
 from extproc.policy.conditions import Condition
 
 
@@ -89,7 +90,8 @@ class HeaderNames:
 @dataclass(frozen=True, slots=True)
 class ClassifierSettings:
     enabled: bool | str = "auto"
-    threads: int = 2
+    threads: int = 2  # onnxruntime intra-op threads per text
+    workers: int = 1  # texts classified at once
     max_batch: int = 16
     max_wait_ms: float = 0.0  # texts run one at a time (batching.py): waiting would only delay
     cache_size: int = 4096
@@ -152,6 +154,8 @@ class Policy:
     uses_tokens: bool = False  # some decision has a `tokens` condition
     uses_topic: bool = False  # some decision tests domain or complexity
     uses_classifier: bool = False  # the encoder must be loaded
+    heads: Mapping[str, Head] = field(default_factory=dict)  # fitted complexity heads by name
+    head_files: tuple[str, ...] = ()  # files those heads were read from: watched with the policy
 
     def pii_policy(self, decision: Decision | None, model: Model) -> PiiPolicy | None:
         """The most specific PII policy: the decision's, else the model's, else the default."""

@@ -15,6 +15,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from extproc.heads import Head, HeadError, parse_head
 from extproc.policy import conditions
 from extproc.policy.config import (
     ClassifierSettings,
@@ -77,19 +78,51 @@ def load_policy(path: str | Path | None = None) -> Policy:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), [Problem((), f"cannot read the file: {exc}")]) from None
-    return parse_policy(text, str(path))
+    return parse_policy(text, str(path), path.parent)
 
 
-def parse_policy(text: str, source: str = "<string>") -> Policy:
+def parse_policy(text: str, source: str = "<string>", base_dir: Path | None = None) -> Policy:
+    """Validate policy text; `heads` files are read relative to `base_dir` (default: the
+    current directory)."""
     data, lines = _read_yaml(text, source)
     problems = list(_schema_problems(data, lines))
     # Cross references too, where the schema found nothing wrong: every mistake in one pass.
     problems += _reference_problems(data, lines, skip=[p.path for p in problems])
     if not problems:
-        policy, problems = _build(data, lines, hashlib.sha256(text.encode()).hexdigest())
+        heads, files, problems = _heads(data, lines, base_dir or Path.cwd())
+    if not problems:
+        digest = hashlib.sha256(text.encode())
+        for f in files:
+            digest.update(b"\0" + f.read_bytes())
+        policy, problems = _build(data, lines, digest.hexdigest(), heads, tuple(str(f) for f in files))
         if not problems:
             return policy
     raise ConfigError(source, problems)
+
+
+def _heads(
+    data: dict[str, Any], lines: dict[JsonPath, int], base_dir: Path
+) -> tuple[dict[str, Head], list[Path], list[Problem]]:
+    """Fitted complexity heads: each inline (the JSON `extproc fit` writes) or `{file: path}`."""
+    heads: dict[str, Head] = {}
+    files: list[Path] = []
+    problems: list[Problem] = []
+    for name, spec in data.get("heads", {}).items():
+        path: JsonPath = ("heads", name)
+        doc = spec
+        if "file" in spec:
+            file = (base_dir / spec["file"]).resolve()
+            try:
+                doc = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                problems.append(Problem((*path, "file"), f"cannot read head {str(file)!r}: {exc}", _line(lines, path)))
+                continue
+            files.append(file)
+        try:
+            heads[name] = parse_head(doc, name)
+        except HeadError as exc:
+            problems.append(Problem(path, f"{exc}", _line(lines, path)))
+    return heads, files, problems
 
 
 # --- YAML with line numbers ---------------------------------------------------------------------
@@ -325,7 +358,7 @@ def _references(
         for j, fallback in enumerate(fallbacks if isinstance(fallbacks, list) else []):
             yield from check((*base, "fallbacks", j), fallback)
         if "when" in decision and clean((*base, "when")):
-            yield from _condition_problems(decision["when"], (*base, "when"), lines)
+            yield from _condition_problems(decision["when"], (*base, "when"), lines, data.get("heads", {}))
 
 
 def _pii_policies(data: dict[str, Any]) -> Iterator[tuple[JsonPath, dict[str, Any]]]:
@@ -340,22 +373,34 @@ def _pii_policies(data: dict[str, Any]) -> Iterator[tuple[JsonPath, dict[str, An
             yield ("decisions", i, "pii"), decision["pii"]
 
 
-def _condition_problems(spec: dict[str, Any], path: JsonPath, lines: dict[JsonPath, int]) -> Iterator[Problem]:
+def _condition_problems(
+    spec: dict[str, Any], path: JsonPath, lines: dict[JsonPath, int], heads: dict[str, Any]
+) -> Iterator[Problem]:
     ((kind, value),) = spec.items()
     here = (*path, kind)
     if kind in ("all", "any"):
         for i, child in enumerate(value):
-            yield from _condition_problems(child, (*here, i), lines)
+            yield from _condition_problems(child, (*here, i), lines, heads)
     elif kind == "not":
-        yield from _condition_problems(value, here, lines)
+        yield from _condition_problems(value, here, lines, heads)
     elif kind == "tokens" and "min" in value and "max" in value and value["min"] >= value["max"]:
         yield Problem(here, f"min ({value['min']}) must be below max ({value['max']})", _line(lines, here))
-    elif kind == "complexity" and "above" in value and "below" in value and value["above"] >= value["below"]:
-        yield Problem(
-            here,
-            f"above ({value['above']}) must be below below ({value['below']}); nothing would match",
-            _line(lines, here),
-        )
+    elif kind == "complexity":
+        if "above" in value and "below" in value and value["above"] >= value["below"]:
+            yield Problem(
+                here,
+                f"above ({value['above']}) must be below below ({value['below']}); nothing would match",
+                _line(lines, here),
+            )
+        if "head" in value and value["head"] not in heads:
+            close = difflib.get_close_matches(str(value["head"]), list(heads), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            defined = ", ".join(sorted(heads)) or "none"
+            yield Problem(
+                (*here, "head"),
+                f"{value['head']!r} is not a head defined under heads{hint}; defined: {defined}",
+                _line(lines, (*here, "head")),
+            )
     else:
         try:
             conditions.build(spec)
@@ -411,13 +456,15 @@ def _model(name: str, spec: dict[str, Any]) -> Model:
     )
 
 
-def _build(data: dict[str, Any], lines: dict[JsonPath, int], digest: str) -> tuple[Policy, list[Problem]]:
+def _build(
+    data: dict[str, Any], lines: dict[JsonPath, int], digest: str, heads: dict[str, Head], head_files: tuple[str, ...]
+) -> tuple[Policy, list[Problem]]:
     decisions = []
     for spec in data.get("decisions", []):
         decisions.append(
             Decision(
                 name=spec["name"],
-                when=conditions.build(spec["when"]) if "when" in spec else None,
+                when=conditions.build(spec["when"], heads) if "when" in spec else None,
                 model=spec.get("model"),
                 split=tuple(Split(s["model"], float(s["weight"])) for s in spec.get("split", ())),
                 fallbacks=tuple(spec.get("fallbacks", ())),
@@ -492,6 +539,8 @@ def _build(data: dict[str, Any], lines: dict[JsonPath, int], digest: str) -> tup
         uses_tokens=uses_tokens,
         uses_topic=uses_topic,
         uses_classifier=uses_classifier,
+        heads=heads,
+        head_files=head_files,
     )
     return policy, problems
 

@@ -47,24 +47,44 @@ def _digest(path: Path) -> str | None:
 
 
 class ConfigWatcher:
-    def __init__(self, path: Path, target: Target, *, debounce: float = 0.5, interval: float = 0.25) -> None:
+    """Watches the policy file and the head files it references (`heads: {name: {file: ...}}`):
+    a refitted head reloads like an edited policy."""
+
+    def __init__(
+        self,
+        path: Path,
+        target: Target,
+        *,
+        debounce: float = 0.5,
+        interval: float = 0.25,
+        head_files: tuple[str, ...] = (),
+    ) -> None:
         self.path = Path(path)
         self.target = target
         self.debounce = debounce
         self.interval = interval
-        self._signature = _signature(self.path)
-        self._digest = _digest(self.path)
+        self._heads = tuple(Path(f) for f in head_files)
+        self._signature = self._signatures()
+        self._digest = self._digests()
         self._missing_logged = False
+
+    def _signatures(self) -> tuple | None:
+        main = _signature(self.path)
+        return None if main is None else (main, *(_signature(f) for f in self._heads))
+
+    def _digests(self) -> str | None:
+        main = _digest(self.path)
+        return None if main is None else "/".join([main, *(_digest(f) or "-" for f in self._heads)])
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            signature = _signature(self.path)
+            signature = self._signatures()
             if signature == self._signature:
                 continue
             # Let a burst of writes (or a symlink swap in progress) settle before reading.
             await asyncio.sleep(self.debounce)
-            settled = _signature(self.path)
+            settled = self._signatures()
             if settled != signature:
                 continue
             self._signature = signature
@@ -80,7 +100,7 @@ class ConfigWatcher:
                 self._missing_logged = True
             return
         self._missing_logged = False
-        digest = await asyncio.to_thread(_digest, self.path)
+        digest = await asyncio.to_thread(self._digests)
         if digest is None or digest == self._digest:
             return
         try:
@@ -97,6 +117,10 @@ class ConfigWatcher:
             metrics.last_reload_ok.set(0)
             log.exception("policy reload failed; the last good policy stays in effect")
             return
+        if policy.head_files != tuple(str(f) for f in self._heads):
+            self._heads = tuple(Path(f) for f in policy.head_files)  # watch what this policy reads
+            self._signature = self._signatures()
+            digest = self._digests()
         self._digest = digest
         metrics.reloads.labels("success").inc()
         metrics.last_reload.set_to_current_time()

@@ -4,9 +4,12 @@ encoder has run, its domain, complexity and PII."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
+from extproc.heads import EMBEDDING_DIM, Head, HeadError
 from extproc.request import Message
 from extproc.signals.tokens import TokenCounter
 
@@ -15,11 +18,26 @@ Scope = Literal["last_user", "user", "all"]
 
 @dataclass(frozen=True, slots=True)
 class Topic:
-    """Domain and complexity of the latest user message."""
+    """Domain and complexity of the latest user message, and what fitted complexity heads read."""
 
     domain: str
     domain_probs: Mapping[str, float]
-    complexity: float
+    complexity: float  # the shipped head's
+    features: np.ndarray | None = field(default=None, compare=False, repr=False)  # [embedding ; form]
+    _scores: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
+
+    def complexity_of(self, head: Head | None) -> float:
+        """The shipped complexity, or a fitted head's score (computed once per head)."""
+        if head is None:
+            return self.complexity
+        score = self._scores.get(head.name)
+        if score is None:
+            if self.features is None:
+                raise HeadError("no embedding for this message")
+            parts = {"embedding": self.features[:EMBEDDING_DIM], "form": self.features[EMBEDDING_DIM:]}
+            x = np.concatenate([parts[k] for k in head.inputs])
+            score = self._scores[head.name] = float(head.score_features(x))
+        return score
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,8 +31,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from extproc.classifier.pii import STRUCTURED, Candidate, scan
 from extproc.classifier.text import DEFAULT_PII_TOKENS
+from extproc.heads import form_features
 from extproc.request import Message
 from extproc.signals import PiiHit, Signals, Topic
 
@@ -130,7 +133,7 @@ class ClassifierSignal:
         done = {i: t.result() for i, t in tasks.items() if t.done() and not t.cancelled() and t.exception() is None}
         failed = [t.exception() for t in tasks.values() if t.done() and not t.cancelled() and t.exception()]
         read_topic = done.get(last) if topic else None
-        signals.topic = _topic(read_topic)
+        signals.topic = _topic(read_topic, messages[last].text)
         topic_chars = 0 if read_topic is None else read_topic.topic_chars
         if topic_chars is None:
             topic_chars = len(messages[last].text)
@@ -211,5 +214,11 @@ class ClassifierSignal:
         self._scanner.shutdown(wait=False, cancel_futures=True)
 
 
-def _topic(result) -> Topic | None:
-    return Topic(result.domain, result.domain_probs, result.complexity) if result is not None else None
+def _topic(result, text: str) -> Topic | None:
+    """The topic of the latest user message, with what fitted complexity heads read."""
+    if result is None:
+        return None
+    features = None
+    if result.embedding is not None:
+        features = np.concatenate([result.embedding, form_features(text)])
+    return Topic(result.domain, result.domain_probs, result.complexity, features)

@@ -10,7 +10,7 @@ class Counting(Classifier):
     """The real classifier, recording each batch it is given and failing on a marker text."""
 
     def __init__(self, inner: Classifier) -> None:
-        self._session, self._tok = inner._session, inner._tok
+        vars(self).update(vars(inner))  # the same session, tokenizer and heads
         self.batches: list[list[str]] = []
 
     def classify(self, texts, **kwargs):
@@ -185,3 +185,34 @@ def test_work_every_caller_gave_up_on_is_dropped(counting: Counting):
     assert isinstance(result, Classification)
     assert counting.batches == [["first"], ["still wanted"]]
     assert abandoned == 5
+
+
+def test_embed_is_cached_with_the_classification(classifier: Classifier):
+    async def run():
+        clf = AsyncClassifier(classifier)
+        try:
+            c = await clf.classify("what's a good name for a cat")
+            e = await clf.embed("what's a good name for a cat")
+            again = await clf.classify("what's a good name for a cat")
+            return c, e, again, await clf.embed("what's a good name for a cat")
+        finally:
+            await clf.aclose()
+
+    c, e, again, e2 = asyncio.run(run())
+    assert e.shape == (384,)
+    assert again == c and again.sentence_embedding is e  # the cache now holds both
+    assert e2 is e
+
+
+def test_two_workers_answer_every_caller_with_the_same_results(counting: Counting):
+    texts = [f"question number {i} about chemistry" for i in range(10)]
+
+    async def run(workers):
+        ac = AsyncClassifier(counting, max_batch=8, max_wait_ms=0, cache_size=0, workers=workers)
+        try:
+            return await asyncio.gather(*(ac.classify(t) for t in texts))
+        finally:
+            await ac.aclose()
+
+    assert asyncio.run(run(2)) == asyncio.run(run(1))  # texts still run alone: outputs do not move
+    assert all(len(b) == 1 for b in counting.batches)

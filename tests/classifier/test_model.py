@@ -188,3 +188,31 @@ def test_empty_input_list_and_empty_text(classifier: Classifier):
 def test_model_files_fit_the_size_budget():
     total = sum(p.stat().st_size for p in MODEL_DIR.iterdir() if p.is_file())
     assert total <= 40 * 1024 * 1024
+
+
+def test_sentence_embeddings_are_unit_length_and_find_paraphrases(classifier: Classifier):
+    texts = [
+        "How do I reset my password?",
+        "I forgot my password, how can I change it?",
+        "What is the capital of France?",
+    ]
+    results = classifier.classify(texts, embed=True)
+    e = np.stack([r.sentence_embedding for r in results])
+    assert e.shape == (3, 384) and np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    assert e[0] @ e[1] > 0.8 > 0.3 > e[0] @ e[2]  # all-MiniLM-L6-v2 fp32: 0.894 and 0.075
+    assert np.array_equal(classifier.embed(texts[:1])[0], e[0])
+    plain = classifier.classify(texts)
+    assert plain[0].sentence_embedding is None and plain[0] == results[0]  # the heads do not move
+    assert np.array_equal(plain[0].embedding, results[0].embedding)
+
+
+def test_shipped_complexity_is_the_default_head_over_embedding_and_form(classifier: Classifier):
+    import json as _json
+
+    from extproc.heads import parse_head
+
+    head = parse_head(_json.loads((MODEL_DIR / "complexity_head.json").read_text()))
+    text = "Prove that there are infinitely many primes, step by step."
+    [c] = classifier.classify([text])
+    assert c.complexity == pytest.approx(head.score(c.embedding, text), abs=1e-6)
+    assert set(head.meta["models_left_out"]) == {"Meta-Llama-3_1-8B-Instruct", "Meta-Llama-3_1-70B-Instruct"}

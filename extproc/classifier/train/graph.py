@@ -57,10 +57,11 @@ class _G:
     nodes: list = field(default_factory=list)
     inits: list = field(default_factory=list)
     n: int = 0
+    prefix: str = ""  # for nodes added to an existing graph, whose own names run from 1
 
     def name(self, hint: str) -> str:
         self.n += 1
-        return f"{hint}_{self.n}"
+        return f"{self.prefix}{hint}_{self.n}"
 
     def const(self, arr: np.ndarray, hint: str) -> str:
         nm = self.name(hint)
@@ -82,8 +83,8 @@ def _f32(a: np.ndarray) -> np.ndarray:
 
 
 class Builder:
-    def __init__(self) -> None:
-        self.g = _G()
+    def __init__(self, prefix: str = "") -> None:
+        self.g = _G(prefix=prefix)
         g = self.g
         self.heads_shape = g.const(_i64(0, 0, HEADS, HEAD_DIM), "heads_shape")
         self.merge_shape = g.const(_i64(0, 0, HIDDEN), "merge_shape")
@@ -167,8 +168,9 @@ def build(
 ) -> onnx.ModelProto:
     """The graph: embeddings and `trunk_layers` base layers once, then every branch.
 
-    `extra_outputs` may hold "trunk" (hidden states after the trunk, for training caches)
-    and "embedding" (mean-pooled trunk output: the plain sentence-transformers pass).
+    `extra_outputs` may hold "trunk" (hidden states after the trunk, for training caches) and
+    "embedding" (masked mean of the trunk output; with all six layers as the trunk, the plain
+    sentence-transformers pass). The shipped classifier gets its embeddings from `embedding_graph`.
     """
     b = Builder()
     g = b.g
@@ -208,6 +210,73 @@ def build(
             helper.make_tensor_value_info(mask, TensorProto.INT64, ["batch", "seq"]),
         ],
         outputs,
+        g.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+EMBEDDING = "embedding"  # [B, 384] masked mean of the trunk output: what fitted heads read
+TRUNK = "trunk"  # [B, L, 384] the trunk's hidden states: what the sentence graph reads
+SENTENCE_EMBEDDING = "sentence_embedding"  # [B, 384] unit-length all-MiniLM-L6-v2 embedding
+
+
+def add_trunk_outputs(model: onnx.ModelProto, trunk_layers: int) -> onnx.ModelProto:
+    """`model` (a built classifier, quantized or not) with two more outputs: `embedding`, the masked
+    mean of the trunk output (free: fitted heads read it), and `trunk`, the hidden states themselves
+    (read only when a sentence embedding is asked for; see `sentence_graph`).
+
+    onnxruntime computes every node of a graph whatever outputs a run asks for (measured: asking for
+    the domain head alone took as long as all three), so an optional layer cannot live in this graph
+    without every request paying for it.
+    """
+
+    def produced_by(op: str, prefix: str) -> str:  # by op type: a quantized graph has *_quantized siblings
+        return next(n.output[0] for n in model.graph.node if n.op_type == op and n.output[0].startswith(prefix))
+
+    trunk = produced_by("LayerNormalization", f"trunk{trunk_layers - 1}_ln2_")
+    maskf = produced_by("Cast", "maskf_")
+    b = Builder(prefix="out_")
+    b.g.nodes.append(helper.make_node("Identity", [_masked_mean(b, trunk, maskf)], [EMBEDDING]))
+    b.g.nodes.append(helper.make_node("Identity", [trunk], [TRUNK]))
+    used = {x for n in b.g.nodes for x in n.input}
+    model.graph.node.extend(b.g.nodes)
+    model.graph.initializer.extend(i for i in b.g.inits if i.name in used)
+    model.graph.output.extend(
+        [
+            helper.make_tensor_value_info(EMBEDDING, TensorProto.FLOAT, ["batch", HIDDEN]),
+            helper.make_tensor_value_info(TRUNK, TensorProto.FLOAT, ["batch", "seq", HIDDEN]),
+        ]
+    )
+    onnx.checker.check_model(model)
+    return model
+
+
+def sentence_graph(sd: dict[str, np.ndarray], layer: int) -> onnx.ModelProto:
+    """The sentence embedding from the trunk's hidden states: the base model's own layer `layer`,
+    unadapted, then mean pooling and L2 normalization, i.e. all-MiniLM-L6-v2's embedding (for a
+    semantic cache's paraphrase lookups). A graph of its own (one layer, ~2 MB in int8) so that only
+    a caller who asks for an embedding pays for the layer."""
+    b = Builder()
+    g = b.g
+    x, mask = TRUNK, "attention_mask"
+    maskf = g.op("Cast", [mask], "maskf", to=TensorProto.FLOAT)
+    bias = g.op("Mul", [g.op("Sub", [b.one, maskf], "bias"), g.const(np.array(-10000.0, np.float32), "neg")], "bias")
+    bias = g.op("Unsqueeze", [bias, g.const(_i64(1, 2), "axes12")], "bias")
+    top = b.layer(x, bias, base_layer(sd, layer), f"sent{layer}")
+    g.nodes.append(
+        helper.make_node("LpNormalization", [_masked_mean(b, top, maskf)], [SENTENCE_EMBEDDING], axis=-1, p=2)
+    )
+    graph = helper.make_graph(
+        g.nodes,
+        "extproc_sentence_embedding",
+        [
+            helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", "seq", HIDDEN]),
+            helper.make_tensor_value_info(mask, TensorProto.INT64, ["batch", "seq"]),
+        ],
+        [helper.make_tensor_value_info(SENTENCE_EMBEDDING, TensorProto.FLOAT, ["batch", HIDDEN])],
         g.inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
@@ -298,5 +367,7 @@ def quantize_int8(src: str, dst: str) -> None:
             per_channel=True,
             reduce_range=True,
             op_types_to_quantize=["MatMul"],
-            extra_options={"MatMulConstBOnly": True},
+            # DefaultTensorType: shape inference cannot type the outputs of already-int8 nodes
+            # (a graph with new float layers, `add_embedding_outputs`)
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
         )
