@@ -139,3 +139,15 @@ def test_a_head_without_an_embedding_does_not_match():
     signals = Signals((), {}, TokenCounter())
     signals.classified(Topic("math", {"math": 1.0}, 0.9, None), None)
     assert policy.decisions[0].when.evaluate(signals) is False
+
+
+def test_fit_refuses_too_few_labelled_prompts_and_unreadable_data(tmp_path, capsys):
+    from extproc.evaluation.fit import main as fit_main
+
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "quality": {"a": 1, "b": 0}}) + "\n" for i in range(5)))
+    assert fit_main(["--data", str(data), "--weak", "a", "--strong", "b"]) == 2
+    assert "need at least 20" in capsys.readouterr().err
+    assert fit_main(["--data", str(data), "--weak", "a", "--strong", "c"]) == 2  # no prompt scores 'c'
+    assert fit_main(["--data", str(tmp_path / "missing.jsonl"), "--weak", "a", "--strong", "b"]) == 2
+    assert "cannot read" in capsys.readouterr().err
