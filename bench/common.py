@@ -1,4 +1,5 @@
-"""Pieces the benchmark scripts share: the sidecar as its own process, ports, resource use."""
+"""Pieces the benchmark scripts share: the sidecar as its own process (and as its Envoy's control
+plane), ports, resource use."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import time
 from pathlib import Path
 
 import grpc
+import orjson
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc.envoy import LIVE_SETTINGS, EnvoyOptions, EnvoyProcess, render_bootstrap
 
 
 def free_port() -> int:
@@ -21,7 +25,9 @@ def free_port() -> int:
 
 
 class SidecarProcess:
-    """`extproc serve` in a subprocess, so its CPU and memory can be measured on their own."""
+    """`extproc serve` in a subprocess, so its CPU and memory can be measured on their own. With
+    ``envoy`` options it is that Envoy's control plane, as in the chart: it publishes the
+    listener, routes and clusters in ``envoy.xds_dir`` (start Envoy with ``envoy_process``)."""
 
     def __init__(
         self,
@@ -32,12 +38,31 @@ class SidecarProcess:
         log_level: str = "warning",
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        envoy: EnvoyOptions | None = None,
     ) -> None:
         self.policy, self.uds, self.metrics_port = policy, uds, metrics_port
         self.cwd = cwd  # a checkout to run instead of the installed package (a same-run baseline)
         self.log_level = log_level
         self.env = {**os.environ, **(env or {})}
+        self.envoy = envoy
         self.process: subprocess.Popen | None = None
+
+    def _envoy_args(self) -> list[str]:
+        if self.envoy is None:
+            return []
+        o = self.envoy
+        settings = self.uds.with_name("envoy-settings.json")
+        settings.write_bytes(orjson.dumps({k: getattr(o, k) for k in LIVE_SETTINGS}))
+        return [
+            "--xds-dir",
+            o.xds_dir,
+            "--envoy-settings",
+            str(settings),
+            "--envoy-listen",
+            f"{o.listen_address}:{o.listen_port}",
+            "--envoy-admin",
+            f"127.0.0.1:{o.admin_port}",
+        ]
 
     def start(self, timeout: float = 60.0) -> None:
         args = [
@@ -56,6 +81,7 @@ class SidecarProcess:
             "--no-reload",
             "--log-level",
             self.log_level,
+            *self._envoy_args(),
         ]
         self.log = open(self.uds.with_suffix(".log"), "wb")  # noqa: SIM115 - lives with the process
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
@@ -103,6 +129,12 @@ class SidecarProcess:
             self.process.wait(5)
         self.process = None
         self.log.close()
+
+
+def envoy_process(sidecar: SidecarProcess, workdir: str, concurrency: int = 1) -> EnvoyProcess:
+    """Envoy on the bootstrap that points at what the (started) sidecar publishes."""
+    assert sidecar.envoy is not None
+    return EnvoyProcess(render_bootstrap(sidecar.envoy), workdir, concurrency=concurrency)
 
 
 def cpu_model() -> str:

@@ -40,9 +40,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import SidecarProcess, cpu_model, free_port
-from extproc.envoy import EnvoyOptions, EnvoyProcess, render
-from extproc.policy import load_policy
+from bench.common import SidecarProcess, cpu_model, envoy_process, free_port
+from extproc.envoy import EnvoyOptions, EnvoyProcess
 
 ANSWER = orjson.dumps(
     {
@@ -490,29 +489,31 @@ class Front:
         self.sidecar: SidecarProcess | None = None
         if name == "baseline":
             config = baseline_config(self.port, free_port(), upstream_ports)
+            self.envoy = EnvoyProcess(config, str(self.workdir), concurrency=concurrency)
         elif name == "trivial":
             self.sidecar = TrivialProcess(self.workdir / "trivial.sock")
             self.sidecar.start()
             config = trivial_config(self.port, free_port(), upstream_ports, self.sidecar.uds)
+            self.envoy = EnvoyProcess(config, str(self.workdir), concurrency=concurrency)
         else:
             upstreams = "[" + ", ".join(f'"127.0.0.1:{p}"' for p in upstream_ports) + "]"
             policy_path = self.workdir / "policy.yaml"
             policy_path.write_text(POLICIES[policy_name].replace("UPSTREAMS", upstreams))
-            self.sidecar = SidecarProcess(policy_path, self.workdir / "extproc.sock", free_port(), env=env)
-            self.sidecar.start()
             endpoints = {c: [f"127.0.0.1:{p}" for p in upstream_ports] for c in ("small", "large")}
-            config = render(
-                load_policy(policy_path),
-                EnvoyOptions(
-                    listen_address="127.0.0.1",
-                    listen_port=self.port,
-                    admin_port=free_port(),
-                    extproc_uds=str(self.sidecar.uds),
-                    cluster_endpoints=endpoints,
-                    usage=False,
-                ),
+            uds = self.workdir / "extproc.sock"
+            options = EnvoyOptions(
+                listen_address="127.0.0.1",
+                listen_port=self.port,
+                admin_port=free_port(),
+                extproc_uds=str(uds),
+                xds_dir=str(self.workdir / "xds"),
+                cluster_endpoints=endpoints,
+                usage=False,
             )
-        self.envoy = EnvoyProcess(config, str(self.workdir), concurrency=concurrency)
+            # The sidecar is its Envoy's control plane, as in the chart.
+            self.sidecar = SidecarProcess(policy_path, uds, free_port(), env=env, envoy=options)
+            self.sidecar.start()
+            self.envoy = envoy_process(self.sidecar, str(self.workdir), concurrency)
         self.envoy.start()
 
     def stop(self) -> None:

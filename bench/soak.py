@@ -31,9 +31,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import SidecarProcess, free_port
-from extproc.envoy import EnvoyOptions, EnvoyProcess, render
-from extproc.policy import load_policy
+from bench.common import SidecarProcess, envoy_process, free_port
+from extproc.envoy import EnvoyOptions
 from extproc.standin import StandIn, StandInFleet
 
 POLICY = """
@@ -226,18 +225,18 @@ def main() -> int:
         policy_path = Path(tmp) / "policy.yaml"
         policy_path.write_text(policy_text)
         metrics_port = free_port()
-        sidecar = SidecarProcess(policy_path, Path(tmp) / "extproc.sock", metrics_port)
-        sidecar.start()
         listen = free_port()
-        envoy = EnvoyProcess(
-            render(
-                load_policy(policy_path),
-                EnvoyOptions(
-                    listen_address="127.0.0.1", listen_port=listen, admin_port=free_port(), extproc_uds=str(sidecar.uds)
-                ),
-            ),
-            tmp,
+        uds = Path(tmp) / "extproc.sock"
+        options = EnvoyOptions(
+            listen_address="127.0.0.1",
+            listen_port=listen,
+            admin_port=free_port(),
+            extproc_uds=str(uds),
+            xds_dir=str(Path(tmp) / "xds"),
         )
+        sidecar = SidecarProcess(policy_path, uds, metrics_port, envoy=options)
+        sidecar.start()
+        envoy = envoy_process(sidecar, tmp)
         envoy.start()
         samples: list[tuple[float, int, float]] = []
 

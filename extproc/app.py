@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -15,16 +15,18 @@ from prometheus_client import start_http_server
 
 from extproc._pb.envoy.service.accesslog.v3 import als_pb2_grpc
 from extproc.accesslog import AccessLogSink
+from extproc.envoy import EnvoyOptions, Resources, load_settings, render_resources
 from extproc.listen import SocketClaim, bind_error, ensure_free
 from extproc.metrics import GaugeCollector, Metrics
-from extproc.policy import Policy, load_policy
-from extproc.policy.load import DEFAULT_POLICY
+from extproc.policy import ConfigError, Policy, load_policy
+from extproc.policy.load import DEFAULT_POLICY, Problem
 from extproc.replicas.load import LoadTracker
 from extproc.replicas.pool import Discovery
 from extproc.replicas.scrape import LoadScraper
 from extproc.router import Router, RouterState
 from extproc.server import add_to_server as add_ext_proc_to_server
 from extproc.signals.classifier import ClassifierSignal
+from extproc.xds import Publisher
 
 log = logging.getLogger("extproc.app")
 
@@ -49,6 +51,15 @@ class Settings:
     lease_timeout: float = 660.0  # the longest a request may hold a replica (Envoy's upstream timeout + margin)
     max_message_bytes: int = 64 * 1024 * 1024
     extra_server_options: list[tuple[str, int]] = field(default_factory=list)
+    # The sidecar as Envoy's control plane (extproc/xds.py): the listener, routes and clusters
+    # rendered from the live policy are published in xds_dir, where Envoy's bootstrap points.
+    xds_dir: Path | None = None
+    # Envoy's options: the listener's address; the live settings file (read again with every
+    # policy reload) overrides the rest.
+    envoy: EnvoyOptions = field(default_factory=EnvoyOptions)
+    envoy_settings: Path | None = None
+    envoy_admin: str | None = None  # host:port of Envoy's admin, to confirm each update
+    xds_timeout: float = 10.0  # how long Envoy may take to confirm one update
 
 
 class Runtime:
@@ -70,33 +81,76 @@ class Runtime:
         self._tasks: list[asyncio.Task[None]] = []
         self._socket: SocketClaim | None = None
         self._socket_bound = False  # the socket file is this process's: remove it on stop
+        self.publisher: Publisher | None = None
+        self.envoy_options = settings.envoy
+        if settings.xds_dir is not None:
+            self.envoy_options = replace(settings.envoy, xds_dir=str(settings.xds_dir))
+            self.publisher = Publisher(
+                settings.xds_dir, admin=settings.envoy_admin, metrics=self.metrics, timeout=settings.xds_timeout
+            )
+        self._resources: Resources | None = None
 
     # --- policy ------------------------------------------------------------------------------
 
     async def apply(self, policy: Policy) -> None:
-        """Build everything the policy needs, then swap it in at once."""
+        """Build everything the policy needs, bring Envoy to it when the sidecar is Envoy's
+        control plane, then swap it in at once. Raises ConfigError for a policy (or Envoy
+        settings) Envoy cannot be configured for and xds.EnvoyRejected when Envoy refuses what
+        it renders to; either way nothing changes."""
+        resources, options = self._render(policy)
         if policy.uses_classifier:
             await self._ensure_classifier(policy)
         if self.router is None:
             state = await asyncio.to_thread(lambda: RouterState(policy, _pools(policy, self.discovery)))
-            self.router = Router(
-                state,
-                metrics=self.metrics,
-                classifier=self._classifier_signal,
-                discovery=self.discovery,
-                tracker=LoadTracker(self.settings.lease_timeout),
-            )
-            self._register_gauges(self.router)
         else:
             state = await asyncio.to_thread(self.router.build_state, policy)
-            self.router.classifier = self._classifier_signal
-            self.router.swap(state)
-        if self._classifier_signal is not None:
-            self._classifier_signal.timeout_seconds = policy.classifier.timeout_ms / 1000
-            self._classifier_signal.pii_tokens = policy.classifier.pii_tokens
-        self._update_scrape_targets()
-        self._retain_replica_series()
-        self.metrics.config.info({"hash": policy.digest[:16]})
+
+        def switch() -> None:
+            if self.router is None:
+                self.router = Router(
+                    state,
+                    metrics=self.metrics,
+                    classifier=self._classifier_signal,
+                    discovery=self.discovery,
+                    tracker=LoadTracker(self.settings.lease_timeout),
+                )
+                self._register_gauges(self.router)
+            else:
+                self.router.classifier = self._classifier_signal
+                self.router.swap(state)
+            if self._classifier_signal is not None:
+                self._classifier_signal.timeout_seconds = policy.classifier.timeout_ms / 1000
+                self._classifier_signal.pii_tokens = policy.classifier.pii_tokens
+            self._update_scrape_targets()
+            self._retain_replica_series()
+            self.metrics.config.info({"hash": policy.digest[:16]})
+
+        if self.publisher is not None and resources is not None and self.server is not None:
+            # Decisions made on the old policy reach Envoy's router within the ext_proc timeout.
+            grace = _seconds(options.message_timeout)
+            try:
+                await self.publisher.publish(resources, switch=switch, grace=grace)
+            except BaseException:
+                if self.router is not None:  # let go of watchers only the refused policy opened
+                    self.router.swap(self.router.state)
+                raise
+        else:
+            switch()  # before serving, resources are published once the addresses are claimed (start)
+        self._resources = resources
+
+    def _render(self, policy: Policy) -> tuple[Resources | None, EnvoyOptions]:
+        """Envoy's resources for policy and the live settings (None unless publishing)."""
+        options = self.envoy_options
+        if self.publisher is None:
+            return None, options
+        if self.settings.envoy_settings is not None:
+            options = options.with_settings(load_settings(self.settings.envoy_settings))
+        try:
+            return render_resources(policy, options), options
+        except ValueError as exc:
+            raise ConfigError(
+                str(self.settings.config), [Problem((), f"Envoy cannot be configured for it: {exc}")]
+            ) from None
 
     async def _ensure_classifier(self, policy: Policy) -> None:
         if self._classifier_signal is not None:
@@ -246,6 +300,10 @@ class Runtime:
         if settings.listen:
             credentials = self._tls_credentials() if settings.tls_cert and settings.tls_key else None
             _bind(server, "gRPC address", settings.listen, credentials)
+        if self.publisher is not None and self._resources is not None:
+            # Every address is ours now (a second sidecar never gets here), and Envoy must know the
+            # clusters this policy routes to before the first request is answered.
+            await self.publisher.publish(self._resources, grace=0)
         await server.start()
         if settings.health_listen:
             # Only the health service here: the probe port never exposes the processor itself.
@@ -260,7 +318,10 @@ class Runtime:
             from extproc.policy.reload import ConfigWatcher
 
             heads = self.router.state.policy.head_files if self.router is not None else ()
-            watcher = ConfigWatcher(settings.config, self, debounce=settings.reload_debounce, head_files=heads)
+            also = [settings.envoy_settings] if settings.envoy_settings is not None else []
+            watcher = ConfigWatcher(
+                settings.config, self, debounce=settings.reload_debounce, head_files=heads, also=also
+            )
             self._tasks.append(asyncio.create_task(watcher.run()))
         log.info(
             "serving ext_proc on %s",
@@ -341,6 +402,10 @@ def _pools(policy: Policy, discovery: Discovery):
     from extproc.replicas.pool import Pools
 
     return Pools.build(policy, discovery)
+
+
+def _seconds(duration: str) -> float:
+    return float(duration.removesuffix("s"))
 
 
 async def _set_health(servicer: object, service: str, status: int) -> None:

@@ -1,8 +1,9 @@
 """``extproc demo``: the whole path on this machine, with the bundled policy and model.
 
 Starts stand-in model servers on the replica addresses of the bundled policy, the sidecar on a
-Unix socket, and a real Envoy in front; sends a handful of varied prompts through Envoy and
-prints where each one went. Needs no cluster and no network.
+Unix socket as Envoy's control plane, and a real Envoy in front on the bootstrap the chart uses;
+sends a handful of varied prompts through Envoy and prints where each one went. Needs no cluster
+and no network.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import orjson
 
 from extproc.app import Runtime, Settings
-from extproc.envoy import EnvoyOptions, EnvoyProcess, render
+from extproc.envoy import EnvoyOptions, EnvoyProcess, render_bootstrap
 from extproc.policy import load_policy
 from extproc.policy.load import DEFAULT_POLICY
 from extproc.standin import StandIn
@@ -107,21 +108,31 @@ async def _demo(keep_running: bool) -> int:
             return 1
     with tempfile.TemporaryDirectory(prefix="extproc-demo-") as tmp:
         uds = str(Path(tmp) / "extproc.sock")
-        runtime = Runtime(
-            Settings(
-                config=DEFAULT_POLICY, uds=uds, metrics_port=_free_port(), metrics_address="127.0.0.1", reload=False
-            )
-        )
-        await runtime.start()
         port = _free_port()
         options = EnvoyOptions(
             listen_address="127.0.0.1",
             listen_port=port,
             admin_port=_free_port(),
             extproc_uds=uds,
+            xds_dir=str(Path(tmp) / "xds"),
             cluster_endpoints={"private": [PRIVATE_REPLICA]},
         )
-        envoy = EnvoyProcess(render(policy, options), tmp)
+        # The sidecar publishes Envoy's listener, routes and clusters before Envoy starts on the
+        # bootstrap that points at them, as the chart's pod does.
+        runtime = Runtime(
+            Settings(
+                config=DEFAULT_POLICY,
+                uds=uds,
+                metrics_port=_free_port(),
+                metrics_address="127.0.0.1",
+                reload=False,
+                xds_dir=Path(options.xds_dir),
+                envoy=options,
+                envoy_admin=f"127.0.0.1:{options.admin_port}",
+            )
+        )
+        await runtime.start()
+        envoy = EnvoyProcess(render_bootstrap(options), tmp)
         try:
             await asyncio.to_thread(envoy.start)
             print(f"Envoy on 127.0.0.1:{port} -> extproc on {uds} -> {len(standins)} stand-in model servers\n")

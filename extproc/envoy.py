@@ -1,5 +1,8 @@
-"""Envoy configuration for a routing policy: one definition, used by the demo, the tests, the
-benchmarks and deploy/envoy/envoy.yaml (the Helm chart renders the same shape from values).
+"""Envoy's configuration for a routing policy, rendered in one place: the listener, the route
+configuration and the clusters the sidecar serves Envoy as its control plane (extproc/xds.py),
+the tiny static bootstrap that points Envoy at them, and the whole resolved configuration for
+review (`extproc envoy-config`, deploy/envoy/envoy.yaml). The demo, the tests, the benchmarks
+and the Helm chart all run Envoy on this output.
 
 The shape (see README, "How Envoy is wired"):
 
@@ -19,24 +22,54 @@ The shape (see README, "How Envoy is wired"):
 * local replies Envoy makes itself (router unreachable, body too large, no upstream, every
   refusal of its HTTP/1 codec) are turned into OpenAI-style JSON errors; the router's own
   errors already are.
+
+What depends on the policy is split by the xDS resource it lives in, so a change touches only
+what it must: clusters (CDS) per model cluster, one route per cluster (RDS), and the listener
+(LDS) only for the header names the policy reads and the Envoy settings.
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from extproc import headers as h
 from extproc.policy.config import OutlierDetection, Policy
+from extproc.policy.load import ConfigError, Problem
 from extproc.request import API_PATHS, UNKNOWN_PATH_MESSAGE
 
 EXT_PROC_CLUSTER = "extproc"
+ADMIN_CLUSTER = "envoy_admin"  # the readiness listener's route to the admin interface on loopback
+RESERVED_CLUSTERS = (EXT_PROC_CLUSTER, ADMIN_CLUSTER)  # static in the bootstrap: CDS cannot replace them
 USAGE_NAMESPACE = "extproc.usage"
 PASSTHROUGH_ROUTE_CLUSTER = "passthrough"
+LISTENER = "llm"  # the client listener's name, its HCM's stat prefix and its route configuration's name
+READINESS_LISTENER = "readiness"
+NODE = {"id": "extproc", "cluster": "extproc"}
+
+# The Envoy settings the sidecar reads from a file and applies live (the chart writes them into
+# the routing ConfigMap beside the policy). The rest of EnvoyOptions is fixed for a pod's life:
+# addresses, ports and paths the pod spec names too.
+LIVE_SETTINGS = (
+    "forward_headers",
+    "message_timeout",
+    "upstream_timeout",
+    "max_request_bytes",
+    "usage",
+    "access_log_flush",
+    "two_round_trips",
+    "cluster_endpoints",
+    "default_cluster",
+    "forward_paths",
+    "cluster_domain",
+)
 
 
 @dataclass
@@ -47,6 +80,11 @@ class EnvoyOptions:
     admin_port: int = 9901
     extproc_uds: str | None = "/tmp/extproc/extproc.sock"
     extproc_address: tuple[str, int] | None = None  # TCP instead of the socket
+    # Where the sidecar publishes the listener, routes and clusters (extproc/xds.py); the
+    # bootstrap points Envoy's subscriptions there.
+    xds_dir: str = "/etc/envoy"
+    # A listener that only answers GET /ready (proxied to the admin on loopback), for probes.
+    readiness_port: int | None = None
     # Headers the policy may read in the one-round-trip mode (header conditions, session, debug).
     forward_headers: Sequence[str] = ("x-user-tier", "x-user-id", "x-session-id", "x-tenant-id", h.DEBUG)
     message_timeout: str = "1s"
@@ -64,9 +102,124 @@ class EnvoyOptions:
     forward_paths: Sequence[str] = ("/v1/models",)
     cluster_domain: str = "cluster.local"  # for headless Services of Kubernetes-discovered replicas
 
+    def with_settings(self, settings: Mapping[str, Any]) -> EnvoyOptions:
+        """These options with live settings (load_settings) in place of their own."""
+        return replace(self, **settings)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the sidecar serves Envoy, by xDS resource type: the client listener (LDS), its route
+    configuration (RDS) and the clusters requests are routed to (CDS). Everything else Envoy
+    runs is in the bootstrap and never changes while the pod lives."""
+
+    listener: dict[str, Any]
+    routes: dict[str, Any]
+    clusters: tuple[dict[str, Any], ...]
+
+
+class SettingsError(ConfigError):
+    """The Envoy settings file cannot be used; ``problems`` lists every mistake."""
+
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        super().__init__(source, problems)
+        lines = "\n".join(f"  - {p}" for p in problems)
+        self.args = (f"invalid Envoy settings {source}:\n{lines}",)
+
+
+_DURATION = re.compile(r"^[0-9]+(\.[0-9]+)?s$")
+_HEADER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+def load_settings(path: str | Path) -> dict[str, Any]:
+    """The live Envoy settings in a YAML file: a mapping of some of LIVE_SETTINGS to values, for
+    EnvoyOptions.with_settings. Raises ConfigError naming every mistake."""
+    source = str(path)
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise SettingsError(source, [Problem((), f"cannot read the file: {exc}")]) from None
+    return parse_settings(data if data is not None else {}, source)
+
+
+def parse_settings(data: Any, source: str = "Envoy settings") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise SettingsError(source, [Problem((), "give a mapping of setting to value")])
+    problems: list[Problem] = []
+    settings: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in LIVE_SETTINGS:
+            close = difflib.get_close_matches(str(key), LIVE_SETTINGS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(Problem((str(key),), f"unknown setting{hint}; allowed: {', '.join(LIVE_SETTINGS)}"))
+            continue
+        try:
+            settings[key] = _setting(key, value)
+        except ValueError as exc:
+            problems.append(Problem((key,), str(exc)))
+    if problems:
+        raise SettingsError(source, problems)
+    return settings
+
+
+def _setting(key: str, value: Any) -> Any:
+    """One setting, checked and converted to EnvoyOptions' type; ValueError says what to change."""
+    if key in ("message_timeout", "upstream_timeout", "access_log_flush"):
+        if not isinstance(value, str) or not _DURATION.match(value):
+            raise ValueError(f"{value!r} is not a duration; write seconds with an 's', as Envoy does: 1s, 0.02s")
+        return value
+    if key in ("usage", "two_round_trips"):
+        if not isinstance(value, bool):
+            raise ValueError(f"{value!r} is not true or false")
+        return value
+    if key == "max_request_bytes":
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{value!r} is not a positive number of bytes")
+        return value
+    if key == "forward_headers":
+        names = _strings(value, "header names")
+        for name in names:
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a lower-case header name (Envoy keys headers in lower case)")
+        return tuple(names)
+    if key == "forward_paths":
+        paths = _strings(value, "paths")
+        for path in paths:
+            if not path.startswith("/") or any(c in path for c in " ?#") or not path.isprintable():
+                raise ValueError(f"{path!r} is not a path (starting with '/', without a query or fragment)")
+        return tuple(paths)
+    if key == "cluster_endpoints":
+        if not isinstance(value, dict):
+            raise ValueError("give a mapping of cluster name to a list of host:port")
+        out = {}
+        for cluster, endpoints in value.items():
+            out[str(cluster)] = tuple(_strings(endpoints, f"endpoints of {cluster}"))
+            for endpoint in out[str(cluster)]:
+                _address(endpoint)
+        return out
+    if key == "default_cluster":
+        if value in (None, ""):
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a cluster name")
+        return value
+    if key == "cluster_domain":
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{value!r} is not a DNS domain")
+        return value
+    raise AssertionError(key)
+
+
+def _strings(value: Any, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"give a list of {what}")
+    return list(value)
+
 
 def _address(endpoint: str) -> dict[str, Any]:
     host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"endpoint {endpoint!r}: give host:port with a port from 1 to 65535")
     return {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
 
 
@@ -195,7 +348,10 @@ def _model_endpoints(policy: Policy, name: str, options: EnvoyOptions) -> tuple[
     )
 
 
-def render(policy: Policy, options: EnvoyOptions | None = None) -> dict[str, Any]:
+def render_resources(policy: Policy, options: EnvoyOptions | None = None) -> Resources:
+    """The listener, routes and clusters Envoy needs for a policy. Raises ValueError, naming what
+    to change, for a policy Envoy could not be configured for (a cluster without endpoints, a
+    reserved cluster name, an address Envoy refuses)."""
     o = options or EnvoyOptions()
     clusters: dict[str, dict[str, Any]] = {}
     routed_clusters: list[str] = []
@@ -239,34 +395,182 @@ def render(policy: Policy, options: EnvoyOptions | None = None) -> dict[str, Any
         }
     if policy.passthrough_cluster:
         endpoints = o.cluster_endpoints.get(policy.passthrough_cluster)
-        if endpoints:
-            clusters[policy.passthrough_cluster] = _cluster(
-                policy.passthrough_cluster, endpoints, dns=_has_hostname(endpoints)
+        if not endpoints:
+            raise ValueError(
+                f"passthrough_cluster {policy.passthrough_cluster!r}: Envoy needs its endpoints "
+                f"(cluster_endpoints.{policy.passthrough_cluster})"
             )
+        clusters[policy.passthrough_cluster] = _cluster(
+            policy.passthrough_cluster, endpoints, dns=_has_hostname(endpoints)
+        )
         routed_clusters.append(policy.passthrough_cluster)
+    for name in clusters:
+        if name in RESERVED_CLUSTERS:
+            raise ValueError(f"cluster {name!r} is reserved for Envoy's own static clusters; name it differently")
+    if o.max_request_bytes < policy.max_body_bytes:
+        raise ValueError(
+            f"max_request_bytes ({o.max_request_bytes}) is below the policy's limits.max_body_bytes "
+            f"({policy.max_body_bytes}): Envoy would refuse bodies the router accepts; raise max_request_bytes"
+        )
     default_cluster: str | None = o.default_cluster or policy.models[policy.default_model].cluster
     if default_cluster not in clusters:
         default_cluster = next((c for c in clusters if c != policy.original_dst_cluster), None)
+    return Resources(
+        listener=_listener(policy, o),
+        routes=_route_config(o, dict.fromkeys(routed_clusters), retries, default_cluster, hashed),
+        clusters=tuple(clusters.values()),
+    )
 
-    clusters[EXT_PROC_CLUSTER] = _extproc_cluster(o)
+
+def render_bootstrap(options: EnvoyOptions | None = None) -> dict[str, Any]:
+    """Envoy's static bootstrap: the admin interface, the sidecar's cluster, the readiness
+    listener, and filesystem subscriptions to the listener and clusters the sidecar publishes in
+    ``options.xds_dir``. It holds nothing the policy or the live settings change."""
+    o = options or EnvoyOptions()
     return {
-        "admin": {"address": {"socket_address": {"address": o.admin_address, "port_value": o.admin_port}}},
+        "node": NODE,
+        "admin": _admin(o),
+        "dynamic_resources": {
+            "lds_config": config_source(o.xds_dir, "lds"),
+            "cds_config": config_source(o.xds_dir, "cds"),
+        },
+        "static_resources": {"listeners": _static_listeners(o), "clusters": _static_clusters(o)},
+        "overload_manager": _OVERLOAD_MANAGER,
+    }
+
+
+def render(policy: Policy, options: EnvoyOptions | None = None) -> dict[str, Any]:
+    """The whole resolved configuration as one static Envoy config: the bootstrap's static parts
+    with the listener, routes and clusters inlined. For review (`extproc envoy-config`), for
+    checking with ``envoy --mode validate`` (which never reads dynamic resources), and for
+    running an Envoy without the sidecar's control plane."""
+    o = options or EnvoyOptions()
+    return inline(render_resources(policy, o), o)
+
+
+def inline(resources: Resources, options: EnvoyOptions) -> dict[str, Any]:
+    """Resources as static resources of one config (see render)."""
+    listener = copy.deepcopy(resources.listener)
+    filters = listener["filter_chains"][0]["filters"]
+    hcm = filters[0]["typed_config"]
+    # route_config where rds was, so the two forms read alike
+    filters[0]["typed_config"] = {
+        ("route_config" if k == "rds" else k): (copy.deepcopy(resources.routes) if k == "rds" else v)
+        for k, v in hcm.items()
+    }
+    return {
+        "node": NODE,
+        "admin": _admin(options),
         "static_resources": {
-            "listeners": [_listener(policy, o, dict.fromkeys(routed_clusters), retries, default_cluster, hashed)],
-            "clusters": list(clusters.values()),
+            "listeners": [listener, *_static_listeners(options)],
+            "clusters": [*copy.deepcopy(resources.clusters), *_static_clusters(options)],
         },
-        "overload_manager": {
-            "resource_monitors": [
-                {
-                    "name": "envoy.resource_monitors.global_downstream_max_connections",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
-                        "downstream_connections.v3.DownstreamConnectionsConfig",
-                        "max_active_downstream_connections": 50000,
-                    },
-                }
-            ],
-        },
+        "overload_manager": _OVERLOAD_MANAGER,
+    }
+
+
+# Where each resource type lives under the xDS directory: its own subdirectory, watched for
+# renames into it (Envoy's watched_directory), so publishing routes never makes Envoy re-read the
+# listener or the clusters.
+XDS_FILES = {"lds": "lds/listeners.json", "cds": "cds/clusters.json", "rds": "rds/routes.json"}
+BOOTSTRAP_FILE = "bootstrap.json"
+
+
+def config_source(xds_dir: str, kind: str) -> dict[str, Any]:
+    """A filesystem subscription to one resource type the sidecar publishes."""
+    path = f"{xds_dir.rstrip('/')}/{XDS_FILES[kind]}"
+    return {
+        "path_config_source": {"path": path, "watched_directory": {"path": path.rsplit("/", 1)[0]}},
+        "resource_api_version": "V3",
+    }
+
+
+def _admin(o: EnvoyOptions) -> dict[str, Any]:
+    # Loopback only in the chart: the admin interface can stop Envoy and change its state.
+    return {"address": {"socket_address": {"address": o.admin_address, "port_value": o.admin_port}}}
+
+
+_OVERLOAD_MANAGER = {
+    "resource_monitors": [
+        {
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                "downstream_connections.v3.DownstreamConnectionsConfig",
+                "max_active_downstream_connections": 50000,
+            },
+        }
+    ],
+}
+
+
+def _static_clusters(o: EnvoyOptions) -> list[dict[str, Any]]:
+    clusters = [_extproc_cluster(o)]
+    if o.readiness_port is not None:
+        clusters.append(
+            {
+                "name": ADMIN_CLUSTER,
+                "type": "STATIC",
+                "connect_timeout": "0.25s",
+                "load_assignment": {
+                    "cluster_name": ADMIN_CLUSTER,
+                    "endpoints": [
+                        {
+                            "lb_endpoints": [
+                                {
+                                    "endpoint": {
+                                        "address": {
+                                            "socket_address": {"address": "127.0.0.1", "port_value": o.admin_port}
+                                        }
+                                    }
+                                }
+                            ]
+                        }
+                    ],
+                },
+            }
+        )
+    return clusters
+
+
+def _static_listeners(o: EnvoyOptions) -> list[dict[str, Any]]:
+    """Listeners of the bootstrap, each serving a few admin paths on its own port (the admin
+    itself stays on loopback: it can stop Envoy). Today the readiness probe's GET /ready."""
+    if o.readiness_port is None:
+        return []
+    return [_admin_proxy(READINESS_LISTENER, o.listen_address, o.readiness_port, ("/ready",))]
+
+
+def _admin_proxy(name: str, address: str, port: int, paths: Sequence[str]) -> dict[str, Any]:
+    """A listener whose only routes are GET on ``paths``, proxied to the admin interface: the
+    kubelet sees Envoy's own state (503 until initialized and while draining) while
+    /quitquitquit, /runtime_modify and the rest stay unreachable. Every other path is a 404."""
+    routes: list[dict[str, Any]] = [
+        {
+            "name": path.strip("/") or "root",
+            "match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+            "route": {"cluster": ADMIN_CLUSTER, "timeout": "2s"},
+        }
+        for path in paths
+    ]
+    routes.append({"name": "nothing-else", "match": {"prefix": "/"}, "direct_response": {"status": 404}})
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": name,
+        "route_config": {"name": name, "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}]},
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            }
+        ],
+    }
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": address, "port_value": port}},
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+        ],
     }
 
 
@@ -444,14 +748,16 @@ _DISABLED = {
 }
 
 
-def _listener(
-    policy: Policy,
+def _route_config(
     o: EnvoyOptions,
     routed_clusters: Mapping[str, None],
     retries: Mapping[str, int],
     default_cluster: str | None,
     hashed: set[str],
 ) -> dict[str, Any]:
+    """The client listener's routes (RDS): the refusals Envoy answers itself, one route per
+    routed cluster (matched on the router's ``extproc.cluster`` metadata), forward_paths, and a
+    JSON 404 for everything else."""
     llm_paths = sorted(API_PATHS)
     path_regex = "^(" + "|".join(p.replace("/", "\\/") for p in llm_paths) + r")(\?.*)?$"
     routes: list[dict[str, Any]] = [
@@ -569,9 +875,45 @@ def _listener(
         }
     )
     from_metadata = f"%DYNAMIC_METADATA({h.METADATA_NAMESPACE}:{{}})%"
+    return {
+        "name": LISTENER,
+        "virtual_hosts": [
+            {
+                "name": LISTENER,
+                "domains": ["*"],
+                "routes": routes,
+                "request_headers_to_add": [
+                    {
+                        "header": {"key": h.SELECTED_MODEL, "value": from_metadata.format("upstream_model")},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    },
+                ],
+                "response_headers_to_add": [
+                    {
+                        "header": {"key": h.ROUTER_MODEL, "value": from_metadata.format("model")},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    },
+                    {
+                        "header": {"key": h.ROUTER_DECISION, "value": from_metadata.format("decision")},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    },
+                    {
+                        "header": {"key": h.ROUTER_EXPLAIN, "value": from_metadata.format("explain")},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    },
+                ],
+            }
+        ],
+    }
+
+
+def _listener(policy: Policy, o: EnvoyOptions) -> dict[str, Any]:
+    """The client listener (LDS): the HTTP connection manager and its filters. Its routes come
+    from RDS, so a change of models or routes never touches the listener (a listener update
+    drains its connections; a route update does not)."""
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "llm",
+        "stat_prefix": LISTENER,
         "codec_type": "AUTO",
         # Paths are canonical before routing (README "Paths"): dot segments resolved, percent-
         # escapes of unreserved characters decoded, backslashes and repeated slashes made single;
@@ -597,36 +939,7 @@ def _listener(
                 },
             }
         ],
-        "route_config": {
-            "name": "llm",
-            "virtual_hosts": [
-                {
-                    "name": "llm",
-                    "domains": ["*"],
-                    "routes": routes,
-                    "request_headers_to_add": [
-                        {
-                            "header": {"key": h.SELECTED_MODEL, "value": from_metadata.format("upstream_model")},
-                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                        },
-                    ],
-                    "response_headers_to_add": [
-                        {
-                            "header": {"key": h.ROUTER_MODEL, "value": from_metadata.format("model")},
-                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                        },
-                        {
-                            "header": {"key": h.ROUTER_DECISION, "value": from_metadata.format("decision")},
-                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                        },
-                        {
-                            "header": {"key": h.ROUTER_EXPLAIN, "value": from_metadata.format("explain")},
-                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                        },
-                    ],
-                }
-            ],
-        },
+        "rds": {"route_config_name": LISTENER, "config_source": config_source(o.xds_dir, "rds")},
         "http_filters": [
             *_ext_proc_filters(policy, o),
             {
@@ -638,7 +951,7 @@ def _listener(
         "access_log": _access_log(o),
     }
     return {
-        "name": "llm",
+        "name": LISTENER,
         "address": {"socket_address": {"address": o.listen_address, "port_value": o.listen_port}},
         "per_connection_buffer_limit_bytes": o.max_request_bytes,
         "filter_chains": [
@@ -821,6 +1134,10 @@ class EnvoyProcess:
         self.process: Any = None
 
     @property
+    def pid(self) -> int:
+        return int(self.process.pid)
+
+    @property
     def admin_port(self) -> int:
         return int(self.config["admin"]["address"]["socket_address"]["port_value"])
 
@@ -840,6 +1157,9 @@ class EnvoyProcess:
             "-l",
             self.log_level,
             "--disable-hot-restart",
+            # Dynamic resources as strict as static ones: a field this Envoy does not know is a
+            # rejected update (the sidecar puts the previous one back), not a silently ignored one.
+            "--reject-unknown-dynamic-fields",
         ]
         if self.base_id is not None:
             args += ["--base-id", str(self.base_id)]

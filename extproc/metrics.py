@@ -165,8 +165,15 @@ class Metrics:
             "1 if the policy file's current content is in effect, 0 if it was refused (the pod runs an older policy).",
             registry=r,
         )
-        for result in ("success", "invalid", "missing", "error"):
+        for result in ("success", "invalid", "missing", "rejected", "error"):
             self.reloads.labels(result)  # every result exists from the start, so increase() sees the first one
+        self.envoy_updates = Counter(
+            "extproc_envoy_config_updates_total",
+            "Envoy configuration the sidecar published, by xDS resource type (lds, cds, rds) and Envoy's "
+            "verdict (applied, rejected, or unconfirmed when Envoy's admin did not answer in time).",
+            ["type", "result"],
+            registry=r,
+        )
         self.config = Info("extproc_config", "The routing config in effect.", registry=r)
         self.errors = Counter(
             "extproc_request_errors_total",

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from extproc.app import Runtime, Settings
-from extproc.envoy import EnvoyOptions, EnvoyProcess, render
+from extproc.envoy import LIVE_SETTINGS, EnvoyOptions, EnvoyProcess, render, render_bootstrap
 from extproc.policy import load_policy
 from extproc.standin import StandIn, StandInFleet
 
@@ -88,7 +88,12 @@ class Response:
 
 @dataclass
 class Stack:
-    """Envoy on ``port`` -> sidecar -> stand-in replicas named in ``fleet``."""
+    """Envoy on ``port`` -> sidecar -> stand-in replicas named in ``fleet``.
+
+    Envoy runs as it does in the chart: from the static bootstrap, with the listener, routes and
+    clusters the sidecar publishes in ``workdir/xds`` from the live policy, confirmed through
+    Envoy's admin. ``envoy_options`` are EnvoyOptions fields: the live ones (LIVE_SETTINGS) go to
+    the settings file the sidecar reloads with the policy (``settings_path``)."""
 
     workdir: Path
     policy_text: str
@@ -97,8 +102,9 @@ class Stack:
     sidecar_settings: dict[str, Any] = field(default_factory=dict)
     substitutions: dict[str, str] = field(default_factory=dict)
     discovery: Any = None
-    # Edits the rendered Envoy config in place before Envoy starts (a setup extproc/envoy.py
-    # does not generate, e.g. a gateway that sends every path to the router).
+    # Edits the rendered Envoy config in place before Envoy starts: a setup extproc/envoy.py does
+    # not generate (e.g. a gateway that sends every path to the router), so Envoy then runs that
+    # one static config and the sidecar is not its control plane.
     envoy_config_hook: Callable[[dict[str, Any]], None] | None = None
 
     def __post_init__(self) -> None:
@@ -111,6 +117,38 @@ class Stack:
         addresses = {r.name: r.address for r in self.replicas}
         self.config_path.write_text(string.Template(self.policy_text).substitute(addresses, **self.substitutions))
         self.uds = str(self.workdir / "extproc.sock")
+        self.xds_dir = self.workdir / "xds"
+        self.settings_path = self.workdir / "envoy-settings.yaml"
+        extra = self.envoy_options(self.fleet) if callable(self.envoy_options) else self.envoy_options
+        live = {k: v for k, v in extra.items() if k in LIVE_SETTINGS}
+        self.settings_path.write_text(orjson.dumps(live).decode())  # JSON is YAML
+        xds = self.envoy_config_hook is None
+        # A port found free may be taken (by any socket's ephemeral port) before Envoy binds it;
+        # then the whole stack is started again on other ports.
+        for attempt in range(3):
+            try:
+                self._start(extra, live, xds)
+                return self
+            except Exception as e:
+                self._stop_proxy()
+                if attempt < 2 and "Address already in use" in str(e):
+                    self.port = free_port()
+                    continue
+                self.fleet.stop()
+                raise
+        raise AssertionError("unreachable")
+
+    def _start(self, extra: dict[str, Any], live: dict[str, Any], xds: bool) -> None:
+        admin = free_port()
+        fixed = {k: v for k, v in extra.items() if k not in LIVE_SETTINGS}
+        options = EnvoyOptions(
+            listen_address="127.0.0.1",
+            listen_port=self.port,
+            admin_port=admin,
+            extproc_uds=self.uds,
+            xds_dir=str(self.xds_dir),
+            **fixed,
+        )
         settings = Settings(
             config=self.config_path,
             uds=self.uds,
@@ -118,36 +156,49 @@ class Stack:
             metrics_address="127.0.0.1",
             **{"reload": False, **self.sidecar_settings},
         )
+        if xds:
+            settings.xds_dir = self.xds_dir
+            settings.envoy = options
+            settings.envoy_settings = self.settings_path
+            settings.envoy_admin = f"127.0.0.1:{admin}"
         self.metrics_port = settings.metrics_port
         self.sidecar = Sidecar(settings, Runtime(settings, discovery=self.discovery)).start()
-        policy = load_policy(self.config_path)
-        extra = self.envoy_options(self.fleet) if callable(self.envoy_options) else self.envoy_options
-        # A port found free may be taken (by any socket's ephemeral port) before Envoy binds it:
-        # then Envoy exits at once, and it is tried again on other ports.
-        for attempt in range(3):
-            options = EnvoyOptions(
-                listen_address="127.0.0.1", listen_port=self.port, admin_port=free_port(), extproc_uds=self.uds, **extra
-            )
-            self.envoy_config = render(policy, options)
-            if self.envoy_config_hook is not None:
-                self.envoy_config_hook(self.envoy_config)
-            self.envoy = EnvoyProcess(self.envoy_config, str(self.workdir))
-            try:
-                self.envoy.start()
-                return self
-            except Exception as e:
-                if attempt < 2 and "Address already in use" in str(e):
-                    self.port = free_port()
-                    continue
-                self.stop()
-                raise
-        raise AssertionError("unreachable")
+        if xds:
+            config = render_bootstrap(options)
+        else:
+            config = render(load_policy(self.config_path), options.with_settings(live))
+            assert self.envoy_config_hook is not None
+            self.envoy_config_hook(config)
+        self.envoy = EnvoyProcess(config, str(self.workdir))
+        self.envoy.start()
+        if xds:
+            rejected = self.envoy.stats("listener_manager.lds.update_rejected")
+            if rejected.get("listener_manager.lds.update_rejected"):  # the listener could not bind
+                raise RuntimeError(f"Envoy's listener did not start:\n{self.envoy.log_tail()}")
 
-    def stop(self) -> None:
+    @property
+    def envoy_config(self) -> dict[str, Any]:
+        """The configuration Envoy runs: the static one, or the bootstrap with the resources the
+        sidecar published inlined."""
+        if self.envoy_config_hook is not None:
+            return self.envoy.config
+        from extproc.envoy import inline
+        from extproc.xds import resources_of
+
+        publisher = self.sidecar.runtime.publisher
+        assert publisher is not None and publisher.published is not None
+        return inline(resources_of(publisher.published), self.sidecar.runtime.envoy_options)
+
+    def _stop_proxy(self) -> None:
         if hasattr(self, "envoy"):
             self.envoy.stop()
+            del self.envoy
         if hasattr(self, "sidecar"):
             self.sidecar.stop()
+            del self.sidecar
+
+    def stop(self) -> None:
+        self._stop_proxy()
         self.fleet.stop()
 
     def __enter__(self) -> Stack:

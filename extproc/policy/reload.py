@@ -4,7 +4,8 @@ Kubernetes updates a mounted ConfigMap by writing a new timestamped directory an
 ``..data`` symlink to it; editors replace files or write them in place. Polling the resolved
 path's identity and content catches all of these on any filesystem. A change is applied once
 it has been stable for the debounce period; a file that fails to load leaves the last good
-policy in place.
+policy in place. Files read with the policy (the live Envoy settings beside it in the same
+ConfigMap) are watched too, and a change of any reloads them together.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -21,6 +23,11 @@ from extproc.policy.config import Policy
 from extproc.policy.load import ConfigError, load_policy
 
 log = logging.getLogger("extproc.reload")
+
+
+class Refused(Exception):
+    """The target refused a valid policy (Envoy rejected what it renders to); the last good
+    policy stays in effect."""
 
 
 class Target(Protocol):
@@ -47,8 +54,9 @@ def _digest(path: Path) -> str | None:
 
 
 class ConfigWatcher:
-    """Watches the policy file and the head files it references (`heads: {name: {file: ...}}`):
-    a refitted head reloads like an edited policy."""
+    """Watches the policy file, the files read with it (``also``: the live Envoy settings; each
+    must exist) and the head files it references (`heads: {name: {file: ...}}`): a refitted head
+    or an edited setting reloads like an edited policy."""
 
     def __init__(
         self,
@@ -58,8 +66,10 @@ class ConfigWatcher:
         debounce: float = 0.5,
         interval: float = 0.25,
         head_files: tuple[str, ...] = (),
+        also: Sequence[Path] = (),
     ) -> None:
         self.path = Path(path)
+        self.paths = (self.path, *map(Path, also))
         self.target = target
         self.debounce = debounce
         self.interval = interval
@@ -69,12 +79,12 @@ class ConfigWatcher:
         self._missing_logged = False
 
     def _signatures(self) -> tuple | None:
-        main = _signature(self.path)
-        return None if main is None else (main, *(_signature(f) for f in self._heads))
+        required = [_signature(p) for p in self.paths]
+        return None if None in required else (*required, *(_signature(f) for f in self._heads))
 
     def _digests(self) -> str | None:
-        main = _digest(self.path)
-        return None if main is None else "/".join([main, *(_digest(f) or "-" for f in self._heads)])
+        required = [_digest(p) for p in self.paths]
+        return None if None in required else "/".join([*required, *(_digest(f) or "-" for f in self._heads)])
 
     async def run(self) -> None:
         while True:
@@ -94,7 +104,8 @@ class ConfigWatcher:
         metrics = self.target.metrics
         if missing:
             if not self._missing_logged:
-                log.warning("policy file %s is gone; keeping the last good policy", self.path)
+                gone = ", ".join(str(p) for p in self.paths if _signature(p) is None)
+                log.warning("policy file %s is gone; keeping the last good policy", gone)
                 metrics.reloads.labels("missing").inc()
                 metrics.last_reload_ok.set(0)
                 self._missing_logged = True
@@ -111,6 +122,12 @@ class ConfigWatcher:
             metrics.last_reload_ok.set(0)
             log.error("policy reload rejected; the last good policy stays in effect. %s", exc)
             self._digest = digest  # report a bad file once, not on every poll
+            return
+        except Refused as exc:
+            metrics.reloads.labels("rejected").inc()
+            metrics.last_reload_ok.set(0)
+            log.error("policy reload refused: %s", exc)
+            self._digest = digest
             return
         except Exception:
             metrics.reloads.labels("error").inc()

@@ -1,8 +1,8 @@
 """A second sidecar started beside a live one (a rollout overlap, a mistaken restart), as real
 `extproc serve` processes behind a real Envoy: the second is refused with one clear line and a
-non-zero exit, touches nothing the first serves, and the first keeps serving requests through
-Envoy, on the connections Envoy had and on new ones. A socket left by a crashed sidecar is
-still taken over."""
+non-zero exit, touches nothing the first serves (its socket, nor the Envoy configuration it
+publishes as Envoy's control plane), and the first keeps serving requests through Envoy, on the
+connections Envoy had and on new ones. A socket left by a crashed sidecar is still taken over."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import orjson
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.envoy import EnvoyOptions, EnvoyProcess, render
+from extproc.envoy import EnvoyOptions, EnvoyProcess, render, render_bootstrap
 from extproc.policy import load_policy
 from extproc.standin import StandIn, StandInFleet
 from tests.harness import chat, free_port, wait_for
@@ -68,15 +68,25 @@ def refused(process: subprocess.Popen[str]) -> tuple[int, list[str]]:
 
 
 class Envoy:
-    """A real Envoy in front of the sidecar socket, with a client for it."""
+    """A real Envoy in front of the sidecar socket, with a client for it: on the bootstrap that
+    points at what the sidecar publishes (``options``), or on its own static configuration."""
 
-    def __init__(self, workdir: Path, policy_path: Path, socket_path: Path) -> None:
+    def __init__(
+        self, workdir: Path, policy_path: Path, socket_path: Path, options: EnvoyOptions | None = None
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        options = EnvoyOptions(
-            listen_address="127.0.0.1", listen_port=self.port, admin_port=free_port(), extproc_uds=str(socket_path)
-        )
-        self.process = EnvoyProcess(render(load_policy(policy_path), options), str(workdir))
+        if options is None:
+            options = EnvoyOptions(
+                listen_address="127.0.0.1",
+                listen_port=free_port(),
+                admin_port=free_port(),
+                extproc_uds=str(socket_path),
+            )
+            config = render(load_policy(policy_path), options)
+        else:
+            config = render_bootstrap(options)
+        self.port = options.listen_port
+        self.process = EnvoyProcess(config, str(workdir))
         self.process.start()
 
     def ok(self, text: str) -> bool:
@@ -96,18 +106,32 @@ class Envoy:
 
 
 @pytest.fixture
-def first(tmp_path: Path) -> Iterator[tuple[Path, Path, int, subprocess.Popen[str], Envoy]]:
+def first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Path, Path, int, subprocess.Popen[str], Envoy]]:
     with StandInFleet([StandIn(name="r1")]) as fleet:
         config = tmp_path / "policy.yaml"
         config.write_text(POLICY % fleet["r1"].address)
         socket_path = tmp_path / "run" / "extproc.sock"
         metrics_port = free_port()
+        options = EnvoyOptions(
+            listen_address="127.0.0.1",
+            listen_port=free_port(),
+            admin_port=free_port(),
+            extproc_uds=str(socket_path),
+            xds_dir=str(tmp_path / "xds"),
+        )
+        # Every sidecar of the test is Envoy's control plane on the same directory (through the
+        # environment, as `extproc serve --help` documents).
+        monkeypatch.setenv("EXTPROC_XDS_DIR", options.xds_dir)
+        monkeypatch.setenv("EXTPROC_ENVOY_LISTEN", f"127.0.0.1:{options.listen_port}")
+        monkeypatch.setenv("EXTPROC_ENVOY_ADMIN", f"127.0.0.1:{options.admin_port}")
         process = serve(socket_path, config, metrics_port)
         envoy = None
         try:
             wait_for(lambda: serving(socket_path) or process.poll() is not None, timeout=60)
             assert process.poll() is None, process.communicate()[1]
-            envoy = Envoy(tmp_path / "envoy", config, socket_path)
+            envoy = Envoy(tmp_path / "envoy", config, socket_path, options)
             assert envoy.ok("before")
             yield socket_path, config, metrics_port, process, envoy
         finally:
@@ -118,10 +142,16 @@ def first(tmp_path: Path) -> Iterator[tuple[Path, Path, int, subprocess.Popen[st
                 process.communicate(timeout=30)
 
 
-def assert_first_still_serves(tmp_path: Path, first, inode: int) -> None:
+def published(tmp_path: Path) -> dict[Path, tuple[int, bytes]]:
+    """The Envoy configuration files the first sidecar publishes: identity and content."""
+    return {p: (p.stat().st_ino, p.read_bytes()) for p in (tmp_path / "xds").rglob("*.json")}
+
+
+def assert_first_still_serves(tmp_path: Path, first, inode: int, files: dict[Path, tuple[int, bytes]]) -> None:
     socket_path, config, _, process, envoy = first
     assert process.poll() is None
     assert socket_path.stat().st_ino == inode  # the same socket file: not unlinked, not replaced
+    assert files and published(tmp_path) == files  # Envoy's configuration untouched
     assert all(envoy.ok(f"after {i}") for i in range(5))  # on the connection Envoy already had
     fresh = Envoy(tmp_path / f"envoy-fresh-{time.monotonic_ns()}", config, socket_path)
     try:
@@ -132,29 +162,29 @@ def assert_first_still_serves(tmp_path: Path, first, inode: int) -> None:
 
 def test_a_second_sidecar_on_the_same_socket_and_metrics_port_is_refused(tmp_path: Path, first) -> None:
     socket_path, config, metrics_port, process, _ = first
-    inode = socket_path.stat().st_ino
+    inode, files = socket_path.stat().st_ino, published(tmp_path)
     code, lines = refused(serve(socket_path, config, metrics_port))
-    assert_first_still_serves(tmp_path, first, inode)
+    assert_first_still_serves(tmp_path, first, inode, files)
     assert code != 0
     assert len(lines) == 1 and f"unix:{socket_path}" in lines[0] and f"pid {process.pid}" in lines[0], lines
 
 
 def test_a_second_sidecar_on_the_same_socket_never_takes_it_over(tmp_path: Path, first) -> None:
     socket_path, config, *_ = first
-    inode = socket_path.stat().st_ino
+    inode, files = socket_path.stat().st_ino, published(tmp_path)
     code, lines = refused(serve(socket_path, config, free_port()))  # its own metrics port: nothing else stops it
     assert code != 0 and len(lines) == 1 and "another --uds" in lines[0], lines
-    assert_first_still_serves(tmp_path, first, inode)
+    assert_first_still_serves(tmp_path, first, inode, files)
 
 
 def test_a_metrics_port_clash_leaves_no_half_started_sidecar(tmp_path: Path, first) -> None:
     socket_path, config, metrics_port, *_ = first
-    inode = socket_path.stat().st_ino
+    inode, files = socket_path.stat().st_ino, published(tmp_path)
     other = tmp_path / "other" / "extproc.sock"
     code, lines = refused(serve(other, config, metrics_port))
     assert code != 0 and len(lines) == 1 and f"metrics port 0.0.0.0:{metrics_port}" in lines[0], lines
     assert not other.exists()  # it bound nothing before failing
-    assert_first_still_serves(tmp_path, first, inode)
+    assert_first_still_serves(tmp_path, first, inode, files)
 
 
 def test_a_socket_left_by_a_crashed_sidecar_is_taken_over(tmp_path: Path, first) -> None:
