@@ -343,8 +343,9 @@ def _model_endpoints(policy: Policy, name: str, options: EnvoyOptions) -> tuple[
     if endpoints:
         return endpoints, _has_hostname(endpoints)
     raise ValueError(
-        f"model {name!r}: Envoy needs endpoints for cluster {model.cluster!r} "
-        "(give static replicas, a Kubernetes service with a numeric port, or cluster_endpoints)"
+        f"model {name!r}: Envoy needs endpoints for cluster {model.cluster!r} (give static replicas, a "
+        f"Kubernetes service with a numeric port, or the Envoy setting cluster_endpoints.{model.cluster}; "
+        "in the chart: envoy.clusterEndpoints)"
     )
 
 
@@ -363,6 +364,7 @@ def render_resources(policy: Policy, options: EnvoyOptions | None = None) -> Res
             routed_clusters.append(policy.original_dst_cluster)
             retries[policy.original_dst_cluster] = 0  # the address is fixed; a retry would hit it again
             continue
+        _not_reserved(model.cluster)
         endpoints, dns = _model_endpoints(policy, name, o)
         # Envoy's ring hash keeps every request with its key's host, like the picker's later turns,
         # so it gets the bound those have: the sticky one, where set.
@@ -397,16 +399,15 @@ def render_resources(policy: Policy, options: EnvoyOptions | None = None) -> Res
         endpoints = o.cluster_endpoints.get(policy.passthrough_cluster)
         if not endpoints:
             raise ValueError(
-                f"passthrough_cluster {policy.passthrough_cluster!r}: Envoy needs its endpoints "
-                f"(cluster_endpoints.{policy.passthrough_cluster})"
+                f"passthrough_cluster {policy.passthrough_cluster!r}: Envoy needs its endpoints (the Envoy "
+                f"setting cluster_endpoints.{policy.passthrough_cluster}; in the chart: envoy.clusterEndpoints)"
             )
         clusters[policy.passthrough_cluster] = _cluster(
             policy.passthrough_cluster, endpoints, dns=_has_hostname(endpoints)
         )
         routed_clusters.append(policy.passthrough_cluster)
     for name in clusters:
-        if name in RESERVED_CLUSTERS:
-            raise ValueError(f"cluster {name!r} is reserved for Envoy's own static clusters; name it differently")
+        _not_reserved(name)
     if o.max_request_bytes < policy.max_body_bytes:
         raise ValueError(
             f"max_request_bytes ({o.max_request_bytes}) is below the policy's limits.max_body_bytes "
@@ -420,6 +421,11 @@ def render_resources(policy: Policy, options: EnvoyOptions | None = None) -> Res
         routes=_route_config(o, dict.fromkeys(routed_clusters), retries, default_cluster, hashed),
         clusters=tuple(clusters.values()),
     )
+
+
+def _not_reserved(cluster: str) -> None:
+    if cluster in RESERVED_CLUSTERS:
+        raise ValueError(f"cluster {cluster!r} is reserved for Envoy's own static clusters; name it differently")
 
 
 def render_bootstrap(options: EnvoyOptions | None = None) -> dict[str, Any]:
@@ -1088,8 +1094,20 @@ def _local_reply_mappers() -> list[dict[str, Any]]:
     ]
 
 
+class _Dumper(yaml.SafeDumper):
+    """Quotes the YAML 1.1 booleans PyYAML leaves bare (y, n) but Envoy's YAML reader does not."""
+
+
+_Dumper.add_representer(
+    str,
+    lambda dumper, value: dumper.represent_scalar(
+        "tag:yaml.org,2002:str", value, style="'" if value in ("y", "Y", "n", "N") else None
+    ),
+)
+
+
 def dump(config: Mapping[str, Any]) -> str:
-    return yaml.safe_dump(dict(config), sort_keys=False, width=120)
+    return yaml.dump(dict(config), Dumper=_Dumper, sort_keys=False, width=120)
 
 
 # --- running Envoy (demo, tests, benchmarks) ------------------------------------------------------

@@ -59,7 +59,7 @@ class Rendered:
         return self.deployment["spec"]["template"]["spec"]
 
     def container(self, name: str) -> dict[str, Any]:
-        (found,) = [c for c in self.pod["containers"] if c["name"] == name]
+        (found,) = [c for c in (*self.pod.get("initContainers", []), *self.pod["containers"]) if c["name"] == name]
         return found
 
     @property
@@ -67,12 +67,39 @@ class Rendered:
         return self.one("ConfigMap", f"{FULLNAME}-routing")["data"]["policy.yaml"]
 
     @property
-    def envoy_text(self) -> str:
-        return self.one("ConfigMap", f"{FULLNAME}-envoy")["data"]["envoy.yaml"]
+    def envoy_settings_text(self) -> str:
+        return self.one("ConfigMap", f"{FULLNAME}-routing")["data"]["envoy.yaml"]
+
+    def init_step(self, *extra: str) -> tuple[int, str, str]:
+        """Run the chart's init step (`extproc envoy-config` with the init container's arguments)
+        on the rendered routing ConfigMap, printing instead of writing files: (exit code, stdout,
+        stderr)."""
+        import contextlib
+        import io
+        import tempfile
+
+        from extproc.cli import main
+
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "policy.yaml").write_text(self.policy_text)
+            (Path(tmp) / "envoy.yaml").write_text(self.envoy_settings_text)
+            args = [
+                a.replace("/etc/extproc/", f"{tmp}/")
+                for a in self.container("envoy-config")["args"]
+                if not a.startswith("--xds-dir=")
+            ]
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main(["envoy-config", *args, *extra])
+        return code, out.getvalue(), err.getvalue()
 
     @property
     def envoy_config(self) -> dict[str, Any]:
-        return yaml.safe_load(self.envoy_text)
+        """The whole configuration the pod's Envoy runs (bootstrap and what the init step and the
+        sidecar publish), resolved into one static config, as `extproc envoy-config` prints it."""
+        code, out, err = self.init_step()
+        assert code == 0, err
+        return yaml.safe_load(out)
 
     def rules(self) -> dict[str, Any]:
         """The PrometheusRule's spec as a Prometheus rule file."""

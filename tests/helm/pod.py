@@ -3,8 +3,9 @@
 ConfigMap volumes become directories laid out as the kubelet writes them (``..data`` symlink to a
 timestamped directory, one symlink per key), emptyDirs become shared directories, and each
 container's image is replaced by its local equivalent: Envoy's binary for ``envoyproxy/envoy``,
-and for our image its Dockerfile ENTRYPOINT (``extproc serve``) from this virtualenv. Arguments
-are the rendered ones, with mount paths mapped to those directories.
+and for our image its Dockerfile ENTRYPOINT (``extproc serve``), or the ``extproc`` command the
+container names, from this virtualenv. Arguments are the rendered ones, with mount paths mapped
+to those directories. Init containers run to completion, in order, before any other starts.
 """
 
 from __future__ import annotations
@@ -40,16 +41,19 @@ class ConfigMapVolume:
         self.path = path
         self.path.mkdir(parents=True)
         self.generation = 0
+        self.data: dict[str, str] = {}
         self.update(data)
         for key in data:
             (self.path / key).symlink_to(Path("..data") / key)
 
     def update(self, data: dict[str, str]) -> None:
-        """Write a new version beside the old one and swap ..data to it in one rename."""
+        """Write a new version of the whole ConfigMap (these keys changed) beside the old one and
+        swap ..data to it in one rename."""
+        self.data = {**self.data, **data}
         self.generation += 1
         version = self.path / f"..{self.generation:04d}"
         version.mkdir()
-        for key, text in data.items():
+        for key, text in self.data.items():
             (version / key).write_text(text)
         link = self.path / "..data_tmp"
         link.symlink_to(version.name)
@@ -89,9 +93,12 @@ class Pod:
         return paths
 
     def command(self, container: dict[str, Any]) -> list[str]:
-        if container.get("command"):
-            assert container["command"] == ["/usr/local/bin/envoy"], container["command"]
+        if container.get("command") == ["/usr/local/bin/envoy"]:
             entrypoint = [envoy_binary()]
+        elif container.get("command"):
+            program, *rest = container["command"]
+            assert program == "extproc", container["command"]
+            entrypoint = [str(Path(sys.executable).parent / program), *rest]
         else:
             program, *rest = dockerfile_entrypoint()
             entrypoint = [str(Path(sys.executable).parent / program), *rest]
@@ -101,6 +108,13 @@ class Pod:
         pattern = re.compile(rf"(^|=)({alternatives})(?=/|$)")
         args = [pattern.sub(lambda m: m.group(1) + str(mounts[m.group(2)]), a) for a in container.get("args", [])]
         return [*entrypoint, *args]
+
+    def init(self) -> None:
+        """Run the pod's init containers to completion, as the kubelet does before the others."""
+        for container in self.rendered.pod.get("initContainers", []):
+            process = self.start(container["name"])
+            code = process.wait(120)
+            assert code == 0, f"init container {container['name']} exited with {code}:\n{self.log(container['name'])}"
 
     def start(self, name: str) -> subprocess.Popen[bytes]:
         container = self.rendered.container(name)

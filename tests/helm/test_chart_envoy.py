@@ -1,21 +1,23 @@
-"""The Envoy bootstrap the chart renders is the one extproc/envoy.py defines, and Envoy accepts it."""
+"""The chart's values reach Envoy: its init step (`extproc envoy-config` on the rendered routing
+ConfigMap, with the init container's arguments) resolves the configuration the pod's Envoy runs,
+Envoy accepts it, and it is the one extproc/envoy.py renders for the same settings. The chart
+holds no Envoy configuration of its own; these tests check what it passes along."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from extproc.envoy import EnvoyOptions, validate
-from extproc.envoy import render as render_envoy
+from extproc.envoy import LIVE_SETTINGS, EnvoyOptions, render, validate
 from extproc.policy.load import parse_policy
-from tests.helm.chart import MANY_MODELS, Rendered, chart, merge, render
+from tests.helm.chart import CHART_DIR, MANY_MODELS, Rendered, chart, merge
+from tests.helm.chart import render as render_chart
 
-# What only the chart adds to the bootstrap: the kubelet's readiness listener and its route to
-# the admin interface on loopback.
-CHART_ONLY_LISTENERS = {"readiness"}
-CHART_ONLY_CLUSTERS = {"envoy_admin"}
+EXAMPLE_POLICY = yaml.safe_load((CHART_DIR / "files" / "routing-example.yaml").read_text())
 
 CASES: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -28,6 +30,7 @@ CASES: dict[str, dict[str, Any]] = {
         "envoy": {
             "port": 18080,
             "adminPort": 19901,
+            "readinessPort": 18081,
             "listenAddress": "127.0.0.1",
             "messageTimeout": "0.5s",
             "accessLogFlushInterval": "0.1s",
@@ -48,13 +51,12 @@ CASES: dict[str, dict[str, Any]] = {
                         "consecutive_5xx": 2,
                         "max_ejection_percent": 34,
                         "interval": "0.5s",
-                        "base_ejection_time": "600.0s",  # no cap given: the cap becomes the base, as in Envoy
+                        "base_ejection_time": "600.0s",
                     }
                 }
             }
         },
     ),
-    "outlier-detection-off": merge(MANY_MODELS, {"routing": {"picking": {"outlier_detection": {"enabled": False}}}}),
     "static-ips-envoy-balanced-default": {
         "routing": {
             "version": 1,
@@ -72,7 +74,7 @@ CASES: dict[str, dict[str, Any]] = {
 
 
 def python_options(values: dict[str, Any]) -> EnvoyOptions:
-    """EnvoyOptions for the same settings, from the values Helm would use."""
+    """EnvoyOptions for the same values, mapped here by hand: what the chart must pass along."""
     v = chart().merge_values(values)
     envoy, sidecar = v["envoy"], v["sidecar"]
     tcp = sidecar["transport"] == "tcp"
@@ -81,7 +83,8 @@ def python_options(values: dict[str, Any]) -> EnvoyOptions:
         listen_port=envoy["port"],
         admin_address="127.0.0.1",
         admin_port=envoy["adminPort"],
-        extproc_uds=None if tcp else sidecar["socketDir"].rstrip("/") + "/extproc.sock",
+        readiness_port=envoy["readinessPort"],
+        extproc_uds=sidecar["socketDir"].rstrip("/") + "/extproc.sock",
         extproc_address=("127.0.0.1", sidecar["tcpPort"]) if tcp else None,
         forward_headers=tuple(envoy["forwardHeaders"]),
         message_timeout=envoy["messageTimeout"],
@@ -96,57 +99,70 @@ def python_options(values: dict[str, Any]) -> EnvoyOptions:
     )
 
 
-def without_chart_additions(config: dict[str, Any]) -> dict[str, Any]:
-    resources = config["static_resources"]
-    return {
-        **config,
-        "static_resources": {
-            "listeners": [x for x in resources["listeners"] if x["name"] not in CHART_ONLY_LISTENERS],
-            "clusters": [x for x in resources["clusters"] if x["name"] not in CHART_ONLY_CLUSTERS],
-        },
-    }
-
-
 @pytest.fixture(scope="module", params=list(CASES), ids=list(CASES))
 def rendered(request: pytest.FixtureRequest) -> tuple[dict[str, Any], Rendered]:
     values = CASES[request.param]
-    return values, render(values)
+    return values, render_chart(values)
 
 
-def test_chart_bootstrap_matches_extproc_envoy_config(rendered) -> None:
+def test_the_values_reach_envoys_configuration(rendered) -> None:
     values, chart_output = rendered
-    policy = parse_policy(chart_output.policy_text, "chart routing")
-    expected = render_envoy(policy, python_options(values))
-    actual = without_chart_additions(chart_output.envoy_config)
-    # Section by section first, so a failure names the part that drifted.
-    for key in ("admin", "overload_manager"):
-        assert actual[key] == expected[key], key
-    expected_clusters = {c["name"]: c for c in expected["static_resources"]["clusters"]}
-    actual_clusters = {c["name"]: c for c in actual["static_resources"]["clusters"]}
-    assert list(actual_clusters) == list(expected_clusters)
-    for name, cluster in expected_clusters.items():
-        assert actual_clusters[name] == cluster, f"cluster {name}"
-    (expected_listener,) = expected["static_resources"]["listeners"]
-    (actual_listener,) = actual["static_resources"]["listeners"]
-    expected_hcm = expected_listener["filter_chains"][0]["filters"][0]["typed_config"]
-    actual_hcm = actual_listener["filter_chains"][0]["filters"][0]["typed_config"]
-    expected_routes = expected_hcm["route_config"]["virtual_hosts"][0]["routes"]
-    actual_routes = actual_hcm["route_config"]["virtual_hosts"][0]["routes"]
-    assert [r["name"] for r in actual_routes] == [r["name"] for r in expected_routes]
-    for expected_route, actual_route in zip(expected_routes, actual_routes, strict=True):
-        assert actual_route == expected_route, f"route {expected_route['name']}"
-    assert actual_hcm["http_filters"] == expected_hcm["http_filters"]
-    assert actual == expected
+    expected = render(parse_policy(chart_output.policy_text, "chart routing"), python_options(values))
+    expected = yaml.safe_load(yaml.safe_dump(expected))  # tuples as lists, as printed
+    assert chart_output.envoy_config == expected
 
 
-def test_chart_bootstrap_passes_envoy_validate(rendered, tmp_path: Path) -> None:
+def test_the_chart_configuration_passes_envoy_validate(rendered, tmp_path: Path) -> None:
     _, chart_output = rendered
     ok, output = validate(chart_output.envoy_config, str(tmp_path))
     assert ok, output
 
 
+def test_the_sidecar_publishes_for_the_listener_the_init_step_wrote(rendered) -> None:
+    """The init step and `serve` must render the same listener, or the first update would move it."""
+    _, chart_output = rendered
+    init = chart_output.container("envoy-config")["args"]
+    serve = chart_output.container("extproc")["args"]
+    value = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in (*init, *serve) if "=" in a}
+    assert f"--envoy-listen={value['--listen-address']}:{value['--listen-port']}" in serve
+    assert f"--envoy-admin=127.0.0.1:{value['--admin-port']}" in serve
+    for flag in ("--xds-dir", "--envoy-settings", "--config"):
+        assert [a for a in init if a.startswith(flag + "=")] == [a for a in serve if a.startswith(flag + "=")], flag
+
+
+def test_the_envoy_values_default_to_the_sidecars_defaults() -> None:
+    """values.yaml documents each live Envoy setting's default; extproc/envoy.py owns it."""
+    defaults = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["envoy"]
+    names = {
+        "message_timeout": "messageTimeout",
+        "upstream_timeout": "upstreamTimeout",
+        "max_request_bytes": "maxRequestBytes",
+        "usage": "usage",
+        "access_log_flush": "accessLogFlushInterval",
+        "two_round_trips": "twoRoundTrips",
+        "forward_headers": "forwardHeaders",
+        "cluster_endpoints": "clusterEndpoints",
+        "default_cluster": "defaultCluster",
+        "forward_paths": "forwardPaths",
+    }
+    assert set(names) == set(LIVE_SETTINGS) - {"cluster_domain"}  # the chart's cluster domain is the default
+    code = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(EnvoyOptions)
+    }
+    for setting, value in names.items():
+        expected = code[setting]
+        expected = list(expected) if isinstance(expected, tuple) else expected
+        assert (defaults[value] or None if setting == "default_cluster" else defaults[value]) == expected, value
+    assert (defaults["listenAddress"], defaults["port"], defaults["adminPort"]) == (
+        code["listen_address"],
+        code["listen_port"],
+        code["admin_port"],
+    )
+
+
 def test_readiness_listener_routes_only_get_ready_to_the_admin() -> None:
-    config = render({}).envoy_config
+    config = render_chart({}).envoy_config
     (listener,) = [x for x in config["static_resources"]["listeners"] if x["name"] == "readiness"]
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
@@ -154,3 +170,39 @@ def test_readiness_listener_routes_only_get_ready_to_the_admin() -> None:
     assert [(r["match"]["path"], r["route"]["cluster"]) for r in forwarded] == [("/ready", "envoy_admin")]
     assert forwarded[0]["match"]["headers"] == [{"name": ":method", "string_match": {"exact": "GET"}}]
     assert routes[-1] == {"name": "nothing-else", "match": {"prefix": "/"}, "direct_response": {"status": 404}}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"routing": {**EXAMPLE_POLICY, "limits": {"max_body_bytes": 16777216}}},
+            "max_request_bytes (8388608) is below the policy's limits.max_body_bytes (16777216)",
+        ),
+        (
+            {"routing": {**EXAMPLE_POLICY, "models": {**EXAMPLE_POLICY["models"], "extra": {}}}},
+            "model 'extra': Envoy needs endpoints for cluster 'extra'",
+        ),
+        (
+            {"routing": {**EXAMPLE_POLICY, "unknown_models": "passthrough", "passthrough_cluster": "other"}},
+            "passthrough_cluster 'other': Envoy needs its endpoints (the Envoy setting cluster_endpoints.other",
+        ),
+        (
+            {"routing": {"version": 1, "default_model": "large", "models": {"large": {"cluster": "extproc"}}}},
+            "cluster 'extproc' is reserved",
+        ),
+        ({"envoy": {"clusterEndpoints": {"large": ["10.0.0.1:70000"]}}}, "port from 1 to 65535"),
+    ],
+    ids=[
+        "buffer-below-body-limit",
+        "model-without-endpoints",
+        "passthrough-without-endpoints",
+        "reserved-cluster",
+        "bad-port",
+    ],
+)
+def test_values_envoy_cannot_run_stop_the_init_step_with_what_to_change(values, message) -> None:
+    """Helm renders them (only the policy's renderer knows what Envoy needs); the pod's init step
+    refuses them with the message below, and a running sidecar refuses such a reload."""
+    code, _, err = render_chart(values).init_step()
+    assert code == 1 and message in err, err

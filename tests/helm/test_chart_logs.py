@@ -43,6 +43,7 @@ def test_envoy_at_debug_logs_no_prompt_or_header_value(tmp_path, level: str, qui
         }
         pod = Pod(render(values), tmp_path)
         try:
+            pod.init()
             pod.start("extproc")
             pod.wait_ready("extproc", "readinessProbe", pod.grpc_probe)
             pod.start("envoy")

@@ -1,6 +1,7 @@
-"""The chart's pod on this machine: the Envoy bootstrap, the sidecar arguments and the routing
-policy the chart renders, run as the kubelet would run them (tests/helm/pod.py), in front of
-stand-in model servers. Only ports and the socket directory are changed, through values."""
+"""The chart's pod on this machine: the init step that writes Envoy's bootstrap, the sidecar and
+Envoy with the arguments and the routing ConfigMap (policy and live Envoy settings) the chart
+renders, run as the kubelet would run them (tests/helm/pod.py), in front of stand-in model
+servers. Only ports and the socket directory are changed, through values."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.helm.pod import Pod
 
 pytestmark = pytest.mark.e2e
 
-REPLICAS = ["s1", "s2", "l1", "l2", "d1"]
+REPLICAS = ["s1", "s2", "l1", "l2", "d1", "n1"]
 
 
 def policy(fleet: StandInFleet, code_model: str = "large") -> dict:
@@ -104,6 +105,7 @@ def chart_pod(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
         }
         pod = Pod(render(values), workdir)
         try:
+            pod.init()
             pod.start("extproc")
             pod.wait_ready("extproc", "readinessProbe", pod.grpc_probe)
             pod.start("envoy")
@@ -178,8 +180,35 @@ def test_editing_the_routing_configmap_reroutes_without_a_restart(chart_pod: Cha
         wait_for(lambda: chart_pod.post(chat("segfault again")).headers["x-router-model"] == "large", timeout=60)
 
 
+def test_helm_upgrade_adding_a_model_and_its_endpoints_reaches_envoy_without_a_restart(chart_pod: ChartPod) -> None:
+    """A new model Envoy balances itself: a new Envoy cluster, from the policy and the live
+    envoy.clusterEndpoints value, both in the routing ConfigMap; no container restarts."""
+    pod = chart_pod.pod
+    processes = dict(pod.processes)
+    assert chart_pod.post(chat("hi", model="newer")).status == 404
+    routing = policy(chart_pod.fleet)
+    routing["models"]["newer"] = {"upstream_model": "newer-7b"}
+    endpoints = {**chart_pod.values["envoy"]["clusterEndpoints"], "newer": [chart_pod.fleet["n1"].address]}
+    upgraded = render(
+        {**chart_pod.values, "routing": routing, "envoy": {**chart_pod.values["envoy"], "clusterEndpoints": endpoints}}
+    )
+    # Helm changes only the ConfigMap: the Deployment's pod template is the same, so nothing rolls.
+    assert upgraded.deployment["spec"]["template"] == pod.rendered.deployment["spec"]["template"]
+    pod.configmaps["routing"].update(upgraded.one("ConfigMap", "demo-extproc-routing")["data"])
+    try:
+        wait_for(lambda: chart_pod.post(chat("hi", model="newer")).status == 200, timeout=60)
+        answer = chart_pod.post(chat("hi", model="newer"))
+        assert (answer.headers["x-router-model"], answer.headers["x-replica"]) == ("newer", "n1")
+        assert pod.processes == processes
+        assert all(processes[c].poll() is None for c in ("extproc", "envoy"))
+    finally:
+        pod.configmaps["routing"].update(pod.rendered.one("ConfigMap", "demo-extproc-routing")["data"])
+        wait_for(lambda: chart_pod.post(chat("hi", model="newer")).status == 404, timeout=60)
+
+
 def test_the_pod_uses_the_socket_directory_only_with_uds(chart_pod: ChartPod) -> None:
-    socket = Path(chart_pod.pod.rendered.container("extproc")["volumeMounts"][1]["mountPath"]) / "extproc.sock"
+    mounts = {m["name"]: m["mountPath"] for m in chart_pod.pod.rendered.container("extproc")["volumeMounts"]}
+    socket = Path(mounts.get("socket", "/nonexistent")) / "extproc.sock"
     transport = (
         "uds" if any(a.startswith("--uds=/") for a in chart_pod.pod.rendered.container("extproc")["args"]) else "tcp"
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import subprocess
@@ -290,18 +289,107 @@ def test_kubernetes_sources_without_a_namespace_get_the_release_namespace() -> N
     }
 
 
-def test_editing_the_routing_decisions_does_not_roll_the_pods_but_envoy_changes_do() -> None:
+# Values whose change rolls the pods (a new pod template): the images and the Envoy container's
+# own settings (its ports, which its pod spec names too, its command line and resources). Every
+# other envoy value is a live setting the sidecar applies (the chart README's "What needs a
+# rollout" table lists the same).
+ENVOY_ROLLS = {
+    "image.repository",
+    "image.tag",
+    "image.digest",
+    "listenAddress",
+    "port",
+    "readinessPort",
+    "adminPort",
+    "concurrency",
+    "logLevel",
+    "quietLoggers",
+    "extraArgs",
+    "extraEnv",
+    "extraVolumeMounts",
+    "resources",
+    "readinessProbe",
+    "livenessProbe",
+}
+ENVOY_CHANGES: dict[str, Any] = {
+    "image.repository": "mirror/envoy",
+    "image.tag": "v1.40.1",
+    "image.digest": "sha256:" + "c" * 64,
+    "listenAddress": "127.0.0.1",
+    "port": 8000,
+    "readinessPort": 8001,
+    "adminPort": 9902,
+    "concurrency": 4,
+    "logLevel": "debug",
+    "quietLoggers": ["ext_proc"],
+    "messageTimeout": "2s",
+    "upstreamTimeout": "120s",
+    "maxRequestBytes": 16777216,
+    "usage": False,
+    "accessLogFlushInterval": "0.1s",
+    "twoRoundTrips": True,
+    "forwardHeaders": ["x-org"],
+    "clusterEndpoints": {"large": ["10.0.0.9:8000"]},
+    "defaultCluster": "large",
+    "forwardPaths": ["/v1/models", "/health"],
+    "extraArgs": ["--drain-time-s", "600"],
+    "extraEnv": [{"name": "X", "value": "1"}],
+    "extraVolumeMounts": [{"name": "tmp", "mountPath": "/scratch"}],
+    "resources": {"requests": {"cpu": "200m"}},
+    "readinessProbe": {"periodSeconds": 9},
+    "livenessProbe": {"periodSeconds": 19},
+}
+
+
+def _nested(dotted: str, value: Any) -> dict[str, Any]:
+    head, _, rest = dotted.partition(".")
+    return {head: _nested(rest, value) if rest else value}
+
+
+def _leaves(values: dict[str, Any], prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in values.items():
+        if isinstance(value, dict) and value and key not in ("resources", "readinessProbe", "livenessProbe"):
+            out |= _leaves(value, f"{prefix}{key}.")
+        else:
+            out.add(prefix + key)
+    return out
+
+
+def test_every_envoy_value_is_either_live_or_rolls_the_pods_as_documented() -> None:
+    envoy_values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["envoy"]
+    assert _leaves(envoy_values) == set(ENVOY_CHANGES)  # a new value must be classified here
+    for key, value in ENVOY_CHANGES.items():
+        context = {"logLevel": "debug"} if key == "quietLoggers" else {}  # they matter at debug only
+        base = render({"envoy": context})
+        changed = render({"envoy": merge(context, _nested(key, value))})
+        template_changed = changed.deployment["spec"]["template"] != base.deployment["spec"]["template"]
+        routing_changed = changed.envoy_settings_text != base.envoy_settings_text
+        if key in ENVOY_ROLLS:
+            assert template_changed and not routing_changed, key
+        else:  # only the routing ConfigMap, which the sidecar applies live
+            assert not template_changed and routing_changed, key
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"decisions": [{"name": "code", "when": {"keyword": ["segfault"]}, "model": "large"}]},
+        {"limits": {"max_body_bytes": 1048576}},
+        {"pii": {"action": "block"}},
+        {"models": {**EXAMPLE_POLICY["models"], "extra": {"replicas": {"static": ["10.0.0.9:8000"]}}}},
+        {"headers": {"session": "x-conversation"}},
+        {"default_model": "large"},
+        {"picking": {"fallbacks": 4, "load_bound": 0.5}},
+    ],
+    ids=["decisions", "limits", "pii", "a-new-model", "headers", "default-model", "picking"],
+)
+def test_no_change_of_the_routing_policy_rolls_the_pods(change: dict[str, Any]) -> None:
     base = render({})
-    policy = copy.deepcopy(EXAMPLE_POLICY)
-    policy["decisions"] = [{"name": "code", "when": {"keyword": ["segfault"]}, "model": "large"}]
-    edited = render({"routing": policy})
-    assert edited.policy_text != base.policy_text
-    assert edited.deployment == base.deployment  # same pod template: no rollout
-    retimed = render({"envoy": {"messageTimeout": "2s"}})
-    before = base.deployment["spec"]["template"]["metadata"]["annotations"]["checksum/envoy-config"]
-    after = retimed.deployment["spec"]["template"]["metadata"]["annotations"]["checksum/envoy-config"]
-    assert before != after
-    assert not any("routing" in key for key in base.deployment["spec"]["template"]["metadata"]["annotations"])
+    changed = render({"routing": {**EXAMPLE_POLICY, **change}})
+    assert changed.policy_text != base.policy_text
+    assert changed.deployment == base.deployment
+    assert not any("checksum" in key for key in base.deployment["spec"]["template"]["metadata"]["annotations"])
 
 
 def test_both_containers_and_the_pod_are_locked_down() -> None:
@@ -311,7 +399,7 @@ def test_both_containers_and_the_pod_are_locked_down() -> None:
     assert pod["securityContext"]["runAsUser"] != 0
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["enableServiceLinks"] is False
-    for container in pod["containers"]:
+    for container in (*pod["initContainers"], *pod["containers"]):
         security = container["securityContext"]
         assert security["runAsNonRoot"] is True
         assert security["readOnlyRootFilesystem"] is True
@@ -323,7 +411,7 @@ def test_both_containers_and_the_pod_are_locked_down() -> None:
 
 def test_routing_config_is_mounted_as_a_directory_never_subpath() -> None:
     rendered = render({})
-    for container in rendered.pod["containers"]:
+    for container in (*rendered.pod["initContainers"], *rendered.pod["containers"]):
         assert all("subPath" not in m for m in container["volumeMounts"])
     mounts = {m["name"]: m["mountPath"] for m in rendered.container("extproc")["volumeMounts"]}
     assert f"--config={mounts['routing']}/policy.yaml" in rendered.container("extproc")["args"]
@@ -401,24 +489,8 @@ def test_topology_spread_and_pdb_select_this_releases_pods() -> None:
             "envoy.port and sidecar.metricsPort are both 8080",
         ),
         (
-            {"routing": {**EXAMPLE_POLICY, "limits": {"max_body_bytes": 16777216}}},
-            "envoy.maxRequestBytes (8388608) is below routing.limits.max_body_bytes (16777216)",
-        ),
-        (
             {"monitoring": {"expensiveModel": "gpt-9"}},
             'monitoring.expensiveModel "gpt-9" is not a model in routing.models (large, small)',
-        ),
-        (
-            {"routing": {**EXAMPLE_POLICY, "models": {**EXAMPLE_POLICY["models"], "extra": {}}}},
-            'routing.models.extra: Envoy needs endpoints for cluster "extra"; give static replicas, a Kubernetes service with a numeric port, or envoy.clusterEndpoints.extra',
-        ),
-        (
-            {"routing": {**EXAMPLE_POLICY, "unknown_models": "passthrough", "passthrough_cluster": "other"}},
-            'routing.passthrough_cluster "other" needs its endpoints in envoy.clusterEndpoints.other',
-        ),
-        (
-            {"routing": {"default_model": "large", "models": {"large": {"cluster": "extproc"}}}},
-            'routing.models.large.cluster: "extproc" is reserved',
         ),
         (
             {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}},
@@ -435,11 +507,7 @@ def test_topology_spread_and_pdb_select_this_releases_pods() -> None:
     ],
     ids=[
         "port-clash",
-        "buffer-below-body-limit",
         "unknown-expensive-model",
-        "model-without-endpoints",
-        "passthrough-without-endpoints",
-        "reserved-cluster",
         "hpa-min-above-max",
         "grace-below-prestop",
         "pdb-both",
@@ -467,23 +535,6 @@ def test_the_readme_alert_table_lists_exactly_the_alerts_the_chart_ships() -> No
     assert documented == shipped, {"undocumented": shipped - documented, "not shipped": documented - shipped}
 
 
-@pytest.mark.parametrize(
-    ("change", "rolls"),
-    [
-        ({"limits": {"max_body_bytes": 1048576}}, False),
-        ({"pii": {"action": "block"}}, False),
-        ({"models": {**EXAMPLE_POLICY["models"], "extra": {"replicas": {"static": ["10.0.0.9:8000"]}}}}, True),
-        ({"headers": {"session": "x-conversation"}}, True),
-    ],
-    ids=["limits", "pii", "a-new-model", "headers"],
-)
-def test_what_the_docs_say_rolls_the_pods_does(change: dict[str, Any], rolls: bool) -> None:
-    """values.yaml and the README name the policy keys that reach Envoy's bootstrap."""
-    base = render({}).deployment
-    changed = render({"routing": {**EXAMPLE_POLICY, **change}}).deployment
-    assert (changed != base) is rolls
-
-
 # --- extending the chart without forking it ------------------------------------------------------
 
 
@@ -502,14 +553,15 @@ def test_extra_volumes_mounts_containers_env_and_pod_metadata_land_where_asked()
     assert envoy["env"] == [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://127.0.0.1:4317"}]
     collector = rendered.container("otel-collector")
     assert collector["args"] == [f"--config=/etc/otel/{RELEASE}.yaml"]  # templated
-    assert [c["name"] for c in pod["initContainers"]] == ["wait"]
+    assert [c["name"] for c in pod["initContainers"]] == ["envoy-config", "wait"]
     template = rendered.deployment["spec"]["template"]["metadata"]
     assert template["annotations"]["sidecar.opentelemetry.io/inject"] == "false"
     assert template["labels"]["team"] == "platform"
     assert rendered.one("ConfigMap", f"{RELEASE}-otel")["data"] == {"x": "y"}
     # Without them, nothing of it appears.
     plain = render({})
-    assert "initContainers" not in plain.pod and "env" not in plain.container("envoy")
+    assert [c["name"] for c in plain.pod["initContainers"]] == ["envoy-config"]
+    assert "env" not in plain.container("envoy")
     assert [c["name"] for c in plain.pod["containers"]] == ["extproc", "envoy"]
 
 

@@ -66,8 +66,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/*
 The routing policy as the sidecar reads it: values.routing (files/routing-example.yaml when it
 is empty), with the release's namespace filled into Kubernetes replica sources that leave it
-out. The routing ConfigMap, the Envoy bootstrap, RBAC and the alerts all read this one
-document. Returns YAML (use fromYaml).
+out. The routing ConfigMap, RBAC, the NetworkPolicy and the alerts all read this one document.
+Returns YAML (use fromYaml).
 */}}
 {{- define "extproc.routing" -}}
 {{- $routing := deepCopy .Values.routing }}
@@ -109,4 +109,15 @@ document. Returns YAML (use fromYaml).
 {{- define "extproc.probe" -}}
 {{- $probe := merge (deepCopy .handler) (deepCopy .timing) }}
 {{- toYaml $probe }}
+{{- end }}
+
+{{/*
+The Envoy settings the sidecar applies live (extproc/envoy.py LIVE_SETTINGS), from values.envoy:
+written beside the policy in the routing ConfigMap, so changing them needs no rollout.
+*/}}
+{{- define "extproc.envoySettings" -}}
+{{- $e := .Values.envoy }}
+{{- $settings := dict "message_timeout" $e.messageTimeout "upstream_timeout" $e.upstreamTimeout "max_request_bytes" ($e.maxRequestBytes | int64) "usage" $e.usage "access_log_flush" $e.accessLogFlushInterval "two_round_trips" $e.twoRoundTrips "forward_headers" $e.forwardHeaders "cluster_endpoints" $e.clusterEndpoints "forward_paths" $e.forwardPaths }}
+{{- with $e.defaultCluster }}{{ $_ := set $settings "default_cluster" . }}{{ end }}
+{{- toYaml $settings }}
 {{- end }}
