@@ -216,6 +216,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     logs.setup(args.log_level)
     listen_host, _, port = args.envoy_listen.rpartition(":")
+    if not listen_host or not port.isdigit():
+        print(f"extproc serve: --envoy-listen {args.envoy_listen!r}: give host:port", file=sys.stderr)
+        return 2
     listen_port = int(port)
     settings = Settings(
         config=args.config,
@@ -237,6 +240,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     from extproc.listen import AddressInUse
     from extproc.policy import ConfigError
+    from extproc.policy.reload import Refused
     from extproc.replicas.kubeapi import KubernetesConfigError
 
     if args.config.resolve() == DEFAULT_POLICY:
@@ -249,7 +253,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    except (AddressInUse, KubernetesConfigError) as exc:  # another sidecar serves here, or no cluster: one line
+    except (AddressInUse, KubernetesConfigError, Refused) as exc:  # another sidecar here, no cluster, Envoy said no
         print(f"extproc serve: {exc}", file=sys.stderr)
         return 1
     return 0

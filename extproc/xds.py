@@ -161,12 +161,14 @@ class Publisher:
         metrics: Metrics | None = None,
         timeout: float = 10.0,
         settle: float = 0.2,
+        propagate: float = 0.05,
     ) -> None:
         self.directory = Path(directory)
         self.admin = EnvoyAdmin(admin) if admin else None
         self.metrics = metrics
         self.timeout = timeout
         self.settle = settle
+        self.propagate = propagate
         self._lock = asyncio.Lock()
         self.files = {kind: self.directory / name for kind, name in XDS_FILES.items()}
         self.published = self._read()  # what the files hold now: a restarted sidecar starts from it
@@ -190,7 +192,9 @@ class Publisher:
             make = target
             if self.published is not None:
                 make = documents(merged(resources_of(self.published), resources))
-            await self._apply(make, MAKE_ORDER)
+            if await self._apply(make, MAKE_ORDER):
+                # Envoy's main thread has taken the update; its workers get it a moment later.
+                await asyncio.sleep(self.propagate)
             switch()
             if make != target:
                 await asyncio.sleep(grace)
@@ -199,7 +203,8 @@ class Publisher:
                 except EnvoyRejected as exc:  # a subset of what Envoy just took: not expected
                     log.error("%s; the unused clusters stay until the next update", exc)
 
-    async def _apply(self, docs: Mapping[str, dict[str, Any]], order: tuple[str, ...]) -> None:
+    async def _apply(self, docs: Mapping[str, dict[str, Any]], order: tuple[str, ...]) -> bool:
+        """Write what differs from the files, in order; True if anything was written."""
         previous = self.published
         written: list[str] = []
         for kind in order:
@@ -211,6 +216,7 @@ class Publisher:
                 await self._restore(previous, written)
                 raise EnvoyRejected(kind)
         self.published = {**(previous or {}), **docs}
+        return bool(written)
 
     async def _restore(self, previous: Mapping[str, dict[str, Any]] | None, written: list[str]) -> None:
         for kind in reversed(written):

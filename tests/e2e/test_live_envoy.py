@@ -70,6 +70,7 @@ def live_stack(tmp_path: Path) -> Stack:
         POLICY,
         [StandIn(name=n) for n in NAMES],
         sidecar_settings={"reload": True, "reload_debounce": 0.1},
+        envoy_concurrency=2,  # as the chart runs it: updates must reach every worker
     )
 
 
@@ -125,17 +126,17 @@ def stat(s: Stack, name: str) -> Any:
 
 
 @contextmanager
-def light_load(s: Stack, clients: int = 2) -> Iterator[list[tuple[int, str]]]:
-    """Clients sending plain requests back to back; yields their (status, model) results."""
+def light_load(s: Stack, texts: tuple[str, ...] = ("hello there",)) -> Iterator[list[tuple[int, str]]]:
+    """One client per text, sending it back to back; yields their (status, model) results."""
     results: list[tuple[int, str]] = []
     stop = threading.Event()
 
-    def client() -> None:
+    def client(text: str) -> None:
         while not stop.is_set():
-            response = s.post(chat("hello there"))
+            response = s.post(chat(text))
             results.append((response.status, response.headers.get("x-router-model", "")))
 
-    workers = [threading.Thread(target=client) for _ in range(clients)]
+    workers = [threading.Thread(target=client, args=(text,)) for text in texts]
     for worker in workers:
         worker.start()
     try:
@@ -183,7 +184,10 @@ def test_a_new_model_reaches_envoy_without_a_restart_and_no_request_fails(tmp_pa
     with live_stack(tmp_path) as s:
         pid, modified = s.envoy.pid, stat(s, "listener_manager.listener_modified")
         assert s.post(chat("a traceback")).headers["x-router-model"] == "small"
-        with light_load(s) as results, held_stream(s, ["l1", "l2"], {"x-user-tier": "premium"}) as stream:
+        # One client asks what the new decision will route to the new model from the moment the
+        # router switches: Envoy must have its cluster and route by then.
+        load = light_load(s, ("hello there", "a traceback, please look"))
+        with load as results, held_stream(s, ["l1", "l2"], {"x-user-tier": "premium"}) as stream:
             policy = substituted(s, s.config_path.read_text())
             policy = policy.replace("models:\n", "models:\n" + substituted(s, ADDED), 1) + ADDED_DECISIONS
             policy = policy.replace("picking: {fallbacks: 1}", "picking: {fallbacks: 2}")
@@ -195,6 +199,7 @@ def test_a_new_model_reaches_envoy_without_a_restart_and_no_request_fails(tmp_pa
             time.sleep(0.5)  # traffic goes on after the change
         assert stream["status"] == 200 and stream["body"].endswith(b"data: [DONE]\n\n")  # started before, ended after
         assert Counter(status for status, _ in results) == Counter({200: len(results)})
+        assert {"small", "coder"} <= {model for _, model in results}
         assert s.envoy.pid == pid and s.envoy.process.poll() is None
         # Only clusters and routes changed: the listener (and its connections) were left alone.
         assert stat(s, "listener_manager.listener_modified") == modified
