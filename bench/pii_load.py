@@ -36,7 +36,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import SidecarProcess, cpu_model, free_port
+from bench.common import SidecarProcess, cpu_model, envoy_process, free_port
 from extproc.envoy import EnvoyOptions, EnvoyProcess, render
 from extproc.policy.load import parse_policy
 from extproc.standin import StandIn, StandInFleet
@@ -88,16 +88,25 @@ class Stack:
         self.policy_path = workdir / "policy.yaml"
         self.policy_path.write_text(text)
         self.metrics_port = free_port()
-        self.sidecar = SidecarProcess(self.policy_path, workdir / "x.sock", self.metrics_port, cwd=checkout)
-        self.sidecar.start()
         self.port = free_port()
         options = EnvoyOptions(
             listen_address="127.0.0.1",
             listen_port=self.port,
             admin_port=free_port(),
             extproc_uds=str(workdir / "x.sock"),
+            xds_dir=str(workdir / "xds"),
         )
-        self.envoy = EnvoyProcess(render(parse_policy(text), options), str(workdir))
+        # This checkout's sidecar is its Envoy's control plane, as in the chart; a baseline
+        # checkout from before that existed gets Envoy's whole configuration as one static file.
+        control_plane = options if checkout is None else None
+        self.sidecar = SidecarProcess(
+            self.policy_path, workdir / "x.sock", self.metrics_port, cwd=checkout, envoy=control_plane
+        )
+        self.sidecar.start()
+        if control_plane is not None:
+            self.envoy = envoy_process(self.sidecar, str(workdir))
+        else:
+            self.envoy = EnvoyProcess(render(parse_policy(text), options), str(workdir))
         self.envoy.start()
 
     def stop(self) -> None:
