@@ -128,7 +128,8 @@ class EnvoyAdmin:
     def __init__(self, address: str, timeout: float = 1.0) -> None:
         host, _, port = address.rpartition(":")
         self.timeout = timeout
-        names = [f"{prefix}{stat}" for prefix in _STATS.values() for stat in ("version_text", "update_rejected")]
+        stats = ("version_text", "update_attempt", "update_rejected")
+        names = [f"{prefix}{stat}" for prefix in _STATS.values() for stat in stats]
         pattern = "^(" + "|".join(n.replace(".", r"\.") for n in (*names, *_WARMING.values())) + ")$"
         self.url = f"http://{host or '127.0.0.1'}:{int(port)}/stats?format=json&filter=" + urllib.parse.quote(
             pattern, safe=""
@@ -251,19 +252,24 @@ class Publisher:
         return result
 
     async def _verdict(self, kind: str, version: str, before: Mapping[str, Any]) -> str:
+        """Envoy's verdict once it has read the file (its update_attempt counter moved): the
+        version it reports, or a rejection. Without waiting for the attempt, a file whose version
+        Envoy already reports (a rollback after a partly applied rejection) would pass at once."""
         assert self.admin is not None
         prefix = _STATS[kind]
-        rejected_before = before.get(prefix + "update_rejected") or 0
+        attempts = before.get(prefix + "update_attempt") or 0
+        rejected = before.get(prefix + "update_rejected") or 0
         deadline = asyncio.get_running_loop().time() + self.timeout
         while True:
             stats = await self.admin.stats()
             if stats is None:
                 return "unconfirmed"  # Envoy is gone: a restarted one reads the files as they are
-            warming = stats.get(_WARMING[kind], 0) if kind in _WARMING else 0
-            if stats.get(prefix + "version_text") == version and not warming:
-                return "applied"
-            if (stats.get(prefix + "update_rejected") or 0) > rejected_before:
-                return "rejected"
+            if (stats.get(prefix + "update_attempt") or 0) > attempts:
+                if (stats.get(prefix + "update_rejected") or 0) > rejected:
+                    return "rejected"
+                warming = stats.get(_WARMING[kind], 0) if kind in _WARMING else 0
+                if stats.get(prefix + "version_text") == version and not warming:
+                    return "applied"
             if asyncio.get_running_loop().time() > deadline:
                 return "unconfirmed"
             await asyncio.sleep(0.02)
