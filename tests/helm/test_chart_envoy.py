@@ -57,6 +57,7 @@ CASES: dict[str, dict[str, Any]] = {
             }
         },
     ),
+    "outlier-detection-off": merge(MANY_MODELS, {"routing": {"picking": {"outlier_detection": {"enabled": False}}}}),
     "static-ips-envoy-balanced-default": {
         "routing": {
             "version": 1,
