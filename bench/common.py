@@ -15,7 +15,9 @@ import grpc
 import orjson
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.envoy import LIVE_SETTINGS, EnvoyOptions, EnvoyProcess, render_bootstrap
+from extproc.envoy.options import LIVE_SETTINGS, EnvoyOptions
+from extproc.envoy.process import EnvoyProcess
+from extproc.envoy.render.bootstrap import render_bootstrap
 
 
 def free_port() -> int:

@@ -41,7 +41,8 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import SidecarProcess, cpu_model, envoy_process, free_port
-from extproc.envoy import EnvoyOptions, EnvoyProcess
+from extproc.envoy.options import EnvoyOptions
+from extproc.envoy.process import EnvoyProcess
 
 ANSWER = orjson.dumps(
     {

@@ -37,7 +37,9 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import SidecarProcess, cpu_model, envoy_process, free_port
-from extproc.envoy import EnvoyOptions, EnvoyProcess, render
+from extproc.envoy.options import EnvoyOptions
+from extproc.envoy.process import EnvoyProcess
+from extproc.envoy.render.bootstrap import render
 from extproc.policy.load import parse_policy
 from extproc.standin import StandIn, StandInFleet
 

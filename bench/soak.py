@@ -32,7 +32,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import SidecarProcess, envoy_process, free_port
-from extproc.envoy import EnvoyOptions
+from extproc.envoy.options import EnvoyOptions
 from extproc.standin import StandIn, StandInFleet
 
 POLICY = """

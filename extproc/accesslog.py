@@ -21,8 +21,6 @@ from extproc.router import Router
 
 log = logging.getLogger("extproc.accesslog")
 
-USAGE_NAMESPACE = "extproc.usage"
-
 # The request got no answer from the replica (UF, UC, UR, UT): Envoy's local-origin errors.
 _LOCAL_ORIGIN_FLAGS = (
     "upstream_connection_failure",
@@ -42,25 +40,26 @@ def finished(router: Router, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
     if decision is None:
         return
     fields = decision.fields
-    lease = fields.get("lease")
+    lease = fields.get(h.KEY_LEASE)
     if lease is not None and lease.string_value.isdigit():
         router.tracker.release_id(int(lease.string_value))
-    model = fields["model"].string_value if "model" in fields else ""
+    model = fields[h.KEY_MODEL].string_value if h.KEY_MODEL in fields else ""
     if not model:
         return
     code = entry.response.response_code.value if entry.response.HasField("response_code") else 0
+    # The one count of upstream statuses; "none": the request ended with no response (reset, client gone).
     router.metrics.upstream.labels(model, f"{code // 100}xx" if code else "none").inc()
-    if "endpoint" in fields:  # the router picked the replica (not Envoy's own balancing)
+    if h.KEY_ENDPOINT in fields:  # the router picked the replica (not Envoy's own balancing)
         lb = metadata.get(h.LB_NAMESPACE)
         listed = lb.fields[h.DESTINATION_ENDPOINT].string_value if lb and h.DESTINATION_ENDPOINT in lb.fields else ""
-        outcomes = upstream_outcomes(entry, listed.split(",") if listed else [fields["endpoint"].string_value])
+        outcomes = upstream_outcomes(entry, listed.split(",") if listed else [fields[h.KEY_ENDPOINT].string_value])
         if outcomes:
             router.observe_upstream(model, outcomes)
-    usage = metadata.get(USAGE_NAMESPACE)
+    usage = metadata.get(h.USAGE_NAMESPACE)
     if usage is not None and 200 <= code < 300:
         tokens = usage.fields
-        input_tokens = int(tokens["input"].number_value) if "input" in tokens else 0
-        output_tokens = int(tokens["output"].number_value) if "output" in tokens else 0
+        input_tokens = int(tokens[h.KEY_INPUT_TOKENS].number_value) if h.KEY_INPUT_TOKENS in tokens else 0
+        output_tokens = int(tokens[h.KEY_OUTPUT_TOKENS].number_value) if h.KEY_OUTPUT_TOKENS in tokens else 0
         router.record_usage(model, input_tokens, output_tokens)
 
 

@@ -15,7 +15,9 @@ from prometheus_client import start_http_server
 
 from extproc._pb.envoy.service.accesslog.v3 import als_pb2_grpc
 from extproc.accesslog import AccessLogSink
-from extproc.envoy import EnvoyOptions, Resources, load_settings, render_resources
+from extproc.envoy.names import SOCKET
+from extproc.envoy.options import EnvoyOptions, load_settings
+from extproc.envoy.render.resources import Resources, render_resources
 from extproc.listen import SocketClaim, bind_error, ensure_free
 from extproc.metrics import GaugeCollector, Metrics
 from extproc.policy import ConfigError, Policy, load_policy
@@ -36,7 +38,7 @@ SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 @dataclass
 class Settings:
     config: Path = DEFAULT_POLICY
-    uds: str | None = "/tmp/extproc/extproc.sock"
+    uds: str | None = SOCKET
     listen: str | None = None  # host:port for TCP (localhost unless you add TLS)
     health_listen: str | None = None  # host:port of a health-only gRPC server, for the kubelet's probe
     metrics_address: str = "0.0.0.0"

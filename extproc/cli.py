@@ -12,7 +12,9 @@ from typing import Any
 
 import orjson
 
+from extproc.envoy.names import SOCKET
 from extproc.policy.load import DEFAULT_POLICY
+from extproc.request import CHAT_PATH, COMPLETIONS_PATH, RESPONSES_PATH
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,7 +144,7 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
         str(DEFAULT_POLICY),
         type=Path,
     )
-    option("--uds", "EXTPROC_UDS", "Unix socket path ('' to disable)", "/tmp/extproc/extproc.sock")
+    option("--uds", "EXTPROC_UDS", "Unix socket path ('' to disable)", SOCKET)
     option("--listen", "EXTPROC_LISTEN", "also serve TCP on host:port, e.g. 127.0.0.1:50051")
     option("--health-listen", "EXTPROC_HEALTH_LISTEN", "serve only the gRPC health service on host:port (kubelet)")
     option("--metrics-port", "EXTPROC_METRICS_PORT", "Prometheus /metrics port (0 disables)", "9090", type=int)
@@ -212,7 +214,7 @@ _DELEGATED = {"eval": _eval_main, "classify": _classify_main, "fit": _fit_main}
 def _serve(args: argparse.Namespace) -> int:
     from extproc import logs
     from extproc.app import Settings, serve
-    from extproc.envoy import EnvoyOptions
+    from extproc.envoy.options import EnvoyOptions
 
     logs.setup(args.log_level)
     listen_host, _, port = args.envoy_listen.rpartition(":")
@@ -311,7 +313,7 @@ ENVOY_HEADER = """\
 
 def envoy_options(args: argparse.Namespace) -> Any:
     """EnvoyOptions from envoy-config's flags over the settings file's values."""
-    from extproc.envoy import EnvoyOptions, load_settings
+    from extproc.envoy.options import EnvoyOptions, load_settings
 
     options = EnvoyOptions(
         listen_address=args.listen_address,
@@ -344,7 +346,9 @@ def envoy_options(args: argparse.Namespace) -> Any:
 
 
 def _envoy_config(args: argparse.Namespace) -> int:
-    from extproc.envoy import dump, inline, render_bootstrap, render_resources
+    from extproc.envoy.dump import dump
+    from extproc.envoy.render.bootstrap import inline, render_bootstrap
+    from extproc.envoy.render.resources import render_resources
     from extproc.policy import ConfigError, load_policy
 
     try:
@@ -372,12 +376,12 @@ def _envoy_config(args: argparse.Namespace) -> int:
 def _guess_path(body: Any) -> str:
     if isinstance(body, dict):
         if "messages" in body:
-            return "/v1/chat/completions"
+            return CHAT_PATH
         if "input" in body:
-            return "/v1/responses"
+            return RESPONSES_PATH
         if "prompt" in body:
-            return "/v1/completions"
-    return "/v1/chat/completions"
+            return COMPLETIONS_PATH
+    return CHAT_PATH
 
 
 def _route(args: argparse.Namespace) -> int:

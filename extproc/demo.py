@@ -20,8 +20,11 @@ from pathlib import Path
 
 import orjson
 
+from extproc import headers as h
 from extproc.app import Runtime, Settings
-from extproc.envoy import EnvoyOptions, EnvoyProcess, render_bootstrap
+from extproc.envoy.options import EnvoyOptions
+from extproc.envoy.process import EnvoyProcess
+from extproc.envoy.render.bootstrap import render_bootstrap
 from extproc.policy import load_policy
 from extproc.policy.load import DEFAULT_POLICY
 from extproc.standin import StandIn
@@ -165,9 +168,9 @@ def _row(sample: Sample, status: int, headers: dict[str, str], body: bytes, elap
             sample.label,
             ok,
             str(status),
-            headers.get("x-router-model", "-"),
+            headers.get(h.ROUTER_MODEL, "-"),
             headers.get("x-replica", "-"),
-            headers.get("x-router-decision", "-"),
+            headers.get(h.ROUTER_DECISION, "-"),
             f"{elapsed * 1000:.1f}",
         )
     try:

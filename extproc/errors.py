@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
+
+
+def openai_error(message: str, kind: str, code: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object, as the router and Envoy's own replies send it: param is always
+    there, null when no one field is at fault."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 class RouterError(Exception):
@@ -20,9 +28,7 @@ class RouterError(Exception):
         self.param = param
 
     def body(self) -> bytes:
-        # OpenAI's shape: param is always there, null when no one field is at fault.
-        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return orjson.dumps({"error": error})
+        return orjson.dumps(openai_error(self.message, self.type, self.code, self.param))
 
 
 class BadRequest(RouterError):

@@ -7,11 +7,10 @@ CLUSTER = "x-extproc-cluster"  # default; the policy may rename it
 SELECTED_MODEL = "x-selected-model"
 DESTINATION_ENDPOINT = "x-gateway-destination-endpoint"
 AFFINITY_KEY = "x-extproc-affinity"
-DECISION = "x-router-decision"
+ROUTER_DECISION = "x-router-decision"  # upstream (two round trips) and to the client
 
 # Response headers.
 ROUTER_MODEL = "x-router-model"
-ROUTER_DECISION = "x-router-decision"
 ROUTER_EXPLAIN = "x-router-explain"
 
 # Request headers we read.
@@ -20,11 +19,28 @@ CONTENT_TYPE = "content-type"
 CONTENT_ENCODING = "content-encoding"
 CONTENT_LENGTH = "content-length"
 DEBUG = "x-router-debug"
+SESSION_ID = "x-session-id"  # the policy's default session header (headers.session)
+USER_ID = "x-user-id"  # the policy's default user header (headers.user)
 
 # Dynamic metadata namespaces. Envoy routes, balances and decorates on these when it runs
 # the single-round-trip configuration (deploy/envoy/envoy.yaml).
 METADATA_NAMESPACE = "extproc"
 LB_NAMESPACE = "envoy.lb"  # the Gateway API Inference Extension's endpoint-picker protocol
+USAGE_NAMESPACE = "extproc.usage"  # token usage Envoy reads from response bodies
+
+# Keys of the decision under METADATA_NAMESPACE: the router writes them (server.py); Envoy's
+# routes, clusters, headers and access log read them, and the access log brings them back.
+KEY_CLUSTER = "cluster"
+KEY_MODEL = "model"
+KEY_DECISION = "decision"
+KEY_UPSTREAM_MODEL = "upstream_model"
+KEY_ENDPOINT = "endpoint"
+KEY_AFFINITY = "affinity"
+KEY_LEASE = "lease"
+KEY_EXPLAIN = "explain"
+# Keys of the token counts under USAGE_NAMESPACE.
+KEY_INPUT_TOKENS = "input"
+KEY_OUTPUT_TOKENS = "output"
 
 # Headers a client must never be able to set for itself.
-ROUTER_OWNED = (SELECTED_MODEL, DESTINATION_ENDPOINT, AFFINITY_KEY, DECISION, ROUTER_EXPLAIN)
+ROUTER_OWNED = (SELECTED_MODEL, DESTINATION_ENDPOINT, AFFINITY_KEY, ROUTER_DECISION, ROUTER_EXPLAIN)

@@ -28,11 +28,10 @@ class Api(StrEnum):
     RESPONSES = "responses"
 
 
-API_PATHS: dict[str, Api] = {
-    "/v1/chat/completions": Api.CHAT,
-    "/v1/completions": Api.COMPLETIONS,
-    "/v1/responses": Api.RESPONSES,
-}
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+RESPONSES_PATH = "/v1/responses"
+API_PATHS: dict[str, Api] = {CHAT_PATH: Api.CHAT, COMPLETIONS_PATH: Api.COMPLETIONS, RESPONSES_PATH: Api.RESPONSES}
 
 
 # What a client sent to a path that only resembles an LLM path is told (by Envoy and the router).

@@ -26,7 +26,7 @@ from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.logs import log_decision
 from extproc.request import UNKNOWN_PATH_MESSAGE, api_for_path, looks_like_llm_path
-from extproc.router import Call, Routed, Router
+from extproc.router import PASSTHROUGH, Call, Routed, Router
 
 log = logging.getLogger("extproc.server")
 
@@ -125,7 +125,7 @@ class Exchange:
             return self._fail(error)
         self.routed = routed
         metrics = self.router.metrics
-        metrics.count_request(routed.model or "passthrough", routed.decision, _domain(routed), "ok")
+        metrics.count_request(routed.model or PASSTHROUGH, routed.decision, _domain(routed), "ok")
         metrics.observe_stages(routed.stages)
         log_decision(self.request_id, _api(self.path), routed, 200, None)
         return self._mutations(routed)
@@ -156,31 +156,31 @@ class Exchange:
         policy = self.router.state.policy
         set_headers: dict[str, str] = {
             policy.headers.cluster: routed.cluster,
-            h.DECISION: routed.decision,
+            h.ROUTER_DECISION: routed.decision,
         }
         if protocol.safe_header_value(routed.upstream_model):
             set_headers[h.SELECTED_MODEL] = routed.upstream_model
         remove = [h.DESTINATION_ENDPOINT, h.AFFINITY_KEY]
         meta = {
-            "cluster": routed.cluster,
-            "model": routed.model or "passthrough",
-            "decision": routed.decision,
+            h.KEY_CLUSTER: routed.cluster,
+            h.KEY_MODEL: routed.model or PASSTHROUGH,
+            h.KEY_DECISION: routed.decision,
         }
         if h.SELECTED_MODEL in set_headers:
-            meta["upstream_model"] = routed.upstream_model
+            meta[h.KEY_UPSTREAM_MODEL] = routed.upstream_model
         if routed.endpoints:
             listed = ",".join(routed.endpoints) if routed.envoy_lb == "override_host" else routed.endpoints[0]
             set_headers[h.DESTINATION_ENDPOINT] = listed
             remove.remove(h.DESTINATION_ENDPOINT)
-            meta["endpoint"] = routed.endpoints[0]
+            meta[h.KEY_ENDPOINT] = routed.endpoints[0]
         if routed.affinity_key:
             set_headers[h.AFFINITY_KEY] = routed.affinity_key
             remove.remove(h.AFFINITY_KEY)
-            meta["affinity"] = routed.affinity_key
+            meta[h.KEY_AFFINITY] = routed.affinity_key
         if routed.lease is not None:
-            meta["lease"] = str(routed.lease.id)
+            meta[h.KEY_LEASE] = str(routed.lease.id)
         if routed.explanation is not None:
-            meta["explain"] = protocol.compact_json(routed.explanation)
+            meta[h.KEY_EXPLAIN] = protocol.compact_json(routed.explanation)
         if routed.body is not None:
             set_headers[h.CONTENT_LENGTH] = str(len(routed.body))
         dynamic = {h.METADATA_NAMESPACE: meta}
@@ -205,16 +205,11 @@ class Exchange:
         routed = self.routed
         if routed is None:
             return protocol.CONTINUE_RESPONSE_HEADERS
-        status = protocol.header_map(message.response_headers.headers).get(":status", "")
-        self._count_upstream(routed.model or "passthrough", status)
-        added = {h.ROUTER_MODEL: routed.model or "passthrough", h.ROUTER_DECISION: routed.decision}
+        # The upstream status is counted once, from Envoy's access log (accesslog.py).
+        added = {h.ROUTER_MODEL: routed.model or PASSTHROUGH, h.ROUTER_DECISION: routed.decision}
         if routed.explanation is not None:
             added[h.ROUTER_EXPLAIN] = protocol.compact_json(routed.explanation)
         return protocol.response_headers_response(added)
-
-    def _count_upstream(self, model: str, status: str) -> None:
-        code = f"{status[0]}xx" if status[:1].isdigit() else "unknown"
-        self.router.metrics.upstream.labels(model, code).inc()
 
 
 def _domain(routed: Routed) -> str:

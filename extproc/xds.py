@@ -1,6 +1,6 @@
 """The sidecar as its own Envoy's control plane.
 
-Envoy starts from a static bootstrap (extproc/envoy.py render_bootstrap) whose listener and
+Envoy starts from a static bootstrap (extproc/envoy/render/bootstrap.py) whose listener and
 cluster subscriptions read files in one directory; the sidecar renders the listener (LDS), its
 routes (RDS) and the clusters (CDS) from the live policy and publishes each as a
 DiscoveryResponse file, replaced by an atomic rename in its own watched directory, as Envoy's
@@ -31,7 +31,8 @@ from typing import Any
 
 import orjson
 
-from extproc.envoy import BOOTSTRAP_FILE, LISTENER, XDS_FILES, Resources
+from extproc.envoy.names import BOOTSTRAP_FILE, LISTENER, XDS_FILES
+from extproc.envoy.render.resources import Resources
 from extproc.metrics import Metrics
 from extproc.policy.reload import Refused
 

@@ -17,7 +17,9 @@ from typing import Any
 import orjson
 
 from extproc.app import Runtime, Settings
-from extproc.envoy import LIVE_SETTINGS, EnvoyOptions, EnvoyProcess, render, render_bootstrap
+from extproc.envoy.options import LIVE_SETTINGS, EnvoyOptions
+from extproc.envoy.process import EnvoyProcess
+from extproc.envoy.render.bootstrap import render, render_bootstrap
 from extproc.policy import load_policy
 from extproc.standin import StandIn, StandInFleet
 
@@ -102,7 +104,7 @@ class Stack:
     sidecar_settings: dict[str, Any] = field(default_factory=dict)
     substitutions: dict[str, str] = field(default_factory=dict)
     discovery: Any = None
-    # Edits the rendered Envoy config in place before Envoy starts: a setup extproc/envoy.py does
+    # Edits the rendered Envoy config in place before Envoy starts: a setup extproc/envoy/render/ does
     # not generate (e.g. a gateway that sends every path to the router), so Envoy then runs that
     # one static config and the sidecar is not its control plane.
     envoy_config_hook: Callable[[dict[str, Any]], None] | None = None
@@ -183,7 +185,7 @@ class Stack:
         sidecar published inlined."""
         if self.envoy_config_hook is not None:
             return self.envoy.config
-        from extproc.envoy import inline
+        from extproc.envoy.render.bootstrap import inline
         from extproc.xds import resources_of
 
         publisher = self.sidecar.runtime.publisher

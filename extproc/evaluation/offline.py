@@ -22,8 +22,6 @@ from extproc.policy import Policy
 from extproc.router import Call, Router
 from extproc.signals import Signals
 
-CHAT_PATH = "/v1/chat/completions"
-
 
 class EvalError(RuntimeError):
     """The evaluation cannot produce honest figures (e.g. the classifier is unavailable)."""
@@ -152,7 +150,7 @@ class OfflineRouter:
         return [await self._one(e, auto) for e in examples]
 
     async def _one(self, example: Example, auto: str) -> Outcome:
-        call = Call("POST", CHAT_PATH, self._headers, example.body(auto))
+        call = Call("POST", request.CHAT_PATH, self._headers, example.body(auto))
         try:
             choice = await self.router.choose(call)
         except RouterError as exc:

@@ -83,8 +83,8 @@ class Decision:
 @dataclass(frozen=True, slots=True)
 class HeaderNames:
     cluster: str = headers.CLUSTER
-    session: str = "x-session-id"
-    user: str = "x-user-id"
+    session: str = headers.SESSION_ID
+    user: str = headers.USER_ID
 
 
 @dataclass(frozen=True, slots=True)

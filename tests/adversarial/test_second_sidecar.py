@@ -20,7 +20,9 @@ import orjson
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.envoy import EnvoyOptions, EnvoyProcess, render, render_bootstrap
+from extproc.envoy.options import EnvoyOptions
+from extproc.envoy.process import EnvoyProcess
+from extproc.envoy.render.bootstrap import render, render_bootstrap
 from extproc.policy import load_policy
 from extproc.standin import StandIn, StandInFleet
 from tests.harness import chat, free_port, wait_for

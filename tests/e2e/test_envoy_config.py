@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from extproc.envoy import EnvoyOptions, render, validate
+from extproc.envoy.options import EnvoyOptions
+from extproc.envoy.process import validate
+from extproc.envoy.render.bootstrap import render
 from extproc.policy import load_policy
 from extproc.policy.load import DEFAULT_POLICY
 

@@ -265,7 +265,7 @@ def test_an_invalid_policy_or_setting_changes_nothing_in_envoy(tmp_path: Path) -
 
 def test_an_update_envoy_rejects_is_undone_and_routing_stays(tmp_path: Path, monkeypatch) -> None:
     import extproc.app
-    from extproc.envoy import Resources, render_resources
+    from extproc.envoy.render.resources import Resources, render_resources
 
     def with_a_cluster_envoy_refuses(policy, options) -> Resources:
         resources = render_resources(policy, options)

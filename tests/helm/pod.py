@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.envoy import envoy_binary
+from extproc.envoy.process import envoy_binary
 from tests.harness import wait_for
 from tests.helm.chart import ROOT, Rendered
 

@@ -1,6 +1,6 @@
 """The chart's values reach Envoy: its init step (`extproc envoy-config` on the rendered routing
 ConfigMap, with the init container's arguments) resolves the configuration the pod's Envoy runs,
-Envoy accepts it, and it is the one extproc/envoy.py renders for the same settings. The chart
+Envoy accepts it, and it is the one extproc/envoy/render/ renders for the same settings. The chart
 holds no Envoy configuration of its own; these tests check what it passes along."""
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.envoy import LIVE_SETTINGS, EnvoyOptions, render, validate
+from extproc.envoy.options import LIVE_SETTINGS, EnvoyOptions
+from extproc.envoy.process import validate
+from extproc.envoy.render.bootstrap import render
 from extproc.policy.load import parse_policy
 from tests.helm.chart import CHART_DIR, MANY_MODELS, Rendered, chart, merge
 from tests.helm.chart import render as render_chart
@@ -132,7 +134,7 @@ def test_the_sidecar_publishes_for_the_listener_the_init_step_wrote(rendered) ->
 
 
 def test_the_envoy_values_default_to_the_sidecars_defaults() -> None:
-    """values.yaml documents each live Envoy setting's default; extproc/envoy.py owns it."""
+    """values.yaml documents each live Envoy setting's default; extproc/envoy/options.py owns it."""
     defaults = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["envoy"]
     names = {
         "message_timeout": "messageTimeout",

@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from extproc.envoy import EnvoyOptions, lookalike_regex, render
+from extproc.envoy.options import EnvoyOptions
+from extproc.envoy.render.bootstrap import render
+from extproc.envoy.render.routes import lookalike_regex
 from extproc.policy.load import parse_policy
 from extproc.request import API_PATHS, api_for_path, looks_like_llm_path
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from extproc.cli import main
-from extproc.envoy import EnvoyOptions, SettingsError, parse_settings, render_bootstrap, render_resources
+from extproc.envoy.options import EnvoyOptions, SettingsError, parse_settings
+from extproc.envoy.render.bootstrap import render_bootstrap
+from extproc.envoy.render.resources import render_resources
 from extproc.policy.load import parse_policy
 from extproc.xds import Publisher, documents, merged
 

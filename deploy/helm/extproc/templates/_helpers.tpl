@@ -112,7 +112,7 @@ Returns YAML (use fromYaml).
 {{- end }}
 
 {{/*
-The Envoy settings the sidecar applies live (extproc/envoy.py LIVE_SETTINGS), from values.envoy:
+The Envoy settings the sidecar applies live (LIVE_SETTINGS in extproc/envoy/options.py), from values.envoy:
 written beside the policy in the routing ConfigMap, so changing them needs no rollout.
 */}}
 {{- define "extproc.envoySettings" -}}

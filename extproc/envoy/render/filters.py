@@ -1,0 +1,145 @@
+"""The client listener's HTTP filters and access log: ext_proc (the routing call, body buffered,
+fail closed) and the buffer that holds the request until its answer is in; json_to_metadata and
+sse_to_metadata, which read token usage from responses into metadata; and the gRPC access log
+that brings each finished request back to the sidecar."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from extproc import headers as h
+from extproc.envoy.names import EXT_PROC_CLUSTER
+from extproc.envoy.options import EnvoyOptions
+from extproc.policy.config import Policy
+
+
+def ext_proc_filters(policy: Policy, o: EnvoyOptions) -> list[dict[str, Any]]:
+    ext_proc_type = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+    grpc_service = {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER}, "timeout": o.message_timeout}
+    headers_to_read = sorted(
+        {
+            *o.forward_headers,
+            policy.headers.session,
+            policy.headers.user,
+            h.CONTENT_TYPE,
+            h.CONTENT_ENCODING,
+            h.DEBUG,
+        }
+    )
+    routing: dict[str, Any] = {
+        "@type": ext_proc_type,
+        "grpc_service": grpc_service,
+        "failure_mode_allow": False,  # an unrouted request cannot be served correctly: fail closed
+        "status_on_error": {"code": 503},
+        "message_timeout": o.message_timeout,
+        "allow_mode_override": False,
+        "processing_mode": {
+            "request_header_mode": "SEND" if o.two_round_trips else "SKIP",
+            "response_header_mode": "SKIP",
+            "request_body_mode": "BUFFERED",
+            "response_body_mode": "NONE",
+        },
+        "metadata_options": {"receiving_namespaces": {"untyped": [h.METADATA_NAMESPACE, h.LB_NAMESPACE]}},
+    }
+    if not o.two_round_trips:
+        routing["request_attributes"] = [
+            "request.path",
+            "request.method",
+            "request.id",
+            *(f"request.headers['{name}']" for name in headers_to_read),
+        ]
+    filters = [
+        {"name": "envoy.filters.http.ext_proc", "typed_config": routing},
+        {
+            "name": "envoy.filters.http.buffer",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                "max_request_bytes": o.max_request_bytes,
+            },
+        },
+    ]
+    if o.usage:
+        filters += _usage_filters()
+    return filters
+
+
+def _usage_rules() -> list[dict[str, Any]]:
+    """Token usage wherever the OpenAI-style APIs put it, into metadata namespace extproc.usage."""
+    tokens_in, tokens_out = h.KEY_INPUT_TOKENS, h.KEY_OUTPUT_TOKENS
+
+    def rule(path: tuple[str, ...], key: str) -> dict[str, Any]:
+        return {
+            "selectors": [{"key": part} for part in path],
+            "on_present": {"metadata_namespace": h.USAGE_NAMESPACE, "key": key, "type": "NUMBER"},
+        }
+
+    return [
+        rule(("usage", "prompt_tokens"), tokens_in),  # chat and completions
+        rule(("usage", "completion_tokens"), tokens_out),
+        rule(("usage", "input_tokens"), tokens_in),  # responses, non-streaming
+        rule(("usage", "output_tokens"), tokens_out),
+        rule(("response", "usage", "input_tokens"), tokens_in),  # responses, response.completed event
+        rule(("response", "usage", "output_tokens"), tokens_out),
+    ]
+
+
+def _usage_filters() -> list[dict[str, Any]]:
+    """Envoy reads usage from response bodies itself (C++, no copy to the sidecar): whole JSON
+    responses with json_to_metadata, and the final events of SSE streams with sse_to_metadata,
+    which passes every chunk through at once. The access log then carries it to the sidecar."""
+    return [
+        {
+            "name": "envoy.filters.http.json_to_metadata",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+                "response_rules": {"rules": _usage_rules()},
+            },
+        },
+        {
+            "name": "envoy.filters.http.sse_to_metadata",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata",
+                "response_rules": {
+                    "content_parser": {
+                        "name": "envoy.content_parsers.json",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.content_parsers.json.v3.JsonContentParser",
+                            "rules": [{"rule": rule} for rule in _usage_rules()],
+                        },
+                    },
+                    # response.completed events of the Responses API repeat the whole answer.
+                    "max_event_size": 1048576,
+                },
+            },
+        },
+    ]
+
+
+def access_log(o: EnvoyOptions) -> list[dict[str, Any]]:
+    """One entry per finished routed request, batched to the sidecar over gRPC: it ends the
+    replica lease (on every ending, resets included) and carries status and token usage."""
+    return [
+        {
+            "name": "envoy.access_loggers.http_grpc",
+            "filter": {
+                "metadata_filter": {
+                    "matcher": {
+                        "filter": h.METADATA_NAMESPACE,
+                        "path": [{"key": h.KEY_MODEL}],
+                        "value": {"present_match": True},
+                    },
+                    "match_if_key_not_found": False,
+                }
+            },
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+                "common_config": {
+                    "log_name": "extproc",
+                    "transport_api_version": "V3",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER}},
+                    "buffer_flush_interval": o.access_log_flush,
+                    "buffer_size_bytes": 16384,
+                },
+            },
+        }
+    ]
