@@ -19,7 +19,7 @@ from extproc.envoy.names import SOCKET
 from extproc.envoy.options import EnvoyOptions, load_settings
 from extproc.envoy.render.resources import Resources, render_resources
 from extproc.listen import SocketClaim, bind_error, ensure_free
-from extproc.metrics import GaugeCollector, Metrics
+from extproc.metrics import Metrics
 from extproc.policy import ConfigError, Policy, load_policy
 from extproc.policy.load import DEFAULT_POLICY, Problem
 from extproc.replicas.load import LoadTracker
@@ -227,33 +227,11 @@ class Runtime:
             pools, out = router.state.pools, router.health.ejected
             return [((m,), float(sum(1 for e in pools.endpoints(m) if e in out))) for m in pools.models()]
 
-        self.metrics.add_collector(
-            GaugeCollector(
-                "extproc_replica_inflight",
-                "Requests in flight per replica, as counted by the router.",
-                ["model", "replica"],
-                inflight,
-            )
-        )
-        self.metrics.add_collector(
-            GaugeCollector("extproc_ready_replicas", "Ready replicas per model.", ["model"], ready)
-        )
-        self.metrics.add_collector(
-            GaugeCollector(
-                "extproc_ejected_replicas",
-                "Ready replicas that outlier detection keeps out of picking, per model.",
-                ["model"],
-                ejected,
-            )
-        )
-        self.metrics.add_collector(
-            GaugeCollector(
-                "extproc_event_loop_tasks",
-                "Tasks alive on the sidecar's event loop (leak check).",
-                [],
-                lambda: [((), float(self.loop_tasks))],
-            )
-        )
+        metrics = self.metrics
+        metrics.add_gauge(metrics.replica_inflight, inflight)
+        metrics.add_gauge(metrics.ready_replicas, ready)
+        metrics.add_gauge(metrics.ejected_replicas, ejected)
+        metrics.add_gauge(metrics.event_loop_tasks, lambda: [((), float(self.loop_tasks))])
 
     # --- serving -------------------------------------------------------------------------------
 

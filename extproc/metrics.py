@@ -10,6 +10,7 @@ The process's own CPU, memory, file descriptors and garbage collector are export
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable
+from typing import NamedTuple
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -47,6 +48,14 @@ _LATENCY_BUCKETS = (
 )
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
 _FRACTION_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+
+class ScrapeGauge(NamedTuple):
+    """A gauge family whose samples are computed at scrape time (Metrics.add_gauge)."""
+
+    name: str
+    documentation: str
+    labels: tuple[str, ...]
 
 
 class Metrics:
@@ -184,6 +193,21 @@ class Metrics:
         self.stream_errors = Counter(
             "extproc_stream_errors_total", "ext_proc streams that ended in an error.", ["reason"], registry=r
         )
+        # Computed from the router's state at scrape time; the runtime supplies the samples.
+        self.replica_inflight = ScrapeGauge(
+            "extproc_replica_inflight",
+            "Requests in flight per replica, as counted by the router.",
+            ("model", "replica"),
+        )
+        self.ready_replicas = ScrapeGauge("extproc_ready_replicas", "Ready replicas per model.", ("model",))
+        self.ejected_replicas = ScrapeGauge(
+            "extproc_ejected_replicas",
+            "Ready replicas that outlier detection keeps out of picking, per model.",
+            ("model",),
+        )
+        self.event_loop_tasks = ScrapeGauge(
+            "extproc_event_loop_tasks", "Tasks alive on the sidecar's event loop (leak check).", ()
+        )
 
         # Label children looked up once: prometheus_client's labels() costs microseconds per call.
         self._stage_children: dict[str, object] = {}
@@ -235,6 +259,10 @@ class Metrics:
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
+
+    def add_gauge(self, gauge: ScrapeGauge, samples: Callable[[], Iterable[tuple[tuple[str, ...], float]]]) -> None:
+        """Export gauge with the samples computed at each scrape."""
+        self.add_collector(GaugeCollector(gauge.name, gauge.documentation, list(gauge.labels), samples))
 
 
 class GaugeCollector(Collector):
