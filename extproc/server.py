@@ -199,6 +199,13 @@ class Exchange:
         log_decision(self.request_id, _api(self.path), None, error.status, error.code)
         return protocol.immediate(error)
 
+    def close(self) -> None:
+        """The ext_proc stream ended, which Envoy does when the HTTP request ends: end the lease.
+        Envoy's access-log entry ends it too, but a request reset before Envoy applied our answer
+        carries none of our metadata, so no entry would ever name its lease."""
+        if self.routed is not None and self.routed.lease is not None:
+            self.router.tracker.release(self.routed.lease)
+
     # --- response path (only when Envoy sends it to the routing stream) -----------------------
 
     def _response_headers(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
@@ -243,16 +250,19 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
         exchange = Exchange(self.router)
-        async for message in request_iterator:
-            try:
-                response = await exchange.handle(message)
-            except Exception as exc:
-                # A bug must not become a hung or dropped request: answer with a clear error.
-                kind = message.WhichOneof("request")
-                log.exception("ext_proc stream failed on a %s message", kind)
-                self.router.metrics.stream_errors.labels(type(exc).__name__).inc()
-                if message.observability_mode or kind not in ("request_headers", "request_body"):
-                    return  # a clean close lets Envoy carry on without us on the response path
-                response = protocol.immediate(errors.RouterError("the router failed on this request"))
-            if response is not None:
-                yield response
+        try:
+            async for message in request_iterator:
+                try:
+                    response = await exchange.handle(message)
+                except Exception as exc:
+                    # A bug must not become a hung or dropped request: answer with a clear error.
+                    kind = message.WhichOneof("request")
+                    log.exception("ext_proc stream failed on a %s message", kind)
+                    self.router.metrics.stream_errors.labels(type(exc).__name__).inc()
+                    if message.observability_mode or kind not in ("request_headers", "request_body"):
+                        return  # a clean close lets Envoy carry on without us on the response path
+                    response = protocol.immediate(errors.RouterError("the router failed on this request"))
+                if response is not None:
+                    yield response
+        finally:
+            exchange.close()

@@ -2,8 +2,10 @@
 
 A lease is taken when the router picks a replica and carried in the request's dynamic metadata.
 Envoy's gRPC access log reports every finished request (completed, failed, reset or cancelled)
-with that metadata, and the entry ends the lease. Leases older than the longest a request may
-run are ended too, so a lost log entry cannot inflate a count for ever.
+with that metadata, and the entry ends the lease. The end of the request's ext_proc stream, which
+Envoy holds open until the request ends, ends it too: a request reset before Envoy applied the
+router's answer has no metadata, so no entry names its lease. Leases older than the longest a
+request may run are ended as well, so nothing lost can inflate a count for ever.
 """
 
 from __future__ import annotations
