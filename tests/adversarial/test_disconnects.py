@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from extproc.standin import StandIn
-from tests.adversarial.hostile import BODY, NOTHING, assert_still_serving, check, request, send
+from tests.adversarial.hostile import BODY, NOTHING, assert_still_serving, request, send
 from tests.harness import Stack, chat, wait_for
 
 pytestmark = pytest.mark.e2e

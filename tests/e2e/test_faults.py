@@ -149,6 +149,8 @@ models:
     replica = StandIn(name="r1", gate=None)
     with Stack(tmp_path, policy, [replica]) as s:
         s.post(chat("warm up"))
+        # The baseline once the access-log stream is open too (its first entry has arrived).
+        wait_for(lambda: 'extproc_upstream_responses_total{code="2xx",model="chat"} 1.0' in s.metrics_text())
         wait_for(lambda: s.inflight() == {})
         tasks_before = s.sidecar.run(lambda: len(asyncio.all_tasks()))
         gate = s.fleet.call(_event())
