@@ -1,18 +1,32 @@
 """Stand-in model servers: small OpenAI-compatible HTTP/1.1 servers for the demo, the tests and
 the benchmarks. They answer at once (or after a set delay), stream SSE on request, report
-usage, expose vLLM-style /metrics, and remember what they received."""
+usage, expose vLLM-style /metrics, and remember what they received. For fault tests they can
+misbehave on LLM calls (``fault``, see FAULTS) or answer with large bodies."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import contextlib
+import itertools
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import orjson
+
+# How a stand-in may misbehave on LLM calls (StandIn.fault).
+FAULTS = {
+    "reset": "drop the connection instead of answering",
+    "garbage": "answer with bytes that are not HTTP",
+    "cut": "send the headers and part of the body (of a stream: its first event), then drop the connection",
+    "bad-length": "answer with two different content-lengths",
+    "huge-headers": "answer with a 100 KiB header",
+    "not-json": "answer 200 with an HTML body",
+    # A server's keep-alive timeout (uvicorn's: 5 s) closing a connection as a request is sent on it.
+    "close-reused": "drop a kept-alive connection when another request arrives on it",
+}
 
 
 @dataclass
@@ -35,6 +49,8 @@ class StandIn:
     chunks: int = 3
     status: int = 200  # answer every LLM call with this status (fault tests)
     gate: asyncio.Event | None = None  # streams pause after their first chunk until this is set
+    fault: str = ""  # one of FAULTS, or "" to behave
+    answer_bytes: int = 0  # pad each answer's text (or each stream event's) to this many bytes
     waiting: int = 0  # queue length reported on /metrics (as vLLM does)
     received: collections.deque[Received] = field(default_factory=lambda: collections.deque(maxlen=2000))
     inflight: int = 0
@@ -69,11 +85,14 @@ class StandIn:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._open.add(writer)
         try:
-            while True:
+            for served in itertools.count():
                 request = await _read_request(reader)
                 if request is None:
                     break
                 self.received.append(request)
+                if served and self.fault == "close-reused" and request.path.startswith("/v1/"):
+                    writer.transport.abort()
+                    break
                 keep_alive = request.headers.get("connection", "").lower() != "close"
                 await self._answer(request, writer)
                 if not keep_alive:
@@ -109,6 +128,8 @@ class StandIn:
             if not isinstance(payload, dict):
                 error = {"error": {"message": "invalid JSON", "type": "invalid_request_error"}}
                 return await _send(writer, 400, orjson.dumps(error), "application/json", self.name)
+            if self.fault and self.fault != "close-reused" and not (self.fault == "cut" and payload.get("stream")):
+                return await self._misbehave(writer)
             if self.status != 200:
                 error = {"error": {"message": f"stand-in {self.name} fails", "type": "server_error"}}
                 return await _send(writer, self.status, orjson.dumps(error), "application/json", self.name)
@@ -122,6 +143,31 @@ class StandIn:
         finally:
             self.inflight -= 1
 
+    async def _misbehave(self, writer: asyncio.StreamWriter) -> None:
+        if self.fault == "reset":
+            writer.transport.abort()
+        elif self.fault == "garbage":
+            writer.write(b"this is not HTTP\r\n\r\n")
+            await writer.drain()
+            writer.transport.abort()
+        elif self.fault == "cut":
+            writer.write(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 4000\r\n\r\n{"id"')
+            await writer.drain()
+            writer.transport.abort()
+        elif self.fault == "bad-length":
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}")
+            await writer.drain()
+        elif self.fault == "huge-headers":
+            writer.write(b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 100 * 1024 + b"\r\ncontent-length: 2\r\n\r\n{}")
+            await writer.drain()
+        elif self.fault == "not-json":
+            await _send(writer, 200, b"<html><body>upstream proxy page</body></html>", "text/html", self.name)
+        else:
+            raise ValueError(f"unknown fault {self.fault!r}; one of {', '.join(FAULTS)}")
+
+    def _text(self, text: str) -> str:
+        return text + "." * (self.answer_bytes - len(text)) if self.answer_bytes > len(text) else text
+
     def _usage(self, payload: dict) -> dict[str, int]:
         prompt = len(orjson.dumps(payload.get("messages") or payload.get("prompt") or payload.get("input") or ""))
         return {
@@ -131,7 +177,7 @@ class StandIn:
         }
 
     def _completion(self, path: str, payload: dict) -> dict:
-        text = f"answer from {self.name}"
+        text = self._text(f"answer from {self.name}")
         usage = self._usage(payload)
         if path.startswith("/v1/responses"):
             return {
@@ -178,10 +224,13 @@ class StandIn:
                 "object": "chat.completion.chunk",
                 "model": model,
                 "replica": self.name,
-                "choices": [{"index": 0, "delta": {"content": f"part {i} "}, "finish_reason": None}],
+                "choices": [{"index": 0, "delta": {"content": self._text(f"part {i} ")}, "finish_reason": None}],
             }
             _chunk(writer, b"data: " + orjson.dumps(event) + b"\n\n")
             await writer.drain()
+            if self.fault == "cut":
+                writer.transport.abort()
+                return
             if i == 0 and self.gate is not None:
                 await self.gate.wait()
             if self.chunk_delay:

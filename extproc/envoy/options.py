@@ -51,8 +51,16 @@ class EnvoyOptions:
     # Headers the policy may read in the one-round-trip mode (header conditions, session, debug).
     forward_headers: Sequence[str] = ("x-user-tier", h.USER_ID, h.SESSION_ID, "x-tenant-id", h.DEBUG)
     message_timeout: str = "1s"
-    upstream_timeout: str = "600s"
+    upstream_timeout: str = "600s"  # an LLM call's whole answer, and the longest it may go quiet
     max_request_bytes: int = 8 * 1024 * 1024
+    # A JSON answer is buffered whole (its token usage is read from it); one larger fails.
+    max_response_bytes: int = 64 * 1024 * 1024
+    # Slow clients (README "How Envoy is wired"): the headers must be in within
+    # request_headers_timeout and the whole request within request_timeout, so a body shorter than
+    # its content-length or one trickled in holds a stream for seconds, not stream_idle_timeout.
+    request_headers_timeout: str = "10s"
+    request_timeout: str = "60s"
+    stream_idle_timeout: str = "300s"
     usage: bool = True  # read token usage from response bodies (in Envoy) for tokens and cost metrics
     access_log_flush: str = "0.02s"  # how long finished requests may wait before their batch goes out
     two_round_trips: bool = False  # send request headers too (header mutations route instead of metadata)

@@ -1,7 +1,8 @@
 """Hostile requests through the real Envoy, one reusable check.
 
 ``check(stack, raw_bytes, status=..., code=..., upstream=...)`` sends bytes exactly as given on
-a fresh TCP connection (so malformed requests stay malformed), then asserts, in this order:
+a fresh TCP connection (so malformed requests stay malformed; a list of pieces is sent with
+``pause`` seconds between them, as a slow client would), then asserts, in this order:
 
 * the HTTP status;
 * for an error, an OpenAI-style JSON body: ``{"error": {"message", "type", "param", "code"}}``
@@ -17,6 +18,7 @@ a fresh TCP connection (so malformed requests stay malformed), then asserts, in 
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,13 +84,22 @@ class Answer:
         return self.json()["error"]
 
 
-def send(port: int, data: bytes, timeout: float = 10.0) -> Answer:
-    """Send data on a new connection and read one HTTP/1 response (content-length, chunked or
-    until close)."""
+def send(port: int, data: bytes | Sequence[bytes], timeout: float = 10.0, pause: float = 0.0) -> Answer:
+    """Send data (or its pieces, ``pause`` seconds apart) on a new connection and read one HTTP/1
+    response (content-length, chunked or until close)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
-        conn.sendall(data)
+        for i, piece in enumerate([data] if isinstance(data, bytes) else data):
+            if i:
+                time.sleep(pause)
+            try:
+                conn.sendall(piece)
+            except OSError:  # closed by Envoy before the client was done: read what it said
+                break
         buffer = b""
-        while b"\r\n\r\n" not in buffer:
+        while b"\r\n\r\n" not in buffer or buffer.startswith(b"HTTP/1.1 1"):
+            if buffer.startswith(b"HTTP/1.1 1") and b"\r\n\r\n" in buffer:
+                buffer = buffer.partition(b"\r\n\r\n")[2]  # an interim response (100 Continue)
+                continue
             chunk = _recv(conn)
             if not chunk:
                 return Answer(0, {}, buffer)
@@ -142,7 +153,7 @@ def _dechunk(data: bytes) -> bytes:
 
 def check(
     stack: Stack,
-    data: bytes,
+    data: bytes | Sequence[bytes],
     *,
     status: int,
     code: str | None = None,
@@ -150,6 +161,7 @@ def check(
     upstream: Any = NOTHING,
     path: str | None = None,
     follow_up: bool = True,
+    pause: float = 0.0,
 ) -> Answer:
     """Send data through stack's Envoy and assert the outcome (see the module docstring).
 
@@ -161,7 +173,7 @@ def check(
     """
     for replica in stack.replicas:
         replica.received.clear()
-    answer = send(stack.port, data)
+    answer = send(stack.port, data, pause=pause)
     answer.received = [(r.name, got) for r in stack.replicas for got in r.received]
     assert answer.status == status, (answer.status, answer.body[:300])
     if code is not None:

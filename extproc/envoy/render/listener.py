@@ -47,6 +47,12 @@ def client_listener(policy: Policy, o: EnvoyOptions) -> dict[str, Any]:
         "always_set_request_id_in_response": True,
         # HTTP/1.0 clients (ab, old SDKs) are served like HTTP/1.1 ones instead of a text 426.
         "http_protocol_options": {"accept_http_10": True, "default_host_for_http_10": "extproc"},
+        # x_gateway_destination_endpoint is not stripped as x-gateway-destination-endpoint is,
+        # but some servers and gateways read the two as one header.
+        "common_http_protocol_options": {"headers_with_underscores_action": "DROP_HEADER"},
+        "request_headers_timeout": o.request_headers_timeout,
+        "request_timeout": o.request_timeout,
+        "stream_idle_timeout": o.stream_idle_timeout,
         "early_header_mutation_extensions": [
             {
                 "name": "strip-router-headers",

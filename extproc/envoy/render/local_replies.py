@@ -101,6 +101,20 @@ def local_reply_mappers() -> list[dict[str, Any]]:
             "request_too_large",
         ),
         _mapper(
+            "response.code == 408",
+            408,
+            "the request did not arrive in time; send the headers and the whole body without pausing",
+            "invalid_request_error",
+            "request_timeout",
+        ),
+        _mapper(
+            f"{details} == 'response_payload_too_large'",
+            502,
+            "the model server's answer is larger than the proxy reads; ask for fewer tokens or stream it",
+            "server_error",
+            "response_too_large",
+        ),
+        _mapper(
             f"response.code >= 500 && !({ours})",
             503,
             "no model server could take the request; retry shortly",

@@ -34,13 +34,16 @@ def render_resources(policy: Policy, options: EnvoyOptions | None = None) -> Res
     o = options or EnvoyOptions()
     clusters: dict[str, dict[str, Any]] = {}
     routed_clusters: list[str] = []
-    retries: dict[str, int] = {}
+    retries: dict[str, tuple[str, int]] = {}  # cluster: (Envoy's retry_on, attempts)
     hashed: set[str] = set()
     for name, model in policy.models.items():
         mode = model.replicas.envoy if model.replicas else None
         if mode == "original_dst":
             routed_clusters.append(policy.original_dst_cluster)
-            retries[policy.original_dst_cluster] = 0  # the address is fixed; a retry would hit it again
+            # The address is fixed: a retry goes to the same replica, on a new connection. Only a
+            # reset is worth one (a pooled connection the replica closed as it was reused: vLLM's
+            # server closes idle ones after 5 s); a refused connect would be refused again.
+            retries[policy.original_dst_cluster] = ("reset", 1)
             continue
         _not_reserved(model.cluster)
         endpoints, dns = model_endpoints(policy, name, o)
@@ -60,7 +63,10 @@ def render_resources(policy: Policy, options: EnvoyOptions | None = None) -> Res
         routed_clusters.append(model.cluster)
         if mode == "hash":
             hashed.add(model.cluster)
-        retries[model.cluster] = policy.picking.fallbacks if mode == "override_host" else 1
+        # A reset before any response byte may be sent again too: the client has seen nothing,
+        # and an LLM call changes nothing on the server.
+        attempts = policy.picking.fallbacks if mode == "override_host" else 1
+        retries[model.cluster] = ("connect-failure,refused-stream,reset", attempts)
     if policy.original_dst_cluster in routed_clusters:
         clusters[policy.original_dst_cluster] = {
             "name": policy.original_dst_cluster,

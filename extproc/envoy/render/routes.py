@@ -40,7 +40,7 @@ _DISABLED = {
 def route_config(
     o: EnvoyOptions,
     routed_clusters: Mapping[str, None],
-    retries: Mapping[str, int],
+    retries: Mapping[str, tuple[str, int]],
     default_cluster: str | None,
     hashed: set[str],
 ) -> dict[str, Any]:
@@ -74,13 +74,12 @@ def route_config(
         },
     ]
     for cluster in routed_clusters:
-        route: dict[str, Any] = {"cluster": cluster, "timeout": o.upstream_timeout}
-        attempts = retries.get(cluster, 1)
+        # idle_timeout: a model may think for minutes before its first byte; the connection
+        # manager's shorter stream_idle_timeout would cut that answer after the replica's work.
+        route: dict[str, Any] = {"cluster": cluster, "timeout": o.upstream_timeout, "idle_timeout": o.upstream_timeout}
+        retry_on, attempts = retries.get(cluster, ("connect-failure,refused-stream,reset", 1))
         if attempts:
-            route["retry_policy"] = {
-                "retry_on": "connect-failure,refused-stream,reset-before-request",
-                "num_retries": attempts,
-            }
+            route["retry_policy"] = {"retry_on": retry_on, "num_retries": attempts}
             if cluster in hashed:
                 # Step along the ring to a host not tried yet; each step lands on an adjacent ring
                 # entry, which may be the same host again, so allow several.
@@ -107,6 +106,7 @@ def route_config(
                 ],
             },
             "route": route,
+            "per_request_buffer_limit_bytes": o.max_response_bytes,
         }
         if cluster in hashed:
             # The ring hash reads the router's affinity key; the header is added before hashing.
