@@ -114,6 +114,7 @@ class LLMRequest:
     stream: bool
     model_span: tuple[int, int]  # bytes of the model value, quotes included
     pieces: tuple[list[tuple[Any, Any]], ...]  # where each message's text lives in body
+    unreadable: tuple[str, ...] = ()  # fields the model reads that the router cannot (token ids)
 
     @property
     def last_user_text(self) -> str:
@@ -170,11 +171,28 @@ def _parse(api: Api, raw: bytes) -> LLMRequest:
         raise BadRequest("'stream' must be a boolean", param="stream", code="invalid_type")
     extracted = _EXTRACTORS[api](body)
     messages = tuple(_message(role, pieces) for role, pieces in extracted)
-    spans = _single_model_span(raw) or _model_value_spans(raw)
+    spans = _single_model_span(raw)
+    twice = None
+    if spans is None or _may_repeat(raw, _PROMPT_FIELDS[api]):
+        spans, twice = _top_level_scan(raw, _PROMPT_FIELDS[api])
+    # Parsers disagree on which duplicate wins (Python's json and orjson: the last; RapidJSON and
+    # simdjson lookups: the first): the upstream might serve a model we did not pick, or read a
+    # prompt we did not check.
     if len(spans) != 1:
-        # Parsers disagree on which duplicate wins; the upstream might serve a model we did not pick.
         raise BadRequest("'model' appears more than once in the request body", param="model")
-    return LLMRequest(api, raw, body, model, messages, bool(stream), spans[0], tuple(pieces for _, pieces in extracted))
+    if twice is not None:
+        raise BadRequest(f"'{twice}' appears more than once in the request body", param=twice)
+    return LLMRequest(
+        api,
+        raw,
+        body,
+        model,
+        messages,
+        bool(stream),
+        spans[0],
+        tuple(pieces for _, pieces in extracted),
+        _unreadable(api, body),
+    )
 
 
 def render(messages: tuple[Message, ...]) -> str:
@@ -186,7 +204,9 @@ def render(messages: tuple[Message, ...]) -> str:
 #
 # Each extractor returns, per message, its role and the places its text lives in the parsed
 # body ("pieces": a container and a key). The text is read from them now; redaction writes to
-# them later.
+# them later. Every text a model reads is extracted (so the PII policy sees it), not only the
+# turns: a message's name and reasoning, tool definitions, a completion's suffix, Responses
+# items of any type. Images, audio and files are not text and are left out.
 
 Piece = tuple[Any, Any]  # (dict or list, key or index) holding a string
 Extracted = list[tuple[str, list[Piece]]]
@@ -214,9 +234,50 @@ def _chat_messages(body: dict[str, Any]) -> Extracted:
         if not isinstance(role, str):
             raise BadRequest(f"'{param}.role' must be a string", param=f"{param}.role")
         pieces = _content_pieces(message, "content", f"{param}.content")
+        pieces.extend(_string_fields(message, _MESSAGE_TEXT, param))
         pieces.extend(_tool_call_pieces(message, param))
         out.append((role, pieces))
-    return out
+    return out + _tool_definitions(body, ("tools", "functions"))
+
+
+# Message fields besides content that chat templates render (a participant's name, an
+# assistant's refusal, the reasoning a reasoning model's template replays).
+_MESSAGE_TEXT = ("name", "refusal", "reasoning_content", "reasoning")
+TOOLS_ROLE = "tools"  # the role of the tool definitions, one more message after the conversation
+
+
+def _string_fields(holder: dict[str, Any], fields: tuple[str, ...], param: str) -> list[Piece]:
+    pieces: list[Piece] = []
+    for field in fields:
+        value = holder.get(field)
+        if isinstance(value, str):
+            pieces.append((holder, field))
+        elif value is not None:
+            raise BadRequest(f"'{param}.{field}' must be a string", param=f"{param}.{field}", code="invalid_type")
+    return pieces
+
+
+def _tool_definitions(body: dict[str, Any], keys: tuple[str, ...]) -> Extracted:
+    """Every string in the tool definitions (names, descriptions, parameter schemas), which a
+    chat template renders into the prompt: one message after the conversation."""
+    pieces = [piece for key in keys if key in body for piece in _strings(body, key)]
+    return [(TOOLS_ROLE, pieces)] if pieces else []
+
+
+def _strings(container: Any, key: Any, skip: frozenset[str] = frozenset()) -> list[Piece]:
+    """The places of every string under container[key] (iteratively: JSON nests up to 1024)."""
+    pieces: list[Piece] = []
+    stack = [(container, key)]
+    while stack:
+        holder, at = stack.pop()
+        value = holder[at]
+        if isinstance(value, str):
+            pieces.append((holder, at))
+        elif isinstance(value, dict):
+            stack.extend((value, k) for k in reversed(value) if k not in skip)
+        elif isinstance(value, list):
+            stack.extend((value, j) for j in reversed(range(len(value))))
+    return pieces
 
 
 def _tool_call_pieces(message: dict[str, Any], param: str) -> list[Piece]:
@@ -227,9 +288,10 @@ def _tool_call_pieces(message: dict[str, Any], param: str) -> list[Piece]:
         raise BadRequest(f"'{param}.tool_calls' must be an array", param=f"{param}.tool_calls")
     pieces: list[Piece] = []
     for call in calls:
-        function = call.get("function") if isinstance(call, dict) else None
-        if isinstance(function, dict):
-            pieces.extend((function, k) for k in ("name", "arguments") if isinstance(function.get(k), str))
+        for kind, fields in (("function", ("name", "arguments")), ("custom", ("name", "input"))):
+            function = call.get(kind) if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                pieces.extend((function, k) for k in fields if isinstance(function.get(k), str))
     return pieces
 
 
@@ -260,19 +322,34 @@ def _content_pieces(holder: dict[str, Any], key: str, param: str) -> list[Piece]
 
 
 def _completion_messages(body: dict[str, Any]) -> Extracted:
+    # The suffix (fill-in-the-middle) is read with every prompt.
+    suffix = [("user", pieces) for pieces in [_string_fields(body, ("suffix",), "body")] if pieces]
     prompt = body.get("prompt", "")
     if isinstance(prompt, str):
-        return [("user", [(body, "prompt")] if "prompt" in body else [])]
+        return [("user", [(body, "prompt")] if "prompt" in body else []), *suffix]
     if isinstance(prompt, list):
         if all(isinstance(p, str) for p in prompt):
-            return [("user", [(prompt, i)]) for i in range(len(prompt))] or [("user", [])]
-        if all(isinstance(p, int) for p in prompt) or all(
-            isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt
-        ):
-            return [("user", [])]  # token ids: nothing to read
+            return ([("user", [(prompt, i)]) for i in range(len(prompt))] or [("user", [])]) + suffix
+        if _token_ids(prompt):
+            return [("user", []), *suffix]  # token ids: nothing to read (LLMRequest.unreadable)
     raise BadRequest(
         "'prompt' must be a string, an array of strings, or token ids", param="prompt", code="invalid_type"
     )
+
+
+def _token_ids(prompt: list[Any]) -> bool:
+    return all(isinstance(p, int) for p in prompt) or all(
+        isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt
+    )
+
+
+def _unreadable(api: Api, body: dict[str, Any]) -> tuple[str, ...]:
+    """Fields a model reads that hold no text the router can read: token ids and embeddings."""
+    if api is not Api.COMPLETIONS:
+        return ()
+    prompt = body.get("prompt")
+    ids = isinstance(prompt, list) and bool(prompt) and _token_ids(prompt)
+    return (*(["prompt"] if ids else []), *(["prompt_embeds"] if body.get("prompt_embeds") is not None else []))
 
 
 def _responses_messages(body: dict[str, Any]) -> Extracted:
@@ -285,7 +362,7 @@ def _responses_messages(body: dict[str, Any]) -> Extracted:
     items = body.get("input", "")
     if isinstance(items, str):
         out.append(("user", [(body, "input")] if "input" in body else []))
-        return out
+        return out + _tool_definitions(body, ("tools",))
     if not isinstance(items, list):
         raise BadRequest("'input' must be a string or an array of items", param="input", code="invalid_type")
     for i, item in enumerate(items):
@@ -302,8 +379,19 @@ def _responses_messages(body: dict[str, Any]) -> Extracted:
             out.append(("assistant", [(item, k) for k in ("name", "arguments") if isinstance(item.get(k), str)]))
         elif kind == "function_call_output":
             out.append(("tool", _content_pieces(item, "output", f"{param}.output")))
-        # reasoning, item_reference and future item types carry no prompt text we route on
-    return out
+        elif kind != "item_reference":
+            # Tool calls and their outputs of other kinds (custom, MCP, shell), reasoning and
+            # item types yet to come: every string but identifiers and opaque payloads.
+            pieces = [p for k in item if k not in _OPAQUE for p in _strings(item, k, _OPAQUE)]
+            if pieces:
+                out.append(("tool" if kind.endswith("_output") else "assistant", pieces))
+    return out + _tool_definitions(body, ("tools",))
+
+
+# Fields of Responses items that hold identifiers or payloads no model reads as text.
+_OPAQUE = frozenset(
+    {"id", "type", "call_id", "status", "role", "encrypted_content", "image_url", "file_data", "file_id"}
+)
 
 
 _EXTRACTORS = {
@@ -369,36 +457,55 @@ def _string_end(raw: bytes, start: int) -> int:
         end = raw.find(b'"', end + 1)
 
 
-def _model_value_spans(raw: bytes) -> list[tuple[int, int]]:
-    """Byte spans of the values of every top-level "model" key (string values, quotes included).
+# Top-level fields a model reads the prompt from, per API: each must appear once.
+_PROMPT_FIELDS: dict[Api, tuple[str, ...]] = {
+    Api.CHAT: ("messages", "tools", "functions"),
+    Api.COMPLETIONS: ("prompt", "suffix"),
+    Api.RESPONSES: ("input", "instructions", "tools"),
+}
+_FIELD_TOKENS = {name: f'"{name}"'.encode() for names in _PROMPT_FIELDS.values() for name in names}
+
+
+def _may_repeat(raw: bytes, names: tuple[str, ...]) -> bool:
+    """False when no field of names can be a key twice: its token appears at most once, and (as
+    _single_model_span has checked) no \\u escape could spell it otherwise."""
+    return any(raw.count(_FIELD_TOKENS[name]) > 1 for name in names)
+
+
+def _top_level_scan(raw: bytes, names: tuple[str, ...]) -> tuple[list[tuple[int, int]], str | None]:
+    """Byte spans of the values of every top-level "model" key (string values, quotes included;
+    (-1, -1) for others), and the first of names found twice as a top-level key (or None).
 
     Only called on a body orjson accepted, so the scan never sees malformed JSON. It jumps from
     quote to quote (memchr speed) and tracks nesting from the brackets in between, so a long
-    prompt costs a few string searches, not a character-by-character walk.
+    prompt costs a few string searches, not a character-by-character walk. A string at the top
+    level followed by a colon is a key (a value is followed by a comma or the closing brace).
     """
-    spans = []
+    spans: list[tuple[int, int]] = []
+    seen: set[str] = set()
+    twice = None
     depth = 0
     pos = 0
-    expect_value = False
     while True:
         quote = raw.find(b'"', pos)
         if quote == -1:
-            return spans
+            return spans, twice
         depth += _depth_change(raw[pos:quote])
         end = _string_end(raw, quote)
         pos = end + 1
         if depth != 1:
             continue
-        if expect_value:
-            spans.append((quote, pos))
-            expect_value = False
-            continue
         colon = _COLON.match(raw, pos)
-        if colon and _is_model_key(raw[quote:pos]):
-            pos = colon.end()
-            expect_value = raw[pos : pos + 1] == b'"'
-            if not expect_value:
-                spans.append((-1, -1))  # counted as a key; never spliced
+        if colon is None:
+            continue
+        key = _key(raw[quote:pos])
+        pos = colon.end()
+        if key == "model":
+            spans.append((pos, _string_end(raw, pos) + 1) if raw[pos : pos + 1] == b'"' else (-1, -1))
+        elif key in names:
+            if key in seen and twice is None:
+                twice = key
+            seen.add(key)
 
 
 def _single_model_span(raw: bytes) -> list[tuple[int, int]] | None:
@@ -417,7 +524,6 @@ def _single_model_span(raw: bytes) -> list[tuple[int, int]] | None:
     return [(start, _string_end(raw, start) + 1)]
 
 
-def _is_model_key(token: bytes) -> bool:
-    if token == b'"model"':
-        return True
-    return b"\\" in token and orjson.loads(token) == "model"
+def _key(token: bytes) -> str:
+    """A key token's text (quotes included in token), escapes decoded only where there are any."""
+    return orjson.loads(token) if b"\\" in token else token[1:-1].decode()

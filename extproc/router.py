@@ -301,6 +301,10 @@ class Router:
 
     def _enforce_pii(self, policy: Policy, rule: PiiPolicy, choice: Choice) -> None:
         signals = choice.signals
+        unreadable = choice.parsed.unreadable
+        if unreadable and (rule.action != "allow" or rule.types is not None):
+            self._pii_unreadable(policy, rule, choice, unreadable[0])
+            return
         if signals.pii is None:  # the check could not run
             if rule.action != "allow" or rule.types is not None:  # (allowing everything needs no check)
                 self._pii_unchecked(policy, rule, choice)
@@ -369,6 +373,19 @@ class Router:
                 code="pii_check_incomplete",
             )
         raise errors.PiiCheckUnavailable("the request could not be checked for personal data in time; retry shortly")
+
+    def _pii_unreadable(self, policy: Policy, rule: PiiPolicy, choice: Choice, field: str) -> None:
+        """The model would read input no check can (token ids): fail closed as for a check that
+        could not run, except that retrying would not help, so a refusal says what to send."""
+        if rule.on_error == "allow" or rule.action == "reroute":
+            self._pii_unchecked(policy, rule, choice)
+            return
+        self.metrics.pii.labels("unchecked", rule.action).inc()
+        raise errors.BadRequest(
+            f"the personal-data check cannot read the token ids or embeddings in '{field}'; send the prompt as text",
+            code="pii_unreadable",
+            param=field,
+        )
 
     def _place(
         self,

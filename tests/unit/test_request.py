@@ -179,3 +179,34 @@ def test_an_error_body_always_has_param_null_when_unset() -> None:
         "error": {"message": "nope", "type": "invalid_request_error", "param": None, "code": "invalid_request"}
     }
     assert orjson.loads(BadRequest("nope", param="model").body())["error"]["param"] == "model"
+
+
+def test_every_text_a_model_reads_is_extracted_not_only_the_turns() -> None:
+    tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"enum": ["e"]}}}]
+    body = {
+        "model": "auto",
+        "messages": [
+            {"role": "user", "content": "c", "name": "n"},
+            {"role": "assistant", "content": None, "refusal": "r", "reasoning_content": "why"},
+            {"role": "assistant", "tool_calls": [{"id": "1", "type": "custom", "custom": {"name": "x", "input": "i"}}]},
+        ],
+        "tools": tools,
+    }
+    chat = parse(Api.CHAT, orjson.dumps(body))
+    assert [(m.role, m.text) for m in chat.messages] == [
+        ("user", "c\nn"),
+        ("assistant", "r\nwhy"),
+        ("assistant", "x\ni"),
+        ("tools", "function\nf\nd\ne"),  # the whole definition, as the model reads it
+    ]
+    completion = parse(Api.COMPLETIONS, b'{"model":"a","prompt":"p","suffix":"s"}')
+    assert [m.text for m in completion.messages] == ["p", "s"] and completion.unreadable == ()
+    items = [{"type": "mcp_call", "id": "m1", "name": "crm", "arguments": "{}"}, {"type": "reasoning", "summary": []}]
+    responses = parse(Api.RESPONSES, orjson.dumps({"model": "a", "input": items}))
+    assert [(m.role, m.text) for m in responses.messages] == [("assistant", "crm\n{}")]  # ids are not text
+
+
+def test_token_ids_and_embeddings_are_named_as_unreadable() -> None:
+    assert parse(Api.COMPLETIONS, b'{"model":"a","prompt":[[1,2]]}').unreadable == ("prompt",)
+    assert parse(Api.COMPLETIONS, b'{"model":"a","prompt":"","prompt_embeds":"AAAA"}').unreadable == ("prompt_embeds",)
+    assert parse(Api.CHAT, b'{"model":"a","messages":[{"role":"user","content":"x"}]}').unreadable == ()
