@@ -220,8 +220,8 @@ def _chat_messages(body: dict[str, Any]) -> Extracted:
         raise BadRequest("'messages' must contain at least one message", param="messages")
     out = []
     for i, message in enumerate(messages):
-        if type(message) is dict and "tool_calls" not in message and "function_call" not in message:
-            # The common shape (string role and content, no tool calls), without the checks'
+        if type(message) is dict and len(message) == 2:
+            # The common shape (a string role and content, nothing else), without the checks'
             # per-message allocations: a body of 100,000 messages parses in a fraction of the time.
             role, content = message.get("role"), message.get("content")
             if type(role) is str and type(content) is str:

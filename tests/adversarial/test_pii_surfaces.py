@@ -194,8 +194,9 @@ def test_a_clean_body_with_tools_and_names_is_forwarded_untouched(s: Stack) -> N
 
 @pytest.mark.xfail(
     strict=True,
-    reason="classifier (issue 15 items 1, 5: branch budget): a valid SSN as a bare JSON value, with no "
-    "words around it, scores 0.47 < min_score 0.5 and is not acted on; tool-call arguments are mostly that",
+    reason="classifier (owner of issue 15 items 1, 5): the tagger confirms a structured value from its "
+    "context, and a valid SSN as a bare JSON value with no words around it scores below min_score 0.5; "
+    "tool-call arguments are mostly that",
 )
 def test_a_bare_ssn_in_tool_call_arguments_is_found(s: Stack) -> None:
     call = {**CALL, "function": {"name": "lookup", "arguments": orjson.dumps({"ssn": SSN}).decode()}}
