@@ -50,6 +50,8 @@ def client_listener(policy: Policy, o: EnvoyOptions) -> dict[str, Any]:
         # x_gateway_destination_endpoint is not stripped as x-gateway-destination-endpoint is,
         # but some servers and gateways read the two as one header.
         "common_http_protocol_options": {"headers_with_underscores_action": "DROP_HEADER"},
+        # Envoy's default is 2^31 streams per HTTP/2 connection; its edge guide says 100.
+        "http2_protocol_options": {"max_concurrent_streams": 100},
         "request_headers_timeout": o.request_headers_timeout,
         "request_timeout": o.request_timeout,
         "stream_idle_timeout": o.stream_idle_timeout,
