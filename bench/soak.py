@@ -178,13 +178,17 @@ def raw(path: str, body: bytes, headers: dict[str, str | bytes] | None = None, l
     return head + b"connection: close\r\n\r\n" + body
 
 
-async def one_request(port: int, path: str, body: bytes, headers: dict[str, str]) -> int:
+async def one_request(port: int, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
     return await send_raw(port, raw(path, body, headers))
 
 
-async def send_raw(port: int, data: bytes, *, leave_after: float | None = None) -> int:
-    """Send data and read the answer's status (0: none). With leave_after, a client that stops
-    there: it waits that long for an answer (Envoy's timeouts may come first), then goes."""
+_CODE = re.compile(rb'"code":\s*"([a-z_]+)"')
+
+
+async def send_raw(port: int, data: bytes, *, leave_after: float | None = None) -> tuple[int, str]:
+    """Send data and read the answer's status (0: none) and error code ("" if none). With
+    leave_after, a client that stops there: it waits that long for an answer (Envoy's timeouts
+    may come first), then goes."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(data)
@@ -193,9 +197,11 @@ async def send_raw(port: int, data: bytes, *, leave_after: float | None = None) 
             data = await asyncio.wait_for(reader.read(), leave_after)
         else:
             data = await reader.read()
-        return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0
+        status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0
+        code = _CODE.search(data[:4096]) if status >= 400 else None
+        return status, code.group(1).decode() if code else ""
     except (OSError, ValueError, IndexError, TimeoutError):
-        return 0
+        return 0, ""
     finally:
         writer.close()
 
@@ -249,6 +255,8 @@ class Tally:
     latency: dict[str, list[float]] = field(default_factory=lambda: {"clean": [], "attack": []})
     hostile: Counter = field(default_factory=Counter)  # (kind, status)
     wrong: Counter = field(default_factory=Counter)  # hostile answers not among the documented ones
+    errors: list[tuple[float, str, int, str]] = field(default_factory=list)  # (sent at, phase, status, code)
+    sent: list[tuple[float, str]] = field(default_factory=list)  # (sent at, hostile kind)
 
 
 async def drive(
@@ -280,8 +288,10 @@ async def drive(
         if phase == "attack" and hostile and rng.random() < attack:
             kind, data, leave, allowed = rng.choice(hostile)
 
+            tally.sent.append((due - start, kind))
+
             async def run_hostile(kind=kind, data=data, leave=leave, allowed=allowed) -> None:
-                status = await send_raw(port, data, leave_after=leave)
+                status, _ = await send_raw(port, data, leave_after=leave)
                 tally.hostile[kind, status] += 1
                 if status not in allowed:
                     tally.wrong[kind, status] += 1
@@ -290,12 +300,14 @@ async def drive(
         else:
             path, body, headers, must_fail = request_mix(rng)
 
-            async def run(path=path, body=body, headers=headers, must_fail=must_fail, phase=phase) -> None:
+            async def run(path=path, body=body, headers=headers, must_fail=must_fail, phase=phase, at=due) -> None:
                 t = time.perf_counter()
-                status = await one_request(port, path, body, headers)
+                status, code = await one_request(port, path, body, headers)
                 (tally.refused if must_fail else tally.ok)[status] += 1
                 if status == 200 and not must_fail:
                     tally.latency[phase].append(time.perf_counter() - t)
+                elif status not in (200, 400, 404):
+                    tally.errors.append((at - start, phase, status, code))
 
             coroutine = run()
         task = asyncio.create_task(coroutine)
@@ -452,6 +464,11 @@ def main() -> int:
         checks[f"peak RSS within {args.rss_headroom:.0f} MB of warm-up"] = peak.peak <= rss_warm + args.rss_headroom
         if tally.wrong:
             print(f"  unexpected: {dict(tally.wrong)}")
+    if tally.errors:
+        print(f"errors: {dict(Counter((phase, status, code) for _, phase, status, code in tally.errors))}")
+        for at, phase, status, code in tally.errors[:20]:
+            before = [f"{kind} {at - t:.1f}s before" for t, kind in tally.sent if 0 <= at - t < 5]
+            print(f"  t={at:7.1f}s {phase} {status} {code}  hostile sent just before: {before or 'none'}")
     for name, passed in checks.items():
         print(f"  [{'PASS' if passed else 'FAIL'}] {name}")
     return 0 if all(checks.values()) else 1

@@ -246,14 +246,15 @@ _MESSAGE_TEXT = ("name", "refusal", "reasoning_content", "reasoning")
 TOOLS_ROLE = "tools"  # the role of the tool definitions, one more message after the conversation
 
 
-def _string_fields(holder: dict[str, Any], fields: tuple[str, ...], param: str) -> list[Piece]:
+def _string_fields(holder: dict[str, Any], fields: tuple[str, ...], param: str = "") -> list[Piece]:
     pieces: list[Piece] = []
     for field in fields:
         value = holder.get(field)
         if isinstance(value, str):
             pieces.append((holder, field))
         elif value is not None:
-            raise BadRequest(f"'{param}.{field}' must be a string", param=f"{param}.{field}", code="invalid_type")
+            name = f"{param}.{field}" if param else field
+            raise BadRequest(f"'{name}' must be a string", param=name, code="invalid_type")
     return pieces
 
 
@@ -323,13 +324,13 @@ def _content_pieces(holder: dict[str, Any], key: str, param: str) -> list[Piece]
 
 def _completion_messages(body: dict[str, Any]) -> Extracted:
     # The suffix (fill-in-the-middle) is read with every prompt.
-    suffix = [("user", pieces) for pieces in [_string_fields(body, ("suffix",), "body")] if pieces]
+    suffix = [("user", pieces) for pieces in [_string_fields(body, ("suffix",))] if pieces]
     prompt = body.get("prompt", "")
     if isinstance(prompt, str):
         return [("user", [(body, "prompt")] if "prompt" in body else []), *suffix]
     if isinstance(prompt, list):
         if all(isinstance(p, str) for p in prompt):
-            return ([("user", [(prompt, i)]) for i in range(len(prompt))] or [("user", [])]) + suffix
+            return [*([("user", [(prompt, i)]) for i in range(len(prompt))] or [("user", [])]), *suffix]
         if _token_ids(prompt):
             return [("user", []), *suffix]  # token ids: nothing to read (LLMRequest.unreadable)
     raise BadRequest(
