@@ -1,7 +1,12 @@
 """Stand-in model servers: small OpenAI-compatible HTTP/1.1 servers for the demo, the tests and
 the benchmarks. They answer at once (or after a set delay), stream SSE on request, report
 usage, expose vLLM-style /metrics, and remember what they received. For fault tests they can
-misbehave on LLM calls (``fault``, see FAULTS) or answer with large bodies."""
+misbehave on LLM calls (``fault``, see FAULTS) or answer with large bodies.
+
+With ``kv`` set, a stand-in also keeps a real LRU prefix cache of token blocks (the served model's
+tokens, through the same chat template) and publishes vLLM's KV events for it over ZMQ, in vLLM's
+wire format: BlockStored with vLLM's own block hashes, BlockRemoved on eviction,
+AllBlocksCleared, sequence numbers and a replay socket."""
 
 from __future__ import annotations
 
@@ -9,10 +14,13 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -27,6 +35,8 @@ FAULTS = {
     # A server's keep-alive timeout (uvicorn's: 5 s) closing a connection as a request is sent on it.
     "close-reused": "drop a kept-alive connection when another request arrives on it",
 }
+if TYPE_CHECKING:
+    from extproc.replicas.prompt_tokens import PromptTokenizer
 
 
 @dataclass
@@ -52,6 +62,7 @@ class StandIn:
     fault: str = ""  # one of FAULTS, or "" to behave
     answer_bytes: int = 0  # pad each answer's text (or each stream event's) to this many bytes
     waiting: int = 0  # queue length reported on /metrics (as vLLM does)
+    kv: KvCache | None = None  # a prefix cache that publishes vLLM's KV events
     received: collections.deque[Received] = field(default_factory=lambda: collections.deque(maxlen=2000))
     inflight: int = 0
     peak: int = 0  # most requests in flight at once
@@ -68,6 +79,8 @@ class StandIn:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
+        if self.kv is not None:
+            self.kv.close()
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
@@ -130,6 +143,8 @@ class StandIn:
                 return await _send(writer, 400, orjson.dumps(error), "application/json", self.name)
             if self.fault and self.fault != "close-reused" and not (self.fault == "cut" and payload.get("stream")):
                 return await self._misbehave(writer)
+            if self.kv is not None and isinstance(payload.get("messages"), list):
+                self.kv.serve(payload["messages"])
             if self.status != 200:
                 error = {"error": {"message": f"stand-in {self.name} fails", "type": "server_error"}}
                 return await _send(writer, self.status, orjson.dumps(error), "application/json", self.name)
@@ -296,6 +311,193 @@ async def _read_request(reader: asyncio.StreamReader) -> Received | None:
     else:
         body = b""
     return Received(method, path, headers, body)
+
+
+class KvCache:
+    """A model server's prefix cache, as vLLM's block pool keeps it: full blocks of
+    ``block_size`` tokens keyed by vLLM's chained block hashes, ``capacity`` blocks, least recently
+    used evicted first (a chain's tail before its head). Every change is published as vLLM
+    publishes it (extproc/replicas/kvevents.py): a PUB socket on ``endpoint`` and a ROUTER for
+    replays on ``replay_endpoint``; ``publish=False`` keeps the cache silent (a server without
+    KV events)."""
+
+    def __init__(
+        self,
+        tokenizer: PromptTokenizer,
+        *,
+        capacity: int = 4096,
+        block_size: int = 16,
+        algo: str = "sha256_cbor",
+        seed: str = "0",
+        host: str = "127.0.0.1",
+        replay: bool = True,
+        publish: bool = True,
+        buffer_steps: int = 10_000,
+    ) -> None:
+        from extproc.replicas.kvevents import vllm_none_hash
+
+        self.tokenizer = tokenizer
+        self.capacity = capacity
+        self.block_size = block_size
+        self.algo = algo
+        self._none_hash = vllm_none_hash(algo, seed)
+        self.blocks: OrderedDict[bytes, None] = OrderedDict()  # least recently used first
+        self.hits: list[int] = []  # cached tokens of each request served
+        self.publisher = KvPublisher(host, replay=replay, buffer_steps=buffer_steps) if publish else None
+
+    @property
+    def endpoint(self) -> str:
+        return self.publisher.endpoint if self.publisher else ""
+
+    @property
+    def replay_endpoint(self) -> str | None:
+        return self.publisher.replay_endpoint if self.publisher else None
+
+    def serve(self, messages: Sequence[dict]) -> int:
+        """Prefill a chat request: reuse its cached leading blocks, store the rest, evict past
+        capacity. Returns the tokens found cached."""
+        return self.admit(self.tokenizer.chat(messages))
+
+    def admit(self, tokens: Sequence[int]) -> int:
+        from extproc.replicas.kvevents import BlockRemoved, BlockStored, vllm_block_hashes
+
+        hashes = vllm_block_hashes(tokens, self.block_size, self.algo, parent=self._none_hash)
+        matched = 0
+        for h in hashes:
+            if h not in self.blocks:
+                break
+            matched += 1
+        events: list = []
+        new = hashes[matched:]
+        if new:
+            size = self.block_size
+            events.append(
+                BlockStored(
+                    tuple(new),
+                    hashes[matched - 1] if matched else None,
+                    tuple(tokens[matched * size : len(hashes) * size]),
+                    size,
+                    medium="GPU",
+                )
+            )
+        for h in reversed(hashes):  # tail first: the head ends most recent, evicted last
+            self.blocks[h] = None
+            self.blocks.move_to_end(h)
+        evicted = []
+        while len(self.blocks) > self.capacity:
+            evicted.append(self.blocks.popitem(last=False)[0])
+        if evicted:
+            events.append(BlockRemoved(tuple(evicted), medium="GPU"))
+        self._publish(events)
+        self.hits.append(matched * self.block_size)
+        return matched * self.block_size
+
+    def evict(self, n: int) -> None:
+        """Evict the n least recently used blocks (memory pressure from traffic elsewhere)."""
+        from extproc.replicas.kvevents import BlockRemoved
+
+        evicted = [self.blocks.popitem(last=False)[0] for _ in range(min(n, len(self.blocks)))]
+        if evicted:
+            self._publish([BlockRemoved(tuple(evicted), medium="GPU")])
+
+    def clear(self) -> None:
+        from extproc.replicas.kvevents import AllBlocksCleared
+
+        self.blocks.clear()
+        self._publish([AllBlocksCleared()])
+
+    def holds(self, tokens: Sequence[int]) -> int:
+        """Leading tokens of a prompt this cache holds."""
+        from extproc.replicas.kvevents import vllm_block_hashes
+
+        n = 0
+        for h in vllm_block_hashes(tokens, self.block_size, self.algo, parent=self._none_hash):
+            if h not in self.blocks:
+                break
+            n += 1
+        return n * self.block_size
+
+    def _publish(self, events: list) -> None:
+        if events and self.publisher is not None:
+            from extproc.replicas.kvevents import EventBatch
+
+            self.publisher.publish(EventBatch(time.time(), tuple(events)))
+
+    def close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()
+
+
+class KvPublisher:
+    """vLLM's ZmqEventPublisher in miniature: PUB ``(topic, seq, payload)`` from its own
+    thread, the last ``buffer_steps`` batches kept for a ROUTER that replays them."""
+
+    def __init__(self, host: str = "127.0.0.1", *, replay: bool = True, buffer_steps: int = 10_000, topic: str = ""):
+        import zmq
+
+        self._zmq = zmq
+        self._context = zmq.Context()
+        self._pub = self._context.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.SNDHWM, 100_000)
+        port = self._pub.bind_to_random_port(f"tcp://{host}")
+        self.endpoint = f"tcp://{host}:{port}"
+        self._replay = None
+        self.replay_endpoint: str | None = None
+        if replay:
+            self._replay = self._context.socket(zmq.ROUTER)
+            replay_port = self._replay.bind_to_random_port(f"tcp://{host}")
+            self.replay_endpoint = f"tcp://{host}:{replay_port}"
+        self._topic = topic.encode()
+        self._buffer: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=buffer_steps)
+        self._queue: queue.Queue = queue.Queue()
+        self.seq = 0
+        self.drop_next = 0  # the next n batches get a sequence number but are never sent (a lossy link)
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="standin-kv-publisher", daemon=True)
+        self._thread.start()
+
+    def publish(self, batch) -> None:
+        self._queue.put(batch)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until every batch handed over so far is sent."""
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait(timeout)
+
+    def _run(self) -> None:
+        from extproc.replicas.kvevents import END_SEQ, encode_batch, seq_bytes
+
+        zmq = self._zmq
+        while self._running:
+            if self._replay is not None and self._replay.poll(0):
+                client, _, start = self._replay.recv_multipart()
+                first = int.from_bytes(start, "big", signed=True)
+                for seq, payload in list(self._buffer):
+                    if seq >= first:
+                        self._replay.send_multipart([client, b"", seq_bytes(seq), payload])
+                self._replay.send_multipart([client, b"", seq_bytes(END_SEQ), b""])
+            try:
+                item = self._queue.get(timeout=0.01)
+            except queue.Empty:
+                continue
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            payload = encode_batch(item)
+            seq = self.seq
+            self.seq += 1
+            self._buffer.append((seq, payload))
+            if self.drop_next > 0:
+                self.drop_next -= 1
+                continue
+            with contextlib.suppress(zmq.ZMQError):
+                self._pub.send_multipart([self._topic, seq_bytes(seq), payload])
+
+    def close(self) -> None:
+        self._running = False
+        self._thread.join(2)
+        self._context.destroy(linger=0)
 
 
 class StandInFleet:
