@@ -117,6 +117,7 @@ class Runtime:
                     tracker=LoadTracker(self.settings.lease_timeout),
                 )
                 self._register_gauges(self.router)
+                self.router.follow_kv_events()
             else:
                 self.router.classifier = self._classifier_signal
                 self.router.swap(state)
@@ -232,6 +233,7 @@ class Runtime:
         metrics.add_gauge(metrics.ready_replicas, ready)
         metrics.add_gauge(metrics.ejected_replicas, ejected)
         metrics.add_gauge(metrics.event_loop_tasks, lambda: [((), float(self.loop_tasks))])
+        metrics.add_gauge(metrics.kv_replicas, lambda: [(key, float(n)) for key, n in router.kv.modes().items()])
 
     # --- serving -------------------------------------------------------------------------------
 
@@ -331,6 +333,7 @@ class Runtime:
                 self.loop_tasks = len(asyncio.all_tasks())  # sampled on the loop; read by the metrics thread
                 if self.scraper is not None:
                     self._update_scrape_targets()  # discovered pools change between reloads
+                self.router.follow_kv_events()
                 self._retain_replica_series()
         finally:
             if probes is not None:
@@ -354,6 +357,8 @@ class Runtime:
         if self._async_classifier is not None:
             await self._async_classifier.aclose()
         self.discovery.close()
+        if self.router is not None:
+            self.router.kv.close()
         if self.scraper is not None:
             self.scraper.stop()
         if self._metrics_server is not None:

@@ -129,6 +129,28 @@ class Metrics:
             buckets=_FRACTION_BUCKETS,
             registry=r,
         )
+        self.index_mode = Counter(
+            "extproc_pick_index_mode_total",
+            "Picks by what the router knew of the picked replica's KV cache: exact (its KV events), "
+            "approximate (events configured but not complete: the router's own guess) or none (no KV events).",
+            ["model", "mode"],
+            registry=r,
+        )
+        self.kv_events = Counter(
+            "extproc_kv_event_batches_total",
+            "KV-event batches from the model servers, by outcome: batch (applied), gap_replayed, "
+            "gap_resynced (missed batches the publisher could not replay: the replica's state was dropped), "
+            "restart (the publisher started again from 0), malformed.",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.kv_event_lag = Histogram(
+            "extproc_kv_event_lag_seconds",
+            "From a KV-event batch's timestamp (the model server's clock) to its application here.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.no_replica = Counter(
             "extproc_no_ready_replica_total", "Picks that found no ready replica for a model.", ["model"], registry=r
         )
@@ -208,11 +230,18 @@ class Metrics:
         self.event_loop_tasks = ScrapeGauge(
             "extproc_event_loop_tasks", "Tasks alive on the sidecar's event loop (leak check).", ()
         )
+        self.kv_replicas = ScrapeGauge(
+            "extproc_kv_replicas",
+            "Replicas subscribed to for KV events, by what the router knows of their cache: exact "
+            "(complete events) or approximate (subscribing, or resyncing after a gap).",
+            ("model", "mode"),
+        )
 
         # Label children looked up once: prometheus_client's labels() costs microseconds per call.
         self._stage_children: dict[str, object] = {}
         self._request_children: dict[tuple[str, str, str, str], object] = {}
         self._error_children: dict[str, object] = {}
+        self._mode_children: dict[tuple[str, str], object] = {}
         # Families labelled (model, replica), with the children created so far: a replica's
         # series are removed when it leaves its model's pool, so pod churn cannot grow them.
         self._per_replica: dict[Counter | Gauge | Histogram, dict[tuple[str, str], object]] = {self.picks: {}}
@@ -237,6 +266,15 @@ class Metrics:
         if child is None:
             child = self._error_children[code] = self.errors.labels(code)
         child.inc()  # type: ignore[attr-defined]
+
+    def count_index_mode(self, model: str, mode: str) -> None:
+        child = self._mode_children.get((model, mode))
+        if child is None:
+            child = self._mode_children[(model, mode)] = self.index_mode.labels(model, mode)
+        child.inc()  # type: ignore[attr-defined]
+
+    def count_kv_event(self, model: str, outcome: str) -> None:
+        self.kv_events.labels(model, outcome).inc()
 
     def count_pick(self, model: str, replica: str) -> None:
         self.replica_child(self.picks, model, replica).inc()  # type: ignore[attr-defined]

@@ -20,6 +20,8 @@ from extproc.policy.config import Decision, Model, PiiPolicy, Policy
 from extproc.policy.evaluate import NEEDS_CLASSIFIER, choose_model, decide
 from extproc.policy.evaluate import explain as trace_decisions
 from extproc.replicas.health import Outcome, OutlierDetector
+from extproc.replicas.kvaware import KvAwareness, Tokenizers, prompt_tokens
+from extproc.replicas.kvindex import Mode, PromptBlocks
 from extproc.replicas.load import Lease, LoadTracker
 from extproc.replicas.picking import Pick, Picker, PickRequest, build_picker
 from extproc.replicas.pool import Discovery, Pools
@@ -97,9 +99,10 @@ class RouterState:
     """Everything derived from one policy. Built whole, then swapped in at once; requests in
     flight keep the state they started with."""
 
-    def __init__(self, policy: Policy, pools: Pools) -> None:
+    def __init__(self, policy: Policy, pools: Pools, tokenizers: Tokenizers | None = None) -> None:
         self.policy = policy
         self.pools = pools
+        self.tokenizers = tokenizers  # the served models' prompt tokenizers (models with kv_events)
 
 
 class Router:
@@ -127,13 +130,19 @@ class Router:
             on_eject=lambda model, reason: self.metrics.ejections.labels(model, reason).inc(),
             on_overflow=lambda model: self.metrics.ejections_overflow.labels(model).inc(),
         )
+        self.kv = KvAwareness(
+            on_event=lambda model, what: self.metrics.count_kv_event(model, what),
+            on_lag=lambda model, seconds: self.metrics.kv_event_lag.labels(model).observe(seconds),
+        )
+        if state.tokenizers is None:
+            state.tokenizers = self.kv.tokenizers(state.policy)
         self.picker = self._picker(state.policy)
 
     # --- state ---------------------------------------------------------------------------------
 
     def build_state(self, policy: Policy) -> RouterState:
         """A complete state for policy (may block briefly on a first Kubernetes list)."""
-        return RouterState(policy, Pools.build(policy, self.discovery))
+        return RouterState(policy, Pools.build(policy, self.discovery), self.kv.tokenizers(policy))
 
     def swap(self, state: RouterState) -> None:
         self.state = state
@@ -143,6 +152,12 @@ class Router:
         self.discovery.retain(
             m.replicas.kubernetes for m in state.policy.models.values() if m.replicas and m.replicas.kubernetes
         )
+        self.follow_kv_events()
+
+    def follow_kv_events(self) -> None:
+        """Subscribe to the KV events of the current pools' replicas (after a reload or a pool change)."""
+        state = self.state
+        self.kv.follow(state.policy.models, state.pools.endpoints)
 
     def set_load_reports(self, reports: Any) -> None:
         """Scraped replica load (queue, KV-cache use) for the load scorer."""
@@ -436,9 +451,13 @@ class Router:
         assert model.replicas is not None
         blocks = block_hashes(model.name, request.render(parsed.messages), policy.picking.block_chars)
         session = signals.headers.get(policy.headers.session)
-        wanted = PickRequest(model.name, blocks, session)
+        prompt = self._prompt_blocks(model, parsed)
+        held = self.kv.held(prompt, endpoints) if prompt is not None else None
+        wanted = PickRequest(model.name, blocks, session, held=held)
         pick: Pick = self.picker.pick(wanted, endpoints, explain=explain)  # type: ignore[assignment]
         primary = pick.endpoints[0]
+        mode = "none" if held is None else held[primary][1].value
+        self.metrics.count_index_mode(model.name, mode)
         # The scorers already matched the prompt against every replica's index (before recording).
         matched = wanted.matched[primary] if wanted.matched else self.index.matched_blocks(primary, blocks)
         self.index.record(primary, blocks)
@@ -446,13 +465,27 @@ class Router:
         self.metrics.count_pick(model.name, primary)
         if blocks:
             self.metrics.prefix_hit.labels(model.name).observe(matched / len(blocks))
-        mode = model.replicas.envoy
-        cluster = policy.original_dst_cluster if mode == "original_dst" else model.cluster
-        routed = Routed(model.name, model.upstream_model, label, cluster, pick.endpoints, mode, lease=lease)
-        routed.pick_detail = {"scores": pick.scores, "prefix_blocks": matched, "blocks": len(blocks)}
+        envoy = model.replicas.envoy
+        cluster = policy.original_dst_cluster if envoy == "original_dst" else model.cluster
+        routed = Routed(model.name, model.upstream_model, label, cluster, pick.endpoints, envoy, lease=lease)
+        routed.pick_detail = {"scores": pick.scores, "prefix_blocks": matched, "blocks": len(blocks), "index": mode}
+        if held is not None and prompt is not None:
+            routed.pick_detail["kv_cache"] = {
+                "prompt_tokens": len(prompt.tokens),
+                "held": {e: {"fraction": round(f, 4), "mode": m.value} for e, (f, m) in held.items()},
+            }
         if pick.excluded:
             routed.pick_detail["excluded"] = pick.excluded
         return routed
+
+    def _prompt_blocks(self, model: Model, parsed: request.LLMRequest) -> PromptBlocks | None:
+        """The served model's token ids of this prompt, for models with KV events."""
+        tokenizers = self.state.tokenizers
+        tokenizer = tokenizers.get(model.name) if tokenizers is not None else None
+        if tokenizer is None:
+            return None
+        tokens = prompt_tokens(tokenizer, parsed)
+        return PromptBlocks(tokens) if tokens is not None else None
 
     def record_usage(self, model_name: str, input_tokens: int, output_tokens: int) -> None:
         """Tokens, cost, and what the same tokens would have cost on the baseline model."""

@@ -30,11 +30,38 @@ class KubernetesReplicas:
 
 
 @dataclass(frozen=True, slots=True)
+class KvEvents:
+    """Where each replica publishes vLLM's KV-cache events, and how to get a prompt's tokens.
+    ``endpoint`` and ``replay_endpoint`` are templates over the replica's address ({host},
+    {port}); ``endpoints`` names them per replica address instead (static pools)."""
+
+    tokenizer: str  # the served model's tokenizer.json
+    chat_template: str | None = None  # .jinja or tokenizer_config.json; None: the one beside tokenizer
+    endpoint: str = "tcp://{host}:5557"
+    replay_endpoint: str | None = None  # e.g. "tcp://{host}:5558"
+    endpoints: tuple[tuple[str, str], ...] = ()  # (replica address, PUB endpoint)
+    replay_endpoints: tuple[tuple[str, str], ...] = ()
+    topic: str = ""
+    warm_seconds: float = 30.0  # after (re)subscribing without a full replay: approximate this long
+
+    def publisher(self, address: str) -> tuple[str, str | None]:
+        """The PUB and replay endpoints of the replica at address ("ip:port", "[ipv6]:port")."""
+        host, _, port = address.rpartition(":")
+        explicit, replays = dict(self.endpoints), dict(self.replay_endpoints)
+        endpoint = explicit.get(address) or self.endpoint.format(host=host, port=port)
+        replay = replays.get(address) or (
+            self.replay_endpoint.format(host=host, port=port) if self.replay_endpoint else None
+        )
+        return endpoint, replay
+
+
+@dataclass(frozen=True, slots=True)
 class Replicas:
     static: tuple[str, ...] = ()
     kubernetes: KubernetesReplicas | None = None
     envoy: str = "original_dst"  # original_dst | override_host | hash
     metrics: bool = False
+    kv_events: KvEvents | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +149,7 @@ class PickingSettings:
     load_weight: float = 2.0
     session_weight: float = 4.0
     leader_weight: float = 0.0  # the replica with the longest prefix (after a move, stay)
+    kv_cache_weight: float = 3.0  # the prefix a replica really holds, from its KV events (where it has them)
     block_chars: int = 256
     index_blocks: int = 20000
     load_bound: float = 0.0  # a new conversation goes to a replica at or below the mean (bench/RESULTS-affinity.md)

@@ -22,6 +22,7 @@ from extproc.policy.config import (
     Decision,
     HeaderNames,
     KubernetesReplicas,
+    KvEvents,
     Model,
     OutlierDetection,
     PickingSettings,
@@ -436,6 +437,15 @@ def _outlier_detection(spec: dict[str, Any]) -> OutlierDetection:
     return OutlierDetection(**settings)
 
 
+def _kv_events(spec: dict[str, Any]) -> KvEvents:
+    fields = {k: v for k, v in spec.items() if k not in ("endpoints", "replay_endpoints")}
+    return KvEvents(
+        **fields,
+        endpoints=tuple(sorted(spec.get("endpoints", {}).items())),
+        replay_endpoints=tuple(sorted(spec.get("replay_endpoints", {}).items())),
+    )
+
+
 def _model(name: str, spec: dict[str, Any]) -> Model:
     pricing = spec.get("pricing")
     replicas = spec.get("replicas")
@@ -449,6 +459,7 @@ def _model(name: str, spec: dict[str, Any]) -> Model:
             kubernetes=KubernetesReplicas(**replicas["kubernetes"]) if "kubernetes" in replicas else None,
             envoy=replicas.get("envoy", "original_dst"),
             metrics=replicas.get("metrics", False),
+            kv_events=_kv_events(replicas["kv_events"]) if "kv_events" in replicas else None,
         )
         if replicas
         else None,

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from extproc.policy.config import PickingSettings
 from extproc.replicas.health import OutlierDetector
+from extproc.replicas.kvindex import Mode
 from extproc.replicas.load import LoadTracker
 from extproc.replicas.prefix import PrefixIndex
 from extproc.replicas.scrape import LoadReport
@@ -26,10 +27,23 @@ class PickRequest:
     blocks: list[int]  # prefix chain hashes of the rendered conversation
     session: str | None = None
     matched: dict[str, int] | None = None  # blocks of the prefix each replica holds, computed once
+    # From the replicas' KV events (models with kv_events): the fraction of the prompt's tokens each
+    # replica holds, exact or (approximate) a lower bound.
+    held: Mapping[str, tuple[float, Mode]] | None = None
 
     def matched_blocks(self, index: PrefixIndex, endpoints: Sequence[str]) -> dict[str, int]:
+        """Blocks of the prefix each replica holds, as well as the router knows: from its KV
+        events where they are exact, else the router's own index (or the events' lower bound)."""
         if self.matched is None:
-            self.matched = {e: index.matched_blocks(e, self.blocks) for e in endpoints} if self.blocks else {}
+            matched = {e: index.matched_blocks(e, self.blocks) for e in endpoints} if self.blocks else {}
+            if self.held and matched:
+                n = len(self.blocks)
+                for e in endpoints:
+                    held = self.held.get(e)
+                    if held is not None:
+                        real = round(held[0] * n)
+                        matched[e] = real if held[1] is Mode.EXACT else max(real, matched[e])
+            self.matched = matched
         return self.matched
 
 
@@ -151,15 +165,43 @@ def _capacity(epsilon: float, total: int, replicas: int, floor: int) -> int:
 
 @dataclass(slots=True)
 class PrefixAffinity:
+    """The router's own guess: the fraction of the prompt's blocks it sent each replica lately.
+    Requests of models with KV events are scored by KvCacheAffinity instead."""
+
     index: PrefixIndex
     name: str = "prefix"
 
     def score(self, request: PickRequest, endpoints: Sequence[str]) -> Mapping[str, float]:
-        if not request.blocks:
+        if not request.blocks or request.held is not None:
             return {}
         n = len(request.blocks)
         matched = request.matched_blocks(self.index, endpoints)
         return {e: matched[e] / n for e in endpoints}
+
+
+@dataclass(slots=True)
+class KvCacheAffinity:
+    """The fraction of the prompt's tokens a replica really holds, from its own KV events
+    (extproc/replicas/kvindex.py): what every router replica sees alike. A replica whose events
+    are not complete (just subscribed, or resyncing after a gap) gets the router's own guess, or
+    what its events already show if that is more. Requests of models without KV events get no
+    score here (PrefixAffinity scores them)."""
+
+    index: PrefixIndex
+    name: str = "kv_cache"
+
+    def score(self, request: PickRequest, endpoints: Sequence[str]) -> Mapping[str, float]:
+        held = request.held
+        if held is None or not request.blocks:
+            return {}
+        n = len(request.blocks)
+        out = {}
+        for e in endpoints:
+            fraction, mode = held.get(e, (0.0, Mode.APPROXIMATE))
+            if mode is not Mode.EXACT:
+                fraction = max(fraction, self.index.matched_blocks(e, request.blocks) / n)
+            out[e] = fraction
+        return out
 
 
 @dataclass(slots=True)
@@ -291,6 +333,7 @@ def build_picker(
         filters=[bound],
         scorers=[
             (PrefixAffinity(index), settings.prefix_weight),
+            (KvCacheAffinity(index), settings.kv_cache_weight),
             (load, settings.load_weight),
             (SessionAffinity(), settings.session_weight),
             (PrefixLeader(index), settings.leader_weight),
