@@ -21,7 +21,7 @@ from extproc.policy.evaluate import NEEDS_CLASSIFIER, choose_model, decide
 from extproc.policy.evaluate import explain as trace_decisions
 from extproc.replicas.health import Outcome, OutlierDetector
 from extproc.replicas.kvaware import KvAwareness, Tokenizers, prompt_tokens
-from extproc.replicas.kvindex import Mode, PromptBlocks
+from extproc.replicas.kvindex import PromptBlocks
 from extproc.replicas.load import Lease, LoadTracker
 from extproc.replicas.picking import Pick, Picker, PickRequest, build_picker
 from extproc.replicas.pool import Discovery, Pools

@@ -109,7 +109,7 @@ def _event(raw: Any) -> Event | None:
     if isinstance(raw, list) and raw and isinstance(raw[0], str):
         kind, values = raw[0], raw[1:]
         fields: dict[str, Any] = {}
-        names = _STORED_FIELDS + ("extra_keys",) if kind == "BlockStored" else ("block_hashes", "medium")
+        names = (*_STORED_FIELDS, "extra_keys") if kind == "BlockStored" else ("block_hashes", "medium")
         fields = dict(zip(names, values, strict=False))
     elif isinstance(raw, dict) and isinstance(raw.get("type"), str):
         kind, fields = raw["type"], raw

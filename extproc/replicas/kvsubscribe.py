@@ -29,6 +29,8 @@ from extproc.replicas.kvindex import KvIndex
 
 log = logging.getLogger("extproc.replicas")
 
+_EVERYTHING = 1 << 62
+
 
 @dataclass(frozen=True, slots=True)
 class Target:
@@ -133,10 +135,13 @@ class KvEventSubscriber:
             socket.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
             socket.setsockopt(zmq.SUBSCRIBE, target.topic.encode())
             socket.connect(target.endpoint)
-            subscriptions[endpoint] = _Subscription(target, socket)
+            subscription = subscriptions[endpoint] = _Subscription(target, socket)
             poller.register(socket, zmq.POLLIN)
             by_socket[socket] = endpoint
             self.index.subscribe(endpoint)
+            # An idle replica publishes nothing, so ask for its history now rather than at its
+            # next batch. What is published meanwhile shows up as a gap, replayed in turn.
+            self._replay(endpoint, subscription, 0, _EVERYTHING)
         self.index.forget(wanted)
 
     def _receive(self, endpoint: str, subscription: _Subscription, frames: list[bytes]) -> None:
@@ -204,6 +209,11 @@ class KvEventSubscriber:
                     return False
                 seq = read_seq(frames[1])
                 if seq == END_SEQ:
+                    if first and start == 0:
+                        # Nothing buffered: a publisher that never published (its buffer only
+                        # drops batches to make room for newer ones), so its cache is empty.
+                        self.index.reset(endpoint, complete=True)
+                        return True
                     return not first or start >= upto
                 if first:
                     first = False

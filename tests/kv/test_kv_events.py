@@ -48,8 +48,16 @@ def test_map_encoded_batches_and_int_hashes_decode() -> None:
         {
             "ts": 1.0,
             "events": [
-                {"type": "BlockStored", "block_hashes": [7, 8], "parent_block_hash": 6, "token_ids": [1] * 8,
-                 "block_size": 4, "lora_id": None, "medium": None, "lora_name": None},
+                {
+                    "type": "BlockStored",
+                    "block_hashes": [7, 8],
+                    "parent_block_hash": 6,
+                    "token_ids": [1] * 8,
+                    "block_size": 4,
+                    "lora_id": None,
+                    "medium": None,
+                    "lora_name": None,
+                },
                 {"type": "BlockRemoved", "block_hashes": [7], "medium": None},
                 {"type": "SomethingNew", "x": 1},
             ],
@@ -156,8 +164,13 @@ def test_chain_keys_do_not_depend_on_the_process_hash_seed() -> None:
 
     code = "from extproc.replicas.kvindex import chain; print(chain(list(range(100)), 16))"
     outputs = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": seed, "PATH": ""},
+        ).stdout
         for seed in ("1", "2", "random")
     }
     assert len(outputs) == 1
