@@ -87,6 +87,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extproc.policy.config import PickingSettings
+from extproc.replicas.kvindex import Mode
 from extproc.replicas.load import Lease, LoadTracker
 from extproc.replicas.picking import Picker, PickRequest, build_picker
 from extproc.replicas.prefix import PrefixIndex, block_hashes
@@ -94,6 +95,7 @@ from extproc.request import Message, render
 
 MODEL = "llama-3.1-8b-instruct"
 CHARS_PER_TOKEN = 4
+KV_BLOCK_CHARS = 256  # the replicas' block (Replica.kv_block_chars)
 SAMPLE_EVERY = 0.25  # seconds between load samples
 
 
@@ -286,17 +288,30 @@ class _RouterInstance:
 class Ours(Policy):
     """The package's Picker, built from PickingSettings as the router builds it. With routers > 1,
     each request reaches one of several independent router instances (one beside each Envoy), each
-    with its own prefix index and in-flight counts."""
+    with its own prefix index and in-flight counts.
+
+    With ``events``, every router also knows what each replica's KV cache really holds, as its KV
+    events tell it (PickRequest.held, scored by KvCacheAffinity, followed by the sticky and leader
+    filters): the simulation hands the picker the replicas' own block sets, ``event_lag`` seconds
+    old (0: as of the pick; the router applies events within milliseconds, see RESULTS)."""
 
     name = "ours"
 
-    def __init__(self, n: int, settings: PickingSettings, routers: int = 1, seed: int = 1) -> None:
+    def __init__(
+        self, n: int, settings: PickingSettings, routers: int = 1, seed: int = 1, events: bool = False
+    ) -> None:
         self.settings = settings
         self.endpoints = tuple(f"10.0.0.{i + 1}:8000" for i in range(n))
         self.slot = {e: i for i, e in enumerate(self.endpoints)}
         self.routers = [self._router(settings) for _ in range(routers)]
         self._rng = random.Random(f"{seed}/routers")
         self.leases: dict[int, Lease] = {}
+        self.events = events
+        self.caches: Sequence[OrderedDict[int, None]] = ()  # the replicas' KV caches (set by the simulation)
+        if events:
+            self.name = "ours + events"
+        if routers > 1:
+            self.name += f", {routers} routers"
 
     @staticmethod
     def _router(p: PickingSettings) -> _RouterInstance:
@@ -308,7 +323,14 @@ class Ours(Policy):
         router = self.routers[request.router]
         # As Router._pick: hash the rendered conversation, pick, record the blocks, take a lease.
         blocks = block_hashes(MODEL, request.text, self.settings.block_chars)
-        pick = router.picker.pick(PickRequest(MODEL, blocks, request.turn.session), self.endpoints)
+        held = None
+        if self.events and blocks:
+            # The replica's own blocks are keyed like ours (same chain hash, block size and text):
+            # an exact answer to "how much of this prompt does it hold", as its events tell.
+            kv_blocks = block_hashes(MODEL, request.text, KV_BLOCK_CHARS)
+            n = len(kv_blocks) or 1
+            held = {e: (_matched(self.caches[i], kv_blocks) / n, Mode.EXACT) for i, e in enumerate(self.endpoints)}
+        pick = router.picker.pick(PickRequest(MODEL, blocks, request.turn.session, held=held), self.endpoints)
         primary = pick.endpoints[0]  # type: ignore[union-attr]
         router.index.record(primary, blocks)
         self.leases[request.id] = router.tracker.acquire(primary, MODEL)
@@ -385,6 +407,8 @@ class Simulation:
             raise ValueError(f"engine must be 'steps' or 'simple', not {replica.engine!r}")
         self.policy, self.n, self.w, self.r = policy, n, workload, replica
         self.reps = [ReplicaState() for _ in range(n)]
+        if isinstance(policy, Ours):
+            policy.caches = [rep.kv for rep in self.reps]
         self.inflight = [0] * n
         self.events: list[tuple[float, int, int, object]] = []
         self._seq = itertools.count()

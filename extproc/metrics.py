@@ -151,6 +151,14 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.session_models = Counter(
+            "extproc_session_model_total",
+            "Conversation turns by what became of the conversation's model: new, same, kept (the decision "
+            "named another model; it stayed) or switched (reason: switch, the decision allows it; pii, a "
+            "privacy reroute; unavailable, its model had no replica).",
+            ["model", "outcome", "reason"],
+            registry=r,
+        )
         self.no_replica = Counter(
             "extproc_no_ready_replica_total", "Picks that found no ready replica for a model.", ["model"], registry=r
         )
@@ -272,6 +280,9 @@ class Metrics:
         if child is None:
             child = self._mode_children[(model, mode)] = self.index_mode.labels(model, mode)
         child.inc()  # type: ignore[attr-defined]
+
+    def count_session_model(self, model: str, outcome: str, reason: str | None) -> None:
+        self.session_models.labels(model, outcome, reason or "").inc()
 
     def count_kv_event(self, model: str, outcome: str) -> None:
         self.kv_events.labels(model, outcome).inc()

@@ -14,14 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from extproc import errors, request
+from extproc import errors, request, sessions
 from extproc.metrics import Metrics
 from extproc.policy.config import Decision, Model, PiiPolicy, Policy
 from extproc.policy.evaluate import NEEDS_CLASSIFIER, choose_model, decide
 from extproc.policy.evaluate import explain as trace_decisions
 from extproc.replicas.health import Outcome, OutlierDetector
 from extproc.replicas.kvaware import KvAwareness, Tokenizers, prompt_tokens
-from extproc.replicas.kvindex import PromptBlocks
+from extproc.replicas.kvindex import Mode, PromptBlocks
 from extproc.replicas.load import Lease, LoadTracker
 from extproc.replicas.picking import Pick, Picker, PickRequest, build_picker
 from extproc.replicas.pool import Discovery, Pools
@@ -67,12 +67,28 @@ class Routed:
     stages: dict[str, float] = field(default_factory=dict)
     pick_detail: dict[str, Any] | None = None  # replica scores, for explanations
     explanation: dict[str, Any] | None = None
+    session: sessions.SessionModel | None = None  # the conversation's model: kept, switched, new
 
 
 def _conversation(signals: Signals) -> str:
     """The conversation's opening (system prompt and first user message): the same on every turn."""
     opening = signals.messages[: signals.last_user_index + 1][:2]
     return "\0".join(m.text for m in opening)
+
+
+def _opening(signals: Signals) -> str:
+    """Everything up to and including the first user message: the same on every turn."""
+    out = []
+    for m in signals.messages:
+        out.append(m.text)
+        if m.role == "user":
+            break
+    return "\0".join(out)
+
+
+def _has_history(signals: Signals) -> bool:
+    """An earlier answer in the conversation: a later turn, not a first one."""
+    return any(m.role == "assistant" for m in signals.messages)
 
 
 def _digest(text: str) -> str:
@@ -93,6 +109,8 @@ class Choice:
     label: str = ""
     pii_action: str = ""
     redactions: dict[int, list[tuple[int, int, str]]] | None = None
+    session_key: str | None = None  # the conversation, for the session-model table
+    session: sessions.SessionModel | None = None
 
 
 class RouterState:
@@ -116,6 +134,7 @@ class Router:
         tracker: LoadTracker | None = None,
         counter: TokenCounter | None = None,
         load_reports: Any = None,
+        session_store: sessions.SessionStore | None = None,
     ) -> None:
         self.state = state
         self.metrics = metrics or Metrics()
@@ -124,6 +143,8 @@ class Router:
         self.tracker = tracker or LoadTracker()
         self.counter = counter or TokenCounter()
         self.index = PrefixIndex(state.policy.picking.index_blocks)
+        settings = state.policy.sessions
+        self.sessions = session_store or sessions.LocalSessions(settings.max_sessions, settings.idle_seconds)
         self.load_reports = load_reports
         self.health = OutlierDetector(
             state.policy.picking.outlier_detection,
@@ -214,6 +235,8 @@ class Router:
                 await asyncio.to_thread(signals.count_tokens)
             decision, model_name, choice.fallbacks = await self._decide(policy, signals, call, stages)
             choice.label = decision.name if decision else DEFAULT_DECISION
+            if policy.sessions.keep_model:
+                model_name = await self._session_model(policy, decision, model_name, choice, call)
         elif parsed.model in policy.models:
             decision, model_name, choice.label = None, parsed.model, EXPLICIT
         elif policy.unknown_models == "passthrough":
@@ -229,7 +252,79 @@ class Router:
         if pii_policy is not None:
             await self._classify(signals, policy, stages, topic=False)
             self._enforce_pii(policy, pii_policy, choice)
+            kept = choice.session
+            if kept is not None and choice.model.name != kept.model:  # privacy beats keeping the model
+                choice.session = sessions.SessionModel(
+                    sessions.SWITCHED, choice.model.name, kept.previous, kept.decided, "pii", kept.source
+                )
         return choice
+
+    async def _session_model(
+        self, policy: Policy, decision: Decision | None, decided: str, choice: Choice, call: Call
+    ) -> str:
+        """The model this turn goes to: the conversation's own, unless the decision may move it."""
+        signals = choice.signals
+        key = self._session_key(policy, signals, call)
+        if key is None:
+            return decided
+        choice.session_key = key
+        previous, source = self.sessions.get(key), "table"
+        if previous is None and _has_history(signals):
+            previous, source = self._model_from_kv_events(policy, choice.parsed), "kv_events"
+        if previous is None or previous not in policy.models:
+            choice.session = sessions.SessionModel(sessions.NEW, decided, decided=decided)
+            return decided
+        if previous == decided:
+            choice.session = sessions.SessionModel(sessions.SAME, decided, previous, decided, source=source)
+            return decided
+        rule = decision.switch if decision is not None else None
+        allowed = rule is not None and (rule.always or await self._holds(rule.when, signals, policy, choice.stages))
+        if allowed:
+            choice.session = sessions.SessionModel(sessions.SWITCHED, decided, previous, decided, "switch", source)
+            return decided
+        choice.session = sessions.SessionModel(sessions.KEPT, previous, previous, decided, "keep_model", source)
+        # The decided model (then its fallbacks) if the conversation's own has no replica left.
+        choice.fallbacks = tuple(m for m in (decided, *choice.fallbacks) if m != previous)
+        return previous
+
+    async def _holds(self, condition: Any, signals: Signals, policy: Policy, stages: dict[str, float]) -> bool:
+        if condition is None:
+            return False
+        result = condition.evaluate(signals)
+        if result is None:
+            await self._classify(signals, policy, stages)
+            result = condition.evaluate(signals)
+        return bool(result)
+
+    @staticmethod
+    def _session_key(policy: Policy, signals: Signals, call: Call) -> str | None:
+        """The session header, else the user and the conversation's opening; None for a first
+        turn without a session header (nothing to keep, and the opening may be anyone's)."""
+        session = call.headers.get(policy.headers.session)
+        if session:
+            return "s\0" + session
+        if not signals.messages:
+            return None
+        user = call.headers.get(policy.headers.user, "")
+        return "c\0" + _digest(user + "\0" + _opening(signals))
+
+    def _model_from_kv_events(self, policy: Policy, parsed: request.LLMRequest) -> str | None:
+        """The model whose replicas really hold most of this conversation (from their KV events):
+        how a sidecar that never saw the conversation learns where it is."""
+        best, best_fraction = None, 0.5  # more than half the prompt: its history, not a shared system prompt
+        tokenizers = self.state.tokenizers
+        for name, model in policy.models.items():
+            tokenizer = tokenizers.get(name) if tokenizers is not None else None
+            if tokenizer is None or model.replicas is None:
+                continue
+            tokens = prompt_tokens(tokenizer, parsed)
+            if not tokens:
+                continue
+            held = self.kv.held(PromptBlocks(tokens), self.state.pools.endpoints(name))
+            fraction = max((f for f, mode in held.values() if mode is Mode.EXACT), default=0.0)
+            if fraction > best_fraction:
+                best, best_fraction = name, fraction
+        return best
 
     async def route(self, call: Call) -> Routed:
         choice = await self.choose(call)
@@ -249,6 +344,8 @@ class Router:
             body = parsed.with_model(routed.upstream_model)
         routed.body = None if body is parsed.raw else body
         routed.signals, routed.pii_action, routed.stages = signals, choice.pii_action, stages
+        if choice.session_key is not None:
+            routed.session = self._record_session(choice, routed)
         stages["pick"] = time.perf_counter() - t2
         stages["total"] = time.perf_counter() - choice.started
         if explain_wanted:
@@ -478,6 +575,20 @@ class Router:
             routed.pick_detail["excluded"] = pick.excluded
         return routed
 
+    def _record_session(self, choice: Choice, routed: Routed) -> sessions.SessionModel | None:
+        """Remember where the conversation went; a kept model with no replica left moved it."""
+        assert choice.session_key is not None
+        self.sessions.put(choice.session_key, routed.model)
+        outcome = choice.session
+        if outcome is not None and routed.model != outcome.model:
+            previous = outcome.previous if outcome.previous is not None else outcome.model
+            outcome = sessions.SessionModel(
+                sessions.SWITCHED, routed.model, previous, outcome.decided, "unavailable", outcome.source
+            )
+        if outcome is not None:
+            self.metrics.count_session_model(routed.model, outcome.outcome, outcome.reason)
+        return outcome
+
     def _prompt_blocks(self, model: Model, parsed: request.LLMRequest) -> PromptBlocks | None:
         """The served model's token ids of this prompt, for models with KV events."""
         tokenizers = self.state.tokenizers
@@ -526,5 +637,6 @@ class Router:
             "trace": trace_decisions(policy, signals) if routed.decision not in (EXPLICIT, PASSTHROUGH) else [],
             "pii_action": routed.pii_action or None,
             "replicas": {"picked": list(routed.endpoints), **replica},
+            "session_model": routed.session.explain() if routed.session is not None else None,
         }
         return out

@@ -93,6 +93,14 @@ class Split:
 
 
 @dataclass(frozen=True, slots=True)
+class Switch:
+    """When a decision may move a conversation off the model it started on."""
+
+    always: bool = False
+    when: Condition | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     name: str
     when: Condition | None
@@ -101,10 +109,18 @@ class Decision:
     fallbacks: tuple[str, ...] = ()
     priority: int = 0
     pii: PiiPolicy | None = None
+    switch: Switch | None = None  # None: a conversation on another model stays there
 
     @property
     def needs_classifier(self) -> bool:
         return self.when is not None and self.when.needs_classifier
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    keep_model: bool = True
+    max_sessions: int = 100_000
+    idle_seconds: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +191,7 @@ class Policy:
     baseline_model: str | None = None
     classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
     picking: PickingSettings = field(default_factory=PickingSettings)
+    sessions: SessionSettings = field(default_factory=SessionSettings)
     pii: PiiPolicy | None = None
     digest: str = ""  # sha256 of the source text, for the config-hash info metric
     needs_pii: bool = False  # some decision tests PII or some PII policy is set

@@ -30,7 +30,9 @@ from extproc.policy.config import (
     Policy,
     Pricing,
     Replicas,
+    SessionSettings,
     Split,
+    Switch,
 )
 
 DEFAULT_POLICY = Path(__file__).resolve().parent / "default.yaml"
@@ -360,6 +362,9 @@ def _references(
             yield from check((*base, "fallbacks", j), fallback)
         if "when" in decision and clean((*base, "when")):
             yield from _condition_problems(decision["when"], (*base, "when"), lines, data.get("heads", {}))
+        switch = decision.get("switch")
+        if isinstance(switch, dict) and "when" in switch and clean((*base, "switch", "when")):
+            yield from _condition_problems(switch["when"], (*base, "switch", "when"), lines, data.get("heads", {}))
 
 
 def _pii_policies(data: dict[str, Any]) -> Iterator[tuple[JsonPath, dict[str, Any]]]:
@@ -437,6 +442,14 @@ def _outlier_detection(spec: dict[str, Any]) -> OutlierDetection:
     return OutlierDetection(**settings)
 
 
+def _switch(spec: Any, heads: dict[str, Head]) -> Switch | None:
+    if spec is None:
+        return None
+    if spec == "always":
+        return Switch(always=True)
+    return Switch(when=conditions.build(spec["when"], heads))
+
+
 def _kv_events(spec: dict[str, Any]) -> KvEvents:
     fields = {k: v for k, v in spec.items() if k not in ("endpoints", "replay_endpoints")}
     return KvEvents(
@@ -481,6 +494,7 @@ def _build(
                 fallbacks=tuple(spec.get("fallbacks", ())),
                 priority=spec.get("priority", 0),
                 pii=_pii_policy(spec.get("pii")),
+                switch=_switch(spec.get("switch"), heads),
             )
         )
     # Higher priority first; sorted() is stable, so equal priorities keep file order.
@@ -494,20 +508,23 @@ def _build(
     picking = PickingSettings(**{f"{k}_weight": v for k, v in weights.items()}, **picking_spec)
     default_pii = _pii_policy(data.get("pii"))
     models = {name: _model(name, spec) for name, spec in data["models"].items()}
+    # Every condition the policy evaluates: decisions', and their switch rules'.
+    walked = [c for d in ordered for c in conditions.walk(d.when)]
+    walked += [c for d in ordered if d.switch and d.switch.when for c in conditions.walk(d.switch.when)]
     needs_pii = (
         default_pii is not None
         or any(m.pii for m in models.values())
-        or any(d.pii or any(isinstance(c, conditions.Pii) for c in conditions.walk(d.when)) for d in ordered)
+        or any(d.pii for d in ordered)
+        or any(isinstance(c, conditions.Pii) for c in walked)
     )
     pii_types = _pii_types(
         [default_pii, *(m.pii for m in models.values()), *(d.pii for d in ordered)],
-        [c for d in ordered for c in conditions.walk(d.when) if isinstance(c, conditions.Pii)],
+        [c for c in walked if isinstance(c, conditions.Pii)],
     )
-    walked = [c for d in ordered for c in conditions.walk(d.when)]
     uses_tokens = any(isinstance(c, conditions.Tokens) for c in walked)
     uses_topic = any(isinstance(c, conditions.Domain | conditions.Complexity) for c in walked)
     uses_classifier = classifier.enabled is True or (
-        classifier.enabled == "auto" and (needs_pii or any(d.needs_classifier for d in ordered))
+        classifier.enabled == "auto" and (needs_pii or any(c.needs_classifier for c in walked))
     )
     problems = []
     outliers = picking.outlier_detection
@@ -543,6 +560,7 @@ def _build(
         baseline_model=data.get("cost", {}).get("baseline_model"),
         classifier=classifier,
         picking=picking,
+        sessions=SessionSettings(**data.get("sessions", {})),
         pii=default_pii,
         digest=digest,
         needs_pii=needs_pii,
