@@ -19,6 +19,7 @@ class RouterError(Exception):
     status = 500
     type = "server_error"
     code = "internal_error"
+    retry_after: int | None = None  # seconds, sent as Retry-After
 
     def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)

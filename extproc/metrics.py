@@ -159,6 +159,21 @@ class Metrics:
             ["model", "outcome", "reason"],
             registry=r,
         )
+        self.admission_wait = Histogram(
+            "extproc_admission_wait_seconds",
+            "Time requests waited in the admission queue (every replica of their model and fallbacks full), "
+            "by priority, whether they were then placed or refused.",
+            ["priority"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r,
+        )
+        self.admission_rejected = Counter(
+            "extproc_admission_rejected_total",
+            "Requests answered 429 because every replica was full: the priority's queue was full, it does not "
+            "wait, or its max_wait passed.",
+            ["priority"],
+            registry=r,
+        )
         self.no_replica = Counter(
             "extproc_no_ready_replica_total", "Picks that found no ready replica for a model.", ["model"], registry=r
         )

@@ -159,10 +159,13 @@ def mutation(set_headers: Mapping[str, str], remove: Iterable[str] = ()) -> pb.H
 
 def immediate(error: RouterError) -> pb.ProcessingResponse:
     """Envoy answers the client with this status and OpenAI-style JSON body."""
+    headers = [_JSON]
+    if error.retry_after is not None:
+        headers.append(set_header("retry-after", str(error.retry_after)))
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
             status=http_status.HttpStatus(code=error.status),  # type: ignore[arg-type]
-            headers=pb.HeaderMutation(set_headers=[_JSON]),
+            headers=pb.HeaderMutation(set_headers=headers),
             body=error.body(),
             details=f"extproc_{error.code}",
         )

@@ -10,11 +10,12 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from extproc import errors, request, sessions
+from extproc.admission import AdmissionQueue, QueueFull
 from extproc.metrics import Metrics
 from extproc.policy.config import Decision, Model, PiiPolicy, Policy
 from extproc.policy.evaluate import NEEDS_CLASSIFIER, choose_model, decide
@@ -49,6 +50,9 @@ class Call:
     body: bytes
     request_id: str = ""
     explain: bool = False  # the client asked for x-router-explain (honoured only if the policy allows)
+    # Called with the longest the request may wait in the admission queue, before it waits (the
+    # stream extends Envoy's message timeout by it).
+    on_wait: Callable[[float], None] | None = None
 
 
 @dataclass(slots=True)
@@ -157,6 +161,9 @@ class Router:
         )
         if state.tokenizers is None:
             state.tokenizers = self.kv.tokenizers(state.policy)
+        self.admission = AdmissionQueue(state.policy.admission)
+        self.admission.configure(state.policy.admission, self._has_room)
+        self.tracker.on_release = lambda lease: self.admission.release()
         self.picker = self._picker(state.policy)
 
     # --- state ---------------------------------------------------------------------------------
@@ -168,6 +175,7 @@ class Router:
     def swap(self, state: RouterState) -> None:
         self.state = state
         self.health.configure(state.policy.picking.outlier_detection)
+        self.admission.configure(state.policy.admission, self._has_room)
         self.picker = self._picker(state.policy)
         self.index.capacity = state.policy.picking.index_blocks
         self.discovery.retain(
@@ -268,8 +276,13 @@ class Router:
         if key is None:
             return decided
         choice.session_key = key
+        later = _has_history(signals)
+        if not later and not call.headers.get(policy.headers.session):
+            # A first turn: nothing to keep (an identical opening may be someone else's); recorded.
+            choice.session = sessions.SessionModel(sessions.NEW, decided, decided=decided)
+            return decided
         previous, source = self.sessions.get(key), "table"
-        if previous is None and _has_history(signals):
+        if previous is None and later:
             previous, source = self._model_from_kv_events(policy, choice.parsed), "kv_events"
         if previous is None or previous not in policy.models:
             choice.session = sessions.SessionModel(sessions.NEW, decided, decided=decided)
@@ -298,8 +311,7 @@ class Router:
 
     @staticmethod
     def _session_key(policy: Policy, signals: Signals, call: Call) -> str | None:
-        """The session header, else the user and the conversation's opening; None for a first
-        turn without a session header (nothing to keep, and the opening may be anyone's)."""
+        """The session header, else the user and the conversation's opening."""
         session = call.headers.get(policy.headers.session)
         if session:
             return "s\0" + session
@@ -334,9 +346,14 @@ class Router:
             assert policy.passthrough_cluster is not None
             stages["total"] = time.perf_counter() - choice.started
             return Routed("", parsed.model, PASSTHROUGH, policy.passthrough_cluster, signals=signals, stages=stages)
+        granted = await self._admit(state, choice, call)
         t2 = time.perf_counter()
         explain_wanted = call.explain and policy.explain
-        routed = self._place(state, choice.model, choice.fallbacks, parsed, signals, choice.label, explain_wanted)
+        try:
+            routed = self._place(state, choice.model, choice.fallbacks, parsed, signals, choice.label, explain_wanted)
+        finally:
+            if granted is not None:
+                self.admission.placed(granted)
         if choice.redactions:
             # After placement: a fallback model's id is what the body must name.
             body = request.redact(parsed, choice.redactions, routed.upstream_model)
@@ -351,6 +368,64 @@ class Router:
         if explain_wanted:
             routed.explanation = self.explain(policy, signals, routed)
         return routed
+
+    # --- admission control (extproc/admission.py) ------------------------------------------------
+
+    async def _admit(self, state: RouterState, choice: Choice, call: Call) -> str | None:
+        """Wait for room when every replica of the model and its fallbacks is full. Returns the
+        model a queued request was granted a slot of (its reservation ends once placed)."""
+        assert choice.model is not None
+        models = (choice.model.name, *choice.fallbacks)
+        policy = state.policy
+        if not any(policy.models[m].capacity is not None for m in models):
+            return None
+        if not any(state.pools.endpoints(m) for m in models if policy.models[m].replicas is not None):
+            return None  # no replica at all: placement answers 503
+        priority = self.admission.priority_of(call.headers)
+        if not self.admission.needs_queue(models, priority):
+            return None
+        t = time.perf_counter()
+        try:
+            return await self.admission.wait(models, call.headers, call.on_wait or (lambda seconds: None))
+        except QueueFull as refused:
+            self.metrics.admission_rejected.labels(refused.priority).inc()
+            raise
+        finally:
+            waited = time.perf_counter() - t
+            choice.stages["queue"] = waited
+            name = policy.admission.priorities[priority].name
+            self.metrics.admission_wait.labels(name).observe(waited)
+
+    @property
+    def may_queue(self) -> bool:
+        """Some model has a capacity: a request may wait for room (the stream then answers
+        concurrently, to extend Envoy's timer first)."""
+        return any(m.capacity is not None for m in self.state.policy.models.values())
+
+    def _has_room(self, name: str, reserved: int) -> bool:
+        """A replica of the model is below its capacity, counting the slots granted to waiters."""
+        state = self.state
+        model = state.policy.models.get(name)
+        if model is None:
+            return False
+        capacity = model.capacity
+        if capacity is None or model.replicas is None or model.replicas.envoy == "hash":
+            return True
+        free = 0
+        for endpoint in state.pools.endpoints(name):
+            if self.health.is_ejected(endpoint):
+                continue
+            free += self._free_slots(capacity, endpoint)
+        return free > reserved
+
+    def _free_slots(self, capacity: Any, endpoint: str) -> int:
+        if capacity.max_waiting is not None and self.load_reports is not None:
+            report = self.load_reports(endpoint)
+            if report is not None and report.waiting is not None and report.waiting >= capacity.max_waiting:
+                return 0
+        if capacity.max_inflight is None:
+            return 1 << 30
+        return max(0, capacity.max_inflight - self.tracker.inflight[endpoint])
 
     async def _decide(
         self, policy: Policy, signals: Signals, call: Call, stages: dict[str, float]
@@ -512,6 +587,7 @@ class Router:
         """The model (or the first fallback) with a ready replica, and the replica."""
         policy = state.policy
         tried = []
+        full: tuple[Model, tuple[str, ...]] | None = None
         for name in (model.name, *fallbacks):
             candidate = policy.models[name]
             tried.append(name)
@@ -532,7 +608,15 @@ class Router:
             if not endpoints:
                 self.metrics.no_replica.labels(name).inc()
                 continue
+            if candidate.capacity is not None:
+                roomy = tuple(e for e in endpoints if self._free_slots(candidate.capacity, e) > 0)
+                if not roomy:  # every replica full: a fallback may have room, else the first full one
+                    full = full or (candidate, endpoints)
+                    continue
+                endpoints = roomy
             return self._pick(policy, candidate, endpoints, parsed, signals, label, explain)
+        if full is not None:  # (admission let it through: a slot freed and was taken meanwhile)
+            return self._pick(policy, full[0], full[1], parsed, signals, label, explain)
         raise errors.ServiceUnavailable(f"no ready replica for model {' or '.join(map(repr, tried))}; retry later")
 
     def _pick(

@@ -14,6 +14,7 @@ extproc/accesslog.py), which ends the replica lease and carries the status and t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -31,14 +32,28 @@ from extproc.router import PASSTHROUGH, Call, Routed, Router
 log = logging.getLogger("extproc.server")
 
 BUFFERED_PARTIAL = processing_mode_pb2.ProcessingMode.BUFFERED_PARTIAL
+QUEUE_MARGIN = 0.5  # seconds beyond a queued request's longest wait, for placing it and answering
 
 
 class Exchange:
     """The state of one HTTP request as seen on one ext_proc stream."""
 
-    __slots__ = ("body_mode", "headers", "method", "path", "request_id", "routed", "router", "saw_headers", "skip")
+    __slots__ = (
+        "body_mode",
+        "headers",
+        "method",
+        "notices",
+        "path",
+        "request_id",
+        "routed",
+        "router",
+        "saw_headers",
+        "skip",
+    )
 
     def __init__(self, router: Router) -> None:
+        # Answers sent before the message's own (override_message_timeout while it queues).
+        self.notices: asyncio.Queue[pb.ProcessingResponse] = asyncio.Queue()
         self.router = router
         self.method = ""
         self.path = ""
@@ -118,6 +133,7 @@ class Exchange:
             message.request_body.body,
             self.request_id,
             explain=self.headers.get(h.DEBUG, "").lower() == "true",
+            on_wait=self._extend_timeout,
         )
         try:
             routed = await self.router.route(call)
@@ -129,6 +145,13 @@ class Exchange:
         metrics.observe_stages(routed.stages)
         log_decision(self.request_id, _api(self.path), routed, 200, None)
         return self._mutations(routed)
+
+    def _extend_timeout(self, seconds: float) -> None:
+        """The request waits for a replica with room: ask Envoy to wait for our answer that long
+        (and a margin for placing it), once per message, as override_message_timeout allows."""
+        response = pb.ProcessingResponse()
+        response.override_message_timeout.FromMilliseconds(int((seconds + QUEUE_MARGIN) * 1000))
+        self.notices.put_nowait(response)
 
     def _refuse_path(self) -> pb.ProcessingResponse | None:
         """Not an LLM call: let it through (skip). Close to one but not exact: refuse it, since
@@ -229,6 +252,19 @@ def _api(path: str) -> str:
     return api.value if api else "other"
 
 
+async def _notices(exchange: Exchange, handling: asyncio.Future) -> AsyncIterator[pb.ProcessingResponse]:
+    """What the exchange asks to send while its message is handled."""
+    while not handling.done():
+        notice = asyncio.ensure_future(exchange.notices.get())
+        done, _ = await asyncio.wait({handling, notice}, return_when=asyncio.FIRST_COMPLETED)
+        if notice in done:
+            yield notice.result()
+        else:
+            notice.cancel()
+    while not exchange.notices.empty():
+        exchange.notices.get_nowait()  # too late: the answer itself is ready
+
+
 def add_to_server(router: Router, server: grpc.aio.Server) -> None:
     """Serve ExternalProcessor.Process on server, reading each message with
     protocol.parse_request (which survives header values that are not UTF-8)."""
@@ -253,7 +289,17 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         try:
             async for message in request_iterator:
                 try:
-                    response = await exchange.handle(message)
+                    if self.router.may_queue and message.WhichOneof("request") in ("request_body", "request_headers"):
+                        handling = asyncio.ensure_future(exchange.handle(message))
+                        try:
+                            async for notice in _notices(exchange, handling):
+                                yield notice
+                        finally:
+                            if not handling.done():
+                                handling.cancel()  # the stream ended while the request waited
+                        response = handling.result()
+                    else:
+                        response = await exchange.handle(message)
                 except Exception as exc:
                     # A bug must not become a hung or dropped request: answer with a clear error.
                     kind = message.WhichOneof("request")

@@ -23,6 +23,7 @@ from extproc.policy.load import ConfigError, Problem
 LIVE_SETTINGS = (
     "forward_headers",
     "message_timeout",
+    "max_message_timeout",
     "upstream_timeout",
     "max_request_bytes",
     "usage",
@@ -51,6 +52,9 @@ class EnvoyOptions:
     # Headers the policy may read in the one-round-trip mode (header conditions, session, debug).
     forward_headers: Sequence[str] = ("x-user-tier", h.USER_ID, h.SESSION_ID, "x-tenant-id", h.DEBUG)
     message_timeout: str = "1s"
+    # The longest the sidecar may extend message_timeout for one message (override_message_timeout):
+    # a request waiting in the admission queue (its priority's max_wait, plus a margin).
+    max_message_timeout: str = "30s"
     upstream_timeout: str = "600s"  # an LLM call's whole answer, and the longest it may go quiet
     max_request_bytes: int = 8 * 1024 * 1024
     # A JSON answer is buffered whole (its token usage is read from it); one larger fails.
@@ -124,7 +128,7 @@ def parse_settings(data: Any, source: str = "Envoy settings") -> dict[str, Any]:
 
 def _setting(key: str, value: Any) -> Any:
     """One setting, checked and converted to EnvoyOptions' type; ValueError says what to change."""
-    if key in ("message_timeout", "upstream_timeout", "access_log_flush"):
+    if key in ("message_timeout", "max_message_timeout", "upstream_timeout", "access_log_flush"):
         if not isinstance(value, str) or not _DURATION.match(value):
             raise ValueError(f"{value!r} is not a duration; write seconds with an 's', as Envoy does: 1s, 0.02s")
         return value

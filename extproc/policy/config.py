@@ -77,6 +77,15 @@ class PiiPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class Capacity:
+    """When a replica is full (extproc/admission.py): this many in flight from this router, or
+    this many queued by the replica itself (scraped vllm:num_requests_waiting)."""
+
+    max_inflight: int | None = None
+    max_waiting: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Model:
     name: str
     cluster: str
@@ -84,6 +93,7 @@ class Model:
     pricing: Pricing | None = None
     replicas: Replicas | None = None
     pii: PiiPolicy | None = None
+    capacity: Capacity | None = None  # None: never full (no admission control)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +124,28 @@ class Decision:
     @property
     def needs_classifier(self) -> bool:
         return self.when is not None and self.when.needs_classifier
+
+
+@dataclass(frozen=True, slots=True)
+class Priority:
+    name: str
+    values: frozenset[str] = frozenset()  # priority-header values that select it (besides its name)
+    max_wait: float = 5.0  # seconds in the queue before 429; 0: never waits
+    max_queued: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    priority_header: str | None = "x-user-tier"
+    tenant_header: str | None = "x-tenant-id"
+    priorities: tuple[Priority, ...] = (Priority("default"),)  # served in this order
+    default_priority: str = "default"  # for requests whose header names no priority
+    max_queued_per_tenant: int = 64
+    retry_after: float | None = None  # seconds in Retry-After; None: the priority's max_wait (at least 1)
+
+    @property
+    def default_index(self) -> int:
+        return next((i for i, p in enumerate(self.priorities) if p.name == self.default_priority), 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +224,7 @@ class Policy:
     classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
     picking: PickingSettings = field(default_factory=PickingSettings)
     sessions: SessionSettings = field(default_factory=SessionSettings)
+    admission: Admission = field(default_factory=Admission)
     pii: PiiPolicy | None = None
     digest: str = ""  # sha256 of the source text, for the config-hash info metric
     needs_pii: bool = False  # some decision tests PII or some PII policy is set

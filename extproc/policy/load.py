@@ -18,6 +18,8 @@ import yaml
 from extproc.heads import Head, HeadError, parse_head
 from extproc.policy import conditions
 from extproc.policy.config import (
+    Admission,
+    Capacity,
     ClassifierSettings,
     Decision,
     HeaderNames,
@@ -29,6 +31,7 @@ from extproc.policy.config import (
     PiiPolicy,
     Policy,
     Pricing,
+    Priority,
     Replicas,
     SessionSettings,
     Split,
@@ -477,7 +480,26 @@ def _model(name: str, spec: dict[str, Any]) -> Model:
         if replicas
         else None,
         pii=_pii_policy(spec.get("pii")),
+        capacity=Capacity(**spec["capacity"]) if "capacity" in spec else None,
     )
+
+
+def _admission(spec: dict[str, Any]) -> Admission:
+    fields = {k: v for k, v in spec.items() if k not in ("priorities", "retry_after")}
+    if "retry_after" in spec:
+        fields["retry_after"] = float(spec["retry_after"][:-1])
+    if "priorities" in spec:
+        fields["priorities"] = tuple(
+            Priority(
+                p["name"],
+                frozenset([p["name"], *p.get("values", ())]),
+                float(p["max_wait"][:-1]) if "max_wait" in p else Priority("").max_wait,
+                p.get("max_queued", Priority("").max_queued),
+            )
+            for p in spec["priorities"]
+        )
+        fields.setdefault("default_priority", fields["priorities"][-1].name)
+    return Admission(**fields)
 
 
 def _build(
@@ -561,6 +583,7 @@ def _build(
         classifier=classifier,
         picking=picking,
         sessions=SessionSettings(**data.get("sessions", {})),
+        admission=_admission(data.get("admission", {})),
         pii=default_pii,
         digest=digest,
         needs_pii=needs_pii,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -33,6 +34,7 @@ class LoadTracker:
         self.inflight: Counter[str] = Counter()
         self._leases: dict[int, Lease] = {}
         self._ids = itertools.count(1)
+        self.on_release: Callable[[Lease], None] | None = None  # a slot freed (admission control)
 
     def acquire(self, endpoint: str, model: str) -> Lease:
         lease = Lease(next(self._ids), endpoint, model, time.monotonic())
@@ -50,6 +52,8 @@ class LoadTracker:
             self.inflight[lease.endpoint] = count
         else:
             del self.inflight[lease.endpoint]
+        if self.on_release is not None:
+            self.on_release(lease)
 
     def release_id(self, lease_id: int) -> bool:
         """End the lease with this id (from an access log entry); False if unknown or already ended."""

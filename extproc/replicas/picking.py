@@ -255,12 +255,18 @@ class LeastLoad:
 @dataclass(slots=True)
 class SessionAffinity:
     """Rendezvous hashing of the session id: a session keeps its replica, and only the sessions
-    of a replica that leaves move elsewhere."""
+    of a replica that leaves move elsewhere. It stands in for knowing where a conversation is
+    cached, so it steps back where every replica's KV events say exactly that: there it would
+    only pull a moved conversation back to a replica that lacks its newest turns
+    (bench/RESULTS-affinity.md)."""
 
     name: str = "session"
 
     def score(self, request: PickRequest, endpoints: Sequence[str]) -> Mapping[str, float]:
         if not request.session:
+            return {}
+        held = request.held
+        if held is not None and all(held.get(e, (0.0, Mode.APPROXIMATE))[1] is Mode.EXACT for e in endpoints):
             return {}
         key = request.session.encode()
         best = max(endpoints, key=lambda e: hashlib.blake2b(key + e.encode(), digest_size=8).digest())

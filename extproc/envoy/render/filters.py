@@ -15,7 +15,7 @@ from extproc.policy.config import Policy
 
 def ext_proc_filters(policy: Policy, o: EnvoyOptions) -> list[dict[str, Any]]:
     ext_proc_type = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
-    grpc_service = {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER}, "timeout": o.message_timeout}
+    grpc_service = {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER}, "timeout": o.max_message_timeout}
     headers_to_read = sorted(
         {
             *o.forward_headers,
@@ -32,6 +32,7 @@ def ext_proc_filters(policy: Policy, o: EnvoyOptions) -> list[dict[str, Any]]:
         "failure_mode_allow": False,  # an unrouted request cannot be served correctly: fail closed
         "status_on_error": {"code": 503},
         "message_timeout": o.message_timeout,
+        "max_message_timeout": o.max_message_timeout,
         "allow_mode_override": False,
         "processing_mode": {
             "request_header_mode": "SEND" if o.two_round_trips else "SKIP",

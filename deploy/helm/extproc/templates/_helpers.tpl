@@ -117,7 +117,7 @@ written beside the policy in the routing ConfigMap, so changing them needs no ro
 */}}
 {{- define "extproc.envoySettings" -}}
 {{- $e := .Values.envoy }}
-{{- $settings := dict "message_timeout" $e.messageTimeout "upstream_timeout" $e.upstreamTimeout "max_request_bytes" ($e.maxRequestBytes | int64) "usage" $e.usage "access_log_flush" $e.accessLogFlushInterval "two_round_trips" $e.twoRoundTrips "forward_headers" $e.forwardHeaders "cluster_endpoints" $e.clusterEndpoints "forward_paths" $e.forwardPaths }}
+{{- $settings := dict "message_timeout" $e.messageTimeout "max_message_timeout" $e.maxMessageTimeout "upstream_timeout" $e.upstreamTimeout "max_request_bytes" ($e.maxRequestBytes | int64) "usage" $e.usage "access_log_flush" $e.accessLogFlushInterval "two_round_trips" $e.twoRoundTrips "forward_headers" $e.forwardHeaders "cluster_endpoints" $e.clusterEndpoints "forward_paths" $e.forwardPaths }}
 {{- with $e.defaultCluster }}{{ $_ := set $settings "default_cluster" . }}{{ end }}
 {{- toYaml $settings }}
 {{- end }}
