@@ -234,6 +234,7 @@ class Runtime:
         metrics.add_gauge(metrics.ejected_replicas, ejected)
         metrics.add_gauge(metrics.event_loop_tasks, lambda: [((), float(self.loop_tasks))])
         metrics.add_gauge(metrics.kv_replicas, lambda: [(key, float(n)) for key, n in router.kv.modes().items()])
+        metrics.add_gauge(metrics.admission_queued, lambda: [((n,), float(q)) for n, q in router.admission.queued()])
 
     # --- serving -------------------------------------------------------------------------------
 

@@ -331,6 +331,112 @@ ROWS: list[tuple[str, list[tuple[str, str, str, str, int, list[dict[str, str]]]]
         ],
     ),
     (
+        "KV cache state (vLLM KV events)",
+        [
+            (
+                "Picks by index mode",
+                "What the router knew of the picked replica's KV cache: exact (its KV events), approximate "
+                "(events not complete yet: the router's own guess) or none (the model has no KV events).",
+                "timeseries",
+                "reqps",
+                8,
+                [_q(f"sum by (model, mode) (rate({M.index_mode}{{{S}}}{RATE}))", "{{model}} {{mode}}")],
+            ),
+            (
+                "Replicas by index mode",
+                "Replicas subscribed to for KV events: exact, or approximate (subscribing, or resyncing after "
+                "a gap the publisher could not replay), highest over router pods.",
+                "timeseries",
+                "short",
+                8,
+                [_q(f"max by (model, mode) ({M.kv_replicas}{{{S}}})", "{{model}} {{mode}}")],
+            ),
+            (
+                "KV event lag p99",
+                "From a batch's timestamp (the model server's clock) to its application in the router.",
+                "timeseries",
+                "s",
+                8,
+                [
+                    _q(
+                        "histogram_quantile(0.99, sum by (model, le) "
+                        f"(rate({M.kv_event_lag}_bucket{{{S}}}{RATE})))",
+                        "{{model}}",
+                    )
+                ],
+            ),
+            (
+                "KV event gaps",
+                "Missed batches replayed from the publisher, or resynced (the replica's state dropped until "
+                "rebuilt), publisher restarts and malformed batches.",
+                "timeseries",
+                "short",
+                12,
+                [
+                    _q(
+                        f'sum by (model, outcome) (increase({M.kv_events}{{{S}, outcome!="batch"}}{RATE}))',
+                        "{{model}} {{outcome}}",
+                    )
+                ],
+            ),
+            (
+                "KV event batches",
+                "Batches of BlockStored / BlockRemoved / AllBlocksCleared applied, per second.",
+                "timeseries",
+                "short",
+                12,
+                [_q(f'sum by (model) (rate({M.kv_events}{{{S}, outcome="batch"}}{RATE}))', "{{model}}")],
+            ),
+        ],
+    ),
+    (
+        "Admission and sessions",
+        [
+            (
+                "Queued requests",
+                "Requests waiting for a replica with room (every replica of their model and fallbacks full), "
+                "by priority, summed over router pods.",
+                "timeseries",
+                "short",
+                8,
+                [_q(f"sum by (priority) ({M.admission_queued}{{{S}}})", "{{priority}}")],
+            ),
+            (
+                "429s by priority",
+                "Requests refused with 429 overloaded: their priority's queue was full, it does not wait, or "
+                "its max_wait passed.",
+                "timeseries",
+                "reqps",
+                8,
+                [_q(f"sum by (priority) (rate({M.admission_rejected}{{{S}}}{RATE}))", "{{priority}}")],
+            ),
+            (
+                "Queue wait p99",
+                "Time in the admission queue, by priority.",
+                "timeseries",
+                "s",
+                8,
+                _quantiles(M.admission_wait, "priority, ", "{{priority}}"),
+            ),
+            (
+                "Model switches",
+                "Conversation turns that moved to another model, by reason (switch: the decision allows it; "
+                "pii: a privacy reroute; unavailable: its model had no replica), and turns kept on their model "
+                "against the decision.",
+                "timeseries",
+                "short",
+                24,
+                [
+                    _q(
+                        f'sum by (reason) (increase({M.session_models}{{{S}, outcome="switched"}}{RATE}))',
+                        "switched: {{reason}}",
+                    ),
+                    _q(f'sum(increase({M.session_models}{{{S}, outcome="kept"}}{RATE}))', "kept"),
+                ],
+            ),
+        ],
+    ),
+    (
         "Config reloads",
         [
             (

@@ -253,6 +253,9 @@ class Metrics:
         self.event_loop_tasks = ScrapeGauge(
             "extproc_event_loop_tasks", "Tasks alive on the sidecar's event loop (leak check).", ()
         )
+        self.admission_queued = ScrapeGauge(
+            "extproc_admission_queued", "Requests waiting for a replica with room, by priority.", ("priority",)
+        )
         self.kv_replicas = ScrapeGauge(
             "extproc_kv_replicas",
             "Replicas subscribed to for KV events, by what the router knows of their cache: exact "

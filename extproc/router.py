@@ -364,7 +364,8 @@ class Router:
         if choice.session_key is not None:
             routed.session = self._record_session(choice, routed)
         stages["pick"] = time.perf_counter() - t2
-        stages["total"] = time.perf_counter() - choice.started
+        # The router's own work: time waiting for a replica with room is the "queue" stage.
+        stages["total"] = time.perf_counter() - choice.started - stages.get("queue", 0.0)
         if explain_wanted:
             routed.explanation = self.explain(policy, signals, routed)
         return routed

@@ -155,6 +155,47 @@ CASES: dict[str, list[tuple[str, list[dict[str, str]], int, dict[str, str] | Non
             {"severity": "warning", "model": "small"},
         ),
     ],
+    "ExtprocKvEventsApproximate": [
+        (
+            "a replica's publisher unreachable for half an hour",
+            [
+                series("extproc_kv_replicas", [3] * 60, model="small", mode="exact"),
+                series("extproc_kv_replicas", [None] * 5 + [1] * 60, model="small", mode="approximate"),
+            ],
+            30,
+            {"severity": "warning", "model": "small"},
+        ),
+        (
+            "approximate only while subscribing, then exact",
+            [
+                series("extproc_kv_replicas", [None] * 2 + [4] * 60, model="small", mode="exact"),
+                series("extproc_kv_replicas", [4, 4] + [0] * 60, model="small", mode="approximate"),
+            ],
+            30,
+            None,
+        ),
+    ],
+    "ExtprocAdmissionRejecting": [
+        (
+            "a tenth of the requests refused: every replica full",
+            [
+                requests("small", "ok", 90),
+                requests("none", "429", 10),
+                series("extproc_admission_rejected_total", counter(10), priority="free"),
+            ],
+            30,
+            {"severity": "warning"},
+        ),
+        (
+            "a burst of 429s now and then",
+            [
+                requests("small", "ok", 99),
+                series("extproc_admission_rejected_total", counter([0.5] * MINUTES), priority="free"),
+            ],
+            30,
+            None,
+        ),
+    ],
     "ExtprocExpensiveModelShareJump": [
         ("share jumps from 20% to 80%", shifted_share(0.2, 0.8, 375), 405, {"severity": "warning", "model": "large"}),
         ("share falls from 50% to 0%", shifted_share(0.5, 0.0, 375), 405, {"severity": "warning", "model": "large"}),

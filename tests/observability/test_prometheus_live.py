@@ -5,7 +5,9 @@ The traffic is chosen to give every panel and alert data: routed requests of sev
 with usage (cost, savings, tokens), long prompts (prefix blocks), a model whose replica answers
 500 (upstream errors), a model with no ready replica (503s, no-ready-replica picks), an unknown
 model (404), a PII prompt and a science prompt (classifier signals), a rejected config reload,
-and a request held in flight while Prometheus scrapes. What may legitimately stay empty is
+a request held in flight while Prometheus scrapes, a model whose replicas publish KV events (one
+publisher unreachable, two batches lost and replayed), a conversation kept on its model and then
+switched, and a full model (one request queued, one refused with 429). What may legitimately stay empty is
 listed below with the reason.
 """
 
@@ -16,13 +18,16 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
 from extproc.replicas.pool import Discovery
-from extproc.standin import StandIn
+from extproc.standin import KvCache, StandIn
 from tests.harness import Stack, chat, wait_for
+from tests.kv.common import TEMPLATE, TOKENIZER
+from tests.kv.common import tokenizer as kv_tokenizer
 from tests.observability.prom import (
     Prometheus,
     alert_rules,
@@ -57,8 +62,26 @@ models:
     replicas: {static: ["$f1"], envoy: original_dst}
   pooled:
     replicas: {kubernetes: {namespace: llm, service: pooled, port: 8000}, envoy: original_dst}
+  cached:
+    replicas:
+      static: ["$c1", "$c2"]
+      kv_events:
+        tokenizer: $tokenizer
+        chat_template: $template
+        endpoints: {"$c1": "$c1_kv", "$c2": "tcp://127.0.0.1:9"}
+        replay_endpoints: {"$c1": "$c1_replay"}
+        warm_seconds: 3600
+  busy:
+    replicas: {static: ["$b1"]}
+    capacity: {max_inflight: 1}
 pii: {action: redact, types: [US_SSN, CREDIT_CARD]}
+admission:
+  priorities:
+    - {name: premium, max_wait: 5s}
+    - {name: free, max_wait: 0s}
 decisions:
+  - {name: cached, when: {keyword: [cached]}, model: cached, switch: always}
+  - {name: busy, when: {keyword: [busy]}, model: busy}
   - {name: code, when: {keyword: [segfault]}, model: large}
   - {name: flaky, when: {keyword: [flaky]}, model: flaky}
   - {name: pooled, when: {keyword: [pooled]}, model: pooled}
@@ -73,6 +96,8 @@ LIVE_ALERTS: dict[str, dict[str, Any]] = {
     "expensiveModelShareJump": {"threshold": 0, "minRequestRate": 0, "for": "0s"},
     "upstreamErrorRate": {"threshold": 0.01, "for": "0s"},
     "signalFailures": {"threshold": 0.01, "for": "0s"},
+    "kvEventsApproximate": {"for": "0s"},
+    "admissionRejecting": {"threshold": 0.01, "for": "0s"},
 }
 
 # Queries that may return nothing here, and why.
@@ -94,6 +119,8 @@ EXPECTED_FIRING: dict[str, list[dict[str, str]]] = {
     "ExtprocConfigReloadFailed": [{"result": "invalid"}],
     "ExtprocNoReadyReplica": [{"model": "pooled"}],
     "ExtprocUpstreamErrorRate": [{"model": "flaky"}],
+    "ExtprocKvEventsApproximate": [{"model": "cached"}],  # c2's publisher does not exist
+    "ExtprocAdmissionRejecting": [{}],
 }
 LONG = "Please review the following paragraph about our quarterly planning and the roadmap. " * 5
 
@@ -125,6 +152,33 @@ def traffic(stack: Stack, round_: int) -> None:
     assert stack.post(chat(pii)).status == 200
     science = "Derive the period of a pendulum from Newton's second law and solve the differential equation."
     assert stack.post(chat(science)).status == 200
+    conversation_turns(stack, round_)
+    overload(stack)
+
+
+def conversation_turns(stack: Stack, round_: int) -> None:
+    """A conversation kept on its model against a decision, then moved by one that may switch it;
+    the KV-event model's replica drops two batches on the way (replayed)."""
+    session = {"x-session-id": f"conversation-{round_}"}
+    history = [{"role": "user", "content": f"{LONG} let us talk {round_}"}]
+    for text in ("my build segfaults", "now the cached model please", "and again, cached"):
+        response = stack.post({"model": "auto", "messages": history}, headers=session)
+        assert response.status == 200
+        history += [{"role": "assistant", "content": "sure " * 40}, {"role": "user", "content": text}]
+        stack.fleet["c1"].kv.publisher.drop_next = 2 if "again" in text else 0
+    assert stack.post({"model": "auto", "messages": history}, headers=session).status == 200
+    stack.post(chat(f"{LONG} cached, once more {round_}"))
+
+
+def overload(stack: Stack) -> None:
+    """The busy model's one slot taken: a premium request waits for it, a free one gets 429."""
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(stack.post, chat("busy one"), "/v1/chat/completions", {"x-user-tier": "premium"})
+        wait_for(lambda: stack.inflight().get(stack.fleet["b1"].address), timeout=10)
+        queued = pool.submit(stack.post, chat("busy two"), "/v1/chat/completions", {"x-user-tier": "premium"})
+        refused = stack.post(chat("busy three"), headers={"x-user-tier": "free"})
+        assert refused.status == 429
+        assert first.result().status == queued.result().status == 200
 
 
 def scraped_after(prometheus: Prometheus, moment: float) -> None:
@@ -156,10 +210,23 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
     workdir = tmp_path_factory.mktemp("observability")
     rendered = chart_monitoring(LIVE_ALERTS)
     replicas = [StandIn(name=n) for n in ("s1", "s2", "l1", "l2")] + [StandIn(name="f1", status=500)]
+    cache = KvCache(kv_tokenizer(), capacity=200, block_size=16)
+    replicas += [StandIn(name="c1", kv=cache), StandIn(name="c2"), StandIn(name="b1", delay=0.5)]
+    substitutions = {
+        "c1_kv": cache.endpoint,
+        "c1_replay": cache.replay_endpoint or "",
+        "tokenizer": str(TOKENIZER),
+        "template": str(TEMPLATE),
+    }
     with FakeApiServer() as api:
         discovery = Discovery(api_client=api.api_client(), sync_timeout=10)
         stack = Stack(
-            workdir, POLICY, replicas, sidecar_settings={"reload": True, "reload_debounce": 0.1}, discovery=discovery
+            workdir,
+            POLICY,
+            replicas,
+            sidecar_settings={"reload": True, "reload_debounce": 0.1},
+            discovery=discovery,
+            substitutions=substitutions,
         )
         with stack:
             prometheus = Prometheus(workdir, stack.metrics_port, write_rules(rendered, workdir / "rules.yaml"))
