@@ -594,12 +594,12 @@ def policies(n: int, workload: Workload, settings: PickingSettings) -> list[Poli
 
 # --- output ---------------------------------------------------------------------------------------
 
-HEADER = f"{'policy':<22} {'hit rate':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'max/mean':>8} {'(p95)':>6} {'TPOT p99':>9}"
+HEADER = f"{'policy':<34} {'hit rate':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'max/mean':>8} {'(p95)':>6} {'TPOT p99':>9}"
 
 
 def row(r: Result, label: str | None = None) -> str:
     return (
-        f"{label or r.policy:<22} {r.hit_rate:>8.1%} {_ms(r.ttft_p50):>9} {_ms(r.ttft_p99):>9} "
+        f"{label or r.policy:<34} {r.hit_rate:>8.1%} {_ms(r.ttft_p50):>9} {_ms(r.ttft_p99):>9} "
         f"{r.max_mean:>8.2f} {r.max_mean_p95:>6.2f} {r.tpot_p99 * 1e3:>6.1f} ms"
     )
 
@@ -689,6 +689,53 @@ def sweep_rate(workload: Workload, replica: Replica, settings: PickingSettings, 
         )
 
 
+def sweep_routers(
+    workload: Workload, replica: Replica, settings: PickingSettings, n: int = 8, rates: Sequence[float] = ()
+) -> list[Result]:
+    """Several independent routers, with and without the replicas' KV events, beside the router's
+    own index and the session ring, in the same runs (issue 19)."""
+    out = []
+    for rate in rates or (workload.rate_per_replica, 2 * workload.rate_per_replica):
+        w = replace(workload, rate_per_replica=rate)
+        rows: list[tuple[str | None, Result]] = []
+        for policy in (
+            RoundRobin(n),
+            Ring(n, w.seed),
+            Ours(n, settings, seed=w.seed),
+            Ours(n, settings, routers=3, seed=w.seed),
+            Ours(n, settings, seed=w.seed, events=True),
+            Ours(n, settings, routers=3, seed=w.seed, events=True),
+        ):
+            result = simulate(policy, n, w, replica)
+            rows.append((None, result))
+            out.append(result)
+        for label, variant in (("sticky_move_blocks 8", replace(settings, sticky_move_blocks=8)),):
+            for routers in (1, 3):
+                policy = Ours(n, variant, routers=routers, seed=w.seed, events=True)
+                result = simulate(policy, n, w, replica)
+                rows.append((f"{policy.name}, {label}", result))
+        table(f"{n} replicas at {rate:g} requests/s per replica: routers, with and without KV events", rows)
+        by = {r.policy: r for _, r in rows}
+        ring, one, three = by["ring (session)"], by["ours + events"], by["ours + events, 3 routers"]
+        print(f"\ntargets with events at {rate:g}/s (one router; three):")
+        for label, r in (("one router", one), ("three routers", three)):
+            print(
+                f"  {label}: hit rate {r.hit_rate:.1%} >= 85%: {_verdict(r.hit_rate >= 0.85)}; p99 {_ms(r.ttft_p99)} "
+                f"below the ring's {_ms(ring.ttft_p99)}: {_verdict(r.ttft_p99 < ring.ttft_p99)}; max/mean "
+                f"{r.max_mean:.2f} <= 1.3: {_verdict(r.max_mean <= 1.3)}"
+            )
+        print(
+            f"  three routers keep one router's figures: hit rate {three.hit_rate:.1%} vs {one.hit_rate:.1%}, "
+            f"p99 {_ms(three.ttft_p99)} vs {_ms(one.ttft_p99)}; without events {by['ours, 3 routers'].hit_rate:.1%} "
+            f"vs {by['ours'].hit_rate:.1%}"
+        )
+    return out
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
 def _setting(kv: str) -> tuple[str, object]:
     field_name, _, value = kv.partition("=")
     if field_name not in PickingSettings.__dataclass_fields__:
@@ -715,6 +762,13 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
     parser.add_argument("--engine", choices=("steps", "simple"), default=Replica().engine)
     parser.add_argument("--kv-blocks", type=int, default=Replica().kv_blocks, help="KV cache per replica, in blocks")
     parser.add_argument("--no-sweeps", action="store_true", help="only the main tables")
+    parser.add_argument(
+        "--routers",
+        type=float,
+        nargs="*",
+        metavar="RATE",
+        help="only the several-routers / KV-events tables at 8 replicas, at these rates (default: --rate and 2x)",
+    )
     parser.add_argument(
         "--picking",
         nargs="+",
@@ -747,6 +801,10 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
         f"block_chars {settings.block_chars}; index_blocks {settings.index_blocks}"
         + "".join(f"; {kv}" for kv in args.picking)
     )
+    if args.routers is not None:
+        # Shorter runs (same warm-up, 900 s counted), as the sweeps.
+        shorter = workload if args.quick else replace(workload, duration=workload.warmup + 900.0)
+        return sweep_routers(shorter, replica, settings, rates=args.routers)
     results: list[Result] = []
     for n in args.replicas:
         batch = []

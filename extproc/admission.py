@@ -11,7 +11,9 @@ sent to a replica that would queue it anyway (and time out, or hold a connection
 * fairly between tenants (``tenant_header``): within a priority, tenants take turns, one request
   each, and no tenant holds more than ``max_queued_per_tenant`` places;
 * a slot that frees (a lease ends) goes to the first waiter in that order whose models it fits,
-  and is reserved for it until it is placed, so a new arrival cannot take it first.
+  and is reserved for it until it is placed, so a new arrival cannot take it first;
+* a priority may fill only its ``share`` of each replica's capacity, so a lower one never takes
+  the last slots and a higher one rarely waits.
 
 Past its deadline, or with its queue full, a request gets 429 with ``Retry-After``; 503 remains
 for a model with no replica at all. Envoy's ext_proc ``message_timeout`` would cut a waiting
@@ -61,8 +63,8 @@ class QueueFull(errors.RouterError):
         self.priority = priority
 
 
-# model -> does it have a replica with room right now (given the reserved slots)?
-HasRoom = Callable[[str, int], bool]
+# (model, slots reserved for granted waiters, share of capacity) -> does a replica have room now?
+HasRoom = Callable[[str, int, float], bool]
 
 
 class AdmissionQueue:
@@ -73,7 +75,7 @@ class AdmissionQueue:
         self._clock = clock
         self._tiers: list[_Tier] = [_Tier() for _ in self.settings.priorities]
         self._reserved: dict[str, int] = {}
-        self._has_room: HasRoom = lambda model, reserved: True
+        self._has_room: HasRoom = lambda model, reserved, share: True
         self.granted = 0
         self.rejected: dict[str, int] = {}
         self.waits: list[float] = []
@@ -110,8 +112,9 @@ class AdmissionQueue:
     def needs_queue(self, models: Sequence[str], priority: int) -> bool:
         """True if the request must wait: no model of its has room, or waiters of an equal or
         higher priority are ahead of it for one of them (a freed slot is theirs)."""
+        share = self.settings.priorities[priority].share
         for model in models:
-            if self._has_room(model, self._reserved.get(model, 0)) and not self._ahead(model, priority):
+            if self._has_room(model, self._reserved.get(model, 0), share) and not self._ahead(model, priority):
                 return False
         return True
 
@@ -169,11 +172,13 @@ class AdmissionQueue:
         progress = True
         while progress:
             progress = False
-            for tier in self._tiers:
+            for priority, tier in zip(self.settings.priorities, self._tiers, strict=True):
                 for tenant in list(tier.tenants):
                     queue = tier.tenants[tenant]
                     waiter = queue[0]
-                    model = next((m for m in waiter.models if self._has_room(m, self._reserved.get(m, 0))), None)
+                    model = next(
+                        (m for m in waiter.models if self._has_room(m, self._reserved.get(m, 0), priority.share)), None
+                    )
                     if model is None:
                         continue
                     queue.popleft()

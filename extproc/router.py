@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -403,8 +404,9 @@ class Router:
         concurrently, to extend Envoy's timer first)."""
         return any(m.capacity is not None for m in self.state.policy.models.values())
 
-    def _has_room(self, name: str, reserved: int) -> bool:
-        """A replica of the model is below its capacity, counting the slots granted to waiters."""
+    def _has_room(self, name: str, reserved: int, share: float = 1.0) -> bool:
+        """A replica of the model is below its capacity (or its share of it), counting the slots
+        granted to waiters."""
         state = self.state
         model = state.policy.models.get(name)
         if model is None:
@@ -416,17 +418,17 @@ class Router:
         for endpoint in state.pools.endpoints(name):
             if self.health.is_ejected(endpoint):
                 continue
-            free += self._free_slots(capacity, endpoint)
+            free += self._free_slots(capacity, endpoint, share)
         return free > reserved
 
-    def _free_slots(self, capacity: Any, endpoint: str) -> int:
+    def _free_slots(self, capacity: Any, endpoint: str, share: float = 1.0) -> int:
         if capacity.max_waiting is not None and self.load_reports is not None:
             report = self.load_reports(endpoint)
-            if report is not None and report.waiting is not None and report.waiting >= capacity.max_waiting:
+            if report is not None and report.waiting is not None and report.waiting >= capacity.max_waiting * share:
                 return 0
         if capacity.max_inflight is None:
             return 1 << 30
-        return max(0, capacity.max_inflight - self.tracker.inflight[endpoint])
+        return max(0, math.floor(capacity.max_inflight * share) - self.tracker.inflight[endpoint])
 
     async def _decide(
         self, policy: Policy, signals: Signals, call: Call, stages: dict[str, float]

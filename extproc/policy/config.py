@@ -132,6 +132,7 @@ class Priority:
     values: frozenset[str] = frozenset()  # priority-header values that select it (besides its name)
     max_wait: float = 5.0  # seconds in the queue before 429; 0: never waits
     max_queued: int = 256
+    share: float = 1.0  # of each replica's capacity this priority may fill; the rest is kept for higher ones
 
 
 @dataclass(frozen=True, slots=True)

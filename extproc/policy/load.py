@@ -495,6 +495,7 @@ def _admission(spec: dict[str, Any]) -> Admission:
                 frozenset([p["name"], *p.get("values", ())]),
                 float(p["max_wait"][:-1]) if "max_wait" in p else Priority("").max_wait,
                 p.get("max_queued", Priority("").max_queued),
+                p.get("share", Priority("").share),
             )
             for p in spec["priorities"]
         )

@@ -28,7 +28,7 @@ class Room:
     def __init__(self) -> None:
         self.free = 0
 
-    def __call__(self, model: str, reserved: int) -> bool:
+    def __call__(self, model: str, reserved: int, share: float) -> bool:
         return self.free > reserved
 
 
