@@ -654,3 +654,27 @@ def test_httproute_sends_the_gateways_requests_to_the_routers_service() -> None:
     without_crds = render(OPEN_CHART)
     assert not without_crds.all("HTTPRoute")
     assert "does not serve\ngateway.networking.k8s.io/v1" in without_crds.notes
+
+
+def test_network_policy_lets_the_sidecar_reach_the_replicas_kv_event_publishers() -> None:
+    from extproc.policy.config import KvEvents
+
+    assert KvEvents(tokenizer="t").endpoint == "tcp://{host}:5557"  # the template's default
+    kv = {"tokenizer": "/models/tokenizer.json", "replay_endpoint": "tcp://{host}:5558"}
+    models = {
+        "a": {"replicas": {"static": ["10.0.0.5:8000"], "kv_events": kv}},
+        "b": {"replicas": {"kubernetes": {"namespace": "models", "service": "vllm", "port": 8000}, "kv_events": kv}},
+        "c": {
+            "replicas": {
+                "static": ["10.0.0.7:8000"],
+                "kv_events": {"tokenizer": "/t.json", "endpoints": {"10.0.0.7:8000": "tcp://10.0.3.3:6000"}},
+            }
+        },
+    }
+    values = {"networkPolicy": {"enabled": True}, "routing": {"version": 1, "default_model": "a", "models": models}}
+    rules = _egress(render(values))
+    zmq = [{"port": 5557, "protocol": "TCP"}, {"port": 5558, "protocol": "TCP"}]
+    assert {"ports": zmq, "to": [{"ipBlock": {"cidr": "10.0.0.5/32"}}]} in rules
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "models"}}}
+    assert {"ports": zmq, "to": [peer]} in rules
+    assert {"ports": [{"port": 6000, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "10.0.3.3/32"}}]} in rules
