@@ -715,7 +715,7 @@ def sweep_routers(
                 result = simulate(policy, n, w, replica)
                 rows.append((f"{policy.name}, {label}", result))
         table(f"{n} replicas at {rate:g} requests/s per replica: routers, with and without KV events", rows)
-        by = {r.policy: r for _, r in rows}
+        by = {r.policy: r for label, r in rows if label is None}
         ring, one, three = by["ring (session)"], by["ours + events"], by["ours + events, 3 routers"]
         print(f"\ntargets with events at {rate:g}/s (one router; three):")
         for label, r in (("one router", one), ("three routers", three)):

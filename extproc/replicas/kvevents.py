@@ -119,7 +119,10 @@ def _event(raw: Any) -> Event | None:
         if kind == "BlockStored":
             hashes = _hashes(fields["block_hashes"])
             tokens = tuple(int(t) for t in fields["token_ids"])
-            size = int(fields["block_size"])
+            size = fields["block_size"]
+            if isinstance(size, list) and size:  # the first releases sent num_toks_per_block per block
+                size = size[0]
+            size = int(size)
             if size <= 0 or len(tokens) != size * len(hashes):
                 raise MalformedBatch(f"BlockStored: {len(tokens)} token ids for {len(hashes)} blocks of {size}")
             parent = fields.get("parent_block_hash")
