@@ -284,7 +284,11 @@ class Router:
             return decided
         previous, source = self.sessions.get(key), "table"
         if previous is None and later:
-            previous, source = self._model_from_kv_events(policy, choice.parsed), "kv_events"
+            if len(call.body) > _COUNT_INLINE_BYTES:  # tokenizing a long history: off the event loop
+                previous = await asyncio.to_thread(self._model_from_kv_events, policy, choice.parsed)
+            else:
+                previous = self._model_from_kv_events(policy, choice.parsed)
+            source = "kv_events"
         if previous is None or previous not in policy.models:
             choice.session = sessions.SessionModel(sessions.NEW, decided, decided=decided)
             return decided
@@ -347,11 +351,14 @@ class Router:
             assert policy.passthrough_cluster is not None
             stages["total"] = time.perf_counter() - choice.started
             return Routed("", parsed.model, PASSTHROUGH, policy.passthrough_cluster, signals=signals, stages=stages)
+        prompts = await self._prompts(choice, call)
         granted = await self._admit(state, choice, call)
         t2 = time.perf_counter()
         explain_wanted = call.explain and policy.explain
         try:
-            routed = self._place(state, choice.model, choice.fallbacks, parsed, signals, choice.label, explain_wanted)
+            routed = self._place(
+                state, choice.model, choice.fallbacks, parsed, signals, choice.label, explain_wanted, prompts
+            )
         finally:
             if granted is not None:
                 self.admission.placed(granted)
@@ -586,6 +593,7 @@ class Router:
         signals: Signals,
         label: str,
         explain: bool,
+        prompts: dict[str, PromptBlocks | None] | None = None,
     ) -> Routed:
         """The model (or the first fallback) with a ready replica, and the replica."""
         policy = state.policy
@@ -617,9 +625,9 @@ class Router:
                     full = full or (candidate, endpoints)
                     continue
                 endpoints = roomy
-            return self._pick(policy, candidate, endpoints, parsed, signals, label, explain)
+            return self._pick(policy, candidate, endpoints, parsed, signals, label, explain, prompts)
         if full is not None:  # (admission let it through: a slot freed and was taken meanwhile)
-            return self._pick(policy, full[0], full[1], parsed, signals, label, explain)
+            return self._pick(policy, full[0], full[1], parsed, signals, label, explain, prompts)
         raise errors.ServiceUnavailable(f"no ready replica for model {' or '.join(map(repr, tried))}; retry later")
 
     def _pick(
@@ -631,11 +639,12 @@ class Router:
         signals: Signals,
         label: str,
         explain: bool,
+        prompts: dict[str, PromptBlocks | None] | None = None,
     ) -> Routed:
         assert model.replicas is not None
         blocks = block_hashes(model.name, request.render(parsed.messages), policy.picking.block_chars)
         session = signals.headers.get(policy.headers.session)
-        prompt = self._prompt_blocks(model, parsed)
+        prompt = prompts[model.name] if prompts and model.name in prompts else self._prompt_blocks(model, parsed)
         held = self.kv.held(prompt, endpoints) if prompt is not None else None
         wanted = PickRequest(model.name, blocks, session, held=held)
         pick: Pick = self.picker.pick(wanted, endpoints, explain=explain)  # type: ignore[assignment]
@@ -675,6 +684,22 @@ class Router:
         if outcome is not None:
             self.metrics.count_session_model(routed.model, outcome.outcome, outcome.reason)
         return outcome
+
+    async def _prompts(self, choice: Choice, call: Call) -> dict[str, PromptBlocks | None]:
+        """The chosen model's prompt tokens, where it has KV events: off the event loop for a
+        long body (tokenizing 2,000 tokens takes milliseconds; the tokenizer releases the
+        interpreter), as token counting does."""
+        model = choice.model
+        tokenizers = choice.state.tokenizers
+        if model is None or tokenizers is None or tokenizers.get(model.name) is None:
+            return {}
+        t = time.perf_counter()
+        if len(call.body) > _COUNT_INLINE_BYTES:
+            prompt = await asyncio.to_thread(self._prompt_blocks, model, choice.parsed)
+        else:
+            prompt = self._prompt_blocks(model, choice.parsed)
+        choice.stages["tokenize"] = time.perf_counter() - t
+        return {model.name: prompt}
 
     def _prompt_blocks(self, model: Model, parsed: request.LLMRequest) -> PromptBlocks | None:
         """The served model's token ids of this prompt, for models with KV events."""
