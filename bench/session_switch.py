@@ -15,8 +15,9 @@ settings:
 
 * before: ``sessions: {keep_model: false}``, every turn routed on its own;
 * after: the default, a conversation keeps its model;
-* after, with ``long-context`` marked ``switch: always`` (a conversation that outgrows the small
-  model's context may move).
+* after, with ``code`` marked ``switch: always``: a conversation may move up to the large model
+  when code appears, never back (the default decision may not switch it). (Marking
+  ``long-context`` changes nothing here: no replayed conversation reaches 3,000 tokens.)
 
 Cache cost: each model is assumed to keep every prefix it was sent (an unbounded cache, so only
 switching loses hits): a turn's cached tokens are the longest earlier prompt of the same
@@ -59,7 +60,7 @@ def policy_text(setting: str, rules_only: bool) -> str:
     if setting == "before":
         data["sessions"] = {"keep_model": False}
     elif setting == "switch":
-        next(d for d in data["decisions"] if d["name"] == "long-context")["switch"] = "always"
+        next(d for d in data["decisions"] if d["name"] == "code")["switch"] = "always"
     return yaml.safe_dump(data)
 
 
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = [
         ("before: every turn on its own", "before"),
         ("after: keep the model", "after"),
-        ("after, long-context may switch", "switch"),
+        ("after, code may switch (up only)", "switch"),
     ]
     which = "rule decisions of the bundled policy" if args.rules else "the bundled policy, encoder included"
     print(f"# {n} sessions ({sum(map(len, sessions))} turns), seed {args.seed}, prompts from {DATA.name}; {which}")

@@ -185,6 +185,8 @@ def test_prometheus_rules_select_this_release_and_name_the_expensive_model() -> 
         "ExtprocStalePolicy",
         "ExtprocNoReadyReplica",
         "ExtprocReplicaEjected",
+        "ExtprocKvEventsApproximate",
+        "ExtprocAdmissionRejecting",
         "ExtprocExpensiveModelShareJump",
         "ExtprocUpstreamErrorRate",
         "ExtprocSignalFailures",
