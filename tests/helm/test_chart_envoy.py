@@ -138,6 +138,7 @@ def test_the_envoy_values_default_to_the_sidecars_defaults() -> None:
     defaults = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["envoy"]
     names = {
         "message_timeout": "messageTimeout",
+        "max_message_timeout": "maxMessageTimeout",
         "upstream_timeout": "upstreamTimeout",
         "max_request_bytes": "maxRequestBytes",
         "usage": "usage",

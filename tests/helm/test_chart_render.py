@@ -325,6 +325,7 @@ ENVOY_CHANGES: dict[str, Any] = {
     "logLevel": "debug",
     "quietLoggers": ["ext_proc"],
     "messageTimeout": "2s",
+    "maxMessageTimeout": "60s",
     "upstreamTimeout": "120s",
     "maxRequestBytes": 16777216,
     "usage": False,

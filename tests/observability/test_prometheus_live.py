@@ -64,12 +64,19 @@ models:
     replicas: {kubernetes: {namespace: llm, service: pooled, port: 8000}, envoy: original_dst}
   cached:
     replicas:
-      static: ["$c1", "$c2"]
+      static: ["$c1"]
       kv_events:
         tokenizer: $tokenizer
         chat_template: $template
-        endpoints: {"$c1": "$c1_kv", "$c2": "tcp://127.0.0.1:9"}
+        endpoints: {"$c1": "$c1_kv"}
         replay_endpoints: {"$c1": "$c1_replay"}
+  unheard:
+    replicas:
+      static: ["$c2"]
+      kv_events:
+        tokenizer: $tokenizer
+        chat_template: $template
+        endpoints: {"$c2": "tcp://127.0.0.1:9"}
         warm_seconds: 3600
   busy:
     replicas: {static: ["$b1"]}
@@ -119,7 +126,7 @@ EXPECTED_FIRING: dict[str, list[dict[str, str]]] = {
     "ExtprocConfigReloadFailed": [{"result": "invalid"}],
     "ExtprocNoReadyReplica": [{"model": "pooled"}],
     "ExtprocUpstreamErrorRate": [{"model": "flaky"}],
-    "ExtprocKvEventsApproximate": [{"model": "cached"}],  # c2's publisher does not exist
+    "ExtprocKvEventsApproximate": [{"model": "unheard"}],  # c2's publisher does not exist
     "ExtprocAdmissionRejecting": [{}],
 }
 LONG = "Please review the following paragraph about our quarterly planning and the roadmap. " * 5
