@@ -359,8 +359,7 @@ ROWS: list[tuple[str, list[tuple[str, str, str, str, int, list[dict[str, str]]]]
                 8,
                 [
                     _q(
-                        "histogram_quantile(0.99, sum by (model, le) "
-                        f"(rate({M.kv_event_lag}_bucket{{{S}}}{RATE})))",
+                        f"histogram_quantile(0.99, sum by (model, le) (rate({M.kv_event_lag}_bucket{{{S}}}{RATE})))",
                         "{{model}}",
                     )
                 ],
