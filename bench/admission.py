@@ -10,7 +10,8 @@ connection:
 
 1. unloaded: high-priority requests only, at a third of the capacity;
 2. 2x overload: 80 requests/s, 30% high priority (x-user-tier: premium, may wait 5 s), 70% low
-   (free: no waiting, and at most 3 of a replica's 4 slots: ``share: 0.75``), from six tenants;
+   (free: no waiting, and at most 2 of a replica's 4 slots: ``share: 0.5``, ``--free-share``), from
+   six tenants;
 3. the same 2x overload with admission control off (no capacity: every request goes straight to a
    replica, which serves up to 64 at once and queues the rest, as a model server does).
 
@@ -35,9 +36,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import SidecarProcess, cpu_model, free_port
-from extproc.envoy import EnvoyOptions, EnvoyProcess, render
-from extproc.policy.load import parse_policy
+from bench.common import SidecarProcess, cpu_model, envoy_process, free_port
+from extproc.envoy.options import EnvoyOptions
 from extproc.standin import StandIn, StandInFleet
 
 POLICY = """
@@ -46,7 +46,7 @@ default_model: chat
 admission:
   priorities:
     - {name: premium, max_wait: 5s, max_queued: 512}
-    - {name: free, max_wait: 0s, share: 0.75}
+    - {name: free, max_wait: 0s, share: $share}
 models:
   chat:
     replicas: {static: ["$r1", "$r2"]}
@@ -76,24 +76,24 @@ class ServerQueue:
         replica._answer = answer  # type: ignore[method-assign]
 
 
-def stack(workdir: Path, admission: bool):
+def stack(workdir: Path, admission: bool, share: float):
     replicas = [StandIn(name=n, delay=SERVICE_SECONDS) for n in ("r1", "r2")]
     for replica in replicas:
         ServerQueue(replica, PER_REPLICA)  # the server itself runs PER_REPLICA at a time
     fleet = StandInFleet(replicas)
     fleet.start()
     capacity = f"capacity: {{max_inflight: {PER_REPLICA}}}" if admission else ""
-    text = POLICY.replace("{capacity}", capacity)
+    text = POLICY.replace("{capacity}", capacity).replace("$share", f"{share:g}")
     for replica in replicas:
         text = text.replace(f"${replica.name}", replica.address)
     policy_path = workdir / "policy.yaml"
     policy_path.write_text(text)
-    sidecar = SidecarProcess(policy_path, workdir / "x.sock", free_port())
-    sidecar.start()
     port = free_port()
     options = EnvoyOptions(listen_address="127.0.0.1", listen_port=port, admin_port=free_port(),
-                           extproc_uds=str(workdir / "x.sock"))  # fmt: skip
-    envoy = EnvoyProcess(render(parse_policy(text), options), str(workdir))
+                           extproc_uds=str(workdir / "x.sock"), xds_dir=str(workdir / "xds"))  # fmt: skip
+    sidecar = SidecarProcess(policy_path, workdir / "x.sock", free_port(), envoy=options)  # its Envoy's control plane
+    sidecar.start()
+    envoy = envoy_process(sidecar, str(workdir))
     envoy.start()
     return port, fleet, sidecar, envoy
 
@@ -173,14 +173,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--free-share", type=float, default=0.5, help="of each replica's slots free requests may fill")
     args = parser.parse_args(argv)
     capacity_rps = 2 * PER_REPLICA / SERVICE_SECONDS
-    print(f"# {cpu_model()}; capacity {capacity_rps:.0f} requests/s (2 replicas x {PER_REPLICA} x {SERVICE_SECONDS} s)")
+    print(
+        f"# {cpu_model()}; capacity {capacity_rps:.0f} requests/s (2 replicas x {PER_REPLICA} x {SERVICE_SECONDS} s); "
+        f"free share {args.free_share:g}; {args.seconds:g} s per phase"
+    )
     print(f"{'phase':<28} {'priority':<8} {'sent':>6} {'served':>7} {'429':>7} {'failed':>7} "
           f"{'p50 ms':>8} {'p99 ms':>8} {'429 p50':>8} {'429 p99':>8}")  # fmt: skip
     for admission in (True, False):
         with tempfile.TemporaryDirectory() as tmp:
-            port, fleet, sidecar, envoy = stack(Path(tmp), admission)
+            port, fleet, sidecar, envoy = stack(Path(tmp), admission, args.free_share)
             try:
                 load(port, 10, 1.0, 2, args.seed)  # warm connections and caches
                 if admission:
