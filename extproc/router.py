@@ -81,16 +81,6 @@ def _conversation(signals: Signals) -> str:
     return "\0".join(m.text for m in opening)
 
 
-def _opening(signals: Signals) -> str:
-    """Everything up to and including the first user message: the same on every turn."""
-    out = []
-    for m in signals.messages:
-        out.append(m.text)
-        if m.role == "user":
-            break
-    return "\0".join(out)
-
-
 def _has_history(signals: Signals) -> bool:
     """An earlier answer in the conversation: a later turn, not a first one."""
     return any(m.role == "assistant" for m in signals.messages)
@@ -273,16 +263,15 @@ class Router:
     ) -> str:
         """The model this turn goes to: the conversation's own, unless the decision may move it."""
         signals = choice.signals
-        key = self._session_key(policy, signals, call)
-        if key is None:
-            return decided
-        choice.session_key = key
+        session = call.headers.get(policy.headers.session)
         later = _has_history(signals)
-        if not later and not call.headers.get(policy.headers.session):
-            # A first turn: nothing to keep (an identical opening may be someone else's); recorded.
-            choice.session = sessions.SessionModel(sessions.NEW, decided, decided=decided)
-            return decided
-        previous, source = self.sessions.get(key), "table"
+        if not session and not later:
+            return decided  # a first turn without a session: nothing to keep
+        # The table knows conversations by their session header only: two requests with the same
+        # opening (a templated system prompt and question) need not be one conversation. Without
+        # a header, only the KV events can tell, from the whole history a replica holds.
+        key = choice.session_key = "s\0" + session if session else None
+        previous, source = (self.sessions.get(key), "table") if key is not None else (None, None)
         if previous is None and later:
             if len(call.body) > _COUNT_INLINE_BYTES:  # tokenizing a long history: off the event loop
                 previous = await asyncio.to_thread(self._model_from_kv_events, policy, choice.parsed)
@@ -313,17 +302,6 @@ class Router:
             await self._classify(signals, policy, stages)
             result = condition.evaluate(signals)
         return bool(result)
-
-    @staticmethod
-    def _session_key(policy: Policy, signals: Signals, call: Call) -> str | None:
-        """The session header, else the user and the conversation's opening."""
-        session = call.headers.get(policy.headers.session)
-        if session:
-            return "s\0" + session
-        if not signals.messages:
-            return None
-        user = call.headers.get(policy.headers.user, "")
-        return "c\0" + _digest(user + "\0" + _opening(signals))
 
     def _model_from_kv_events(self, policy: Policy, parsed: request.LLMRequest) -> str | None:
         """The model whose replicas really hold most of this conversation (from their KV events):
@@ -369,7 +347,7 @@ class Router:
             body = parsed.with_model(routed.upstream_model)
         routed.body = None if body is parsed.raw else body
         routed.signals, routed.pii_action, routed.stages = signals, choice.pii_action, stages
-        if choice.session_key is not None:
+        if choice.session is not None:
             routed.session = self._record_session(choice, routed)
         stages["pick"] = time.perf_counter() - t2
         # The router's own work: time waiting for a replica with room is the "queue" stage.
@@ -673,8 +651,8 @@ class Router:
 
     def _record_session(self, choice: Choice, routed: Routed) -> sessions.SessionModel | None:
         """Remember where the conversation went; a kept model with no replica left moved it."""
-        assert choice.session_key is not None
-        self.sessions.put(choice.session_key, routed.model)
+        if choice.session_key is not None:
+            self.sessions.put(choice.session_key, routed.model)
         outcome = choice.session
         if outcome is not None and routed.model != outcome.model:
             previous = outcome.previous if outcome.previous is not None else outcome.model

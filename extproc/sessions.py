@@ -6,11 +6,12 @@ threshold). Moving it costs its whole KV cache (the other model's replicas prefi
 again) and the consistency of its answers; so a conversation keeps its model unless the decision
 that would move it says it may (``switch``), or a privacy rule reroutes it.
 
-A conversation is known by its session header, else by its user header and its opening (system
-prompt and first user message). The table is per sidecar, bounded and idle-limited; the store is
-behind a two-method protocol so a shared one (Redis) can take its place. A sidecar that has not
-seen a conversation (another router replica served its earlier turns) learns its model from the
-KV events where it can: the model whose replicas really hold the conversation's history.
+The table knows a conversation by its session header (two requests with the same opening need
+not be one conversation); it is per sidecar, bounded and idle-limited, behind a two-method
+protocol so a shared store (Redis) can take its place. Without a header, or on a sidecar that has
+not seen the conversation (another router replica served its earlier turns), its model comes
+from the KV events where the models have them: the model whose replicas really hold most of the
+conversation's history.
 """
 
 from __future__ import annotations

@@ -58,6 +58,11 @@ def test_a_conversation_keeps_its_model_unless_a_decision_may_switch_it(tmp_path
                 assert response.status == 200
                 history.append({"role": "assistant", "content": f"about {text}: " + "fine " * 30})
                 wait_for(lambda: stack.inflight() == {})
+                # The next turn follows the answer: by then the replica's events have arrived.
+                for replica in replicas:
+                    replica.kv.publisher.flush()
+                index = one.sidecar.router.kv.index
+                wait_for(lambda: all(index.size(r.address) == len(r.kv.blocks) for r in replicas), timeout=10)
                 return response
 
             assert one.replica(turn(one, "hello")) == "s1"

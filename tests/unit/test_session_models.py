@@ -45,7 +45,10 @@ def router(text: str = POLICY) -> Router:
     return Router(RouterState(policy, Pools.build(policy, Discovery())))
 
 
-def turn(r: Router, history: list[dict], text: str, headers: dict | None = None):
+SESSION = {"x-session-id": "conversation-1"}
+
+
+def turn(r: Router, history: list[dict], text: str, headers: dict | None = SESSION):
     messages = [*history, {"role": "user", "content": text}]
     body = orjson.dumps({"model": "auto", "messages": messages})
     routed = asyncio.run(r.route(Call("POST", "/v1/chat/completions", headers or {}, body, explain=True)))
@@ -67,8 +70,17 @@ def test_a_conversation_stays_on_its_first_model() -> None:
         "reason": "keep_model",
         "source": "table",
     }
-    # A new conversation with the same words goes where the decision says.
-    assert turn(r, [], "here is my traceback").model == "large"
+    # Another conversation with the same words goes where the decision says.
+    assert turn(r, [], "here is my traceback", {"x-session-id": "conversation-2"}).model == "large"
+
+
+def test_without_a_session_header_identical_openings_are_not_one_conversation() -> None:
+    # (A templated request, sent twice with a history: only a replica's KV events could tell.)
+    r = router()
+    history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
+    assert turn(r, list(history), "here is my traceback", None).model == "large"
+    other = turn(r, list(history), "thanks", None)
+    assert (other.model, other.session.outcome) == ("small", "new")
 
 
 def test_a_decision_may_switch_when_its_rule_holds() -> None:
