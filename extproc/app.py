@@ -15,6 +15,7 @@ from prometheus_client import start_http_server
 
 from extproc._pb.envoy.service.accesslog.v3 import als_pb2_grpc
 from extproc.accesslog import AccessLogSink
+from extproc.cache import SemanticCache
 from extproc.envoy.names import SOCKET
 from extproc.envoy.options import EnvoyOptions, load_settings
 from extproc.envoy.render.resources import Resources, render_resources
@@ -91,6 +92,7 @@ class Runtime:
                 settings.xds_dir, admin=settings.envoy_admin, metrics=self.metrics, timeout=settings.xds_timeout
             )
         self._resources: Resources | None = None
+        self.cache: SemanticCache | None = None
 
     # --- policy ------------------------------------------------------------------------------
 
@@ -102,6 +104,7 @@ class Runtime:
         resources, options = self._render(policy)
         if policy.uses_classifier:
             await self._ensure_classifier(policy)
+        cache, retired = await self._cache_for(policy)
         if self.router is None:
             state = await asyncio.to_thread(lambda: RouterState(policy, _pools(policy, self.discovery)))
         else:
@@ -121,6 +124,7 @@ class Runtime:
             else:
                 self.router.classifier = self._classifier_signal
                 self.router.swap(state)
+            self.router.cache = self.cache = cache
             if self._classifier_signal is not None:
                 self._classifier_signal.timeout_seconds = policy.classifier.timeout_ms / 1000
                 self._classifier_signal.pii_tokens = policy.classifier.pii_tokens
@@ -140,6 +144,21 @@ class Runtime:
         else:
             switch()  # before serving, resources are published once the addresses are claimed (start)
         self._resources = resources
+        if retired is not None:
+            await retired.close()
+
+    async def _cache_for(self, policy: Policy) -> tuple[SemanticCache | None, SemanticCache | None]:
+        """(the cache the policy uses, the one it retires). Entries survive a reload unless the
+        backend or its bound changed."""
+        current = self.cache
+        if not policy.uses_cache:
+            return None, current
+        if current is not None and current.compatible(policy.cache):
+            current.reconfigure(policy.cache)
+            return current, None
+        cache = SemanticCache(policy.cache, self.metrics)
+        await cache.start()
+        return cache, current
 
     def _render(self, policy: Policy) -> tuple[Resources | None, EnvoyOptions]:
         """Envoy's resources for policy and the live settings (None unless publishing)."""
@@ -235,6 +254,9 @@ class Runtime:
         metrics.add_gauge(metrics.event_loop_tasks, lambda: [((), float(self.loop_tasks))])
         metrics.add_gauge(metrics.kv_replicas, lambda: [(key, float(n)) for key, n in router.kv.modes().items()])
         metrics.add_gauge(metrics.admission_queued, lambda: [((n,), float(q)) for n, q in router.admission.queued()])
+        metrics.add_gauge(
+            metrics.cache_entries, lambda: [((), float(router.cache.entries if router.cache is not None else 0))]
+        )
 
     # --- serving -------------------------------------------------------------------------------
 
@@ -357,6 +379,9 @@ class Runtime:
                 await task
         if self._async_classifier is not None:
             await self._async_classifier.aclose()
+        if self.cache is not None:
+            await self.cache.close()
+            self.cache = None
         self.discovery.close()
         if self.router is not None:
             self.router.kv.close()

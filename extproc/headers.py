@@ -12,6 +12,7 @@ ROUTER_DECISION = "x-router-decision"  # upstream (two round trips) and to the c
 # Response headers.
 ROUTER_MODEL = "x-router-model"
 ROUTER_EXPLAIN = "x-router-explain"
+CACHE = "x-cache"  # hit (answered by the sidecar's semantic cache) or miss (looked up, routed)
 
 # Request headers we read.
 REQUEST_ID = "x-request-id"
@@ -38,6 +39,8 @@ KEY_ENDPOINT = "endpoint"
 KEY_AFFINITY = "affinity"
 KEY_LEASE = "lease"
 KEY_EXPLAIN = "explain"
+KEY_CACHE = "cache"  # "miss" when the semantic cache was looked up (the x-cache response header)
+KEY_CACHE_STORE = "cache_store"  # a miss's token: its route mirrors the response to the sidecar
 # Keys of the token counts under USAGE_NAMESPACE.
 KEY_INPUT_TOKENS = "input"
 KEY_OUTPUT_TOKENS = "output"

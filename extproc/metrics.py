@@ -238,6 +238,62 @@ class Metrics:
         self.stream_errors = Counter(
             "extproc_stream_errors_total", "ext_proc streams that ended in an error.", ["reason"], registry=r
         )
+        self.cache_lookups = Counter(
+            "extproc_cache_lookups_total",
+            "Semantic cache lookups by model and result (hit: answered by the sidecar; miss: routed).",
+            ["model", "result"],
+            registry=r,
+        )
+        self.cache_skipped = Counter(
+            "extproc_cache_skipped_total",
+            "Requests of cache-enabled decisions that were not looked up, by reason (sampling, pii, "
+            "pii_unchecked, tenant, choices, last_message, api, unreadable, encoder).",
+            ["reason"],
+            registry=r,
+        )
+        self.cache_stores = Counter(
+            "extproc_cache_stores_total", "Answers stored in the semantic cache.", ["model"], registry=r
+        )
+        self.cache_not_stored = Counter(
+            "extproc_cache_not_stored_total",
+            "Mirrored responses of misses that were not stored, by reason (status, truncated, unfinished, "
+            "error, too_large, tool_calls, choices, unreadable).",
+            ["reason"],
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "extproc_cache_evictions_total",
+            "Entries that left the cache's index, by reason (size, expired, invalidated).",
+            ["reason"],
+            registry=r,
+        )
+        self.cache_errors = Counter(
+            "extproc_cache_errors_total",
+            "Cache backend operations that failed or timed out (the request was routed as a miss).",
+            ["op"],
+            registry=r,
+        )
+        self.cache_invalidations = Counter(
+            "extproc_cache_invalidations_total", "Invalidation commands applied.", registry=r
+        )
+        self.cache_saved_cost = Counter(
+            "extproc_cache_saved_cost_usd_total",
+            "What cache hits would have cost upstream at the chosen model's prices (this request's "
+            "prompt tokens, the stored answer's completion tokens).",
+            ["model"],
+            registry=r,
+        )
+        self.cache_lookup_seconds = Histogram(
+            "extproc_cache_lookup_duration_seconds",
+            "Time of a cache lookup (vector search, and the answer's read from Redis on a hit).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        for reason in ("size", "expired", "invalidated"):
+            self.cache_evictions.labels(reason)
+        self.cache_entries = ScrapeGauge(
+            "extproc_cache_entries", "Entries in this sidecar's cache index (Redis: its mirror).", ()
+        )
         # Computed from the router's state at scrape time; the runtime supplies the samples.
         self.replica_inflight = ScrapeGauge(
             "extproc_replica_inflight",

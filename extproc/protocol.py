@@ -172,6 +172,18 @@ def immediate(error: RouterError) -> pb.ProcessingResponse:
     )
 
 
+def local_answer(status: int, headers: Mapping[str, str], body: bytes, details: str) -> pb.ProcessingResponse:
+    """Envoy answers the client with this (a semantic cache hit) instead of calling upstream."""
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status.HttpStatus(code=status),  # type: ignore[arg-type]
+            headers=mutation(headers),
+            body=body,
+            details=details,
+        )
+    )
+
+
 def body_response(
     header_mutation: pb.HeaderMutation, body: bytes | None, dynamic_metadata: Mapping[str, Mapping[str, str]]
 ) -> pb.ProcessingResponse:

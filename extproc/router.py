@@ -17,8 +17,10 @@ from typing import Any
 
 from extproc import errors, request, sessions
 from extproc.admission import AdmissionQueue, QueueFull
+from extproc.cache import CacheHit, Lookup, Refusal, SemanticCache, prepare
+from extproc.cache import scope as cache_scope
 from extproc.metrics import Metrics
-from extproc.policy.config import Decision, Model, PiiPolicy, Policy
+from extproc.policy.config import Decision, DecisionCache, Model, PiiPolicy, Policy
 from extproc.policy.evaluate import NEEDS_CLASSIFIER, choose_model, decide
 from extproc.policy.evaluate import explain as trace_decisions
 from extproc.replicas.health import Outcome, OutlierDetector
@@ -73,6 +75,9 @@ class Routed:
     pick_detail: dict[str, Any] | None = None  # replica scores, for explanations
     explanation: dict[str, Any] | None = None
     session: sessions.SessionModel | None = None  # the conversation's model: kept, switched, new
+    cache_hit: CacheHit | None = None  # answered from the semantic cache: nothing to place
+    cache_token: str = ""  # a miss whose response may be stored (semantic.py)
+    cache_detail: dict[str, Any] | None = None  # the lookup, for explanations
 
 
 def _conversation(signals: Signals) -> str:
@@ -106,6 +111,7 @@ class Choice:
     redactions: dict[int, list[tuple[int, int, str]]] | None = None
     session_key: str | None = None  # the conversation, for the session-model table
     session: sessions.SessionModel | None = None
+    cache_rule: DecisionCache | None = None  # the decision opted in to the semantic cache
 
 
 class RouterState:
@@ -156,6 +162,7 @@ class Router:
         self.admission.configure(state.policy.admission, self._has_room)
         self.tracker.on_release = lambda lease: self.admission.release()
         self.picker = self._picker(state.policy)
+        self.cache: SemanticCache | None = None  # set by the runtime when some decision opts in
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -236,6 +243,7 @@ class Router:
             choice.label = decision.name if decision else DEFAULT_DECISION
             if policy.sessions.keep_model:
                 model_name = await self._session_model(policy, decision, model_name, choice, call)
+            choice.cache_rule = decision.cache if decision else None
         elif parsed.model in policy.models:
             decision, model_name, choice.label = None, parsed.model, EXPLICIT
         elif policy.unknown_models == "passthrough":
@@ -329,10 +337,19 @@ class Router:
             assert policy.passthrough_cluster is not None
             stages["total"] = time.perf_counter() - choice.started
             return Routed("", parsed.model, PASSTHROUGH, policy.passthrough_cluster, signals=signals, stages=stages)
+        explain_wanted = call.explain and policy.explain
+        lookup = vector = None
+        cache_detail = None
+        if choice.cache_rule is not None and self.cache is not None:
+            # Before admission: a hit needs no replica, so it never waits for one.
+            t1 = time.perf_counter()
+            lookup, vector, hit, cache_detail = await self._cache_lookup(choice, call)
+            stages["cache"] = time.perf_counter() - t1
+            if hit is not None:
+                return self._cached(choice, hit, cache_detail, explain_wanted)
         prompts = await self._prompts(choice, call)
         granted = await self._admit(state, choice, call)
         t2 = time.perf_counter()
-        explain_wanted = call.explain and policy.explain
         try:
             routed = self._place(
                 state, choice.model, choice.fallbacks, parsed, signals, choice.label, explain_wanted, prompts
@@ -340,6 +357,9 @@ class Router:
         finally:
             if granted is not None:
                 self.admission.placed(granted)
+        routed.cache_detail = cache_detail
+        if lookup is not None and vector is not None and self.cache is not None:
+            routed.cache_token = self.cache.expect(lookup, vector, parsed.api.value)
         if choice.redactions:
             # After placement: a fallback model's id is what the body must name.
             body = request.redact(parsed, choice.redactions, routed.upstream_model)
@@ -414,6 +434,68 @@ class Router:
         if capacity.max_inflight is None:
             return 1 << 30
         return max(0, math.floor(capacity.max_inflight * share) - self.tracker.inflight[endpoint])
+
+    async def _cache_lookup(
+        self, choice: Choice, call: Call
+    ) -> tuple[Lookup | None, Any, CacheHit | None, dict[str, Any]]:
+        """(lookup, vector, hit, detail): a request the cache may serve is looked up; one it may
+        not (sampled, PII, no tenant...) gets neither a lookup nor a stored answer."""
+        assert self.cache is not None and choice.model is not None and choice.cache_rule is not None
+        policy = choice.state.policy
+        lookup = prepare(choice.parsed, call.headers, choice.model, choice.cache_rule, policy.cache)
+        if not isinstance(lookup, Refusal):
+            refusal = await self._cache_pii_refusal(choice.signals, policy)
+            lookup = refusal or lookup
+        if isinstance(lookup, Refusal):
+            self.metrics.cache_skipped.labels(str(lookup)).inc()
+            return None, None, None, {"result": "skipped", "reason": str(lookup)}
+        assert self.classifier is not None  # (the refusal above covers its absence)
+        try:
+            embedding = self.classifier.classifier.embed(lookup.query)
+            vector = await asyncio.wait_for(embedding, self.classifier.timeout_seconds)
+        except Exception as exc:  # no embedding in time: route as usual, store nothing
+            self.metrics.cache_skipped.labels(str(cache_scope.ENCODER)).inc()
+            log.warning("cache: no sentence embedding (%s); routing without the cache", type(exc).__name__)
+            return None, None, None, {"result": "skipped", "reason": str(cache_scope.ENCODER)}
+        hit, best = await self.cache.lookup(lookup, vector)
+        detail = {"result": "hit" if hit else "miss", "similarity": round(best, 4), "threshold": lookup.threshold}
+        return lookup, vector, hit, detail
+
+    async def _cache_pii_refusal(self, signals: Signals, policy: Policy) -> Refusal | None:
+        """Personal data is never cached: every type is looked for (the policy's own check may ask
+        for fewer), and a check that could not run, or not over everything, refuses too."""
+        if self.classifier is None:
+            return cache_scope.PII_UNCHECKED
+        if signals.pii is None or policy.pii_types is not None:
+            topic, read = signals.topic, signals.classifier_read  # (annotate would reset the topic)
+            try:
+                await self.classifier.annotate(signals, pii=True, topic=False, pii_types=None)
+            except Exception:  # a check that failed refuses below
+                log.debug("cache: the PII check failed; not caching")
+            finally:
+                signals.topic, signals.classifier_read = topic, read
+        if signals.pii is None or signals.pii_unchecked:
+            return cache_scope.PII_UNCHECKED
+        if any(hit.score >= 0.5 for hit in signals.pii):
+            return cache_scope.PII
+        return None
+
+    def _cached(self, choice: Choice, hit: CacheHit, detail: dict[str, Any], explain: bool) -> Routed:
+        """A hit: answered by the sidecar, no replica placed, no lease."""
+        model = choice.model
+        assert model is not None
+        policy = choice.state.policy
+        routed = Routed(model.name, model.upstream_model, choice.label, model.cluster, cache_hit=hit)
+        routed.signals, routed.pii_action, routed.stages = choice.signals, choice.pii_action, choice.stages
+        routed.cache_detail = detail
+        prompt_tokens = choice.signals.tokens
+        if model.pricing is not None:
+            saved = model.pricing.cost(prompt_tokens, hit.answer.completion_tokens)
+            self.metrics.cache_saved_cost.labels(model.name).inc(saved)
+        choice.stages["total"] = time.perf_counter() - choice.started
+        if explain:
+            routed.explanation = self.explain(policy, choice.signals, routed)
+        return routed
 
     async def _decide(
         self, policy: Policy, signals: Signals, call: Call, stages: dict[str, float]
@@ -729,4 +811,6 @@ class Router:
             "replicas": {"picked": list(routed.endpoints), **replica},
             "session_model": routed.session.explain() if routed.session is not None else None,
         }
+        if routed.cache_detail is not None:
+            out["cache"] = routed.cache_detail
         return out

@@ -25,6 +25,7 @@ from extproc import headers as h
 from extproc._pb.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from extproc.cache import Capture, render
 from extproc.logs import log_decision
 from extproc.request import UNKNOWN_PATH_MESSAGE, api_for_path, looks_like_llm_path
 from extproc.router import PASSTHROUGH, Call, Routed, Router
@@ -33,6 +34,7 @@ log = logging.getLogger("extproc.server")
 
 BUFFERED_PARTIAL = processing_mode_pb2.ProcessingMode.BUFFERED_PARTIAL
 QUEUE_MARGIN = 0.5  # seconds beyond a queued request's longest wait, for placing it and answering
+CACHED = "cached"  # the requests metric's status for an answer from the semantic cache
 
 
 class Exchange:
@@ -40,10 +42,12 @@ class Exchange:
 
     __slots__ = (
         "body_mode",
+        "capture",
         "headers",
         "method",
         "notices",
         "path",
+        "pending",
         "request_id",
         "routed",
         "router",
@@ -63,10 +67,14 @@ class Exchange:
         self.skip = False  # not an LLM call: let everything through untouched
         self.body_mode = 0
         self.saw_headers = False  # Envoy sent the request headers (two-round-trip mode)
+        # A miss's response mirrored by the cache filter (its own stream, observability mode).
+        self.pending = None
+        self.capture: Capture | None = None
 
     async def handle(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
         kind = message.WhichOneof("request")
         if message.observability_mode:
+            await self._mirrored(message, kind)
             return None  # Envoy does not wait for answers to these
         if message.HasField("protocol_config"):
             self.body_mode = message.protocol_config.request_body_mode
@@ -141,6 +149,11 @@ class Exchange:
             return self._fail(error)
         self.routed = routed
         metrics = self.router.metrics
+        if routed.cache_hit is not None:
+            metrics.count_request(routed.model, routed.decision, _domain(routed), CACHED)
+            metrics.observe_stages(routed.stages)
+            log_decision(self.request_id, _api(self.path), routed, 200, None)
+            return self._cached(routed)
         metrics.count_request(routed.model or PASSTHROUGH, routed.decision, _domain(routed), "ok")
         metrics.observe_stages(routed.stages)
         log_decision(self.request_id, _api(self.path), routed, 200, None)
@@ -204,6 +217,10 @@ class Exchange:
             meta[h.KEY_LEASE] = str(routed.lease.id)
         if routed.explanation is not None:
             meta[h.KEY_EXPLAIN] = protocol.compact_json(routed.explanation)
+        if routed.cache_detail is not None and routed.cache_detail.get("result") == "miss":
+            meta[h.KEY_CACHE] = "miss"
+        if routed.cache_token:
+            meta[h.KEY_CACHE_STORE] = routed.cache_token
         if routed.body is not None:
             set_headers[h.CONTENT_LENGTH] = str(len(routed.body))
         dynamic = {h.METADATA_NAMESPACE: meta}
@@ -214,6 +231,57 @@ class Exchange:
             # runs on the metadata. The (empty) mutation is still sent: it makes Envoy re-route.
             return protocol.body_response(protocol.EMPTY_MUTATION, routed.body, dynamic)
         return protocol.body_response(protocol.mutation(set_headers, remove), routed.body, dynamic)
+
+    def _cached(self, routed: Routed) -> pb.ProcessingResponse:
+        """A semantic cache hit, answered as the API would (JSON, or SSE when asked to stream)."""
+        hit = routed.cache_hit
+        assert hit is not None and routed.signals is not None
+        content_type, body = render(
+            hit.answer, stream=hit.stream, include_usage=hit.include_usage, prompt_tokens=routed.signals.tokens
+        )
+        headers = {
+            h.CONTENT_TYPE: content_type,
+            h.CACHE: "hit",
+            h.ROUTER_MODEL: routed.model,
+            h.ROUTER_DECISION: routed.decision,
+        }
+        if routed.explanation is not None:
+            headers[h.ROUTER_EXPLAIN] = protocol.compact_json(routed.explanation)
+        if hit.stream:
+            headers["cache-control"] = "no-cache"
+        return protocol.local_answer(200, headers, body, "extproc_cache_hit")
+
+    async def _mirrored(self, message: pb.ProcessingRequest, kind: str | None) -> None:
+        """The cache filter's copy of a miss's response: claim the miss by the token in the
+        metadata, read the body as it streams past, store it once it ended normally."""
+        cache = self.router.cache
+        if kind == "response_headers":
+            token = protocol.metadata(message, h.METADATA_NAMESPACE).get(h.KEY_CACHE_STORE, "")
+            claimed = cache.claim(token) if cache is not None and token else None
+            if claimed is None:
+                return
+            self.pending, capture = claimed
+            headers = protocol.header_map(message.response_headers.headers)
+            status = int(headers.get(":status", "0") or 0)
+            if not capture.headers(status, headers.get(h.CONTENT_TYPE, "")):
+                self.router.metrics.cache_not_stored.labels("status").inc()
+                self.pending = None
+                return
+            self.capture = capture
+            if message.response_headers.end_of_stream:
+                await self._store()
+        elif kind == "response_body" and self.capture is not None:
+            self.capture.feed(message.response_body.body)
+            if message.response_body.end_of_stream:
+                await self._store()
+        elif kind == "response_trailers" and self.capture is not None:
+            await self._store()
+
+    async def _store(self) -> None:
+        capture, pending, cache = self.capture, self.pending, self.router.cache
+        self.capture = self.pending = None
+        if capture is not None and pending is not None and cache is not None:
+            await cache.store_answer(pending, capture)
 
     def _fail(self, error: errors.RouterError) -> pb.ProcessingResponse:
         self.skip = True
@@ -228,6 +296,9 @@ class Exchange:
         carries none of our metadata, so no entry would ever name its lease."""
         if self.routed is not None and self.routed.lease is not None:
             self.router.tracker.release(self.routed.lease)
+        if self.capture is not None:  # the response never ended: a cut stream is not stored
+            self.router.metrics.cache_not_stored.labels("truncated").inc()
+            self.capture = self.pending = None
 
     # --- response path (only when Envoy sends it to the routing stream) -----------------------
 

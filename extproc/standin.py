@@ -250,6 +250,15 @@ class StandIn:
                 await self.gate.wait()
             if self.chunk_delay:
                 await asyncio.sleep(self.chunk_delay)
+        # As OpenAI and vLLM end a stream: a last chunk with an empty delta and the finish reason.
+        end = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion.chunk",
+            "model": model,
+            "replica": self.name,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        }
+        _chunk(writer, b"data: " + orjson.dumps(end) + b"\n\n")
         if (payload.get("stream_options") or {}).get("include_usage"):
             final = {
                 "id": "chatcmpl-1",

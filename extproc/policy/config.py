@@ -102,6 +102,34 @@ class Split:
     weight: float
 
 
+# The default similarity threshold, picked on bench/cache_paraphrases.py's set (README "Semantic cache").
+DEFAULT_CACHE_THRESHOLD = 0.90
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """The semantic cache's backend and defaults (policy `cache`); decisions opt in (`DecisionCache`)."""
+
+    backend: str = "memory"  # memory | redis
+    threshold: float = DEFAULT_CACHE_THRESHOLD  # cosine similarity of the last user messages
+    ttl_seconds: float = 3600.0
+    max_entries: int = 10000  # per sidecar (memory) or in Redis (its stream is trimmed to about this)
+    max_entry_bytes: int = 256 * 1024  # a response larger than this is not stored
+    tenant_header: str | None = None  # when set, part of the scope; requests without it are not cached
+    redis_url: str | None = None
+    key_prefix: str = "extproc:cache:"
+    redis_timeout_seconds: float = 0.05  # per Redis command on the request path
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionCache:
+    """A decision's opt-in to the cache. Unset fields take CacheSettings'."""
+
+    ttl_seconds: float | None = None
+    threshold: float | None = None
+    sampled: bool = False  # cache requests sampled at temperature > 0 (or unset, which servers read as 1)
+
+
 @dataclass(frozen=True, slots=True)
 class Switch:
     """When a decision may move a conversation off the model it started on."""
@@ -120,6 +148,7 @@ class Decision:
     priority: int = 0
     pii: PiiPolicy | None = None
     switch: Switch | None = None  # None: a conversation on another model stays there
+    cache: DecisionCache | None = None
 
     @property
     def needs_classifier(self) -> bool:
@@ -227,6 +256,8 @@ class Policy:
     sessions: SessionSettings = field(default_factory=SessionSettings)
     admission: Admission = field(default_factory=Admission)
     pii: PiiPolicy | None = None
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    uses_cache: bool = False  # some decision opted in to the semantic cache
     digest: str = ""  # sha256 of the source text, for the config-hash info metric
     needs_pii: bool = False  # some decision tests PII or some PII policy is set
     pii_types: frozenset[str] | None = None  # every type a PII policy or condition asks for (None: all)

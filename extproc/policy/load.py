@@ -19,9 +19,11 @@ from extproc.heads import Head, HeadError, parse_head
 from extproc.policy import conditions
 from extproc.policy.config import (
     Admission,
+    CacheSettings,
     Capacity,
     ClassifierSettings,
     Decision,
+    DecisionCache,
     HeaderNames,
     KubernetesReplicas,
     KvEvents,
@@ -433,6 +435,12 @@ def _pii_policy(spec: dict[str, Any] | None) -> PiiPolicy | None:
     )
 
 
+def _decision_cache(spec: bool | dict[str, Any] | None) -> DecisionCache | None:
+    if spec is None or spec is False:
+        return None
+    return DecisionCache() if spec is True else DecisionCache(**spec)
+
+
 DURATIONS = ("interval", "base_ejection_time", "max_ejection_time")
 
 
@@ -518,6 +526,7 @@ def _build(
                 priority=spec.get("priority", 0),
                 pii=_pii_policy(spec.get("pii")),
                 switch=_switch(spec.get("switch"), heads),
+                cache=_decision_cache(spec.get("cache")),
             )
         )
     # Higher priority first; sorted() is stable, so equal priorities keep file order.
@@ -547,9 +556,25 @@ def _build(
     uses_tokens = any(isinstance(c, conditions.Tokens) for c in walked)
     uses_topic = any(isinstance(c, conditions.Domain | conditions.Complexity) for c in walked)
     uses_classifier = classifier.enabled is True or (
-        classifier.enabled == "auto" and (needs_pii or any(c.needs_classifier for c in walked))
+        classifier.enabled == "auto"
+        and (needs_pii or any(c.needs_classifier for c in walked) or any(d.cache is not None for d in ordered))
     )
+    cache = CacheSettings(**data.get("cache", {}))
+    uses_cache = any(d.cache is not None for d in ordered)
     problems = []
+    if cache.backend == "redis" and not cache.redis_url:
+        problems.append(
+            Problem(("cache", "redis_url"), "required when backend is 'redis'", _line(lines, ("cache", "backend")))
+        )
+    if uses_cache and classifier.enabled is False:
+        problems.append(
+            Problem(
+                ("classifier", "enabled"),
+                "is false, but some decisions use the semantic cache, which needs the encoder; enable it or "
+                "remove their `cache`",
+                _line(lines, ("classifier",)),
+            )
+        )
     outliers = picking.outlier_detection
     if outliers.max_ejection_time < outliers.base_ejection_time:
         path = ("picking", "outlier_detection", "max_ejection_time")
@@ -586,6 +611,8 @@ def _build(
         sessions=SessionSettings(**data.get("sessions", {})),
         admission=_admission(data.get("admission", {})),
         pii=default_pii,
+        cache=cache,
+        uses_cache=uses_cache,
         digest=digest,
         needs_pii=needs_pii,
         pii_types=pii_types,

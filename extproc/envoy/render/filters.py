@@ -24,6 +24,7 @@ def ext_proc_filters(policy: Policy, o: EnvoyOptions) -> list[dict[str, Any]]:
             h.CONTENT_TYPE,
             h.CONTENT_ENCODING,
             h.DEBUG,
+            *([policy.cache.tenant_header] if policy.cache.tenant_header else []),
         }
     )
     routing: dict[str, Any] = {
@@ -61,7 +62,49 @@ def ext_proc_filters(policy: Policy, o: EnvoyOptions) -> list[dict[str, Any]]:
     ]
     if o.usage:
         filters += _usage_filters()
+    filters.append(cache_mirror_filter())
     return filters
+
+
+CACHE_MIRROR = "extproc.cache_mirror"
+# What the cache mirror sends on a route that may store (routes.py): the response as it passes,
+# never waited for (observability_mode), so the client's stream is not delayed or buffered.
+CACHE_MIRROR_MODE = {
+    "request_header_mode": "SKIP",
+    "response_header_mode": "SEND",
+    "request_body_mode": "NONE",
+    "response_body_mode": "STREAMED",
+    "request_trailer_mode": "SKIP",
+    "response_trailer_mode": "SEND",
+}
+
+
+def cache_mirror_filter() -> dict[str, Any]:
+    """A second ext_proc filter, inert on every route but the cache-store ones (routes.py), where
+    it mirrors a miss's response to the sidecar to be stored. Observability mode: Envoy sends
+    each chunk and moves on, so the client sees the response exactly as without it. (Envoy
+    honours a server's mode_override only in answers to header messages, and the routing call
+    answers the body, so a per-route override is how the routing decision turns it on.) Always
+    in the chain, so that a policy which starts caching changes routes only, not the listener."""
+    return {
+        "name": CACHE_MIRROR,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER}},
+            "observability_mode": True,
+            "failure_mode_allow": True,  # the mirror failing never fails the request
+            "processing_mode": {
+                "request_header_mode": "SKIP",
+                "response_header_mode": "SKIP",
+                "request_body_mode": "NONE",
+                "response_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
+            },
+            # The routing call's metadata names the miss the response belongs to.
+            "metadata_options": {"forwarding_namespaces": {"untyped": [h.METADATA_NAMESPACE]}},
+        },
+    }
 
 
 def _usage_rules() -> list[dict[str, Any]]:

@@ -102,7 +102,9 @@ def render_resources(policy: Policy, options: EnvoyOptions | None = None) -> Res
         default_cluster = next((c for c in clusters if c != policy.original_dst_cluster), None)
     return Resources(
         listener=client_listener(policy, o),
-        routes=route_config(o, dict.fromkeys(routed_clusters), retries, default_cluster, hashed),
+        routes=route_config(
+            o, dict.fromkeys(routed_clusters), retries, default_cluster, hashed, cache=policy.uses_cache
+        ),
         clusters=tuple(clusters.values()),
     )
 

@@ -14,6 +14,7 @@ import orjson
 from extproc import headers as h
 from extproc.envoy.names import LISTENER
 from extproc.envoy.options import EnvoyOptions
+from extproc.envoy.render.filters import CACHE_MIRROR, CACHE_MIRROR_MODE
 from extproc.errors import openai_error
 from extproc.request import API_PATHS, UNKNOWN_PATH_MESSAGE
 
@@ -43,6 +44,7 @@ def route_config(
     retries: Mapping[str, tuple[str, int]],
     default_cluster: str | None,
     hashed: set[str],
+    cache: bool = False,
 ) -> dict[str, Any]:
     """The client listener's routes (RDS): the refusals Envoy answers itself, one route per
     routed cluster (matched on the router's ``extproc.cluster`` metadata), forward_paths, and a
@@ -120,6 +122,8 @@ def route_config(
                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
                 }
             ]
+        if cache:
+            routes.append(_cache_store_route(entry))
         routes.append(entry)
     routes.append(
         {
@@ -193,9 +197,43 @@ def route_config(
                         "header": {"key": h.ROUTER_EXPLAIN, "value": from_metadata.format(h.KEY_EXPLAIN)},
                         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
                     },
+                    *(
+                        [
+                            {
+                                "header": {"key": h.CACHE, "value": from_metadata.format(h.KEY_CACHE)},
+                                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                            }
+                        ]
+                        if cache
+                        else []
+                    ),
                 ],
             }
         ],
+    }
+
+
+def _cache_store_route(entry: dict[str, Any]) -> dict[str, Any]:
+    """The cluster's route for a miss whose response may be stored (the router set its token):
+    the same route, with the cache mirror turned on (filters.py)."""
+    match = dict(entry["match"])
+    match["dynamic_metadata"] = [
+        *match["dynamic_metadata"],
+        {
+            "filter": h.METADATA_NAMESPACE,
+            "path": [{"key": h.KEY_CACHE_STORE}],
+            "value": {"present_match": True},
+        },
+    ]
+    mirror = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+        "overrides": {"processing_mode": CACHE_MIRROR_MODE},
+    }
+    return {
+        **entry,
+        "name": f"{entry['name']}-cache-store",
+        "match": match,
+        "typed_per_filter_config": {**entry.get("typed_per_filter_config", {}), CACHE_MIRROR: mirror},
     }
 
 

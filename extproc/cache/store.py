@@ -1,0 +1,305 @@
+"""Where cached answers live: an in-process index of vectors per scope, and two backends.
+
+``Index`` holds unit vectors grouped by scope (one contiguous float32 matrix per scope), so a
+lookup is one matrix-vector product over the entries of its own scope, with expiry checked in the
+same pass and the least recently used entry evicted past the bound.
+
+``MemoryStore`` keeps the answers beside the index (bounded, per sidecar). ``RedisStore`` keeps
+them in Redis under a TTL, and every sidecar keeps the vectors of what Redis holds in its own
+Index, fed by a Redis stream that each store appends to: a lookup is local, and only a hit reads
+Redis (one GET). Redis 7 (Debian's) has no vector index of its own (that is the RediSearch
+module); the search in the sidecar is measured in bench/cache_lookup.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from extproc.cache.answers import Answer
+
+log = logging.getLogger("extproc.cache")
+
+DIM = 384
+
+
+@dataclass(slots=True)
+class _Group:
+    """The entries of one scope: rows of `vectors` [0, n) and their ids and expiry times."""
+
+    vectors: np.ndarray
+    expires: np.ndarray
+    ids: list[str]
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(slots=True)
+class _Meta:
+    scope: bytes
+    model: str
+
+
+class Index:
+    """Unit vectors by scope, bounded (least recently used out), each with an expiry time."""
+
+    def __init__(self, max_entries: int, on_evict: Callable[[str, str], None] | None = None) -> None:
+        self.max_entries = max_entries
+        self._groups: dict[bytes, _Group] = {}
+        self._entries: OrderedDict[str, _Meta] = OrderedDict()  # least recently used first
+        self._row: dict[str, int] = {}
+        self._on_evict = on_evict  # (entry id, reason: size | expired | invalidated)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, entry_id: str) -> bool:
+        return entry_id in self._entries
+
+    def add(self, entry_id: str, scope: bytes, model: str, vector: np.ndarray, expires: float) -> None:
+        if entry_id in self._entries:
+            return
+        group = self._groups.get(scope)
+        if group is None:
+            group = self._groups[scope] = _Group(np.empty((4, DIM), np.float32), np.empty(4), [])
+        n = group.n
+        if n == len(group.vectors):
+            grown = max(4, n * 2)
+            group.vectors = np.resize(group.vectors, (grown, DIM))
+            group.expires = np.resize(group.expires, grown)
+        group.vectors[n] = vector
+        group.expires[n] = expires
+        group.ids.append(entry_id)
+        self._row[entry_id] = n
+        self._entries[entry_id] = _Meta(scope, model)
+        while len(self._entries) > self.max_entries:
+            oldest = next(iter(self._entries))
+            self.remove(oldest, "size")
+
+    def search(self, scope: bytes, vector: np.ndarray, now: float) -> tuple[str | None, float]:
+        """The most similar live entry of the scope and its cosine similarity (-1: none)."""
+        group = self._groups.get(scope)
+        if group is None or not group.n:
+            return None, -1.0
+        n = group.n
+        sims = group.vectors[:n] @ vector
+        dead = group.expires[:n] <= now
+        if dead.any():
+            for i in np.flatnonzero(dead)[::-1]:  # from the end: removal moves the last row in
+                self.remove(group.ids[int(i)], "expired")
+            return self.search(scope, vector, now)
+        best = int(np.argmax(sims))
+        entry_id = group.ids[best]
+        return entry_id, float(sims[best])
+
+    def touch(self, entry_id: str) -> None:
+        if entry_id in self._entries:
+            self._entries.move_to_end(entry_id)
+
+    def remove(self, entry_id: str, reason: str = "invalidated") -> bool:
+        meta = self._entries.pop(entry_id, None)
+        if meta is None:
+            return False
+        group = self._groups[meta.scope]
+        row = self._row.pop(entry_id)
+        last = group.n - 1
+        if row != last:  # the last row fills the gap
+            moved = group.ids[last]
+            group.vectors[row] = group.vectors[last]
+            group.expires[row] = group.expires[last]
+            group.ids[row] = moved
+            self._row[moved] = row
+        group.ids.pop()
+        if not group.ids:
+            del self._groups[meta.scope]
+        if self._on_evict is not None:
+            self._on_evict(entry_id, reason)
+        return True
+
+    def ids(self, model: str | None = None) -> list[str]:
+        return [i for i, m in self._entries.items() if model is None or m.model == model]
+
+    def model_of(self, entry_id: str) -> str | None:
+        meta = self._entries.get(entry_id)
+        return meta.model if meta else None
+
+
+class Store(Protocol):
+    """A cache backend. Every method may be slow or fail (Redis); the caller bounds and counts."""
+
+    index: Index
+
+    async def get(self, scope: bytes, vector: np.ndarray) -> tuple[str | None, Answer | None, float]: ...
+
+    async def put(
+        self, entry_id: str, scope: bytes, model: str, vector: np.ndarray, answer: Answer, ttl: float
+    ) -> None: ...
+
+    async def invalidate(self, model: str | None) -> int: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryStore:
+    """Answers in this process, beside the index."""
+
+    def __init__(self, max_entries: int, on_evict: Callable[[str, str], None] | None = None) -> None:
+        self._answers: dict[str, Answer] = {}
+
+        def evicted(entry_id: str, reason: str) -> None:
+            self._answers.pop(entry_id, None)
+            if on_evict is not None:
+                on_evict(entry_id, reason)
+
+        self.index = Index(max_entries, evicted)
+
+    async def get(self, scope: bytes, vector: np.ndarray) -> tuple[str | None, Answer | None, float]:
+        entry_id, similarity = self.index.search(scope, vector, time.time())
+        return entry_id, self._answers.get(entry_id) if entry_id else None, similarity
+
+    async def put(
+        self, entry_id: str, scope: bytes, model: str, vector: np.ndarray, answer: Answer, ttl: float
+    ) -> None:
+        self._answers[entry_id] = answer
+        self.index.add(entry_id, scope, model, vector, time.time() + ttl)
+
+    async def invalidate(self, model: str | None) -> int:
+        ids = self.index.ids(model)
+        for entry_id in ids:
+            self.index.remove(entry_id)
+        return len(ids)
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisStore:
+    """Answers in Redis (shared by every sidecar using it); vectors mirrored into a local Index.
+
+    Keys under ``prefix``: ``a:<model>:<id>`` holds an answer, expiring with its TTL; ``log`` is a
+    stream of ``add`` (id, scope, model, vector, expiry) and ``clear`` (model or all) events,
+    trimmed to about twice the entry bound. A sidecar replays the stream when it starts and then
+    follows it, so it finds what any sidecar stored. An answer Redis no longer has (expired,
+    evicted by Redis' own memory policy, invalidated) is a miss, and leaves the local index too.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        prefix: str,
+        max_entries: int,
+        on_evict: Callable[[str, str], None] | None = None,
+        on_error: Callable[[str], None] | None = None,
+        follower: Any = None,
+    ) -> None:
+        self.redis = client
+        # The stream is read with a blocking call, which needs a longer socket timeout than the
+        # request path's commands: its own client.
+        self._reader = follower if follower is not None else client
+        self.prefix = prefix
+        self.index = Index(max_entries, on_evict)
+        self._log = prefix + "log"
+        self._last = "0-0"
+        self._follower: asyncio.Task[None] | None = None
+        self._on_error = on_error or (lambda op: None)
+
+    def _answer_key(self, model: str, entry_id: str) -> str:
+        return f"{self.prefix}a:{model}:{entry_id}"
+
+    async def start(self) -> None:
+        self._follower = asyncio.create_task(self._follow(), name="cache-redis-follow")
+
+    async def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(BaseException):  # cancelled or failed: either way it is over
+                await self._follower
+        await self.redis.aclose()
+        if self._reader is not self.redis:
+            await self._reader.aclose()
+
+    async def get(self, scope: bytes, vector: np.ndarray) -> tuple[str | None, Answer | None, float]:
+        entry_id, similarity = self.index.search(scope, vector, time.time())
+        if entry_id is None:
+            return None, None, similarity
+        model = self.index.model_of(entry_id) or ""
+        data = await self.redis.get(self._answer_key(model, entry_id))
+        if data is None:
+            self.index.remove(entry_id, "expired")
+            return entry_id, None, similarity
+        return entry_id, Answer.loads(data), similarity
+
+    async def put(
+        self, entry_id: str, scope: bytes, model: str, vector: np.ndarray, answer: Answer, ttl: float
+    ) -> None:
+        expires = time.time() + ttl
+        fields = {
+            "op": "add",
+            "id": entry_id,
+            "scope": scope,
+            "model": model,
+            "vec": np.asarray(vector, np.float32).tobytes(),
+            "exp": repr(expires),
+        }
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self._answer_key(model, entry_id), answer.dumps(), px=max(1, int(ttl * 1000)))
+            pipe.xadd(self._log, fields, maxlen=2 * self.index.max_entries, approximate=True)
+            await pipe.execute()
+        self.index.add(entry_id, scope, model, vector, expires)
+
+    async def invalidate(self, model: str | None) -> int:
+        pattern = f"{self.prefix}a:{model}:*" if model is not None else f"{self.prefix}a:*"
+        removed = 0
+        async for key in self.redis.scan_iter(match=pattern, count=1000):
+            removed += await self.redis.delete(key)
+        await self.redis.xadd(self._log, {"op": "clear", "model": model or ""})
+        for entry_id in self.index.ids(model):
+            self.index.remove(entry_id)
+        return removed
+
+    async def _follow(self) -> None:
+        """Replay the stream, then follow it (a blocking read; one connection of the pool)."""
+        while True:
+            try:
+                replies = await self._reader.xread({self._log: self._last}, count=1000, block=1000)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis away: keep what we know, try again shortly
+                self._on_error("follow")
+                log.warning("cache: reading the Redis stream failed (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(1.0)
+                continue
+            for _stream, events in replies or ():
+                for event_id, fields in events:
+                    self._last = event_id.decode() if isinstance(event_id, bytes) else event_id
+                    self._apply(fields)
+
+    def _apply(self, fields: dict[bytes, bytes]) -> None:
+        op = fields.get(b"op")
+        if op == b"add":
+            expires = float(fields[b"exp"])
+            if expires <= time.time():
+                return
+            vector = np.frombuffer(fields[b"vec"], np.float32)
+            if vector.shape != (DIM,):
+                return
+            self.index.add(fields[b"id"].decode(), fields[b"scope"], fields[b"model"].decode(), vector, expires)
+        elif op == b"clear":
+            model = fields.get(b"model", b"").decode() or None
+            for entry_id in self.index.ids(model):
+                self.index.remove(entry_id)
