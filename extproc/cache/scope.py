@@ -18,6 +18,8 @@ from typing import Any
 
 import orjson
 
+from extproc.cache import guards
+from extproc.classifier.text import WINDOW
 from extproc.policy.config import CacheSettings, DecisionCache, Model
 from extproc.request import Api, LLMRequest
 
@@ -38,6 +40,11 @@ UNREADABLE = Refusal("unreadable")  # token ids the PII check cannot read
 PII = Refusal("pii")  # personal data found
 PII_UNCHECKED = Refusal("pii_unchecked")  # the check could not run (or not over everything)
 ENCODER = Refusal("encoder")  # no sentence embedding in time
+LONG = Refusal("long")  # a question longer than the encoder surely reads whole
+
+# The classifier reads a text this long in one window, whole (classifier.py): a longer question's
+# embedding would leave its middle out, and two questions differing there would match.
+MAX_QUESTION_CHARS = 2 * WINDOW
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +53,7 @@ class Lookup:
 
     scope: bytes  # 16-byte digest of everything but the question
     query: str  # the last user message: what is compared by meaning
+    words: tuple[int, ...]  # its content words' digests, for the look-alike check (guards.py)
     model: str  # the chosen model's policy name
     threshold: float
     ttl_seconds: float
@@ -94,14 +102,19 @@ def prepare(
         rest.pop("prompt")
     if not query.strip():
         return LAST_MESSAGE
+    if len(query) > MAX_QUESTION_CHARS:
+        return LONG
     digest = hashlib.blake2b(digest_size=16)
     for part in (model.name, model.upstream_model, parsed.api.value, tenant):
         digest.update(part.encode("utf-8", "surrogatepass") + b"\0")
     digest.update(orjson.dumps(rest, option=orjson.OPT_SORT_KEYS))
+    # What the embedding hardly sees, exactly: the question's numbers and negations.
+    digest.update(b"\0" + guards.markers(query))
     stream_options = body.get("stream_options")
     return Lookup(
         scope=digest.digest(),
         query=query,
+        words=guards.words(query),
         model=model.name,
         threshold=rule.threshold if rule.threshold is not None else settings.threshold,
         ttl_seconds=rule.ttl_seconds if rule.ttl_seconds is not None else settings.ttl_seconds,

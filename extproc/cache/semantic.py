@@ -100,7 +100,8 @@ class SemanticCache:
         t = time.perf_counter()
         try:
             entry_id, answer, similarity = await asyncio.wait_for(
-                self.store.get(lookup.scope, vector), self.settings.redis_timeout_seconds * 2
+                self.store.get(lookup.scope, vector, lookup.threshold, lookup.words),
+                self.settings.redis_timeout_seconds * 2,
             )
         except Exception as exc:  # a slow or failed backend makes a miss, never an error
             self._error("lookup")
@@ -109,7 +110,7 @@ class SemanticCache:
         finally:
             self.metrics.cache_lookup_seconds.observe(time.perf_counter() - t)
         usable = answer is not None and not (lookup.stream and answer.tool_calls)
-        if entry_id is None or similarity < lookup.threshold or not usable:
+        if entry_id is None or not usable:
             self.metrics.cache_lookups.labels(lookup.model, "miss").inc()
             return None, similarity
         assert answer is not None and entry_id is not None
@@ -145,7 +146,9 @@ class SemanticCache:
         entry_id = secrets.token_hex(12)
         try:
             await asyncio.wait_for(
-                self.store.put(entry_id, lookup.scope, lookup.model, pending.vector, outcome, lookup.ttl_seconds),
+                self.store.put(
+                    entry_id, lookup.scope, lookup.model, pending.vector, lookup.words, outcome, lookup.ttl_seconds
+                ),
                 max(1.0, self.settings.redis_timeout_seconds * 4),
             )
         except Exception as exc:

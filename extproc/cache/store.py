@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from extproc.cache.answers import Answer
+from extproc.cache.guards import lookalike
 
 log = logging.getLogger("extproc.cache")
 
@@ -48,6 +49,10 @@ class _Group:
 class _Meta:
     scope: bytes
     model: str
+    words: tuple[int, ...]  # the question's content-word digests (guards.py)
+
+
+_CANDIDATES = 8  # entries above the threshold checked for look-alike wording, most similar first
 
 
 class Index:
@@ -66,7 +71,9 @@ class Index:
     def __contains__(self, entry_id: str) -> bool:
         return entry_id in self._entries
 
-    def add(self, entry_id: str, scope: bytes, model: str, vector: np.ndarray, expires: float) -> None:
+    def add(
+        self, entry_id: str, scope: bytes, model: str, vector: np.ndarray, expires: float, words: tuple[int, ...] = ()
+    ) -> None:
         if entry_id in self._entries:
             return
         group = self._groups.get(scope)
@@ -81,26 +88,38 @@ class Index:
         group.expires[n] = expires
         group.ids.append(entry_id)
         self._row[entry_id] = n
-        self._entries[entry_id] = _Meta(scope, model)
+        self._entries[entry_id] = _Meta(scope, model, words)
         while len(self._entries) > self.max_entries:
             oldest = next(iter(self._entries))
             self.remove(oldest, "size")
 
-    def search(self, scope: bytes, vector: np.ndarray, now: float) -> tuple[str | None, float]:
-        """The most similar live entry of the scope and its cosine similarity (-1: none)."""
+    def search(
+        self, scope: bytes, vector: np.ndarray, now: float, threshold: float = 1.0, words: tuple[int, ...] = ()
+    ) -> tuple[str | None, float]:
+        """The most similar live entry of the scope at or above the threshold whose question is
+        not a look-alike of this one (guards.py), and its cosine similarity; below the threshold,
+        (None, the best similarity seen; -1: no entry)."""
         group = self._groups.get(scope)
         if group is None or not group.n:
             return None, -1.0
         n = group.n
-        sims = group.vectors[:n] @ vector
         dead = group.expires[:n] <= now
         if dead.any():
             for i in np.flatnonzero(dead)[::-1]:  # from the end: removal moves the last row in
                 self.remove(group.ids[int(i)], "expired")
-            return self.search(scope, vector, now)
+            return self.search(scope, vector, now, threshold, words)
+        sims = group.vectors[:n] @ vector
         best = int(np.argmax(sims))
-        entry_id = group.ids[best]
-        return entry_id, float(sims[best])
+        if sims[best] < threshold:
+            return None, float(sims[best])
+        above = np.flatnonzero(sims >= threshold)
+        if len(above) > _CANDIDATES:
+            above = above[np.argpartition(-sims[above], _CANDIDATES)[:_CANDIDATES]]
+        for i in sorted(above.tolist(), key=lambda i: -sims[i]):
+            entry_id = group.ids[i]
+            if not lookalike(self._entries[entry_id].words, words):
+                return entry_id, float(sims[i])
+        return None, float(sims[best])
 
     def touch(self, entry_id: str) -> None:
         if entry_id in self._entries:
@@ -139,10 +158,19 @@ class Store(Protocol):
 
     index: Index
 
-    async def get(self, scope: bytes, vector: np.ndarray) -> tuple[str | None, Answer | None, float]: ...
+    async def get(
+        self, scope: bytes, vector: np.ndarray, threshold: float, words: tuple[int, ...]
+    ) -> tuple[str | None, Answer | None, float]: ...
 
     async def put(
-        self, entry_id: str, scope: bytes, model: str, vector: np.ndarray, answer: Answer, ttl: float
+        self,
+        entry_id: str,
+        scope: bytes,
+        model: str,
+        vector: np.ndarray,
+        words: tuple[int, ...],
+        answer: Answer,
+        ttl: float,
     ) -> None: ...
 
     async def invalidate(self, model: str | None) -> int: ...
@@ -165,15 +193,24 @@ class MemoryStore:
 
         self.index = Index(max_entries, evicted)
 
-    async def get(self, scope: bytes, vector: np.ndarray) -> tuple[str | None, Answer | None, float]:
-        entry_id, similarity = self.index.search(scope, vector, time.time())
+    async def get(
+        self, scope: bytes, vector: np.ndarray, threshold: float, words: tuple[int, ...]
+    ) -> tuple[str | None, Answer | None, float]:
+        entry_id, similarity = self.index.search(scope, vector, time.time(), threshold, words)
         return entry_id, self._answers.get(entry_id) if entry_id else None, similarity
 
     async def put(
-        self, entry_id: str, scope: bytes, model: str, vector: np.ndarray, answer: Answer, ttl: float
+        self,
+        entry_id: str,
+        scope: bytes,
+        model: str,
+        vector: np.ndarray,
+        words: tuple[int, ...],
+        answer: Answer,
+        ttl: float,
     ) -> None:
         self._answers[entry_id] = answer
-        self.index.add(entry_id, scope, model, vector, time.time() + ttl)
+        self.index.add(entry_id, scope, model, vector, time.time() + ttl, words)
 
     async def invalidate(self, model: str | None) -> int:
         ids = self.index.ids(model)
@@ -233,8 +270,10 @@ class RedisStore:
         if self._reader is not self.redis:
             await self._reader.aclose()
 
-    async def get(self, scope: bytes, vector: np.ndarray) -> tuple[str | None, Answer | None, float]:
-        entry_id, similarity = self.index.search(scope, vector, time.time())
+    async def get(
+        self, scope: bytes, vector: np.ndarray, threshold: float, words: tuple[int, ...]
+    ) -> tuple[str | None, Answer | None, float]:
+        entry_id, similarity = self.index.search(scope, vector, time.time(), threshold, words)
         if entry_id is None:
             return None, None, similarity
         model = self.index.model_of(entry_id) or ""
@@ -245,7 +284,14 @@ class RedisStore:
         return entry_id, Answer.loads(data), similarity
 
     async def put(
-        self, entry_id: str, scope: bytes, model: str, vector: np.ndarray, answer: Answer, ttl: float
+        self,
+        entry_id: str,
+        scope: bytes,
+        model: str,
+        vector: np.ndarray,
+        words: tuple[int, ...],
+        answer: Answer,
+        ttl: float,
     ) -> None:
         expires = time.time() + ttl
         fields = {
@@ -254,13 +300,14 @@ class RedisStore:
             "scope": scope,
             "model": model,
             "vec": np.asarray(vector, np.float32).tobytes(),
+            "words": np.asarray(words, np.uint64).tobytes(),
             "exp": repr(expires),
         }
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(self._answer_key(model, entry_id), answer.dumps(), px=max(1, int(ttl * 1000)))
             pipe.xadd(self._log, fields, maxlen=2 * self.index.max_entries, approximate=True)
             await pipe.execute()
-        self.index.add(entry_id, scope, model, vector, expires)
+        self.index.add(entry_id, scope, model, vector, expires, words)
 
     async def invalidate(self, model: str | None) -> int:
         pattern = f"{self.prefix}a:{model}:*" if model is not None else f"{self.prefix}a:*"
@@ -298,7 +345,9 @@ class RedisStore:
             vector = np.frombuffer(fields[b"vec"], np.float32)
             if vector.shape != (DIM,):
                 return
-            self.index.add(fields[b"id"].decode(), fields[b"scope"], fields[b"model"].decode(), vector, expires)
+            words = tuple(int(w) for w in np.frombuffer(fields.get(b"words", b""), np.uint64))
+            entry_id, model = fields[b"id"].decode(), fields[b"model"].decode()
+            self.index.add(entry_id, fields[b"scope"], model, vector, expires, words)
         elif op == b"clear":
             model = fields.get(b"model", b"").decode() or None
             for entry_id in self.index.ids(model):

@@ -103,7 +103,7 @@ class Split:
 
 
 # The default similarity threshold, picked on bench/cache_paraphrases.py's set (README "Semantic cache").
-DEFAULT_CACHE_THRESHOLD = 0.90
+DEFAULT_CACHE_THRESHOLD = 0.92
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,7 +87,9 @@ def served(stack: Stack, name: str) -> int:
 
 def stores(stack: Stack) -> float:
     text = stack.metrics_text()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("extproc_cache_stores_total{"))
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("extproc_cache_stores_total{")
+    )
 
 
 def test_a_paraphrase_is_answered_from_the_cache_and_the_upstream_sees_one_request(cached: Stack) -> None:
@@ -187,7 +189,19 @@ def redis_url(tmp_path: Path):
         pytest.fail("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
     port = free_port()
     process = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        [
+            server,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
