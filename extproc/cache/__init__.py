@@ -14,6 +14,7 @@ vectors of what Redis holds in its own index, fed by a Redis stream, and reads a
 Redis only on a hit.
 """
 
+from extproc.cache import guards
 from extproc.cache.answers import Answer, Capture, render
 from extproc.cache.scope import Lookup, Refusal, prepare
 from extproc.cache.semantic import CacheHit, SemanticCache
@@ -28,6 +29,7 @@ __all__ = [
     "MemoryStore",
     "Refusal",
     "SemanticCache",
+    "guards",
     "prepare",
     "render",
 ]

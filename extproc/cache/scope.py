@@ -89,9 +89,10 @@ def prepare(
         if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
             return LAST_MESSAGE
         last = messages[-1]
-        if last.get("role") != "user" or not parsed.messages or parsed.messages[-1].role != "user":
+        at = len(messages) - 1  # (the tool definitions, if any, are one more parsed message after it)
+        if last.get("role") != "user" or len(parsed.messages) <= at or parsed.messages[at].role != "user":
             return LAST_MESSAGE
-        query = parsed.messages[-1].text
+        query = parsed.messages[at].text
         # The question's wording is compared by meaning; its other fields (a name) stay exact.
         rest["messages"] = [*messages[:-1], {k: v for k, v in last.items() if k != "content"}]
     else:
