@@ -16,6 +16,7 @@ from prometheus_client import start_http_server
 from extproc._pb.envoy.service.accesslog.v3 import als_pb2_grpc
 from extproc.accesslog import AccessLogSink
 from extproc.cache import SemanticCache
+from extproc.cache import admin as cache_admin
 from extproc.envoy.names import SOCKET
 from extproc.envoy.options import EnvoyOptions, load_settings
 from extproc.envoy.render.resources import Resources, render_resources
@@ -296,6 +297,7 @@ class Runtime:
         ]
         server = grpc.aio.server(options=options)
         add_ext_proc_to_server(self.router, server)
+        cache_admin.add_to_server(server, lambda: self.cache)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogSink(self.router), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.server = server

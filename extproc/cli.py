@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         return _route(args)
     if args.command == "envoy-config":
         return _envoy_config(args)
+    if args.command == "cache":
+        return _cache_invalidate(args)
     if args.command == "demo":
         from extproc.demo import run_demo
 
@@ -101,6 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument("--two-round-trips", action="store_true", help="send request headers as their own message")
     envoy.add_argument("--no-usage", action="store_true", help="do not stream response bodies for usage and cost")
 
+    cache = commands.add_parser("cache", help="the semantic cache of a running sidecar")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True)
+    invalidate = cache_commands.add_parser(
+        "invalidate",
+        help="drop stored answers (all, or one model's); with the Redis backend, every sidecar sharing it drops them",
+    )
+    invalidate.add_argument("--model", help="only this model's answers (a policy model name)")
+    invalidate.add_argument(
+        "--uds", default=os.environ.get("EXTPROC_UDS", SOCKET), help="the sidecar's Unix socket (env EXTPROC_UDS)"
+    )
+    invalidate.add_argument("--address", help="the sidecar's gRPC host:port instead of its socket")
+
     demo = commands.add_parser("demo", help="route sample prompts through a real Envoy on this machine")
     demo.add_argument("--keep-running", action="store_true", help="leave the stack up until Ctrl-C")
 
@@ -113,6 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
     fit = commands.add_parser("fit", help="fit a complexity head for your own weak/strong pair from labelled prompts")
     fit.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
+
+
+def _cache_invalidate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from extproc.cache.admin import INVALIDATE, request_invalidate
+
+    target = args.address or f"unix:{args.uds}"
+    try:
+        with grpc.insecure_channel(target) as channel:
+            dropped = request_invalidate(channel, args.model)
+    except grpc.RpcError as exc:
+        print(f"extproc cache invalidate: {target}: {exc.details() or exc.code().name}", file=sys.stderr)
+        return 1
+    scope = f"model {args.model!r}" if args.model else "every model"
+    print(f"dropped {dropped} stored answers ({scope}) via {INVALIDATE} on {target}")
+    return 0
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")

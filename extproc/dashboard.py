@@ -123,7 +123,7 @@ ROWS: list[tuple[str, list[tuple[str, str, str, str, int, list[dict[str, str]]]]
             ),
             (
                 "Requests by status",
-                "'ok' is routed; numbers are the router's own error statuses.",
+                "'ok' is routed, 'cached' answered by the semantic cache; numbers: the router's own error statuses.",
                 "timeseries",
                 "reqps",
                 12,
@@ -513,6 +513,81 @@ ROWS: list[tuple[str, list[tuple[str, str, str, str, int, list[dict[str, str]]]]
         ],
     ),
     (
+        "Semantic cache",
+        [
+            (
+                "Cache hit rate",
+                "Lookups answered from the semantic cache, of all lookups (decisions with cache only).",
+                "stat",
+                "percentunit",
+                6,
+                [
+                    _q(
+                        f'sum(increase({M.cache_lookups}{{{S}, result="hit"}}[$__range])) / '
+                        f"sum(increase({M.cache_lookups}{{{S}}}[$__range]))"
+                    )
+                ],
+            ),
+            (
+                "Saved by the cache",
+                "What the hits would have cost upstream at the chosen model's prices.",
+                "stat",
+                "currencyUSD",
+                6,
+                [_q(f"sum(increase({M.cache_saved_cost}{{{S}}}[$__range]))")],
+            ),
+            (
+                "Cache entries",
+                "Entries in each sidecar's index (with Redis: its mirror of what Redis holds).",
+                "stat",
+                "short",
+                6,
+                [_q(f"sum({M.cache_entries}{{{S}}})")],
+            ),
+            (
+                "Cache backend errors",
+                "Lookups and stores the backend failed or was too slow for (routed as misses).",
+                "stat",
+                "short",
+                6,
+                [_q(f"sum(increase({M.cache_errors}{{{S}}}[$__range]))")],
+            ),
+            (
+                "Hits, misses, stores",
+                "Lookups by result, answers stored, and mirrored responses not stored (by reason: errors, "
+                "cut streams, unfinished answers, too large).",
+                "timeseries",
+                "reqps",
+                8,
+                [
+                    _q(f"sum by (result) (rate({M.cache_lookups}{{{S}}}{RATE}))", "{{result}}"),
+                    _q(f"sum(rate({M.cache_stores}{{{S}}}{RATE}))", "stored"),
+                    _q(f"sum by (reason) (rate({M.cache_not_stored}{{{S}}}{RATE}))", "not stored: {{reason}}"),
+                ],
+            ),
+            (
+                "Not looked up, evicted",
+                "Requests of cache decisions that were not looked up (sampling, PII, tenant...), and entries "
+                "evicted (size, expired, invalidated).",
+                "timeseries",
+                "reqps",
+                8,
+                [
+                    _q(f"sum by (reason) (rate({M.cache_skipped}{{{S}}}{RATE}))", "skipped: {{reason}}"),
+                    _q(f"sum by (reason) (rate({M.cache_evictions}{{{S}}}{RATE}))", "evicted: {{reason}}"),
+                ],
+            ),
+            (
+                "Cache lookup latency",
+                "Vector search over the scope's entries (and, on a Redis hit, the answer's GET).",
+                "timeseries",
+                "s",
+                8,
+                _quantiles(M.cache_lookup_seconds, "", "lookup"),
+            ),
+        ],
+    ),
+    (
         "Errors",
         [
             (
@@ -521,7 +596,7 @@ ROWS: list[tuple[str, list[tuple[str, str, str, str, int, list[dict[str, str]]]]
                 "timeseries",
                 "reqps",
                 8,
-                [_q(f'sum by (status) (rate({M.requests}{{{S}, status!="ok"}}{RATE}))', "{{status}}")],
+                [_q(f'sum by (status) (rate({M.requests}{{{S}, status!~"ok|cached"}}{RATE}))', "{{status}}")],
             ),
             (
                 "Upstream errors by model",

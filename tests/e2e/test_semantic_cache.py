@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -254,8 +255,11 @@ def test_two_sidecars_share_answers_through_redis(tmp_path: Path, redis_url: str
         assert hit.headers.get("x-cache") == "hit"
         assert hit.json()["choices"][0]["message"]["content"] == "answer from s1"
         assert served(b, "s1") == 0 and served(a, "s1") == 1
-        # Invalidation reaches both: the next ask goes upstream again.
-        assert a.sidecar.call(a.sidecar.router.cache.invalidate()) >= 1
+        # The invalidation command, sent to one sidecar, reaches both: the next ask goes upstream.
+        command = [sys.executable, "-m", "extproc.cli", "cache", "invalidate", "--uds", a.uds, "--model", "small"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "dropped 1 stored answers (model 'small')" in done.stdout
         wait_for(lambda: b.sidecar.run(lambda: b.sidecar.router.cache.entries) == 0)
         time.sleep(0.05)
         assert b.post(ask(PARAPHRASE)).headers.get("x-cache") == "miss"
