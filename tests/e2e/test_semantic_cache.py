@@ -180,6 +180,17 @@ def test_upstream_errors_and_cut_streams_are_not_stored(cached: Stack) -> None:
     assert served(cached, "b1") == 3
 
 
+def test_requests_that_may_not_be_stored_open_no_mirror_stream(cached: Stack) -> None:
+    """The non-caching path is Envoy's as before: the cache mirror filter sends nothing."""
+    started = "http.llm.ext_proc.cache_mirror.streams_started"
+    before = cached.envoy.stats(started)[started]
+    assert cached.post(ask("Tell me about the sea.", temperature=1), headers={"x-tenant": "a"}).status == 200
+    assert cached.post(ask("Is there an outage?"), headers={}).status == 500  # no tenant: not cached
+    assert cached.envoy.stats(started)[started] == before
+    assert cached.post(ask("A question to store, please."), headers={"x-tenant": "a"}).status == 200
+    wait_for(lambda: cached.envoy.stats(started)[started] == before + 1)
+
+
 # --- two sidecars, one Redis ----------------------------------------------------------------------
 
 

@@ -92,6 +92,7 @@ def cache_mirror_filter() -> dict[str, Any]:
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
             "grpc_service": {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER}},
             "observability_mode": True,
+            "stat_prefix": "cache_mirror",  # its streams counted apart from the routing call's
             "failure_mode_allow": True,  # the mirror failing never fails the request
             "processing_mode": {
                 "request_header_mode": "SKIP",
