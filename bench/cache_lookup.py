@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import statistics
 import subprocess
@@ -25,24 +26,33 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import cpu_model, free_port  # noqa: E402
-from extproc.cache import SemanticCache  # noqa: E402
-from extproc.cache.answers import Answer  # noqa: E402
-from extproc.cache.store import MemoryStore, RedisStore  # noqa: E402
-from extproc.classifier import AsyncClassifier, Classifier  # noqa: E402
-from extproc.classifier.normalize import warm  # noqa: E402
-from extproc.metrics import Metrics  # noqa: E402
-from extproc.policy.load import parse_policy  # noqa: E402
-from extproc.replicas.pool import Discovery, Pools  # noqa: E402
-from extproc.router import Call, Router, RouterState  # noqa: E402
-from extproc.signals.classifier import ClassifierSignal  # noqa: E402
+import extproc  # noqa: F401  (first: it keeps OpenBLAS to one thread, as in the sidecar)
+from bench.common import cpu_model, free_port
+from extproc.cache import SemanticCache
+from extproc.cache.answers import Answer
+from extproc.cache.store import MemoryStore, RedisStore
+from extproc.classifier import AsyncClassifier, Classifier
+from extproc.classifier.normalize import warm
+from extproc.metrics import Metrics
+from extproc.policy.load import parse_policy
+from extproc.replicas.pool import Discovery, Pools
+from extproc.router import Call, Router, RouterState
+from extproc.signals.classifier import ClassifierSignal
 
 ANSWER = Answer("chat.completions", "m", "an answer " * 20, "stop", 20, 40)
+
+
+def cpu_detail() -> str:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    family = next((line.split(":")[1].strip() for line in info.splitlines() if line.startswith("cpu family")), "?")
+    flags = next((line.split(":")[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if f in flags]
+    return f"family {family}, {' '.join(isa)}, {os.cpu_count()} cores"
 
 
 def summary(seconds: list[float]) -> str:
@@ -57,6 +67,25 @@ def unit_vectors(n: int, seed: int) -> np.ndarray:
 
 async def fill(store, n: int, scopes: int) -> np.ndarray:
     vectors = unit_vectors(n, 1)
+    if isinstance(store, RedisStore):  # as RedisStore.put writes, a thousand per round trip
+        expires = time.time() + 3600
+        for start in range(0, n, 1000):
+            async with store.redis.pipeline(transaction=False) as pipe:
+                for i in range(start, min(n, start + 1000)):
+                    pipe.set(f"{store.prefix}a:m:e{i}", ANSWER.dumps(), px=3_600_000)
+                    fields = {
+                        "op": "add",
+                        "id": f"e{i}",
+                        "scope": b"scope%d" % (i % scopes),
+                        "model": "m",
+                        "vec": vectors[i].tobytes(),
+                        "words": np.asarray([i], np.uint64).tobytes(),
+                        "exp": repr(expires),
+                    }
+                    pipe.xadd(store.prefix + "log", fields, maxlen=2 * n, approximate=True)
+                    store.index.add(f"e{i}", b"scope%d" % (i % scopes), "m", vectors[i], expires, (i,))
+                await pipe.execute()
+        return vectors
     for i in range(n):
         await store.put(f"e{i}", b"scope%d" % (i % scopes), "m", vectors[i], (i,), ANSWER, 3600)
     return vectors
@@ -102,7 +131,8 @@ async def bench_lookups(runs: int, redis_url: str | None) -> None:
         await follower.start()
         while len(follower.index) < n:
             await asyncio.sleep(0.01)
-        print(f"         stored {n:,} in {filled:.1f} s; a new sidecar replayed them in {time.perf_counter() - t:.1f} s")
+        replayed = time.perf_counter() - t
+        print(f"         stored {n:,} in {filled:.1f} s (pipelined); a new sidecar replayed them in {replayed:.1f} s")
         await follower.close()
         await store.close()
 
@@ -149,7 +179,9 @@ async def bench_miss(runs: int) -> None:
                 # A new question every time, about 32 tokens, so neither the classifier's cache
                 # nor the semantic cache helps.
                 text = f"Question {i} {cached}: how would you explain the difference between a process and a thread to a new engineer?"
-                body = orjson.dumps({"model": "auto", "messages": [{"role": "user", "content": text}], "temperature": 0})
+                body = orjson.dumps(
+                    {"model": "auto", "messages": [{"role": "user", "content": text}], "temperature": 0}
+                )
                 call = Call("POST", "/v1/chat/completions", {"content-type": "application/json"}, body)
                 t = time.perf_counter()
                 routed = await r.route(call)
@@ -182,7 +214,7 @@ async def main() -> None:
     parser.add_argument("--miss-runs", type=int, default=1000)
     parser.add_argument("--redis-server", default=None)
     args = parser.parse_args()
-    print(f"CPU: {cpu_model()}")
+    print(f"CPU: {cpu_model()} ({cpu_detail()}); machine shared and noisy: compare rows of the same run")
     process, url = start_redis(args.redis_server)
     try:
         await bench_lookups(args.runs, url)
