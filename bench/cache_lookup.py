@@ -27,11 +27,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# As extproc/__init__.py does for the sidecar, before numpy loads: one OpenBLAS thread.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np
 import orjson
 
-import extproc  # noqa: F401  (first: it keeps OpenBLAS to one thread, as in the sidecar)
 from bench.common import cpu_model, free_port
 from extproc.cache import SemanticCache
 from extproc.cache.answers import Answer
