@@ -125,6 +125,8 @@ class Runtime:
             else:
                 self.router.classifier = self._classifier_signal
                 self.router.swap(state)
+            if cache is not None:
+                cache.reconfigure(policy.cache)
             self.router.cache = self.cache = cache
             if self._classifier_signal is not None:
                 self._classifier_signal.timeout_seconds = policy.classifier.timeout_ms / 1000
@@ -141,6 +143,8 @@ class Runtime:
             except BaseException:
                 if self.router is not None:  # let go of watchers only the refused policy opened
                     self.router.swap(self.router.state)
+                if cache is not None and cache is not self.cache:  # (a cache only it would have used)
+                    await cache.close()
                 raise
         else:
             switch()  # before serving, resources are published once the addresses are claimed (start)
@@ -155,8 +159,7 @@ class Runtime:
         if not policy.uses_cache:
             return None, current
         if current is not None and current.compatible(policy.cache):
-            current.reconfigure(policy.cache)
-            return current, None
+            return current, None  # its per-request settings change with the switch
         cache = SemanticCache(policy.cache, self.metrics)
         await cache.start()
         return cache, current
