@@ -71,14 +71,14 @@ class SemanticCache:
             return RedisStore(
                 client, settings.key_prefix, settings.max_entries, evicted, self._error, follower=follower
             )
-        return MemoryStore(settings.max_entries, evicted)
+        return MemoryStore(settings.max_entries, evicted, settings.max_bytes)
 
     def _error(self, op: str) -> None:
         self.metrics.cache_errors.labels(op).inc()
 
     def compatible(self, settings: CacheSettings) -> bool:
         """Whether a reloaded policy's settings can keep this cache (and its entries)."""
-        keep = ("backend", "max_entries", "redis_url", "key_prefix", "redis_timeout_seconds")
+        keep = ("backend", "max_entries", "max_bytes", "redis_url", "key_prefix", "redis_timeout_seconds")
         return all(getattr(settings, k) == getattr(self.settings, k) for k in keep)
 
     def reconfigure(self, settings: CacheSettings) -> None:

@@ -145,6 +145,9 @@ class Index:
             self._on_evict(entry_id, reason)
         return True
 
+    def oldest(self) -> str | None:
+        return next(iter(self._entries), None)
+
     def ids(self, model: str | None = None) -> list[str]:
         return [i for i, m in self._entries.items() if model is None or m.model == model]
 
@@ -181,13 +184,19 @@ class Store(Protocol):
 
 
 class MemoryStore:
-    """Answers in this process, beside the index."""
+    """Answers in this process, beside the index; bounded in entries and in the answers' bytes."""
 
-    def __init__(self, max_entries: int, on_evict: Callable[[str, str], None] | None = None) -> None:
-        self._answers: dict[str, Answer] = {}
+    def __init__(
+        self, max_entries: int, on_evict: Callable[[str, str], None] | None = None, max_bytes: int = 1 << 62
+    ) -> None:
+        self._answers: dict[str, tuple[Answer, int]] = {}
+        self.max_bytes = max_bytes
+        self.bytes = 0
 
         def evicted(entry_id: str, reason: str) -> None:
-            self._answers.pop(entry_id, None)
+            gone = self._answers.pop(entry_id, None)
+            if gone is not None:
+                self.bytes -= gone[1]
             if on_evict is not None:
                 on_evict(entry_id, reason)
 
@@ -197,7 +206,8 @@ class MemoryStore:
         self, scope: bytes, vector: np.ndarray, threshold: float, words: tuple[int, ...]
     ) -> tuple[str | None, Answer | None, float]:
         entry_id, similarity = self.index.search(scope, vector, time.time(), threshold, words)
-        return entry_id, self._answers.get(entry_id) if entry_id else None, similarity
+        kept = self._answers.get(entry_id) if entry_id else None
+        return entry_id, kept[0] if kept else None, similarity
 
     async def put(
         self,
@@ -209,8 +219,12 @@ class MemoryStore:
         answer: Answer,
         ttl: float,
     ) -> None:
-        self._answers[entry_id] = answer
+        size = len(answer.content or "") + len(str(answer.tool_calls or "")) + DIM * 4 + 256
+        self._answers[entry_id] = (answer, size)
+        self.bytes += size
         self.index.add(entry_id, scope, model, vector, time.time() + ttl, words)
+        while self.bytes > self.max_bytes and (oldest := self.index.oldest()) is not None:
+            self.index.remove(oldest, "size")
 
     async def invalidate(self, model: str | None) -> int:
         ids = self.index.ids(model)

@@ -115,6 +115,7 @@ class CacheSettings:
     ttl_seconds: float = 3600.0
     max_entries: int = 10000  # per sidecar (memory) or in Redis (its stream is trimmed to about this)
     max_entry_bytes: int = 256 * 1024  # a response larger than this is not stored
+    max_bytes: int = 64 * 1024 * 1024  # the memory backend's stored answers, in all (oldest-used out)
     tenant_header: str | None = None  # when set, part of the scope; requests without it are not cached
     redis_url: str | None = None
     key_prefix: str = "extproc:cache:"

@@ -216,6 +216,19 @@ def test_invalidation_by_model_leaves_the_others() -> None:
     assert asyncio.run(run()) == (1, 1)
 
 
+def test_the_memory_store_is_bounded_in_bytes_too() -> None:
+    store = MemoryStore(1000, max_bytes=10_000)
+    answer = Answer(Api.CHAT.value, "m", "x" * 3000, "stop", 1, 1)
+
+    async def run() -> None:
+        for i in range(10):
+            await store.put(f"e{i}", b"s", "m", _unit(i), (), answer, 60)
+
+    asyncio.run(run())
+    assert store.bytes <= 10_000 and len(store.index) == 2
+    assert store.index.ids() == ["e8", "e9"]  # the oldest went first
+
+
 POLICY = "version: 1\ndefault_model: a\nmodels: {a: {}}\n"
 
 
