@@ -262,7 +262,8 @@ class Exchange:
                 return
             self.pending, capture = claimed
             headers = protocol.header_map(message.response_headers.headers)
-            status = int(headers.get(":status", "0") or 0)
+            status_text = headers.get(":status", "")
+            status = int(status_text) if status_text.isdigit() else 0
             if not capture.headers(status, headers.get(h.CONTENT_TYPE, "")):
                 self.router.metrics.cache_not_stored.labels("status").inc()
                 self.pending = None
