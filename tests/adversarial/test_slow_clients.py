@@ -95,7 +95,8 @@ def test_a_stream_pausing_longer_than_the_idle_timeout_is_not_cut(slow_stack: St
     body = orjson.dumps(chat("hi", model="thinker", stream=True))
     answer = check(slow_stack, request(body=body), status=200, upstream="t1")
     events = [line for line in answer.body.split(b"\n") if line.startswith(b"data: ")]
-    assert events[-1] == b"data: [DONE]" and len(events) == 3, answer.body
+    # its chunks, the closing chunk with the finish reason, [DONE]
+    assert events[-1] == b"data: [DONE]" and len(events) == 4, answer.body
 
 
 def test_hundreds_of_slowloris_connections_are_closed_and_others_are_served(slow_stack: Stack) -> None:

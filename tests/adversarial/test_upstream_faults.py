@@ -117,7 +117,9 @@ def test_large_stream_events_pass_whole(s: Stack, flaky: StandIn) -> None:
     flaky.answer_bytes = 2 * 1024 * 1024  # each event over sse_to_metadata's 1 MiB event limit
     answer = check(s, to_flaky(stream=True), status=200, upstream=on_flaky(1))
     events = [line for line in answer.body.split(b"\n") if line.startswith(b"data: ")]
-    assert events[-1] == b"data: [DONE]" and all(len(e) > 2 * 1024 * 1024 for e in events[:-1])
+    # Every padded event whole, then the small closing chunk (finish_reason) and [DONE].
+    assert events[-1] == b"data: [DONE]" and b'"finish_reason":"stop"' in events[-2]
+    assert all(len(e) > 2 * 1024 * 1024 for e in events[:-2])
 
 
 def test_a_replica_closing_a_kept_alive_connection_as_it_is_reused_loses_no_request(s: Stack, flaky: StandIn) -> None:
