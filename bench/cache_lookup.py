@@ -127,7 +127,7 @@ async def bench_lookups(runs: int, redis_url: str | None) -> None:
         hit = await lookups(store, vectors, 1, runs, hit=True)
         print(f"  redis  {n:>7,} entries,   1 scope(s): miss {summary(miss)}; hit {summary(hit)}")
         # A sidecar that starts later replays the stream into its own index.
-        follower = RedisStore(redis.from_url(redis_url), "bench:", n)
+        follower = RedisStore(redis.from_url(redis_url), "bench:", n, follower=redis.from_url(redis_url))
         t = time.perf_counter()
         await follower.start()
         while len(follower.index) < n:

@@ -291,6 +291,8 @@ class Metrics:
         )
         for reason in ("size", "expired", "invalidated"):
             self.cache_evictions.labels(reason)
+        for op in ("lookup", "store", "follow"):
+            self.cache_errors.labels(op)  # from the start, so a dashboard shows 0, not nothing
         self.cache_entries = ScrapeGauge(
             "extproc_cache_entries", "Entries in this sidecar's cache index (Redis: its mirror).", ()
         )

@@ -14,7 +14,6 @@ module); the search in the sidecar is measured in bench/cache_lookup.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -267,6 +266,7 @@ class RedisStore:
         self._log = prefix + "log"
         self._last = "0-0"
         self._follower: asyncio.Task[None] | None = None
+        self._closed = False
         self._on_error = on_error or (lambda op: None)
 
     def _answer_key(self, model: str, entry_id: str) -> str:
@@ -276,13 +276,16 @@ class RedisStore:
         self._follower = asyncio.create_task(self._follow(), name="cache-redis-follow")
 
     async def close(self) -> None:
+        """Stop following and close the connections, waiting 2 s at most: a connection that a
+        cancelled blocking read left behind must not hold the sidecar's shutdown up."""
+        self._closed = True
+        pending: list[asyncio.Future[Any]] = []
         if self._follower is not None:
             self._follower.cancel()
-            with contextlib.suppress(BaseException):  # cancelled or failed: either way it is over
-                await self._follower
-        await self.redis.aclose()
-        if self._reader is not self.redis:
-            await self._reader.aclose()
+            pending.append(self._follower)
+        for client in {id(c): c for c in (self.redis, self._reader)}.values():
+            pending.append(asyncio.ensure_future(client.aclose()))
+        await asyncio.wait(pending, timeout=2.0)
 
     async def get(
         self, scope: bytes, vector: np.ndarray, threshold: float, words: tuple[int, ...]
@@ -335,12 +338,14 @@ class RedisStore:
 
     async def _follow(self) -> None:
         """Replay the stream, then follow it (a blocking read; one connection of the pool)."""
-        while True:
+        while not self._closed:
             try:
                 replies = await self._reader.xread({self._log: self._last}, count=1000, block=1000)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away: keep what we know, try again shortly
+                if self._closed:  # (redis-py may turn the cancellation into a connection error)
+                    return
                 self._on_error("follow")
                 log.warning("cache: reading the Redis stream failed (%s); retrying", type(exc).__name__)
                 await asyncio.sleep(1.0)

@@ -90,7 +90,8 @@ decisions:
   - {name: cached, when: {keyword: [cached]}, model: cached, switch: always}
   - {name: busy, when: {keyword: [busy]}, model: busy}
   - {name: code, when: {keyword: [segfault]}, model: large}
-  - {name: flaky, when: {keyword: [flaky]}, model: flaky}
+  - {name: flaky, when: {keyword: [flaky]}, model: flaky, cache: true}
+  - {name: faq, when: {keyword: [faq]}, model: small, cache: true}
   - {name: pooled, when: {keyword: [pooled]}, model: pooled}
   - {name: science, when: {domain: [math, physics]}, model: large}
 """
@@ -114,6 +115,8 @@ MAY_BE_EMPTY = {
     "is alone in its pool; tests/adversarial/test_dead_replica.py ejects replicas",
 }
 NEEDS_CLASSIFIER = {"Classifier batch size", "Classifier batch duration", "PII events"}
+# The semantic cache embeds with the encoder: without it nothing is looked up.
+NEEDS_CLASSIFIER |= {"Cache hit rate", "Saved by the cache", "Hits, misses, stores", "Cache lookup latency"}
 NEEDS_CLASSIFIER_FAILURE = {"Signal failures"}  # data when the encoder is missing (or times out)
 MAY_NOT_FIRE = {
     "ExtprocExpensiveModelShareJump": "compares the expensive model's share over the last 15 minutes with the last "
@@ -161,6 +164,19 @@ def traffic(stack: Stack, round_: int) -> None:
     assert stack.post(chat(science)).status == 200
     conversation_turns(stack, round_)
     overload(stack)
+    cache_traffic(stack, round_)
+
+
+def cache_traffic(stack: Stack, round_: int) -> None:
+    """A question stored, its paraphrase served from the cache; an upstream error not stored."""
+    question = chat(f"faq {round_}: how do I reset my password?", temperature=0)
+    assert stack.post(question).status == 200
+    if not stack.sidecar.router.classifier:
+        return
+    # (until the mirrored answer is stored, a paraphrase misses, and is stored itself)
+    paraphrase = chat(f"faq {round_}: how can I reset my password?", temperature=0)
+    wait_for(lambda: stack.post(paraphrase).headers.get("x-cache") == "hit", timeout=30)
+    assert stack.post(chat("a flaky faq", temperature=0)).status == 500
 
 
 def conversation_turns(stack: Stack, round_: int) -> None:
