@@ -154,7 +154,7 @@ decisions:
     %s
 """
 RULES = '{keyword: ["segfault"]}'
-DOMAIN = "{domain: {is: [computer science]}}"
+DOMAIN = "{domain: [computer science]}"
 
 
 def router(when: str, cache: bool, classifier: ClassifierSignal, metrics: Metrics) -> Router:
@@ -179,7 +179,7 @@ async def bench_miss(runs: int) -> None:
             for cached, r in ((True, with_cache), (False, without)):
                 # A new question every time, about 32 tokens, so neither the classifier's cache
                 # nor the semantic cache helps.
-                text = f"Question {i} {cached}: how would you explain the difference between a process and a thread to a new engineer?"
+                text = f"Question {i} {cached} {label}: how would you explain the difference between a process and a thread to a new engineer?"
                 body = orjson.dumps(
                     {"model": "auto", "messages": [{"role": "user", "content": text}], "temperature": 0}
                 )
@@ -214,15 +214,17 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--miss-runs", type=int, default=1000)
     parser.add_argument("--redis-server", default=None)
+    parser.add_argument("--skip-lookups", action="store_true", help="only section 2")
     args = parser.parse_args()
     print(f"CPU: {cpu_model()} ({cpu_detail()}); machine shared and noisy: compare rows of the same run")
-    process, url = start_redis(args.redis_server)
-    try:
-        await bench_lookups(args.runs, url)
-    finally:
-        if process is not None:
-            process.terminate()
-            process.wait(10)
+    if not args.skip_lookups:
+        process, url = start_redis(args.redis_server)
+        try:
+            await bench_lookups(args.runs, url)
+        finally:
+            if process is not None:
+                process.terminate()
+                process.wait(10)
     await bench_miss(args.miss_runs)
 
 

@@ -443,23 +443,29 @@ class Router:
         assert self.cache is not None and choice.model is not None and choice.cache_rule is not None
         policy = choice.state.policy
         lookup = prepare(choice.parsed, call.headers, choice.model, choice.cache_rule, policy.cache)
+        vector = None
         if not isinstance(lookup, Refusal):
-            refusal = await self._cache_pii_refusal(choice.signals, policy)
+            vector = await self._question_embedding(lookup.query)
+            # After the embedding: its encoder pass is cached with the question's PII spans, so
+            # the check below reads them instead of running the encoder again.
+            refusal = cache_scope.ENCODER if vector is None else await self._cache_pii_refusal(choice.signals, policy)
             lookup = refusal or lookup
         if isinstance(lookup, Refusal):
             self.metrics.cache_skipped.labels(str(lookup)).inc()
             return None, None, None, {"result": "skipped", "reason": str(lookup)}
-        assert self.classifier is not None  # (the refusal above covers its absence)
-        try:
-            embedding = self.classifier.classifier.embed(lookup.query)
-            vector = await asyncio.wait_for(embedding, self.classifier.timeout_seconds)
-        except Exception as exc:  # no embedding in time: route as usual, store nothing
-            self.metrics.cache_skipped.labels(str(cache_scope.ENCODER)).inc()
-            log.warning("cache: no sentence embedding (%s); routing without the cache", type(exc).__name__)
-            return None, None, None, {"result": "skipped", "reason": str(cache_scope.ENCODER)}
         hit, best = await self.cache.lookup(lookup, vector)
         detail = {"result": "hit" if hit else "miss", "similarity": round(best, 4), "threshold": lookup.threshold}
         return lookup, vector, hit, detail
+
+    async def _question_embedding(self, query: str) -> Any:
+        """The question's sentence embedding, or None without one in the classifier's time."""
+        if self.classifier is None:
+            return None
+        try:
+            return await asyncio.wait_for(self.classifier.classifier.embed(query), self.classifier.timeout_seconds)
+        except Exception as exc:  # no embedding in time: route as usual, store nothing
+            log.warning("cache: no sentence embedding (%s); routing without the cache", type(exc).__name__)
+            return None
 
     async def _cache_pii_refusal(self, signals: Signals, policy: Policy) -> Refusal | None:
         """Personal data is never cached: every type is looked for (the policy's own check may ask
