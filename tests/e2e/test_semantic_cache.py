@@ -180,6 +180,26 @@ def test_upstream_errors_and_cut_streams_are_not_stored(cached: Stack) -> None:
     assert served(cached, "b1") == 3
 
 
+def test_requests_with_personal_data_are_never_cached(cached: Stack) -> None:
+    tenant = {"x-tenant": "acme", "x-router-debug": "true"}
+    question = ask("My SSN is 460-89-9847, can you check my tax status?")
+    before = served(cached, "s1")
+    for _ in range(2):
+        answer = cached.post(question, headers=tenant)
+        assert answer.status == 200 and "x-cache" not in answer.headers
+        assert orjson.loads(answer.headers["x-router-explain"])["cache"] == {"result": "skipped", "reason": "pii"}
+    assert served(cached, "s1") == before + 2
+
+
+def test_a_decision_may_opt_in_to_sampled_requests(cached: Stack) -> None:
+    tenant = {"x-tenant": "poets"}
+    stored = stores(cached)
+    first = cached.post(ask("Write a poem about the sea.", temperature=1), headers=tenant)
+    assert first.headers.get("x-cache") == "miss"
+    wait_for(lambda: stores(cached) > stored)
+    assert cached.post(ask("Write a poem about the sea.", temperature=1), headers=tenant).headers["x-cache"] == "hit"
+
+
 def test_requests_that_may_not_be_stored_open_no_mirror_stream(cached: Stack) -> None:
     """The non-caching path is Envoy's as before: the cache mirror filter sends nothing."""
     started = "http.llm.ext_proc.cache_mirror.streams_started"
