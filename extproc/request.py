@@ -11,7 +11,7 @@ import contextlib
 import gc
 import itertools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -113,7 +113,7 @@ class LLMRequest:
     messages: tuple[Message, ...]
     stream: bool
     model_span: tuple[int, int]  # bytes of the model value, quotes included
-    pieces: tuple[list[tuple[Any, Any]], ...]  # where each message's text lives in body
+    pieces: tuple[Pieces, ...]  # where each message's text lives in body
     unreadable: tuple[str, ...] = ()  # fields the model reads that the router cannot (token ids)
 
     @property
@@ -169,8 +169,7 @@ def _parse(api: Api, raw: bytes) -> LLMRequest:
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean", param="stream", code="invalid_type")
-    extracted = _EXTRACTORS[api](body)
-    messages = tuple(_message(role, pieces) for role, pieces in extracted)
+    messages, pieces = _EXTRACTORS[api](body)
     spans = _single_model_span(raw)
     twice = None
     if spans is None or _may_repeat(raw, _PROMPT_FIELDS[api]):
@@ -190,7 +189,7 @@ def _parse(api: Api, raw: bytes) -> LLMRequest:
         messages,
         bool(stream),
         spans[0],
-        tuple(pieces for _, pieces in extracted),
+        pieces,
         _unreadable(api, body),
     )
 
@@ -210,22 +209,29 @@ def render(messages: tuple[Message, ...]) -> str:
 
 Piece = tuple[Any, Any]  # (dict or list, key or index) holding a string
 Extracted = list[tuple[str, list[Piece]]]
+# A message's pieces; a message object alone stands for its "content" string (the common shape,
+# without a list and a tuple per message).
+Pieces = list[Piece] | dict[str, Any]
+Built = tuple[tuple[Message, ...], tuple[Pieces, ...]]
 
 
-def _chat_messages(body: dict[str, Any]) -> Extracted:
+def _chat_messages(body: dict[str, Any]) -> Built:
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise BadRequest("'messages' must be an array of message objects", param="messages")
     if not messages:
         raise BadRequest("'messages' must contain at least one message", param="messages")
-    out = []
+    out: list[Message] = []
+    where: list[Pieces] = []
+    add, locate = out.append, where.append
     for i, message in enumerate(messages):
         if type(message) is dict and len(message) == 2:
-            # The common shape (a string role and content, nothing else), without the checks'
-            # per-message allocations: a body of 100,000 messages parses in a fraction of the time.
+            # The common shape (a string role and content, nothing else) built directly, without
+            # the checks' per-message allocations: 100,000 messages in ~25 ms, not ~90.
             role, content = message.get("role"), message.get("content")
             if type(role) is str and type(content) is str:
-                out.append((role, [(message, "content")]))
+                add(_new_message(Message, (role, content, ())))
+                locate(message)
                 continue
         param = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -236,8 +242,13 @@ def _chat_messages(body: dict[str, Any]) -> Extracted:
         pieces = _content_pieces(message, "content", f"{param}.content")
         pieces.extend(_string_fields(message, _MESSAGE_TEXT, param))
         pieces.extend(_tool_call_pieces(message, param))
-        out.append((role, pieces))
-    return out + _tool_definitions(body, ("tools", "functions"))
+        add(_message(role, pieces))
+        locate(pieces)
+    tools = _built(_tool_definitions(body, ("tools", "functions")))
+    return (*out, *tools[0]), (*where, *tools[1])
+
+
+_new_message = tuple.__new__  # Message's own __new__ is a Python function: twice the cost
 
 
 # Message fields besides content that chat templates render (a participant's name, an
@@ -395,11 +406,15 @@ _OPAQUE = frozenset(
 )
 
 
-_EXTRACTORS = {
+_EXTRACTORS: dict[Api, Callable[[dict[str, Any]], Built]] = {
     Api.CHAT: _chat_messages,
-    Api.COMPLETIONS: _completion_messages,
-    Api.RESPONSES: _responses_messages,
+    Api.COMPLETIONS: lambda body: _built(_completion_messages(body)),
+    Api.RESPONSES: lambda body: _built(_responses_messages(body)),
 }
+
+
+def _built(extracted: Extracted) -> Built:
+    return tuple(_message(role, pieces) for role, pieces in extracted), tuple(p for _, p in extracted)
 
 
 def _message(role: str, pieces: list[Piece]) -> Message:
@@ -421,7 +436,8 @@ def redact(request: LLMRequest, spans: dict[int, list[tuple[int, int, str]]], mo
     """
     for index, replacements in spans.items():
         offset = 0
-        for container, key in request.pieces[index]:
+        pieces = request.pieces[index]
+        for container, key in [(pieces, "content")] if type(pieces) is dict else pieces:
             text = container[key]
             end_of_piece = offset + len(text)
             edits = sorted(

@@ -69,7 +69,7 @@ class TokenCounter:
         estimated = False
         for i, text in enumerate(reversed(texts)):
             if i >= EXACT_MESSAGES:
-                rest += sum(len(t) for t in texts[: len(texts) - i])
+                rest += sum(map(len, texts[: len(texts) - i]))
                 break
             if len(text) <= left:
                 n = self.count(text)
