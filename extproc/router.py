@@ -37,7 +37,12 @@ from extproc.signals.tokens import TokenCounter
 log = logging.getLogger("extproc.router")
 
 DEFAULT_DECISION = "default"
-_PARSE_INLINE_BYTES = 256 * 1024  # larger bodies are parsed off the event loop
+# Larger bodies are parsed off the event loop, and the stream asks Envoy to wait longer for them
+# (server.py): parsing may take longer than Envoy's message_timeout on a busy machine.
+LARGE_BODY_BYTES = 256 * 1024
+# How long routing a large body may take (parse, signals, pick) before it is answered 503
+# router_timeout: its own deadline, well inside Envoy's max_message_timeout.
+LARGE_BODY_SECONDS = 5.0
 _COUNT_INLINE_BYTES = 4096  # bodies up to this are token-counted on the loop (a thread hop costs more)
 EXPLICIT = "explicit"
 PASSTHROUGH = "passthrough"
@@ -224,7 +229,7 @@ class Router:
             raise errors.PayloadTooLarge(
                 f"request body is {len(call.body)} bytes; the limit is {policy.max_body_bytes}"
             )
-        if len(call.body) > _PARSE_INLINE_BYTES:
+        if len(call.body) > LARGE_BODY_BYTES:
             # Parsing is Python work proportional to the body (100,000 messages: ~0.2 s): in a
             # thread the interpreter still switches to the event loop every few milliseconds.
             parsed = await asyncio.to_thread(request.parse, api, call.body)
@@ -402,6 +407,13 @@ class Router:
             choice.stages["queue"] = waited
             name = policy.admission.priorities[priority].name
             self.metrics.admission_wait.labels(name).observe(waited)
+
+    @property
+    def longest_wait(self) -> float:
+        """The longest any request may wait in the admission queue (0 if none may queue)."""
+        if not self.may_queue:
+            return 0.0
+        return max((p.max_wait for p in self.state.policy.admission.priorities), default=0.0)
 
     @property
     def may_queue(self) -> bool:

@@ -28,7 +28,7 @@ from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as
 from extproc.cache import Capture, render
 from extproc.logs import log_decision
 from extproc.request import UNKNOWN_PATH_MESSAGE, api_for_path, looks_like_llm_path
-from extproc.router import PASSTHROUGH, Call, Routed, Router
+from extproc.router import LARGE_BODY_BYTES, LARGE_BODY_SECONDS, PASSTHROUGH, Call, Routed, Router
 
 log = logging.getLogger("extproc.server")
 
@@ -43,6 +43,7 @@ class Exchange:
     __slots__ = (
         "body_mode",
         "capture",
+        "extended",
         "headers",
         "method",
         "notices",
@@ -70,6 +71,7 @@ class Exchange:
         # A miss's response mirrored by the cache filter (its own stream, observability mode).
         self.pending = None
         self.capture: Capture | None = None
+        self.extended = False  # Envoy honours one override_message_timeout per message
 
     async def handle(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
         kind = message.WhichOneof("request")
@@ -144,7 +146,10 @@ class Exchange:
             on_wait=self._extend_timeout,
         )
         try:
-            routed = await self.router.route(call)
+            if len(call.body) > LARGE_BODY_BYTES:
+                routed = await self._route_large(call)
+            else:
+                routed = await self.router.route(call)
         except errors.RouterError as error:
             return self._fail(error)
         self.routed = routed
@@ -159,9 +164,29 @@ class Exchange:
         log_decision(self.request_id, _api(self.path), routed, 200, None)
         return self._mutations(routed)
 
+    async def _route_large(self, call: Call) -> Routed:
+        """A large body's parse is Python work proportional to it (100,000 messages: 0.1-0.9 s
+        on a busy machine), which may outlast Envoy's message_timeout: ask Envoy first to wait
+        for its own deadline (plus any queue wait, since Envoy takes one extension per message),
+        and answer 503 router_timeout when that passes rather than leave Envoy to cut it."""
+        waits = self.router.longest_wait
+        self._extend_timeout(LARGE_BODY_SECONDS + waits)
+        try:
+            return await asyncio.wait_for(self.router.route(call), LARGE_BODY_SECONDS + waits)
+        except TimeoutError:
+            raise errors.ServiceUnavailable(
+                f"routing this {len(call.body)}-byte request took longer than its {LARGE_BODY_SECONDS:g}s "
+                "deadline; retry, or send a shorter conversation",
+                code="router_timeout",
+            ) from None
+
     def _extend_timeout(self, seconds: float) -> None:
-        """The request waits for a replica with room: ask Envoy to wait for our answer that long
-        (and a margin for placing it), once per message, as override_message_timeout allows."""
+        """The request waits (for a replica with room, or for a large body's routing): ask Envoy
+        to wait for our answer that long (and a margin for placing it), once per message, as
+        override_message_timeout allows."""
+        if self.extended:
+            return  # Envoy would ignore a second one; the first already counted this wait
+        self.extended = True
         response = pb.ProcessingResponse()
         response.override_message_timeout.FromMilliseconds(int((seconds + QUEUE_MARGIN) * 1000))
         self.notices.put_nowait(response)
@@ -354,6 +379,15 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, router: Router) -> None:
         self.router = router
 
+    def _may_answer_early(self, message: pb.ProcessingRequest) -> bool:
+        """The message's handling may send override_message_timeout before its answer: it may
+        queue for a replica, or it carries a large body (then handled concurrently with the
+        notices it sends)."""
+        kind = message.WhichOneof("request")
+        if kind == "request_body":
+            return self.router.may_queue or len(message.request_body.body) > LARGE_BODY_BYTES
+        return kind == "request_headers" and self.router.may_queue
+
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
@@ -361,7 +395,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         try:
             async for message in request_iterator:
                 try:
-                    if self.router.may_queue and message.WhichOneof("request") in ("request_body", "request_headers"):
+                    if self._may_answer_early(message):
                         handling = asyncio.ensure_future(exchange.handle(message))
                         try:
                             async for notice in _notices(exchange, handling):
