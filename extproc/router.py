@@ -13,12 +13,14 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-from extproc import errors, request, sessions
+from extproc import errors, lanes, request, sessions
 from extproc.admission import AdmissionQueue, QueueFull
 from extproc.cache import CacheHit, Lookup, Refusal, SemanticCache, prepare
 from extproc.cache import scope as cache_scope
+from extproc.lanes import LARGE_BODY_BYTES
 from extproc.metrics import Metrics
 from extproc.policy.config import Decision, DecisionCache, Model, PiiPolicy, Policy
 from extproc.policy.evaluate import NEEDS_CLASSIFIER, choose_model, decide
@@ -37,12 +39,6 @@ from extproc.signals.tokens import TokenCounter
 log = logging.getLogger("extproc.router")
 
 DEFAULT_DECISION = "default"
-# Larger bodies are parsed off the event loop, and the stream asks Envoy to wait longer for them
-# (server.py): parsing may take longer than Envoy's message_timeout on a busy machine.
-LARGE_BODY_BYTES = 256 * 1024
-# How long routing a large body may take (parse, signals, pick) before it is answered 503
-# router_timeout: its own deadline, well inside Envoy's max_message_timeout.
-LARGE_BODY_SECONDS = 5.0
 _COUNT_INLINE_BYTES = 4096  # bodies up to this are token-counted on the loop (a thread hop costs more)
 EXPLICIT = "explicit"
 PASSTHROUGH = "passthrough"
@@ -229,21 +225,22 @@ class Router:
             raise errors.PayloadTooLarge(
                 f"request body is {len(call.body)} bytes; the limit is {policy.max_body_bytes}"
             )
-        if len(call.body) > LARGE_BODY_BYTES:
-            # Parsing is Python work proportional to the body (100,000 messages: ~0.2 s): in a
-            # thread the interpreter still switches to the event loop every few milliseconds.
-            parsed = await asyncio.to_thread(request.parse, api, call.body)
-        else:
-            parsed = request.parse(api, call.body)
+        # Parsing is Python work proportional to the body (100,000 messages: ~0.1 s): in a
+        # thread the interpreter still switches to the event loop every few milliseconds.
+        parsed = await lanes.run(len(call.body), LARGE_BODY_BYTES, request.parse, api, call.body)
         signals = Signals(parsed.messages, call.headers, self.counter)
+        if len(call.body) > LARGE_BODY_BYTES and policy.text_scopes:
+            # The rules' texts of a large body (joined, lower-cased: copies of megabytes) are built
+            # in its lane, not on the event loop every other request needs.
+            await lanes.run(len(call.body), LARGE_BODY_BYTES, signals.prepare, policy.text_scopes)
         stages["parse"] = time.perf_counter() - t0
         choice = Choice(state, parsed, signals, stages, t0)
 
         if parsed.model in policy.auto_models:
-            if policy.uses_tokens and len(call.body) > _COUNT_INLINE_BYTES:
+            if policy.uses_tokens:
                 # Tokenizing holds the interpreter: a long prompt is counted in a thread (which the
                 # tokenizer releases it in), not on the event loop every other request needs.
-                await asyncio.to_thread(signals.count_tokens)
+                await lanes.run(len(call.body), _COUNT_INLINE_BYTES, signals.count_tokens)
             decision, model_name, choice.fallbacks = await self._decide(policy, signals, call, stages)
             choice.label = decision.name if decision else DEFAULT_DECISION
             if policy.sessions.keep_model:
@@ -286,10 +283,9 @@ class Router:
         key = choice.session_key = "s\0" + session if session else None
         previous, source = (self.sessions.get(key), "table") if key is not None else (None, None)
         if previous is None and later:
-            if len(call.body) > _COUNT_INLINE_BYTES:  # tokenizing a long history: off the event loop
-                previous = await asyncio.to_thread(self._model_from_kv_events, policy, choice.parsed)
-            else:
-                previous = self._model_from_kv_events(policy, choice.parsed)
+            # (tokenizing a long history: off the event loop)
+            size = len(call.body)
+            previous = await lanes.run(size, _COUNT_INLINE_BYTES, self._model_from_kv_events, policy, choice.parsed)
             source = "kv_events"
         if previous is None or previous not in policy.models:
             choice.session = sessions.SessionModel(sessions.NEW, decided, decided=decided)
@@ -365,11 +361,18 @@ class Router:
         routed.cache_detail = cache_detail
         if lookup is not None and vector is not None and self.cache is not None:
             routed.cache_token = self.cache.expect(lookup, vector, parsed.api.value)
-        if choice.redactions:
-            # After placement: a fallback model's id is what the body must name.
-            body = request.redact(parsed, choice.redactions, routed.upstream_model)
-        else:
-            body = parsed.with_model(routed.upstream_model)
+        try:
+            # After placement: a fallback model's id is what the body must name. (Copies of a
+            # large body are made in its lane.)
+            if choice.redactions:
+                rewrite = partial(request.redact, parsed, choice.redactions, routed.upstream_model)
+            else:
+                rewrite = partial(parsed.with_model, routed.upstream_model)
+            body = await lanes.run(len(call.body), LARGE_BODY_BYTES, rewrite)
+        except BaseException:
+            if routed.lease is not None:  # (cancelled: the stream ended, or the large body's deadline)
+                self.tracker.release(routed.lease)
+            raise
         routed.body = None if body is parsed.raw else body
         routed.signals, routed.pii_action, routed.stages = signals, choice.pii_action, stages
         if choice.session is not None:
@@ -772,10 +775,7 @@ class Router:
         if model is None or tokenizers is None or tokenizers.get(model.name) is None:
             return {}
         t = time.perf_counter()
-        if len(call.body) > _COUNT_INLINE_BYTES:
-            prompt = await asyncio.to_thread(self._prompt_blocks, model, choice.parsed)
-        else:
-            prompt = self._prompt_blocks(model, choice.parsed)
+        prompt = await lanes.run(len(call.body), _COUNT_INLINE_BYTES, self._prompt_blocks, model, choice.parsed)
         choice.stages["tokenize"] = time.perf_counter() - t
         return {model.name: prompt}
 

@@ -26,9 +26,10 @@ from extproc._pb.envoy.extensions.filters.http.ext_proc.v3 import processing_mod
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.cache import Capture, render
+from extproc.lanes import LARGE_BODY_BYTES, LARGE_BODY_SECONDS
 from extproc.logs import log_decision
 from extproc.request import UNKNOWN_PATH_MESSAGE, api_for_path, looks_like_llm_path
-from extproc.router import LARGE_BODY_BYTES, LARGE_BODY_SECONDS, PASSTHROUGH, Call, Routed, Router
+from extproc.router import PASSTHROUGH, Call, Routed, Router
 
 log = logging.getLogger("extproc.server")
 

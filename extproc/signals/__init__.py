@@ -3,7 +3,7 @@ encoder has run, its domain, complexity and PII."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -99,6 +99,12 @@ class Signals:
                 text = "\n".join(m.text for m in self.messages)
             self._texts[scope] = text
         return text
+
+    def prepare(self, scopes: Iterable[tuple[str, bool]]) -> None:
+        """Build the texts (lower-cased where asked) the rules will read now, so that a large
+        body's copies are made where the caller runs this (off the event loop)."""
+        for scope, lowered in scopes:
+            self.lowered(scope) if lowered else self.text(scope)  # type: ignore[arg-type]
 
     def lowered(self, scope: Scope) -> str:
         """The scope's text in lower case, computed once for all case-insensitive rules."""

@@ -29,6 +29,7 @@ import itertools
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,6 +37,7 @@ import numpy as np
 from extproc.classifier.pii import STRUCTURED, Candidate, scan
 from extproc.classifier.text import DEFAULT_PII_TOKENS
 from extproc.heads import form_features
+from extproc.lanes import LARGE_BODY_BYTES
 from extproc.request import Message
 from extproc.signals import PiiHit, Signals, Topic
 
@@ -47,6 +49,10 @@ if TYPE_CHECKING:
 MIN_MESSAGE_TOKENS = 32
 VALIDATED_ONLY = 1.0  # score of a structured value no tagger read: its validator decided alone
 TAGGER_ONLY = frozenset({"PERSON", "STREET_ADDRESS"})
+# Conversations up to this many characters are scanned on the event loop: ~10 us for a prompt,
+# ~2 ms for 4,000 characters dense with shapes to validate, less than a thread hop and no queue.
+SCAN_INLINE_CHARS = 4096
+_TEXT = attrgetter("text")
 
 
 @dataclass(slots=True)
@@ -100,8 +106,11 @@ class ClassifierSignal:
         self.classifier = classifier
         self.timeout_seconds = timeout_seconds
         self.pii_tokens = pii_tokens
-        # The structured scan runs here, not on the event loop and not behind the encoder's queue.
+        # The structured scan runs here, not on the event loop and not behind the encoder's queue;
+        # a short conversation's inline (microseconds), a large one's in a lane of its own, so
+        # no scan waits behind a large conversation's but another large one's.
         self._scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pii-scan")
+        self._large_scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pii-scan-large")
 
     async def annotate(
         self, signals: Signals, *, pii: bool, topic: bool = True, pii_types: frozenset[str] | None = None
@@ -119,8 +128,13 @@ class ClassifierSignal:
         last = signals.last_user_index
         found = Scan()
         if pii:
-            scanning = loop.run_in_executor(self._scanner, scan_conversation, messages, pii_types)
-            found = await asyncio.wait_for(scanning, max(0.0, deadline - loop.time()))
+            size = sum(map(len, map(_TEXT, messages)))
+            if size <= SCAN_INLINE_CHARS:
+                found = scan_conversation(messages, pii_types)
+            else:
+                lane = self._large_scanner if size > LARGE_BODY_BYTES else self._scanner
+                scanning = loop.run_in_executor(lane, scan_conversation, messages, pii_types)
+                found = await asyncio.wait_for(scanning, max(0.0, deadline - loop.time()))
         needs_tagger = pii and (pii_types is None or bool(pii_types & TAGGER_ONLY))
         asks = self._plan(messages, last, found, pii=pii, topic=topic, needs_tagger=needs_tagger)
         tasks = {i: asyncio.ensure_future(self.classifier.classify(messages[i].text, n, t)) for i, n, t in asks}
@@ -212,6 +226,7 @@ class ClassifierSignal:
 
     def close(self) -> None:
         self._scanner.shutdown(wait=False, cancel_futures=True)
+        self._large_scanner.shutdown(wait=False, cancel_futures=True)
 
 
 def _topic(result, text: str) -> Topic | None:

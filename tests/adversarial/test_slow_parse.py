@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from extproc import request, router
+from extproc import lanes, request
 from tests.adversarial.test_large_and_long import many_messages
 from tests.harness import Response, Stack, chat
 
@@ -31,7 +31,7 @@ def slow_large_parse(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
     parse = request.parse
 
     def slow(api: request.Api, raw: bytes) -> request.LLMRequest:
-        if len(raw) > router.LARGE_BODY_BYTES:
+        if len(raw) > lanes.LARGE_BODY_BYTES:
             time.sleep(delay[0])
         return parse(api, raw)
 
