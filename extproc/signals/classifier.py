@@ -37,7 +37,7 @@ import numpy as np
 from extproc.classifier.pii import STRUCTURED, Candidate, scan
 from extproc.classifier.text import DEFAULT_PII_TOKENS
 from extproc.heads import form_features
-from extproc.lanes import LARGE_BODY_BYTES
+from extproc.lanes import LARGE_BODY_BYTES, LARGE_BODY_SECONDS
 from extproc.request import Message
 from extproc.signals import PiiHit, Signals, Topic
 
@@ -131,10 +131,17 @@ class ClassifierSignal:
             size = sum(map(len, map(_TEXT, messages)))
             if size <= SCAN_INLINE_CHARS:
                 found = scan_conversation(messages, pii_types)
-            else:
-                lane = self._large_scanner if size > LARGE_BODY_BYTES else self._scanner
-                scanning = loop.run_in_executor(lane, scan_conversation, messages, pii_types)
+            elif size <= LARGE_BODY_BYTES:
+                scanning = loop.run_in_executor(self._scanner, scan_conversation, messages, pii_types)
                 found = await asyncio.wait_for(scanning, max(0.0, deadline - loop.time()))
+            else:
+                # A large conversation's scan takes its turn in its lane, within the large body's
+                # own deadline (the stream has asked Envoy to wait that long), not the encoder's:
+                # waiting behind other large bodies must not fail it closed. The encoder's
+                # deadline then starts after the scan.
+                scanning = loop.run_in_executor(self._large_scanner, scan_conversation, messages, pii_types)
+                found = await asyncio.wait_for(scanning, LARGE_BODY_SECONDS)
+                deadline = max(deadline, loop.time() + (self.timeout_seconds or 0.0))
         needs_tagger = pii and (pii_types is None or bool(pii_types & TAGGER_ONLY))
         asks = self._plan(messages, last, found, pii=pii, topic=topic, needs_tagger=needs_tagger)
         tasks = {i: asyncio.ensure_future(self.classifier.classify(messages[i].text, n, t)) for i, n, t in asks}

@@ -178,3 +178,34 @@ def test_a_long_context_conversation_routes_on_rules_without_the_encoder(s: Stac
     assert explained["signals"]["tokens"] > 50_000
     assert explained["signals"]["tokens_estimated"] is True
     assert explained["signals"]["classifier_read"]["pii_tagged_chars"] < 100  # the short last turn only
+
+
+def test_small_requests_keep_their_route_beside_many_large_bodies(s: Stack) -> None:
+    """Six clients send 3.9 MB bodies back to back while two send small requests that need the
+    PII check: no small request fails or misses its classifier deadline (which would send it to
+    the private model), and every large body is routed. Before the large bodies had lanes of their
+    own, the small requests' PII scans queued behind theirs and most went to the private model;
+    bench/large_beside_small.py measures the times."""
+    large = sized_body(3_900_000)
+    stop = threading.Event()
+    small: list[Response] = []
+    big: list[Response] = []
+
+    def send(body: bytes, out: list[Response]) -> None:
+        while not stop.is_set():
+            out.append(s.post(body))
+
+    normal = orjson.dumps(chat(NORMAL, model="small"))
+    threads = [threading.Thread(target=send, args=(large, big)) for _ in range(6)]
+    threads += [threading.Thread(target=send, args=(normal, small)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    stop.wait(6.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert len(big) >= 6 and len(small) >= 10
+    assert all(r.status == 200 and r.headers["x-router-model"] == "large" for r in big), [
+        (r.status, r.headers.get("x-router-model"), r.body[:100]) for r in big
+    ]
+    assert all(normal_ok(r) for r in small), [(r.status, r.headers.get("x-router-model")) for r in small]
