@@ -112,6 +112,37 @@ def scan(text: str, types: frozenset[str] | None = None, limit: int = MAX_CANDID
     return found, complete
 
 
+# A structured value that is a whole JSON value under a key naming its type ({"ssn": "078-05-1120"},
+# the shape of tool-call arguments) is that type by the sender's own label: with its validator
+# passed, no words around it are needed (the tagger, reading context, scores such bare values low).
+# The key is read in lower case with separators dropped; each type lists what its key contains.
+_KEY_NAMES = {
+    "US_SSN": ("ssn", "socialsecurity"),
+    "EMAIL_ADDRESS": ("email", "mail"),
+    "CREDIT_CARD": ("card", "ccnumber", "ccnum", "pan"),
+    "IBAN_CODE": ("iban",),
+    "PHONE_NUMBER": ("phone", "mobile", "telephone", "tel", "fax", "cell"),
+    "IP_ADDRESS": ("ipaddr", "ipv4", "ipv6", "ip"),
+}
+# Short keys that must be the whole key (after separators are dropped), not part of a longer word.
+_WHOLE_KEYS = frozenset({"pan", "tel", "fax", "cell", "ip", "mail"})
+_KEY_BEFORE = re.compile(r'"([^"\\\n]{1,48})"\s*:\s*"?\Z')
+_VALUE_AFTER = re.compile(r'"?\s{0,4}(?:[,}\]]|\Z)')
+_KEY_SEPARATORS = re.compile(r"[^a-z0-9]")
+
+
+def named_by_key(text: str, start: int, end: int, typ: str) -> bool:
+    """True when text[start:end] is the whole value of a JSON member whose key names `typ`
+    ({"ssn": "078-05-1120"}, {"contact_email": "a@b.io"}). Reads at most ~64 characters around."""
+    before = _KEY_BEFORE.search(text, max(0, start - 64), start)
+    if before is None or _VALUE_AFTER.match(text, end) is None:
+        return False
+    if (before.group(0).endswith('"')) != (text[end : end + 1] == '"'):
+        return False  # an opening quote without its closing one: part of a longer string
+    key = _KEY_SEPARATORS.sub("", before.group(1).lower())
+    return any(key == name if name in _WHOLE_KEYS else name in key for name in _KEY_NAMES.get(typ, ()))
+
+
 def _char_index(data: bytes) -> np.ndarray:
     """Char offset of every byte offset of UTF-8 `data` that starts a character (and of its end)."""
     starts = (np.frombuffer(data, np.uint8) & 0xC0) != 0x80

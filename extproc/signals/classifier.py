@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from extproc.classifier.pii import STRUCTURED, Candidate, scan
+from extproc.classifier.pii import STRUCTURED, Candidate, named_by_key, scan
 from extproc.classifier.text import DEFAULT_PII_TOKENS
 from extproc.heads import form_features
 from extproc.lanes import LARGE_BODY_BYTES, LARGE_BODY_SECONDS
@@ -213,7 +213,13 @@ class ClassifierSignal:
             spans = [PiiHit(i, s.type, s.start, s.end, s.score) for s in result.pii] if result is not None else []
             # Where the tagger did not read, a validated value counts on its own; and a value
             # split across parts is taken on its validator too (nobody splits one by accident).
-            extra = [c for c in found.found.get(i, ()) if c.start >= tagged] + found.crossing.get(i, [])
+            # A value labelled by its JSON key ({"ssn": "..."}: tool-call arguments) counts on its
+            # validator and that label, where the tagger read it too (it scores bare values low).
+            labelled = [
+                c for c in found.found.get(i, ()) if c.start < tagged and named_by_key(m.text, c.start, c.end, c.type)
+            ]
+            spans = [s for s in spans if all(s.end <= c.start or s.start >= c.end for c in labelled)]
+            extra = [c for c in found.found.get(i, ()) if c.start >= tagged] + found.crossing.get(i, []) + labelled
             for c in extra:
                 if all(c.end <= h.start or c.start >= h.end for h in spans):
                     spans.append(PiiHit(i, c.type, c.start, c.end, VALIDATED_ONLY))
