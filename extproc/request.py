@@ -98,10 +98,19 @@ class Message(NamedTuple):
         bounds = (-1, *self.breaks, len(self.text))
         return "".join(self.text[a + 1 : b] for a, b in itertools.pairwise(bounds))
 
-    def from_joined(self, offset: int) -> int:
-        """The offset in `text` of offset `offset` of ``joined()``."""
-        starts = [b - k for k, b in enumerate(self.breaks)]  # where parts 1.. begin in joined()
-        return offset + bisect.bisect_right(starts, offset)
+    def joined_starts(self) -> list[int]:
+        """Where parts 1.. begin in ``joined()``: computed once for many ``from_joined`` calls
+        (a message may have thousands of parts)."""
+        return [b - k for k, b in enumerate(self.breaks)]
+
+    def from_joined(self, offset: int, starts: list[int] | None = None) -> int:
+        """The offset in `text` of offset `offset` of ``joined()`` (``starts``: joined_starts())."""
+        return offset + bisect.bisect_right(self.joined_starts() if starts is None else starts, offset)
+
+    def crosses_break(self, start: int, end: int) -> bool:
+        """Whether text[start:end] spans a joining newline (two parts)."""
+        i = bisect.bisect_right(self.breaks, start)
+        return i < len(self.breaks) and self.breaks[i] < end
 
 
 @dataclass(slots=True)
@@ -437,17 +446,26 @@ def redact(request: LLMRequest, spans: dict[int, list[tuple[int, int, str]]], mo
     for index, replacements in spans.items():
         offset = 0
         pieces = request.pieces[index]
+        ordered = sorted(replacements)
+        first = 0  # replacements ending before this piece are done: each piece looks at its own only
         for container, key in [(pieces, "content")] if type(pieces) is dict else pieces:
             text = container[key]
             end_of_piece = offset + len(text)
-            edits = sorted(
-                (max(s, offset) - offset, min(e, end_of_piece) - offset, p)
-                for s, e, p in replacements
-                if s < end_of_piece and e > offset
-            )
-            for start, end, placeholder in reversed(edits):
-                text = text[:start] + placeholder + text[end:]
-            container[key] = text
+            while first < len(ordered) and ordered[first][1] <= offset:
+                first += 1
+            edits = []
+            k = first
+            while k < len(ordered) and ordered[k][0] < end_of_piece:
+                s, e, p = ordered[k]
+                if e > offset:
+                    edits.append((max(s, offset) - offset, min(e, end_of_piece) - offset, p))
+                k += 1
+            if edits:
+                parts, at = [], 0
+                for start, end, placeholder in edits:
+                    parts += (text[at:start], placeholder)
+                    at = max(at, end)
+                container[key] = "".join((*parts, text[at:]))
             offset = end_of_piece + 1
     request.body["model"] = model
     return orjson.dumps(request.body)

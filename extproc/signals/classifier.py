@@ -83,9 +83,12 @@ def scan_conversation(messages: Sequence[Message], types: frozenset[str] | None)
         _assign(crossing, joined, by_part)
         for j, cands in by_part.items():
             m = messages[parts[j]]
-            mapped = [Candidate(c.type, m.from_joined(c.start), m.from_joined(c.end - 1) + 1) for c in cands]
+            starts = m.joined_starts()
+            mapped = [
+                Candidate(c.type, m.from_joined(c.start, starts), m.from_joined(c.end - 1, starts) + 1) for c in cands
+            ]
             # Only what crosses a part boundary is new: the rest was found in the first pass.
-            crossing_ = [c for c in mapped if any(c.start < b < c.end for b in m.breaks)]
+            crossing_ = [c for c in mapped if m.crosses_break(c.start, c.end)]
             if crossing_:
                 out.crossing[parts[j]] = crossing_
     return out
@@ -97,6 +100,21 @@ def _assign(found: list[Candidate], texts: list[str], into: dict[int, list[Candi
     for c in found:
         i = bisect.bisect_right(starts, c.start) - 1
         into.setdefault(i, []).append(Candidate(c.type, c.start - starts[i], c.end - starts[i]))
+
+
+def _add_disjoint(spans: list[PiiHit], extra: list[Candidate], message: int) -> list[PiiHit]:
+    """spans (disjoint) and, in order, each of extra that overlaps nothing kept before it, at the
+    validator's score. Each is checked against its neighbours in a sorted list: a message may hold
+    20,000 values, and checking each against all the others took seconds on the event loop."""
+    out = list(spans)
+    kept = sorted((h.start, h.end) for h in spans)
+    for c in extra:
+        k = bisect.bisect_left(kept, (c.start,))
+        if (k and kept[k - 1][1] > c.start) or (k < len(kept) and kept[k][0] < c.end):
+            continue
+        kept.insert(k, (c.start, c.end))
+        out.append(PiiHit(message, c.type, c.start, c.end, VALIDATED_ONLY))
+    return out
 
 
 class ClassifierSignal:
@@ -220,10 +238,7 @@ class ClassifierSignal:
             ]
             spans = [s for s in spans if all(s.end <= c.start or s.start >= c.end for c in labelled)]
             extra = [c for c in found.found.get(i, ()) if c.start >= tagged] + found.crossing.get(i, []) + labelled
-            for c in extra:
-                if all(c.end <= h.start or c.start >= h.end for h in spans):
-                    spans.append(PiiHit(i, c.type, c.start, c.end, VALIDATED_ONLY))
-            hits.extend(sorted(spans, key=lambda h: h.start))
+            hits.extend(sorted(_add_disjoint(spans, extra, i), key=lambda h: h.start))
         skipped = sum(map(len, (m.text for m in messages))) - tagged_chars if needs_tagger else 0
         unchecked: frozenset[str] = frozenset()
         if not found.complete:

@@ -209,3 +209,27 @@ def test_small_requests_keep_their_route_beside_many_large_bodies(s: Stack) -> N
         (r.status, r.headers.get("x-router-model"), r.body[:100]) for r in big
     ]
     assert all(normal_ok(r) for r in small), [(r.status, r.headers.get("x-router-model")) for r in small]
+
+
+@pytest.mark.parametrize("parts", [5_000, 20_000])
+def test_thousands_of_content_parts_full_of_values_neither_stall_nor_fail_others(s: Stack, parts: int) -> None:
+    """One message of thousands of content parts, each a valid SSN (190 KB / 760 KB): mapping each
+    value back to its part was quadratic (20,000 parts: 62 s of the PII scan thread, and 10 s of
+    the event loop where the scan finished in time), so every other request's check missed its
+    deadline. Now it goes to the private model in about a second, and requests beside and after
+    it keep their route."""
+    body = orjson.dumps(
+        {"model": "auto", "messages": [{"role": "user", "content": [{"type": "text", "text": "078-05-1120 "}] * parts}]}
+    )
+    result: list[Response] = []
+    thread = threading.Thread(target=lambda: result.append(s.post(body)))
+    thread.start()
+    normal: list[Response] = []
+    stop = threading.Event()
+    threading.Timer(3.0, stop.set).start()
+    while not stop.is_set() or thread.is_alive():
+        normal.append(s.post(chat(NORMAL)))
+    thread.join()
+    assert result[0].status == 200 and result[0].headers["x-router-model"] == "private"
+    assert len(normal) >= 3
+    assert all(normal_ok(r) for r in normal), [(r.status, r.headers.get("x-router-model")) for r in normal]
