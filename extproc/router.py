@@ -96,6 +96,12 @@ def _digest(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
+def _session_key(session: str) -> str:
+    """The session table's key for a session id: a 128-bit digest, so an entry costs the same
+    whatever the client sent (raw 60 KiB ids times max_sessions would be gigabytes)."""
+    return "s\0" + hashlib.blake2b(session.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
 @dataclass(slots=True)
 class Choice:
     """The router's decision before a replica is picked."""
@@ -280,7 +286,7 @@ class Router:
         # The table knows conversations by their session header only: two requests with the same
         # opening (a templated system prompt and question) need not be one conversation. Without
         # a header, only the KV events can tell, from the whole history a replica holds.
-        key = choice.session_key = "s\0" + session if session else None
+        key = choice.session_key = _session_key(session) if session else None
         previous, source = (self.sessions.get(key), "table") if key is not None else (None, None)
         if previous is None and later:
             # (tokenizing a long history: off the event loop)

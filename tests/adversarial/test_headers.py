@@ -10,7 +10,7 @@ import pytest
 
 from extproc.standin import StandIn
 from tests.adversarial.hostile import NOTHING, check, request
-from tests.harness import Stack
+from tests.harness import Stack, chat
 
 pytestmark = pytest.mark.e2e
 
@@ -62,3 +62,18 @@ def test_two_round_trips_refuse_a_header_that_is_not_utf8_too(tmp_path) -> None:
             param="x-session-id",
             upstream=NOTHING,
         )
+
+
+def test_long_session_ids_cost_the_session_table_a_digest_each(hostile_stack: Stack) -> None:
+    """Distinct 48 KiB x-session-id values (Envoy allows 60 KiB of headers): the table that keeps
+    each conversation on its model holds a fixed-size digest per session, not the id, so
+    max_sessions (100,000) of them cannot grow the sidecar by gigabytes."""
+    sessions = hostile_stack.sidecar.router.sessions
+    before = hostile_stack.sidecar.run(lambda: len(sessions))
+    for i in range(200):
+        session = f"{i:06d}" + "s" * (48 * 1024)
+        response = hostile_stack.post(chat(f"hello {i}"), headers={"x-session-id": session})
+        assert response.status == 200, response.body[:200]
+    keys = hostile_stack.sidecar.run(lambda: list(sessions._table))
+    assert len(keys) - before == 200  # every conversation remembered
+    assert max(len(k) for k in keys) <= 64
