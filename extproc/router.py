@@ -235,10 +235,10 @@ class Router:
         # thread the interpreter still switches to the event loop every few milliseconds.
         parsed = await lanes.run(len(call.body), LARGE_BODY_BYTES, request.parse, api, call.body)
         signals = Signals(parsed.messages, call.headers, self.counter)
-        if len(call.body) > LARGE_BODY_BYTES and policy.text_scopes:
-            # The rules' texts of a large body (joined, lower-cased: copies of megabytes) are built
-            # in its lane, not on the event loop every other request needs.
-            await lanes.run(len(call.body), LARGE_BODY_BYTES, signals.prepare, policy.text_scopes)
+        if len(call.body) > LARGE_BODY_BYTES and policy.text_rules:
+            # A large body's text rules (joined, lower-cased, searched: megabytes each) run in its
+            # lane, not on the event loop every other request needs; decide() reads the results.
+            await lanes.run(len(call.body), LARGE_BODY_BYTES, signals.prepare, policy.text_rules)
         stages["parse"] = time.perf_counter() - t0
         choice = Choice(state, parsed, signals, stages, t0)
 

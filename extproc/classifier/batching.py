@@ -80,18 +80,29 @@ class AsyncClassifier:
         self._running: set[asyncio.Task[None]] = set()
         self._closed = False
         self._abandoned = 0  # texts given up by every caller before their result
+        self._last_key: tuple[str, int, bool, bytes] | None = None
 
     def cached(self, text: str, pii_tokens: int = DEFAULT_PII_TOKENS, topic: bool = True) -> bool:
         """The result for `text` is at hand (cached or being computed): asking costs no encoder time."""
-        key = text_key(text, pii_tokens, topic)
+        key = self._key(text, pii_tokens, topic)
         return key in self._cache or key in self._inflight
+
+    def _key(self, text: str, pii_tokens: int, topic: bool) -> bytes:
+        """text_key, remembered for the last text asked about: cached() and classify() ask about
+        the same one in turn, and digesting a megabyte prompt twice on the event loop costs."""
+        last = self._last_key
+        if last is not None and last[0] is text and last[1] == pii_tokens and last[2] == topic:
+            return last[3]
+        key = text_key(text, pii_tokens, topic)
+        self._last_key = (text, pii_tokens, topic, key)
+        return key
 
     async def classify(self, text: str, pii_tokens: int = DEFAULT_PII_TOKENS, topic: bool = True) -> Classification:
         """Domain, complexity and PII of one text; the tagger reads its first `pii_tokens` tokens
         (0: none), and `topic=False` may skip domain and complexity (Classifier.classify)."""
         if self._closed:
             raise ClassifierClosedError("AsyncClassifier is closed")
-        key = text_key(text, pii_tokens, topic)
+        key = self._key(text, pii_tokens, topic)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)

@@ -101,6 +101,9 @@ class Keyword:
     _words: dict[str, re.Pattern[str]] | None = field(default=None, compare=False, repr=False)
 
     def evaluate(self, signals: Signals) -> bool:
+        known = signals.rule_results.get(id(self))
+        if known is not None:
+            return known
         text = signals.text(self.scope) if self.case_sensitive else signals.lowered(self.scope)
         if self.any_of and not any(self._found(text, w) for w in self.any_of):
             return False
@@ -128,6 +131,9 @@ class Regex:
     needs_classifier: bool = False
 
     def evaluate(self, signals: Signals) -> bool:
+        known = signals.rule_results.get(id(self))
+        if known is not None:
+            return known
         return self.pattern.search(signals.text(self.scope)) is not None
 
     def explain(self, signals: Signals) -> dict[str, Any]:

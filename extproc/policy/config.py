@@ -264,9 +264,9 @@ class Policy:
     pii_types: frozenset[str] | None = None  # every type a PII policy or condition asks for (None: all)
     uses_tokens: bool = False  # some decision has a `tokens` condition
     uses_topic: bool = False  # some decision tests domain or complexity
-    # The texts keyword and regex rules read, as (scope, lower-cased): prepared off the event loop
-    # for a large body.
-    text_scopes: frozenset[tuple[str, bool]] = frozenset()
+    # The keyword and regex conditions (pure functions of the prompt text): a large body's are
+    # evaluated in its lane, off the event loop (Signals.prepare).
+    text_rules: tuple[Condition, ...] = ()
     uses_classifier: bool = False  # the encoder must be loaded
     heads: Mapping[str, Head] = field(default_factory=dict)  # fitted complexity heads by name
     head_files: tuple[str, ...] = ()  # files those heads were read from: watched with the policy

@@ -555,11 +555,7 @@ def _build(
     )
     uses_tokens = any(isinstance(c, conditions.Tokens) for c in walked)
     uses_topic = any(isinstance(c, conditions.Domain | conditions.Complexity) for c in walked)
-    text_scopes = frozenset(
-        (c.scope, isinstance(c, conditions.Keyword) and not c.case_sensitive)
-        for c in walked
-        if isinstance(c, conditions.Keyword | conditions.Regex)
-    )
+    text_rules = tuple(c for c in walked if isinstance(c, conditions.Keyword | conditions.Regex))
     uses_classifier = classifier.enabled is True or (
         classifier.enabled == "auto"
         and (needs_pii or any(c.needs_classifier for c in walked) or any(d.cache is not None for d in ordered))
@@ -623,7 +619,7 @@ def _build(
         pii_types=pii_types,
         uses_tokens=uses_tokens,
         uses_topic=uses_topic,
-        text_scopes=text_scopes,
+        text_rules=text_rules,
         uses_classifier=uses_classifier,
         heads=heads,
         head_files=head_files,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -67,6 +67,7 @@ class Signals:
         "messages",
         "pii",
         "pii_unchecked",
+        "rule_results",
         "tokens_estimated",
         "topic",
     )
@@ -87,6 +88,7 @@ class Signals:
         self.pii_unchecked: frozenset[str] = frozenset()
         self.classifier_read: dict[str, int | bool] | None = None  # what the encoder read, for explanations
         self.tokens_estimated = False
+        self.rule_results: dict[int, bool] = {}  # text rules evaluated ahead (prepare), by id
 
     def text(self, scope: Scope) -> str:
         text = self._texts.get(scope)
@@ -100,11 +102,11 @@ class Signals:
             self._texts[scope] = text
         return text
 
-    def prepare(self, scopes: Iterable[tuple[str, bool]]) -> None:
-        """Build the texts (lower-cased where asked) the rules will read now, so that a large
-        body's copies are made where the caller runs this (off the event loop)."""
-        for scope, lowered in scopes:
-            self.lowered(scope) if lowered else self.text(scope)  # type: ignore[arg-type]
+    def prepare(self, rules: Iterable[Any]) -> None:
+        """Evaluate text rules (keyword, regex: pure functions of the text) now, where the caller
+        runs this (a large body's lane); their evaluate() then reads the result."""
+        for rule in rules:
+            self.rule_results[id(rule)] = rule.evaluate(self)
 
     def lowered(self, scope: Scope) -> str:
         """The scope's text in lower case, computed once for all case-insensitive rules."""
