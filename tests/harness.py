@@ -23,7 +23,6 @@ from extproc.envoy.render.bootstrap import render, render_bootstrap
 from extproc.policy import load_policy
 from extproc.standin import StandIn, StandInFleet
 
-
 _handed_out: set[int] = set()
 
 
