@@ -13,9 +13,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from extproc import cooldown
 from extproc import headers as h
 from extproc._pb.envoy.data.accesslog.v3 import accesslog_pb2
 from extproc._pb.envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from extproc.envoy.render.filters import ATTEMPT_LOG
 from extproc.replicas.health import Outcome
 from extproc.router import Router
 
@@ -49,7 +51,12 @@ def finished(router: Router, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
     code = entry.response.response_code.value if entry.response.HasField("response_code") else 0
     # The one count of upstream statuses; "none": the request ended with no response (reset, client gone).
     router.metrics.upstream.labels(model, f"{code // 100}xx" if code else "none").inc()
-    if h.KEY_ENDPOINT in fields:  # the router picked the replica (not Envoy's own balancing)
+    tries = common.upstream_request_attempt_count
+    if h.KEY_CHAIN in fields:
+        _chain_finished(router, entry, model, tries, code)
+    if h.KEY_ENDPOINT in fields and (tries <= 1 or h.KEY_CHAIN not in fields):
+        # The router picked the replica (not Envoy's own balancing). A chained request that went
+        # on to other backends: its first attempt's outcome came in its own entry (attempted).
         lb = metadata.get(h.LB_NAMESPACE)
         listed = lb.fields[h.DESTINATION_ENDPOINT].string_value if lb and h.DESTINATION_ENDPOINT in lb.fields else ""
         outcomes = upstream_outcomes(entry, listed.split(",") if listed else [fields[h.KEY_ENDPOINT].string_value])
@@ -61,6 +68,80 @@ def finished(router: Router, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
         input_tokens = int(tokens[h.KEY_INPUT_TOKENS].number_value) if h.KEY_INPUT_TOKENS in tokens else 0
         output_tokens = int(tokens[h.KEY_OUTPUT_TOKENS].number_value) if h.KEY_OUTPUT_TOKENS in tokens else 0
         router.record_usage(model, input_tokens, output_tokens)
+
+
+_RETRIABLE = ("rate_limited", "5xx", "timeout", "connect_failure", "reset")
+
+
+def attempt_result(entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
+    """How one upstream attempt went: success, 4xx, rate_limited, 5xx, timeout, connect_failure,
+    reset, or none (no verdict: the client left, or the attempt was cancelled)."""
+    common = entry.common_properties
+    flags = common.response_flags
+    code = entry.response.response_code.value if entry.response.HasField("response_code") else 0
+    if flags.upstream_request_timeout:
+        return "timeout"
+    if flags.upstream_connection_failure or common.upstream_transport_failure_reason:
+        return "connect_failure"
+    if code == 0 and (flags.upstream_remote_reset or flags.upstream_connection_termination or flags.local_reset):
+        return "reset"
+    if code == 429:
+        return "rate_limited"
+    if code >= 500:
+        return "5xx"
+    if 400 <= code < 500:
+        return "4xx"
+    return "success" if code else "none"
+
+
+def attempted(router: Router, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
+    """One upstream attempt of a chained request (the router filter's upstream log): the attempt
+    metrics, the backend's cooldown or ejection, the first attempt's replica's health."""
+    plan = router.recent_plans.get(entry.request.request_id)
+    if plan is None:
+        return  # not a chained request (a plain request's failure), or too old
+    try:
+        n = int(entry.request.request_headers.get("x-envoy-attempt-count") or 1)
+    except ValueError:
+        return
+    if not 1 <= n <= len(plan.attempts):
+        return
+    attempt = plan.attempts[n - 1]
+    result = attempt_result(entry)
+    router.metrics.attempts.labels(attempt.model, attempt.label, result).inc()
+    if result in _RETRIABLE and n < len(plan.attempts):
+        router.metrics.fallbacks.labels(attempt.model, result).inc()
+    if attempt.hosted:
+        outcome = {
+            "success": cooldown.Outcome.SUCCESS,
+            "4xx": cooldown.Outcome.SUCCESS,  # the backend answered; the request was at fault
+            "rate_limited": cooldown.Outcome.RATE_LIMITED,
+        }.get(result, cooldown.Outcome.FAILURE)
+        if result != "none":
+            router.backends.observe(attempt.backend, outcome, entry.response.response_headers)
+    elif n == 1 and result != "none":
+        address = entry.common_properties.upstream_remote_address.socket_address
+        host = (f"[{address.address}]" if ":" in address.address else address.address) + f":{address.port_value}"
+        replica = {"success": Outcome.SUCCESS, "4xx": Outcome.SUCCESS, "rate_limited": Outcome.SUCCESS}.get(
+            result, Outcome.ERROR_5XX if result == "5xx" else Outcome.LOCAL_ORIGIN_FAILURE
+        )
+        if address.address and host in router.state.pools.endpoints(attempt.model):
+            router.observe_upstream(attempt.model, [(host, replica)])
+
+
+def _chain_finished(router: Router, entry: accesslog_pb2.HTTPAccessLogEntry, model: str, tries: int, code: int) -> None:
+    """A chained request ended: how many backends it took; a success resets its backend's
+    failures (first attempts that succeed are not in the attempt log)."""
+    if tries:
+        router.metrics.chain_attempts.labels(model).observe(tries)
+    plan = router.recent_plans.get(entry.request.request_id)
+    if plan is None or not 1 <= tries <= len(plan.attempts) or not 200 <= code < 300:
+        return
+    attempt = plan.attempts[tries - 1]
+    if tries == 1:
+        router.metrics.attempts.labels(attempt.model, attempt.label, "success").inc()
+    if attempt.hosted:
+        router.backends.observe(attempt.backend, cooldown.Outcome.SUCCESS)
 
 
 def upstream_outcomes(entry: accesslog_pb2.HTTPAccessLogEntry, listed: list[str]) -> list[tuple[str, Outcome]]:
@@ -98,10 +179,13 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
     async def StreamAccessLogs(
         self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext
     ) -> als_pb2.StreamAccessLogsResponse:
+        account = finished
         async for message in request_iterator:
+            if message.HasField("identifier"):  # the first message of a stream names its log
+                account = attempted if message.identifier.log_name == ATTEMPT_LOG else finished
             for entry in message.http_logs.log_entry:
                 try:
-                    finished(self.router, entry)
+                    account(self.router, entry)
                 except Exception:  # one odd entry must not end the stream for the others
                     self.router.metrics.stream_errors.labels("access_log").inc()
                     log.exception("could not account an access log entry")

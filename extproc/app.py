@@ -103,6 +103,7 @@ class Runtime:
         settings) Envoy cannot be configured for and xds.EnvoyRejected when Envoy refuses what
         it renders to; either way nothing changes."""
         resources, options = self._render(policy)
+        store = self._store_for(policy)
         if policy.uses_classifier:
             await self._ensure_classifier(policy)
         cache, retired = await self._cache_for(policy)
@@ -131,6 +132,7 @@ class Runtime:
             if self._classifier_signal is not None:
                 self._classifier_signal.timeout_seconds = policy.classifier.timeout_ms / 1000
                 self._classifier_signal.pii_tokens = policy.classifier.pii_tokens
+            self.router.backends.store = store
             self._update_scrape_targets()
             self._retain_replica_series()
             self.metrics.config.info({"hash": policy.digest[:16]})
@@ -163,6 +165,32 @@ class Runtime:
         cache = SemanticCache(policy.cache, self.metrics)
         await cache.start()
         return cache, current
+
+    def _store_for(self, policy: Policy):  # type: ignore[no-untyped-def]
+        """The shared store the policy names (the one in use when its settings did not change)."""
+        current = self.router.backends.store if self.router is not None else None
+        if policy.store is None:
+            return None
+        if current is not None and current.settings == policy.store:
+            return current
+        from extproc.store import SharedStore, StoreError
+
+        try:
+            return SharedStore(policy.store)
+        except StoreError as exc:
+            raise ConfigError(str(self.settings.config), [Problem(("store",), str(exc))]) from None
+
+    async def _sync_backends(self) -> None:
+        """Read the cooldowns and ejections other routers shared (when the policy has a store)."""
+        while True:
+            router = self.router
+            interval = 0.25
+            if router is not None and router.backends.store is not None:
+                policy = router.state.policy
+                interval = policy.store.sync_interval if policy.store is not None else interval
+                ids = [b.id for m in policy.models.values() for b in m.backends if b.provider is not None]
+                await router.backends.sync(ids)
+            await asyncio.sleep(interval)
 
     def _render(self, policy: Policy) -> tuple[Resources | None, EnvoyOptions]:
         """Envoy's resources for policy and the live settings (None unless publishing)."""
@@ -255,6 +283,9 @@ class Runtime:
         metrics.add_gauge(metrics.replica_inflight, inflight)
         metrics.add_gauge(metrics.ready_replicas, ready)
         metrics.add_gauge(metrics.ejected_replicas, ejected)
+        metrics.add_gauge(
+            metrics.backends_blocked, lambda: [((b, why), 1.0) for b, why in router.backends.current().items()]
+        )
         metrics.add_gauge(metrics.event_loop_tasks, lambda: [((), float(self.loop_tasks))])
         metrics.add_gauge(metrics.kv_replicas, lambda: [(key, float(n)) for key, n in router.kv.modes().items()])
         metrics.add_gauge(metrics.admission_queued, lambda: [((n,), float(q)) for n, q in router.admission.queued()])
@@ -324,6 +355,7 @@ class Runtime:
         for service in ("", SERVICE_NAME):
             await _set_health(self.health, service, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._housekeeping()))
+        self._tasks.append(asyncio.create_task(self._sync_backends()))
         if settings.reload:
             from extproc.policy.reload import ConfigWatcher
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
@@ -84,3 +85,15 @@ class PiiCheckUnavailable(RouterError):
     status = 503
     type = "server_error"
     code = "pii_check_unavailable"
+
+
+class RateLimited(RouterError):
+    """Every backend the request could go to asked the router to wait (429 with Retry-After)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "all_backends_cooling_down"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, math.ceil(retry_after))

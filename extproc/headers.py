@@ -13,6 +13,8 @@ ROUTER_DECISION = "x-router-decision"  # upstream (two round trips) and to the c
 ROUTER_MODEL = "x-router-model"
 ROUTER_EXPLAIN = "x-router-explain"
 CACHE = "x-cache"  # hit (answered by the sidecar's semantic cache) or miss (looked up, routed)
+ROUTER_BACKEND = "x-router-backend"  # the Envoy cluster (provider or replicas) that answered a chained request
+ROUTER_ATTEMPTS = "x-router-attempts"  # how many backends Envoy tried for it
 
 # Request headers we read.
 REQUEST_ID = "x-request-id"
@@ -41,6 +43,15 @@ KEY_LEASE = "lease"
 KEY_EXPLAIN = "explain"
 KEY_CACHE = "cache"  # "miss" when the semantic cache was looked up (the x-cache response header)
 KEY_CACHE_STORE = "cache_store"  # a miss's token: its route mirrors the response to the sidecar
+# A chained request (several backends): the chain route to take, Envoy's retry count, and per
+# attempt the body's model (JSON), with what the upstream Lua filter needs to splice it in.
+KEY_CHAIN = "chain"
+KEY_RETRIES = "retries"
+KEY_PLAN = "plan"  # list: attempt N's model id, JSON-quoted
+KEY_BACKENDS = "backends"  # "groq/llama-3.3-70b-versatile, together/...": for errors and the access log
+KEY_MODEL_SPAN = "model_span"  # [start, end) of the model value in the body the router sent
+KEY_PATH = "path"
+KEY_DEADLINE = "deadline"  # epoch ms after which no further attempt starts
 # Keys of the token counts under USAGE_NAMESPACE.
 KEY_INPUT_TOKENS = "input"
 KEY_OUTPUT_TOKENS = "output"

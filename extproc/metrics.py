@@ -196,6 +196,33 @@ class Metrics:
             ["model", "code"],
             registry=r,
         )
+        # Fallback chains (extproc/fallback.py): every attempt Envoy made on a backend, from its
+        # per-attempt access log; backend is "provider/model id" or "replicas".
+        self.attempts = Counter(
+            "extproc_backend_attempts_total",
+            "Attempts Envoy made on each backend of chained requests, by result.",
+            ["model", "backend", "result"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "extproc_fallbacks_total",
+            "Chained requests that moved on from a backend to the next, by why the backend failed.",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.chain_attempts = Histogram(
+            "extproc_chain_attempts",
+            "Backends Envoy tried for a chained request before it ended.",
+            ["model"],
+            buckets=(1, 2, 3, 4, 5, 6, 8, 10),
+            registry=r,
+        )
+        self.backend_blocked = Counter(
+            "extproc_backend_cooldowns_total",
+            "Hosted backends left out of chains: cooldown (answered 429) or ejected (failed repeatedly).",
+            ["backend", "reason"],
+            registry=r,
+        )
         self.tokens = Counter(
             "extproc_tokens_total", "Tokens reported by upstream usage.", ["model", "kind"], registry=r
         )
@@ -307,6 +334,11 @@ class Metrics:
             "extproc_ejected_replicas",
             "Ready replicas that outlier detection keeps out of picking, per model.",
             ("model",),
+        )
+        self.backends_blocked = ScrapeGauge(
+            "extproc_backends_blocked",
+            "Hosted backends chains leave out now (1), by reason: cooldown or ejected.",
+            ("backend", "reason"),
         )
         self.event_loop_tasks = ScrapeGauge(
             "extproc_event_loop_tasks", "Tasks alive on the sidecar's event loop (leak check).", ()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import orjson
 from google.protobuf import struct_pb2
@@ -185,7 +186,7 @@ def local_answer(status: int, headers: Mapping[str, str], body: bytes, details: 
 
 
 def body_response(
-    header_mutation: pb.HeaderMutation, body: bytes | None, dynamic_metadata: Mapping[str, Mapping[str, str]]
+    header_mutation: pb.HeaderMutation, body: bytes | None, dynamic_metadata: Mapping[str, Mapping[str, Any]]
 ) -> pb.ProcessingResponse:
     # A header mutation is always present, even when Envoy cannot apply it (request headers not
     # sent to us): its presence is what makes Envoy clear the route cache and route again on
@@ -205,13 +206,32 @@ def response_headers_response(set_headers: Mapping[str, str]) -> pb.ProcessingRe
     )
 
 
-def _struct(data: Mapping[str, Mapping[str, str]]) -> struct_pb2.Struct:
+def _struct(data: Mapping[str, Mapping[str, Any]]) -> struct_pb2.Struct:
     struct = struct_pb2.Struct()
     for namespace, fields in data.items():
         inner = struct.fields[namespace].struct_value
         for key, value in fields.items():
-            inner.fields[key].string_value = value
+            if isinstance(value, str):
+                inner.fields[key].string_value = value
+            else:  # a chained request's lists (extproc/fallback.py)
+                inner.fields[key].CopyFrom(_value(value))
     return struct
+
+
+def _value(value: Any) -> struct_pb2.Value:
+    out = struct_pb2.Value()
+    if isinstance(value, str):
+        out.string_value = value
+    elif isinstance(value, bool):
+        out.bool_value = value
+    elif isinstance(value, int | float):
+        out.number_value = value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            out.struct_value.fields[key].CopyFrom(_value(item))
+    else:
+        out.list_value.values.extend(_value(item) for item in value)
+    return out
 
 
 def compact_json(data: object) -> str:

@@ -140,6 +140,19 @@ class LLMRequest:
         return b"".join((self.raw[:start], orjson.dumps(model), self.raw[end:]))
 
 
+def model_span(request: LLMRequest, body: bytes, model: str) -> tuple[int, int]:
+    """Where the model value (quotes included) is in ``body``, the request's bytes sent with
+    ``model`` (by ``with_model`` or ``redact``): a chained request's later attempts splice
+    theirs there (extproc/envoy/render/chains.py)."""
+    if body is request.raw:
+        return request.model_span
+    start = request.model_span[0]
+    if body[:start] == request.raw[:start] and body[start:].startswith(orjson.dumps(model)):
+        return start, start + len(orjson.dumps(model))
+    spans = _single_model_span(body) or _model_value_spans(body)
+    return spans[0]
+
+
 def parse(api: Api, raw: bytes) -> LLMRequest:
     """Parse and check a request body. Raises BadRequest with a message a client can act on."""
     with _collector_paused():

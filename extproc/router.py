@@ -20,8 +20,11 @@ from extproc import errors, lanes, request, sessions
 from extproc.admission import AdmissionQueue, QueueFull
 from extproc.cache import CacheHit, Lookup, Refusal, SemanticCache, prepare
 from extproc.cache import scope as cache_scope
+from extproc.cooldown import COOLDOWN, BackendHealth
+from extproc.fallback import Attempt, Plan, RecentPlans
 from extproc.lanes import LARGE_BODY_BYTES
 from extproc.metrics import Metrics
+from extproc.policy.backends import POOL, Backend
 from extproc.policy.config import Decision, DecisionCache, Model, PiiPolicy, Policy
 from extproc.policy.evaluate import NEEDS_CLASSIFIER, choose_model, decide
 from extproc.policy.evaluate import explain as trace_decisions
@@ -79,6 +82,8 @@ class Routed:
     cache_hit: CacheHit | None = None  # answered from the semantic cache: nothing to place
     cache_token: str = ""  # a miss whose response may be stored (semantic.py)
     cache_detail: dict[str, Any] | None = None  # the lookup, for explanations
+    plan: Plan | None = None  # a chained request: the backends Envoy tries in order (extproc/fallback.py)
+    model_span: tuple[int, int] = (0, 0)  # of the model value in the body sent (chained requests)
 
 
 def _conversation(signals: Signals) -> str:
@@ -90,6 +95,9 @@ def _conversation(signals: Signals) -> str:
 def _has_history(signals: Signals) -> bool:
     """An earlier answer in the conversation: a later turn, not a first one."""
     return any(m.role == "assistant" for m in signals.messages)
+
+
+_FULL = "full"  # a pool whose every replica is at its capacity (a chain's skip reason)
 
 
 def _digest(text: str) -> str:
@@ -170,6 +178,11 @@ class Router:
         self.tracker.on_release = lambda lease: self.admission.release()
         self.picker = self._picker(state.policy)
         self.cache: SemanticCache | None = None  # set by the runtime when some decision opts in
+        self.recent_plans = RecentPlans()
+        self.backends = BackendHealth(
+            state.policy.fallback,
+            on_change=lambda backend, reason: self.metrics.backend_blocked.labels(backend, reason).inc(),
+        )
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -181,6 +194,7 @@ class Router:
         self.state = state
         self.health.configure(state.policy.picking.outlier_detection)
         self.admission.configure(state.policy.admission, self._has_room)
+        self.backends.configure(state.policy.fallback)
         self.picker = self._picker(state.policy)
         self.index.capacity = state.policy.picking.index_blocks
         self.discovery.retain(
@@ -380,6 +394,8 @@ class Router:
                 self.tracker.release(routed.lease)
             raise
         routed.body = None if body is parsed.raw else body
+        if routed.plan is not None:
+            routed.model_span = request.model_span(parsed, body, routed.upstream_model)
         routed.signals, routed.pii_action, routed.stages = signals, choice.pii_action, stages
         if choice.session is not None:
             routed.session = self._record_session(choice, routed)
@@ -684,6 +700,8 @@ class Router:
     ) -> Routed:
         """The model (or the first fallback) with a ready replica, and the replica."""
         policy = state.policy
+        if policy.chains:
+            return self._place_chain(state, model, fallbacks, parsed, signals, label, explain, prompts)
         tried = []
         full: tuple[Model, tuple[str, ...]] | None = None
         for name in (model.name, *fallbacks):
@@ -716,6 +734,111 @@ class Router:
         if full is not None:  # (admission let it through: a slot freed and was taken meanwhile)
             return self._pick(policy, full[0], full[1], parsed, signals, label, explain, prompts)
         raise errors.ServiceUnavailable(f"no ready replica for model {' or '.join(map(repr, tried))}; retry later")
+
+    def _place_chain(
+        self,
+        state: RouterState,
+        model: Model,
+        fallbacks: tuple[str, ...],
+        parsed: request.LLMRequest,
+        signals: Signals,
+        label: str,
+        explain: bool,
+        prompts: dict[str, PromptBlocks | None] | None = None,
+    ) -> Routed:
+        """The backends of the model, then of each fallback model, in order (a plan Envoy walks on
+        failures), less those cooling down or ejected; the first is placed as ``_place`` does
+        (a pool whose every replica is full gives way to the next backend, as a fallback model does)."""
+        policy = state.policy
+        limit = policy.fallback.max_attempts
+        attempts: list[Attempt] = []
+        skipped: list[tuple[str, str]] = []
+        first: Routed | None = None
+        soonest: float | None = None
+        full: Model | None = None
+        for name in (model.name, *fallbacks):
+            candidate = policy.models[name]
+            for backend in candidate.backends or (Backend(None, candidate.upstream_model),):
+                if len(attempts) >= limit:
+                    break
+                if backend.provider is not None:
+                    why = self.backends.blocked(backend.id)
+                    if why is not None:
+                        skipped.append((backend.id, why[0]))
+                        if why[0] == COOLDOWN:
+                            soonest = why[1] if soonest is None else min(soonest, why[1])
+                        continue
+                    attempts.append(Attempt(name, backend.id, backend.provider, backend.upstream_model, True))
+                    if first is None:
+                        first = Routed(name, backend.upstream_model, label, backend.provider)
+                    continue
+                placed = self._place_pool(state, candidate, parsed, signals, label, explain, first is None, prompts)
+                if placed == _FULL:
+                    skipped.append((f"{name} {POOL}", _FULL))
+                    full = full or candidate
+                    continue
+                if placed is None:
+                    skipped.append((f"{name} {POOL}", "no_ready_replica"))
+                    continue
+                assert isinstance(placed, Routed)
+                if placed.envoy_lb == "original_dst" and first is not None:
+                    # Envoy's ORIGINAL_DST cluster takes one address per request: the first attempt's.
+                    skipped.append((f"{name} {POOL}", "original_dst_only_first"))
+                    continue
+                attempts.append(Attempt(name, POOL, placed.cluster, candidate.upstream_model, False))
+                if first is None:
+                    first = placed
+        if first is None and full is not None:  # (admission let it through: a slot freed and was taken meanwhile)
+            first = self._pick(policy, full, state.pools.endpoints(full.name), parsed, signals, label, explain, prompts)
+            attempts.append(Attempt(full.name, POOL, first.cluster, full.upstream_model, False))
+        if first is None:
+            if soonest is not None:
+                raise errors.RateLimited(
+                    f"every backend for model {model.name!r} asked the router to wait; retry after the Retry-After",
+                    soonest - time.time(),
+                )
+            tried = " or ".join(repr(n) for n in (model.name, *fallbacks))
+            raise errors.ServiceUnavailable(f"no ready replica or backend for model {tried}; retry later")
+        hosted = policy.providers.get(attempts[0].cluster) if attempts[0].hosted else None
+        timeout = hosted.timeout if hosted is not None else policy.fallback.replica_timeout
+        plan = Plan(tuple(attempts), tuple(skipped), timeout)
+        if plan.chained:
+            first.plan = plan
+        return first
+
+    def _place_pool(
+        self,
+        state: RouterState,
+        model: Model,
+        parsed: request.LLMRequest,
+        signals: Signals,
+        label: str,
+        explain: bool,
+        pick: bool,
+        prompts: dict[str, PromptBlocks | None] | None = None,
+    ) -> Routed | str | None:
+        """A model's own replicas or cluster as one attempt; None without a ready replica, _FULL
+        when every one is at its capacity. Only the first attempt is picked (and leased): later
+        ones get there only on a failure."""
+        policy = state.policy
+        if model.replicas is None:
+            return Routed(model.name, model.upstream_model, label, model.cluster)
+        if model.replicas.envoy == "hash":
+            key = _digest(signals.headers.get(policy.headers.session) or _conversation(signals))
+            return Routed(model.name, model.upstream_model, label, model.cluster, envoy_lb="hash", affinity_key=key)
+        endpoints = state.pools.endpoints(model.name)
+        if not endpoints:
+            self.metrics.no_replica.labels(model.name).inc()
+            return None
+        if pick:
+            if model.capacity is not None:
+                endpoints = tuple(e for e in endpoints if self._free_slots(model.capacity, e) > 0)
+                if not endpoints:
+                    return _FULL
+            return self._pick(policy, model, endpoints, parsed, signals, label, explain, prompts)
+        mode = model.replicas.envoy
+        cluster = policy.original_dst_cluster if mode == "original_dst" else model.cluster
+        return Routed(model.name, model.upstream_model, label, cluster, envoy_lb=mode)
 
     def _pick(
         self,
@@ -837,4 +960,6 @@ class Router:
         }
         if routed.cache_detail is not None:
             out["cache"] = routed.cache_detail
+        if routed.plan is not None:
+            out["fallback"] = routed.plan.explain()
         return out

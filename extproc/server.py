@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -154,6 +155,8 @@ class Exchange:
         except errors.RouterError as error:
             return self._fail(error)
         self.routed = routed
+        if routed.plan is not None:
+            self.router.recent_plans.remember(self.request_id, routed.plan)
         metrics = self.router.metrics
         if routed.cache_hit is not None:
             metrics.count_request(routed.model, routed.decision, _domain(routed), CACHED)
@@ -249,7 +252,11 @@ class Exchange:
             meta[h.KEY_CACHE_STORE] = routed.cache_token
         if routed.body is not None:
             set_headers[h.CONTENT_LENGTH] = str(len(routed.body))
-        dynamic = {h.METADATA_NAMESPACE: meta}
+        dynamic: dict[str, dict[str, Any]] = {h.METADATA_NAMESPACE: meta}
+        if routed.plan is not None:
+            deadline = self.router.state.policy.fallback.deadline
+            for namespace, fields in routed.plan.metadata(routed.model_span, self.path, deadline).items():
+                dynamic.setdefault(namespace, {}).update(fields)
         if routed.endpoints:
             dynamic[h.LB_NAMESPACE] = {h.DESTINATION_ENDPOINT: set_headers[h.DESTINATION_ENDPOINT]}
         if not self.saw_headers:

@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 
 from extproc.envoy.names import BOOTSTRAP_FILE, LISTENER, XDS_FILES
+from extproc.envoy.render.chains import SDS_DIR
 from extproc.envoy.render.resources import Resources
 from extproc.metrics import Metrics
 from extproc.policy.reload import Refused
@@ -87,7 +88,7 @@ def resources_of(docs: Mapping[str, Mapping[str, Any]]) -> Resources:
 
 
 def _is_cluster_route(route: Mapping[str, Any]) -> bool:
-    return "dynamic_metadata" in route.get("match", {})
+    return "dynamic_metadata" in route.get("match", {}) and "cluster" in route.get("route", {})
 
 
 def merged(old: Resources, new: Resources) -> Resources:
@@ -115,6 +116,20 @@ def write_json(path: Path, document: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
     os.replace(tmp, path)
+
+
+def write_secrets(directory: Path, resources: Resources) -> None:
+    """The SDS file of each provider's key (where Envoy reads the key, not the key), rewritten
+    only when it changed. Kept when a provider goes: a cluster in its grace period may name it."""
+    for name, secret in resources.secrets:
+        path = Path(directory) / SDS_DIR / f"{name}.json"
+        document = {"version_info": hashlib.sha256(orjson.dumps(secret)).hexdigest()[:16], "resources": [secret]}
+        try:
+            if orjson.loads(path.read_bytes()) == document:
+                continue
+        except (OSError, orjson.JSONDecodeError):
+            pass
+        write_json(path, document)
 
 
 def write_bootstrap(directory: Path, bootstrap: Mapping[str, Any]) -> Path:
@@ -190,6 +205,7 @@ class Publisher:
         once Envoy can route both the old and the new policy's decisions. Raises EnvoyRejected,
         before switching, when Envoy refuses the update."""
         async with self._lock:
+            write_secrets(self.directory, resources)  # before the clusters that name them
             target = documents(resources)
             make = target
             if self.published is not None:

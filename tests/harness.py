@@ -117,6 +117,7 @@ class Stack:
     # one static config and the sidecar is not its control plane.
     envoy_config_hook: Callable[[dict[str, Any]], None] | None = None
     envoy_concurrency: int = 1  # Envoy's worker threads
+    envoy_log_level: str = "warn"
 
     def __post_init__(self) -> None:
         self.fleet = StandInFleet(self.replicas)
@@ -180,7 +181,9 @@ class Stack:
             config = render(load_policy(self.config_path), options.with_settings(live))
             assert self.envoy_config_hook is not None
             self.envoy_config_hook(config)
-        self.envoy = EnvoyProcess(config, str(self.workdir), concurrency=self.envoy_concurrency)
+        self.envoy = EnvoyProcess(
+            config, str(self.workdir), concurrency=self.envoy_concurrency, log_level=self.envoy_log_level
+        )
         self.envoy.start()
         if xds:
             rejected = self.envoy.stats("listener_manager.lds.update_rejected")

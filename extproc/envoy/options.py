@@ -76,6 +76,9 @@ class EnvoyOptions:
     # or a model server's admin endpoints past the router.
     forward_paths: Sequence[str] = ("/v1/models",)
     cluster_domain: str = "cluster.local"  # for headless Services of Kubernetes-discovered replicas
+    # The trust store hosted providers' certificates are checked against, unless a provider
+    # names its own ca_file (Debian's, which Envoy's image has too).
+    ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
 
     def with_settings(self, settings: Mapping[str, Any]) -> EnvoyOptions:
         """These options with live settings (load_settings) in place of their own."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from extproc import headers
 from extproc.classifier.text import DEFAULT_PII_TOKENS
 from extproc.heads import Head
+from extproc.policy.backends import Backend, FallbackSettings, Provider, StoreSettings
 from extproc.policy.conditions import Condition
 
 
@@ -94,6 +95,13 @@ class Model:
     replicas: Replicas | None = None
     pii: PiiPolicy | None = None
     capacity: Capacity | None = None  # None: never full (no admission control)
+    # Where the model is served, in order (policy/backends.py); () : its own cluster, as before.
+    backends: tuple[Backend, ...] = ()
+
+    @property
+    def chained(self) -> bool:
+        """Served by more than its own cluster: hosted providers, or several backends."""
+        return bool(self.backends) and (len(self.backends) > 1 or self.backends[0].provider is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +278,18 @@ class Policy:
     uses_classifier: bool = False  # the encoder must be loaded
     heads: Mapping[str, Head] = field(default_factory=dict)  # fitted complexity heads by name
     head_files: tuple[str, ...] = ()  # files those heads were read from: watched with the policy
+    providers: Mapping[str, Provider] = field(default_factory=dict)  # hosted backends by name
+    fallback: FallbackSettings = field(default_factory=FallbackSettings)
+    store: StoreSettings | None = None  # shared state across router replicas (None: each keeps its own)
+
+    @property
+    def chains(self) -> bool:
+        """Some request may be tried on more than one backend (Envoy's chain routes are needed)."""
+        return (
+            bool(self.providers)
+            or any(m.chained for m in self.models.values())
+            or any(d.fallbacks for d in self.decisions)
+        )
 
     def pii_policy(self, decision: Decision | None, model: Model) -> PiiPolicy | None:
         """The most specific PII policy: the decision's, else the model's, else the default."""

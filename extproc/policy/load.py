@@ -17,6 +17,7 @@ import yaml
 
 from extproc.heads import Head, HeadError, parse_head
 from extproc.policy import conditions
+from extproc.policy.backends import POOL, Backend, FallbackSettings, Provider, SecretRef, StoreSettings
 from extproc.policy.config import (
     Admission,
     CacheSettings,
@@ -470,6 +471,92 @@ def _kv_events(spec: dict[str, Any]) -> KvEvents:
     )
 
 
+def _seconds(value: str) -> float:
+    return float(value[:-1])
+
+
+def _secret(spec: dict[str, Any] | None) -> SecretRef | None:
+    return SecretRef(spec.get("file"), spec.get("env")) if spec else None
+
+
+def _provider(name: str, spec: dict[str, Any]) -> Provider:
+    durations = ("timeout", "connect_timeout")
+    settings = {k: _seconds(v) if k in durations else v for k, v in spec.items() if k != "api_key"}
+    return Provider(name=name, api_key=_secret(spec.get("api_key")), **settings)
+
+
+def _fallback(spec: dict[str, Any]) -> FallbackSettings:
+    durations = ("deadline", "replica_timeout", "cooldown", "max_cooldown", "base_ejection_time", "max_ejection_time")
+    return FallbackSettings(**{k: _seconds(v) if k in durations else v for k, v in spec.items()})
+
+
+def _store(spec: dict[str, Any] | None) -> StoreSettings | None:
+    if spec is None:
+        return None
+    durations = ("timeout", "sync_interval")
+    settings = {k: _seconds(v) if k in durations else v for k, v in spec.items() if k != "password"}
+    return StoreSettings(password=_secret(spec.get("password")), **settings)
+
+
+def _backends(spec: dict[str, Any], upstream_model: str) -> tuple[Backend, ...]:
+    return tuple(
+        Backend(None, upstream_model) if entry == POOL else Backend(entry["provider"], entry["model"])
+        for entry in spec.get("backends", ())
+    )
+
+
+def _backend_problems(data: dict[str, Any], lines: dict[JsonPath, int]) -> Iterator[Problem]:
+    """Backends name configured providers, once each; providers can authenticate; the store
+    URL carries no credentials."""
+    from extproc.store import check_url
+
+    providers = data.get("providers", {})
+    for name, model in data.get("models", {}).items():
+        seen: set[str] = set()
+        for i, entry in enumerate(model.get("backends", ())):
+            path: JsonPath = ("models", name, "backends", i)
+            key = entry if entry == POOL else f"{entry['provider']}/{entry['model']}"
+            if key in seen:
+                yield Problem(path, f"{key!r} is listed twice; each backend once", _line(lines, path))
+            seen.add(key)
+            if entry == POOL or entry["provider"] in providers:
+                continue
+            close = difflib.get_close_matches(entry["provider"], list(providers), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            defined = ", ".join(sorted(providers)) or "none"
+            yield Problem(
+                (*path, "provider"),
+                f"{entry['provider']!r} is not a provider defined under providers{hint}; defined: {defined}",
+                _line(lines, (*path, "provider")),
+            )
+    for name, spec in providers.items():
+        path = ("providers", name)
+        if spec.get("authorization", "replace") == "replace" and "api_key" not in spec:
+            yield Problem(
+                path,
+                "authorization 'replace' needs api_key ({file: /path/of/the/mounted/secret} or {env: VAR}); "
+                "or set authorization: forward (the client's own key) or strip",
+                _line(lines, path),
+            )
+        if spec.get("authorization") in ("forward", "strip") and "api_key" in spec:
+            yield Problem(
+                (*path, "api_key"),
+                f"is not used with authorization {spec['authorization']!r}; remove it or use 'replace'",
+                _line(lines, (*path, "api_key")),
+            )
+    fallback = data.get("fallback", {})
+    if "max_ejection_time" in fallback and _seconds(fallback["max_ejection_time"]) < _seconds(
+        fallback.get("base_ejection_time", "30s")
+    ):
+        path = ("fallback", "max_ejection_time")
+        yield Problem(path, "is shorter than base_ejection_time; raise it or lower the base", _line(lines, path))
+    store = data.get("store")
+    if store is not None:
+        problem = check_url(store["url"])
+        if problem:
+            yield Problem(("store", "url"), problem, _line(lines, ("store", "url")))
+
+
 def _model(name: str, spec: dict[str, Any]) -> Model:
     pricing = spec.get("pricing")
     replicas = spec.get("replicas")
@@ -489,6 +576,7 @@ def _model(name: str, spec: dict[str, Any]) -> Model:
         else None,
         pii=_pii_policy(spec.get("pii")),
         capacity=Capacity(**spec["capacity"]) if "capacity" in spec else None,
+        backends=_backends(spec, spec.get("upstream_model", name)),
     )
 
 
@@ -562,7 +650,7 @@ def _build(
     )
     cache = CacheSettings(**data.get("cache", {}))
     uses_cache = any(d.cache is not None for d in ordered)
-    problems = []
+    problems = list(_backend_problems(data, lines))
     if cache.backend == "redis" and not cache.redis_url:
         problems.append(
             Problem(("cache", "redis_url"), "required when backend is 'redis'", _line(lines, ("cache", "backend")))
@@ -623,6 +711,9 @@ def _build(
         uses_classifier=uses_classifier,
         heads=heads,
         head_files=head_files,
+        providers={name: _provider(name, spec) for name, spec in data.get("providers", {}).items()},
+        fallback=_fallback(data.get("fallback", {})),
+        store=_store(data.get("store")),
     )
     return policy, problems
 

@@ -10,6 +10,7 @@ from typing import Any
 from extproc import headers as h
 from extproc.envoy.names import EXT_PROC_CLUSTER
 from extproc.envoy.options import EnvoyOptions
+from extproc.envoy.render.chains import CHAIN_NAMESPACE, client_authorization_filter
 from extproc.policy.config import Policy
 
 
@@ -43,6 +44,8 @@ def ext_proc_filters(policy: Policy, o: EnvoyOptions) -> list[dict[str, Any]]:
         },
         "metadata_options": {"receiving_namespaces": {"untyped": [h.METADATA_NAMESPACE, h.LB_NAMESPACE]}},
     }
+    if policy.chains:
+        routing["metadata_options"]["receiving_namespaces"]["untyped"].append(CHAIN_NAMESPACE)
     if not o.two_round_trips:
         routing["request_attributes"] = [
             "request.path",
@@ -51,6 +54,7 @@ def ext_proc_filters(policy: Policy, o: EnvoyOptions) -> list[dict[str, Any]]:
             *(f"request.headers['{name}']" for name in headers_to_read),
         ]
     filters = [
+        *([client_authorization_filter()] if policy.chains else []),
         {"name": "envoy.filters.http.ext_proc", "typed_config": routing},
         {
             "name": "envoy.filters.http.buffer",
@@ -185,6 +189,65 @@ def access_log(o: EnvoyOptions) -> list[dict[str, Any]]:
                     "buffer_flush_interval": o.access_log_flush,
                     "buffer_size_bytes": 16384,
                 },
+            },
+        }
+    ]
+
+
+ATTEMPT_LOG = "extproc-attempts"  # the log name of the router filter's per-attempt entries
+
+
+def attempt_log(o: EnvoyOptions) -> list[dict[str, Any]]:
+    """One entry per upstream attempt of a chained request (the router filter's upstream_log):
+    its backend's status, Retry-After and failure flags, for cooldowns and the attempt metrics."""
+    return [
+        {
+            "name": "envoy.access_loggers.http_grpc",
+            # Upstream attempts carry none of the request's metadata: every attempt that failed
+            # or was a retry is logged (a first attempt that succeeded shows in the request's
+            # own entry), and the router finds the request's plan by its id.
+            "filter": {
+                "or_filter": {
+                    "filters": [
+                        {
+                            "status_code_filter": {
+                                "comparison": {
+                                    "op": "GE",
+                                    "value": {"default_value": 400, "runtime_key": "extproc.attempt_log_ge"},
+                                }
+                            }
+                        },
+                        {
+                            "status_code_filter": {
+                                "comparison": {
+                                    "op": "LE",
+                                    "value": {"default_value": 199, "runtime_key": "extproc.attempt_log_le"},
+                                }
+                            }
+                        },
+                        {
+                            "header_filter": {
+                                "header": {
+                                    "name": "x-envoy-attempt-count",
+                                    "string_match": {"exact": "1"},
+                                    "invert_match": True,
+                                }
+                            }
+                        },
+                    ]
+                }
+            },
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+                "common_config": {
+                    "log_name": ATTEMPT_LOG,
+                    "transport_api_version": "V3",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER}},
+                    "buffer_flush_interval": o.access_log_flush,
+                    "buffer_size_bytes": 16384,
+                },
+                "additional_request_headers_to_log": ["x-envoy-attempt-count"],
+                "additional_response_headers_to_log": ["retry-after", "retry-after-ms"],
             },
         }
     ]

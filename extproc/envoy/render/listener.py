@@ -10,20 +10,20 @@ from typing import Any
 from extproc import headers as h
 from extproc.envoy.names import ADMIN_CLUSTER, LISTENER, config_source
 from extproc.envoy.options import EnvoyOptions
-from extproc.envoy.render.filters import access_log, ext_proc_filters
+from extproc.envoy.render.filters import access_log, attempt_log, ext_proc_filters
 from extproc.envoy.render.local_replies import local_reply_mappers
 from extproc.policy.config import Policy
 
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
 
-def _router() -> dict[str, Any]:
+def _router(upstream_log: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Envoy's router filter, the last of every filter chain (a new dict each time: a shared one
     would come out of yaml.dump as an alias)."""
-    return {
-        "name": "envoy.filters.http.router",
-        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-    }
+    config: dict[str, Any] = {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+    if upstream_log:
+        config["upstream_log"] = upstream_log
+    return {"name": "envoy.filters.http.router", "typed_config": config}
 
 
 def client_listener(policy: Policy, o: EnvoyOptions) -> dict[str, Any]:
@@ -67,7 +67,7 @@ def client_listener(policy: Policy, o: EnvoyOptions) -> dict[str, Any]:
             }
         ],
         "rds": {"route_config_name": LISTENER, "config_source": config_source(o.xds_dir, "rds")},
-        "http_filters": [*ext_proc_filters(policy, o), _router()],
+        "http_filters": [*ext_proc_filters(policy, o), _router(attempt_log(o) if policy.chains else None)],
         "local_reply_config": {"mappers": local_reply_mappers()},
         "access_log": access_log(o),
     }

@@ -10,6 +10,7 @@ from typing import Any
 from extproc import headers as h
 from extproc.envoy.names import RESERVED_CLUSTERS
 from extproc.envoy.options import EnvoyOptions
+from extproc.envoy.render.chains import chain_key, chain_timeouts, provider_cluster, secret_resource, with_chain_filters
 from extproc.envoy.render.clusters import endpoint_cluster, has_hostname, model_endpoints
 from extproc.envoy.render.listener import client_listener
 from extproc.envoy.render.routes import route_config
@@ -25,6 +26,9 @@ class Resources:
     listener: dict[str, Any]
     routes: dict[str, Any]
     clusters: tuple[dict[str, Any], ...]
+    # SDS resources of providers' keys by provider name: where Envoy reads each key, written
+    # beside the other files (before the clusters that name them), never the key itself.
+    secrets: tuple[tuple[str, dict[str, Any]], ...] = ()
 
 
 def render_resources(policy: Policy, options: EnvoyOptions | None = None) -> Resources:
@@ -37,6 +41,8 @@ def render_resources(policy: Policy, options: EnvoyOptions | None = None) -> Res
     retries: dict[str, tuple[str, int]] = {}  # cluster: (Envoy's retry_on, attempts)
     hashed: set[str] = set()
     for name, model in policy.models.items():
+        if model.backends and all(b.provider is not None for b in model.backends):
+            continue  # served by providers only: no cluster of its own
         mode = model.replicas.envoy if model.replicas else None
         if mode == "original_dst":
             routed_clusters.append(policy.original_dst_cluster)
@@ -90,6 +96,24 @@ def render_resources(policy: Policy, options: EnvoyOptions | None = None) -> Res
             policy.passthrough_cluster, endpoints, dns=has_hostname(endpoints)
         )
         routed_clusters.append(policy.passthrough_cluster)
+    chains: list[tuple[str, float | None, str]] = []
+    secrets: list[tuple[str, dict[str, Any]]] = []
+    if policy.chains:
+        for cluster in clusters.values():
+            if cluster["name"] != policy.passthrough_cluster:
+                with_chain_filters(cluster)
+        for provider in policy.providers.values():
+            if provider.name in clusters:
+                raise ValueError(
+                    f"provider {provider.name!r} has the name of a model's cluster; name one of them differently"
+                )
+            clusters[provider.name] = provider_cluster(provider, o)
+            secret = secret_resource(provider)
+            if secret is not None:
+                secrets.append((provider.name, secret))
+        # The cluster a chain route names when a request carries no list (never, from the router).
+        anchor = next(iter(policy.providers), None) or next(iter(clusters))
+        chains = sorted(((chain_key(t), t, anchor) for t in chain_timeouts(policy)), key=lambda kv: kv[0])
     for name in clusters:
         _not_reserved(name)
     if o.max_request_bytes < policy.max_body_bytes:
@@ -103,9 +127,10 @@ def render_resources(policy: Policy, options: EnvoyOptions | None = None) -> Res
     return Resources(
         listener=client_listener(policy, o),
         routes=route_config(
-            o, dict.fromkeys(routed_clusters), retries, default_cluster, hashed, cache=policy.uses_cache
+            o, dict.fromkeys(routed_clusters), retries, default_cluster, hashed, cache=policy.uses_cache, chains=chains
         ),
         clusters=tuple(clusters.values()),
+        secrets=tuple(secrets),
     )
 
 

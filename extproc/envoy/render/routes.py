@@ -14,6 +14,7 @@ import orjson
 from extproc import headers as h
 from extproc.envoy.names import LISTENER
 from extproc.envoy.options import EnvoyOptions
+from extproc.envoy.render.chains import chain_route
 from extproc.envoy.render.filters import CACHE_MIRROR, CACHE_MIRROR_MODE
 from extproc.errors import openai_error
 from extproc.request import API_PATHS, UNKNOWN_PATH_MESSAGE
@@ -45,6 +46,7 @@ def route_config(
     default_cluster: str | None,
     hashed: set[str],
     cache: bool = False,
+    chains: Sequence[tuple[str, float | None, str]] = (),
 ) -> dict[str, Any]:
     """The client listener's routes (RDS): the refusals Envoy answers itself, one route per
     routed cluster (matched on the router's ``extproc.cluster`` metadata), forward_paths, and a
@@ -75,6 +77,9 @@ def route_config(
             "typed_per_filter_config": _DISABLED,
         },
     ]
+    for key, per_try_timeout, fallback_cluster in chains:
+        # Requests the router gave several backends (extproc/envoy/render/chains.py).
+        routes.append(chain_route(key, per_try_timeout, fallback_cluster, path_regex, o))
     for cluster in routed_clusters:
         # idle_timeout: a model may think for minutes before its first byte; the connection
         # manager's shorter stream_idle_timeout would cut that answer after the replica's work.
@@ -171,12 +176,17 @@ def route_config(
         }
     )
     from_metadata = f"%DYNAMIC_METADATA({h.METADATA_NAMESPACE}:{{}})%"
+    host: dict[str, Any] = {}
+    if chains:
+        # Each attempt's upstream filter reads which attempt it is (the body's model of that backend).
+        host["include_request_attempt_count"] = True
     return {
         "name": LISTENER,
         "virtual_hosts": [
             {
                 "name": LISTENER,
                 "domains": ["*"],
+                **host,
                 "routes": routes,
                 "request_headers_to_add": [
                     {

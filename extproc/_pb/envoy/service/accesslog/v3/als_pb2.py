@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from extproc._pb.envoy.data.accesslog.v3 import accesslog_pb2 as envoy_dot_data_dot_accesslog_dot_v3_dot_accesslog__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$envoy/service/accesslog/v3/als.proto\x12\x1a\x65nvoy.service.accesslog.v3\x1a\'envoy/data/accesslog/v3/accesslog.proto\"\x1a\n\x18StreamAccessLogsResponse\"\xe5\x01\n\x17StreamAccessLogsMessage\x12]\n\thttp_logs\x18\x02 \x01(\x0b\x32H.envoy.service.accesslog.v3.StreamAccessLogsMessage.HTTPAccessLogEntriesH\x00\x1aV\n\x14HTTPAccessLogEntries\x12>\n\tlog_entry\x18\x01 \x03(\x0b\x32+.envoy.data.accesslog.v3.HTTPAccessLogEntryB\r\n\x0blog_entriesJ\x04\x08\x01\x10\x02\x32\x96\x01\n\x10\x41\x63\x63\x65ssLogService\x12\x81\x01\n\x10StreamAccessLogs\x12\x33.envoy.service.accesslog.v3.StreamAccessLogsMessage\x1a\x34.envoy.service.accesslog.v3.StreamAccessLogsResponse\"\x00(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$envoy/service/accesslog/v3/als.proto\x12\x1a\x65nvoy.service.accesslog.v3\x1a\'envoy/data/accesslog/v3/accesslog.proto\"\x1a\n\x18StreamAccessLogsResponse\"\xd3\x02\n\x17StreamAccessLogsMessage\x12R\n\nidentifier\x18\x01 \x01(\x0b\x32>.envoy.service.accesslog.v3.StreamAccessLogsMessage.Identifier\x12]\n\thttp_logs\x18\x02 \x01(\x0b\x32H.envoy.service.accesslog.v3.StreamAccessLogsMessage.HTTPAccessLogEntriesH\x00\x1aV\n\x14HTTPAccessLogEntries\x12>\n\tlog_entry\x18\x01 \x03(\x0b\x32+.envoy.data.accesslog.v3.HTTPAccessLogEntry\x1a\x1e\n\nIdentifier\x12\x10\n\x08log_name\x18\x02 \x01(\tB\r\n\x0blog_entries2\x96\x01\n\x10\x41\x63\x63\x65ssLogService\x12\x81\x01\n\x10StreamAccessLogs\x12\x33.envoy.service.accesslog.v3.StreamAccessLogsMessage\x1a\x34.envoy.service.accesslog.v3.StreamAccessLogsResponse\"\x00(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMACCESSLOGSRESPONSE']._serialized_start=109
   _globals['_STREAMACCESSLOGSRESPONSE']._serialized_end=135
   _globals['_STREAMACCESSLOGSMESSAGE']._serialized_start=138
-  _globals['_STREAMACCESSLOGSMESSAGE']._serialized_end=367
-  _globals['_STREAMACCESSLOGSMESSAGE_HTTPACCESSLOGENTRIES']._serialized_start=260
-  _globals['_STREAMACCESSLOGSMESSAGE_HTTPACCESSLOGENTRIES']._serialized_end=346
-  _globals['_ACCESSLOGSERVICE']._serialized_start=370
-  _globals['_ACCESSLOGSERVICE']._serialized_end=520
+  _globals['_STREAMACCESSLOGSMESSAGE']._serialized_end=477
+  _globals['_STREAMACCESSLOGSMESSAGE_HTTPACCESSLOGENTRIES']._serialized_start=344
+  _globals['_STREAMACCESSLOGSMESSAGE_HTTPACCESSLOGENTRIES']._serialized_end=430
+  _globals['_STREAMACCESSLOGSMESSAGE_IDENTIFIER']._serialized_start=432
+  _globals['_STREAMACCESSLOGSMESSAGE_IDENTIFIER']._serialized_end=462
+  _globals['_ACCESSLOGSERVICE']._serialized_start=480
+  _globals['_ACCESSLOGSERVICE']._serialized_end=630
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,357 @@
+"""Fallback chains in Envoy: the clusters of hosted providers (TLS with SNI, the API key injected
+from a secret Envoy reads itself), the upstream filters every cluster a chain may reach runs on
+each attempt (the body's model, the path and the credentials of that attempt's backend), and
+the chain routes, whose priority-group cluster specifier takes each request's list of backends
+from the router's metadata and whose retry policy walks it (README "Fallback chains").
+
+Why this shape, against Envoy 1.40's documentation and source:
+
+* ``envoy.router.cluster_specifier_plugin.priority_group`` with ``override_metadata_namespace``
+  picks the cluster of attempt N from the N-th group of a list in dynamic metadata, and the
+  retry policy's ``refresh_cluster_on_retry`` re-runs it on every retry: a per-request chain
+  (cooled-down backends left out) over clusters of different TLS, SNI, timeouts and limits.
+* The router copies its buffered body into every attempt ("If we are doing a retry we need to
+  make a copy", router.cc) and runs the attempt's cluster's upstream HTTP filters on it, sharing
+  the downstream request headers: so each attempt can splice its model into the body (Lua),
+  and every filter here sets the headers it owns from scratch (the previous attempt's stay).
+* Envoy never retries once the response has started downstream (the per-try timeout is even
+  ignored then, upstream_request.cc), so a stream that fails mid-way is never replayed.
+* The key never enters a file the sidecar writes: ``credential_injector`` reads a generic
+  secret over SDS from a file that names only the mounted key file (or an environment
+  variable), and Envoy's config dump redacts SDS secrets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from extproc import headers as h
+from extproc.envoy.options import EnvoyOptions, socket_address
+from extproc.policy.backends import Provider
+from extproc.policy.config import Policy
+
+CHAIN_NAMESPACE = "extproc.chain"  # the priority groups of a request, as the cluster specifier reads them
+CLIENT_AUTHORIZATION = "extproc.client_authorization"  # filter state: the client's own Authorization
+SDS_DIR = "sds"  # under the xDS directory: one file per provider key (a reference, never the key)
+_CODEC = {
+    "name": "envoy.filters.http.upstream_codec",
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
+}
+
+# Run by every cluster a chain can reach, on every attempt, before its credentials filter.
+# Values read from Envoy are copied into Lua locals before body(), which yields: handles taken
+# before it are invalid after it.
+_LUA = r"""
+local PREFIX = %(prefix)s
+local AUTH = "%(auth)s"
+
+local function error_body(message, kind, code)
+  return '{"error":{"message":"' .. message .. '","type":"' .. kind .. '","param":null,"code":"' .. code .. '"}}'
+end
+
+function envoy_on_request(h)
+  local headers = h:headers()
+  local info = h:streamInfo()
+  if AUTH == "forward" then
+    -- Another attempt may have put its own credentials in the shared headers: the client's again.
+    local client = info:filterState():get("%(client_auth)s")
+    headers:remove("authorization")
+    if client ~= nil and client ~= "" and client ~= "-" then headers:add("authorization", client) end
+  elseif AUTH == "strip" then
+    headers:remove("authorization")
+  end
+  local meta = info:dynamicMetadata():get("%(ns)s")
+  if meta == nil or meta["%(plan)s"] == nil then return end
+  local attempt = tonumber(headers:get("x-envoy-attempt-count")) or 1
+  local path = meta["%(path)s"]
+  if PREFIX ~= nil and path ~= nil then
+    headers:replace(":path", PREFIX .. string.sub(path, 4))
+  elseif path ~= nil then
+    headers:replace(":path", path)
+  end
+  if attempt == 1 then return end
+  local deadline = tonumber(meta["%(deadline)s"]) or 0
+  if deadline > 0 and h:timestamp() > deadline then
+    h:respond({[":status"] = "504", ["content-type"] = "application/json"},
+      error_body("the fallback deadline passed before another backend could be tried", "server_error", "fallback_deadline"))
+    return
+  end
+  local model = meta["%(plan)s"][attempt]
+  local span = meta["%(span)s"]
+  if model == nil or span == nil then return end
+  local s, e = span[1], span[2]
+  local body = h:body()
+  local size = body:length()
+  body:setBytes(body:getBytes(0, s) .. model .. body:getBytes(e, size - e))
+end
+
+function envoy_on_response(h)
+  local headers = h:headers()
+  local status = tonumber(headers:get(":status")) or 0
+  if status ~= 429 and status < 500 and not (AUTH == "replace" and (status == 401 or status == 403)) then return end
+  local meta = h:streamInfo():dynamicMetadata():get("%(ns)s")
+  if meta == nil or meta["%(plan)s"] == nil then return end
+  -- The answer of a backend the router is done with: if Envoy tries another, it is discarded.
+  local message, kind, code
+  if status == 401 or status == 403 then
+    message = "a backend refused the router's credentials (" .. status .. "): its API key is missing, expired or wrong"
+    kind, code = "server_error", "backend_credentials_rejected"
+  else
+    message = "every backend tried failed or is rate limited (" .. (meta["%(labels)s"] or "") .. "); the last answered " .. status
+    kind = status == 429 and "rate_limit_error" or "server_error"
+    code = status == 429 and "all_backends_rate_limited" or "all_backends_failed"
+  end
+  local body = h:body()
+  body:setBytes(error_body(message, kind, code))
+  h:headers():replace("content-type", "application/json")
+end
+"""
+
+
+def lua_source(prefix: str | None, auth: str) -> str:
+    """The upstream Lua filter of one cluster: ``prefix`` replaces the request path's /v1 (None:
+    the client's path), ``auth`` says what to do with the Authorization header."""
+    return _LUA % {
+        "prefix": "nil" if prefix is None else orjson.dumps(prefix).decode(),
+        "auth": auth,
+        "client_auth": CLIENT_AUTHORIZATION,
+        "ns": h.METADATA_NAMESPACE,
+        "plan": h.KEY_PLAN,
+        "path": h.KEY_PATH,
+        "deadline": h.KEY_DEADLINE,
+        "span": h.KEY_MODEL_SPAN,
+        "labels": h.KEY_BACKENDS,
+    }
+
+
+def upstream_filters(prefix: str | None, auth: str, secret: dict[str, Any] | None) -> list[dict[str, Any]]:
+    filters: list[dict[str, Any]] = [
+        {
+            "name": "envoy.filters.http.lua",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": lua_source(prefix, auth)},
+            },
+        }
+    ]
+    if secret is not None:
+        filters.append(
+            {
+                "name": "envoy.filters.http.credential_injector",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
+                    "overwrite": True,  # the client's Authorization never reaches the provider
+                    "credential": {
+                        "name": "envoy.http.injected_credentials.generic",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.http.injected_credentials.generic.v3.Generic",
+                            "credential": secret,
+                            "header": "Authorization",
+                            "header_value_prefix": "Bearer ",
+                        },
+                    },
+                },
+            }
+        )
+    filters.append(_CODEC)
+    return filters
+
+
+def with_chain_filters(cluster: dict[str, Any]) -> dict[str, Any]:
+    """A cluster of the router's own replicas that a chain may reach: on every attempt the
+    client's path and Authorization come back, and a later attempt gets its model."""
+    options = cluster.setdefault("typed_extension_protocol_options", {})
+    http = options.setdefault(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http_protocol_options": {}},
+        },
+    )
+    http["http_filters"] = upstream_filters(None, "forward", None)
+    cluster["circuit_breakers"] = {"thresholds": [{"max_retries": 1024}]}
+    return cluster
+
+
+def secret_name(provider: Provider) -> str:
+    return f"extproc-key-{provider.name}"
+
+
+def secret_resource(provider: Provider) -> dict[str, Any] | None:
+    """The SDS resource of a provider's key: where Envoy reads it (a file, watched for the
+    kubelet's updates, or an environment variable), never the key itself."""
+    key = provider.api_key
+    if key is None:
+        return None
+    if key.file is not None:
+        source: dict[str, Any] = {"filename": key.file}
+        directory = key.file.rsplit("/", 1)[0] or "/"
+        source["watched_directory"] = {"path": directory}
+    else:
+        source = {"environment_variable": key.env}
+    return {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+        "name": secret_name(provider),
+        "generic_secret": {"secret": source},
+    }
+
+
+def _sds_config(xds_dir: str, provider: Provider) -> dict[str, Any]:
+    path = f"{xds_dir.rstrip('/')}/{SDS_DIR}/{provider.name}.json"
+    return {
+        "name": secret_name(provider),
+        "sds_config": {
+            "path_config_source": {"path": path, "watched_directory": {"path": path.rsplit("/", 1)[0]}},
+            "resource_api_version": "V3",
+        },
+    }
+
+
+def provider_cluster(provider: Provider, o: EnvoyOptions) -> dict[str, Any]:
+    """One hosted provider: TLS to its host (SNI, the certificate checked against the host and
+    the CA bundle), HTTP/2 where it offers it, its connect timeout and connection limits."""
+    host, port = provider.host, provider.port
+    address = socket_address(provider.address) if provider.address else None
+    if address is None:
+        address = {"socket_address": {"address": host, "port_value": port}}
+    validation: dict[str, Any] = {
+        "trusted_ca": {"filename": provider.ca_file or o.ca_file},
+        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": host}}],
+    }
+    secret = _sds_config(o.xds_dir, provider) if provider.api_key is not None else None
+    auth = "strip" if provider.authorization == "replace" and secret is None else provider.authorization
+    return {
+        "name": provider.name,
+        "type": "STATIC" if provider.address else "LOGICAL_DNS",
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": f"{provider.connect_timeout:g}s",
+        "load_assignment": {
+            "cluster_name": provider.name,
+            # The hostname is what auto_host_rewrite puts in :authority for this attempt.
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address, "hostname": host}}]}],
+        },
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "max_connections": provider.max_connections,
+                    "max_pending_requests": provider.max_pending_requests,
+                    "max_requests": provider.max_requests,
+                    "max_retries": 1024,  # retries of chains that start here (Envoy's default is 3)
+                }
+            ]
+        },
+        "transport_socket": {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": host,
+                "common_tls_context": {"validation_context": validation, "alpn_protocols": ["h2", "http/1.1"]},
+            },
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "auto_config": {"http_protocol_options": {}, "http2_protocol_options": {}},
+                "http_filters": upstream_filters(provider.path_prefix, auth, secret),
+            }
+        },
+    }
+
+
+def chain_route(
+    key: str, per_try_timeout: float | None, default_cluster: str, path_regex: str, o: EnvoyOptions
+) -> dict[str, Any]:
+    """The route of requests the router gave several backends, matched on ``extproc.chain``:
+    attempt N goes to the N-th group of the request's list, a retry for 429, 5xx, resets,
+    connect failures and per-try timeouts, as many times as the list is long."""
+    retry: dict[str, Any] = {
+        "retry_on": "5xx,reset,connect-failure,refused-stream,retriable-status-codes",
+        "retriable_status_codes": [429],
+        "num_retries": 1,  # per request: x-envoy-max-retries, from the router's list
+        "refresh_cluster_on_retry": True,
+        "retry_back_off": {"base_interval": "0.001s", "max_interval": "0.005s"},  # another backend: no wait
+    }
+    if per_try_timeout:
+        retry["per_try_timeout"] = f"{per_try_timeout:g}s"
+    return {
+        "name": f"llm-chain-{key}",
+        "match": {
+            "safe_regex": {"regex": path_regex},
+            "dynamic_metadata": [
+                {
+                    "filter": h.METADATA_NAMESPACE,
+                    "path": [{"key": h.KEY_CHAIN}],
+                    "value": {"string_match": {"exact": key}},
+                }
+            ],
+        },
+        "route": {
+            "inline_cluster_specifier_plugin": {
+                "extension": {
+                    "name": "envoy.router.cluster_specifier_plugin.priority_group",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.router.cluster_specifiers.priority_group.v3.PriorityGroupClusterSpecifier",
+                        "priority_groups": [
+                            {"name": "default", "clusters": [{"cluster_name": default_cluster, "weight": 1}]}
+                        ],
+                        "override_metadata_namespace": CHAIN_NAMESPACE,
+                    },
+                }
+            },
+            "timeout": o.upstream_timeout,
+            "auto_host_rewrite": True,
+            "retry_policy": retry,
+        },
+        "request_headers_to_add": [
+            {
+                "header": {
+                    "key": "x-envoy-max-retries",
+                    "value": f"%DYNAMIC_METADATA({h.METADATA_NAMESPACE}:{h.KEY_RETRIES})%",
+                },
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+        "response_headers_to_add": [
+            {
+                "header": {"key": h.ROUTER_BACKEND, "value": "%UPSTREAM_CLUSTER%"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            },
+            {
+                "header": {"key": h.ROUTER_ATTEMPTS, "value": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            },
+        ],
+    }
+
+
+def chain_key(per_try_timeout: float | None) -> str:
+    """The chain route a request takes, by the per-try timeout its attempts get."""
+    return "none" if not per_try_timeout else f"{round(per_try_timeout * 1000)}ms"
+
+
+def client_authorization_filter() -> dict[str, Any]:
+    """Keeps the client's Authorization in filter state (not sent upstream, not logged), so an
+    attempt to a backend that forwards it gets the client's own, whatever an earlier attempt
+    to a provider put in the shared headers."""
+    return {
+        "name": "envoy.filters.http.set_filter_state",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3.Config",
+            "on_request_headers": [
+                {
+                    "object_key": CLIENT_AUTHORIZATION,
+                    "factory_key": "envoy.string",
+                    "format_string": {"text_format_source": {"inline_string": "%REQ(authorization)%"}},
+                }
+            ],
+        },
+    }
+
+
+def chain_timeouts(policy: Policy) -> set[float | None]:
+    """Every per-try timeout a chain route is needed for: each provider's, and the replicas'."""
+    out: set[float | None] = {p.timeout for p in policy.providers.values()}
+    out.add(policy.fallback.replica_timeout)
+    return out

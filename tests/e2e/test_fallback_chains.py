@@ -1,0 +1,250 @@
+"""Fallback chains through the real Envoy: three stand-in providers over TLS (a CA made for the
+test), Groq -> Together -> OpenAI as the README's worked policy, and what each one received."""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.harness import Stack, chat, wait_for
+from tests.providers import Provider, make_ca
+
+pytestmark = pytest.mark.e2e
+
+HOSTS = {"groq": "api.groq.test", "together": "api.together.test", "openai": "api.openai.test"}
+KEYS = {"groq": "gsk_groq_SECRET_1f9a", "together": "tgp_together_SECRET_77c2", "openai": "sk-openai-SECRET-0b3e"}
+MODELS = {
+    "groq": "llama-3.3-70b-versatile",
+    "together": "meta-llama/Llama-3.3-70B-Instruct-Turbo",
+    "openai": "gpt-4o-mini",
+}
+
+POLICY = """
+version: 1
+default_model: llama-70b
+debug: {explain: true}
+fallback: {max_attempts: 3, deadline: 30s, cooldown: 30s}
+providers:
+  groq:
+    base_url: https://api.groq.test/openai/v1
+    address: ${groq_address}
+    ca_file: ${ca}
+    api_key: {file: ${keys}/groq/api-key}
+    timeout: 1s
+  together:
+    base_url: https://api.together.test/v1
+    address: ${together_address}
+    ca_file: ${ca}
+    api_key: {env: EXTPROC_TEST_TOGETHER_KEY}
+  openai:
+    base_url: https://api.openai.test/v1
+    address: ${openai_address}
+    ca_file: ${ca}
+    api_key: {file: ${keys}/openai/api-key}
+models:
+  llama-70b:
+    backends:
+      - {provider: groq, model: llama-3.3-70b-versatile}
+      - {provider: together, model: meta-llama/Llama-3.3-70B-Instruct-Turbo}
+      - {provider: openai, model: gpt-4o-mini}
+"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, dict[str, Provider]]]:
+    workdir = tmp_path_factory.mktemp("chains")
+    ca, certs = make_ca(workdir / "pki", list(HOSTS.values()))
+    providers = {name: Provider(host, *certs[host]).start() for name, host in HOSTS.items()}
+    keys = workdir / "keys"
+    for name in ("groq", "openai"):
+        (keys / name).mkdir(parents=True)
+        (keys / name / "api-key").write_text(KEYS[name])
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EXTPROC_TEST_TOGETHER_KEY", KEYS["together"])  # Envoy inherits it, as from a Secret
+    substitutions = {f"{n}_address": p.address for n, p in providers.items()}
+    substitutions.update(ca=str(ca), keys=str(keys))
+    stack = Stack(workdir, POLICY, [], substitutions=substitutions, envoy_log_level="debug")
+    with stack:
+        yield stack, providers
+    mp.undo()
+    for provider in providers.values():
+        provider.stop()
+
+
+@pytest.fixture
+def fresh(world: tuple[Stack, dict[str, Provider]]) -> Iterator[tuple[Stack, dict[str, Provider]]]:
+    stack, providers = world
+    for provider in providers.values():
+        provider.mode, provider.retry_after = "ok", None
+        provider.received.clear()
+    stack.sidecar.run(lambda: stack.sidecar.router.backends._states.clear())
+    yield stack, providers
+
+
+def _body() -> bytes:
+    # Odd spacing and key order: every byte but the model must reach each provider as sent.
+    return b'{"messages": [{"role": "user", "content": "say \\"model\\": hi"}],  "model":"auto", "temperature": 0.5}'
+
+
+def _expected(model: str) -> bytes:
+    return _body().replace(b'"model":"auto"', b'"model":' + orjson.dumps(model))
+
+
+def test_the_first_provider_gets_its_model_its_key_its_sni_and_path(fresh) -> None:
+    stack, providers = fresh
+    response = stack.post(_body(), headers={"authorization": "Bearer client-own-key"})
+    assert response.status == 200, response.body
+    assert response.headers["x-router-backend"] == "groq"
+    assert response.headers["x-router-attempts"] == "1"
+    (got,) = providers["groq"].received
+    assert (got.sni, got.host, got.path) == ("api.groq.test", "api.groq.test", "/openai/v1/chat/completions")
+    assert got.authorization == f"Bearer {KEYS['groq']}"  # the client's own never reaches a provider
+    assert got.body == _expected(MODELS["groq"])
+    assert not providers["together"].received and not providers["openai"].received
+
+
+def test_429_falls_back_to_the_next_provider_with_its_model_and_key(fresh) -> None:
+    stack, providers = fresh
+    providers["groq"].mode, providers["groq"].retry_after = "429", "3"
+    response = stack.post(_body(), headers={"authorization": "Bearer client-own-key"})
+    assert response.status == 200, response.body
+    assert response.json()["choices"][0]["message"]["content"] == "hello from api.together.test"
+    assert (response.headers["x-router-backend"], response.headers["x-router-attempts"]) == ("together", "2")
+    (tried,) = providers["groq"].received
+    (got,) = providers["together"].received
+    assert tried.model == MODELS["groq"] and tried.authorization == f"Bearer {KEYS['groq']}"
+    assert got.body == _expected(MODELS["together"])
+    assert (got.sni, got.host, got.path) == ("api.together.test", "api.together.test", "/v1/chat/completions")
+    assert got.authorization == f"Bearer {KEYS['together']}"
+    assert got.headers["content-length"] == str(len(got.body))
+
+
+def test_retry_after_keeps_a_rate_limited_provider_out_until_it_passes(fresh) -> None:
+    stack, providers = fresh
+    providers["groq"].mode, providers["groq"].retry_after = "429", "2"
+    assert stack.post(chat("one")).status == 200
+    blocked = wait_for(lambda: stack.sidecar.run(lambda: stack.sidecar.router.backends.current()))
+    assert blocked == {"groq/llama-3.3-70b-versatile": "cooldown"}
+    providers["groq"].mode = "ok"
+    started = time.monotonic()
+    while time.monotonic() - started < 1.5:
+        response = stack.post(chat("while it cools down"))
+        assert response.headers["x-router-backend"] == "together"
+        assert response.headers["x-router-attempts"] == "1"  # groq is not even tried
+        time.sleep(0.1)
+    assert len(providers["groq"].received) == 1
+    time.sleep(max(0.0, 2.2 - (time.monotonic() - started)))
+    assert stack.post(chat("after")).headers["x-router-backend"] == "groq"
+
+
+def test_500_falls_back_and_a_hung_provider_is_left_after_its_timeout(fresh) -> None:
+    stack, providers = fresh
+    providers["groq"].mode = "500"
+    response = stack.post(chat("x"))
+    assert (response.status, response.headers["x-router-backend"]) == (200, "together")
+    providers["groq"].mode, providers["groq"].hang = "hang", 5.0
+    providers["together"].mode = "500"
+    started = time.monotonic()
+    response = stack.post(chat("y"))
+    took = time.monotonic() - started
+    assert (response.status, response.headers["x-router-backend"], response.headers["x-router-attempts"]) == (
+        200,
+        "openai",
+        "3",
+    )
+    assert 1.0 <= took < 4.0  # groq's 1 s per-try timeout, not its 5 s hang
+    assert providers["openai"].received[-1].model == MODELS["openai"]
+    assert providers["openai"].received[-1].authorization == f"Bearer {KEYS['openai']}"
+
+
+def test_every_provider_failing_is_one_openai_error_naming_no_secret(fresh) -> None:
+    stack, providers = fresh
+    providers["groq"].mode = "500"
+    providers["together"].mode, providers["together"].retry_after = "429", "1"
+    providers["openai"].mode = "500"
+    response = stack.post(chat("x"))
+    assert response.status == 500
+    error = response.json()["error"]
+    assert error["code"] == "all_backends_failed"
+    assert set(error) == {"message", "type", "param", "code"}
+    assert "groq/llama-3.3-70b-versatile" in error["message"] and "openai/gpt-4o-mini" in error["message"]
+    assert response.headers["x-router-attempts"] == "3"
+    assert not any(key in response.body.decode() for key in KEYS.values())
+    assert [len(p.received) for p in providers.values()] == [1, 1, 1]
+
+
+def test_a_stream_that_breaks_after_its_first_bytes_is_not_retried(fresh) -> None:
+    stack, providers = fresh
+    providers["groq"].mode = "stream_break"
+    connection = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=10)
+    connection.request("POST", "/v1/chat/completions", body=orjson.dumps(chat("x", stream=True)))
+    response = connection.getresponse()
+    assert response.status == 200
+    with pytest.raises(http.client.IncompleteRead):
+        response.read()
+    connection.close()
+    time.sleep(0.3)
+    assert len(providers["groq"].received) == 1
+    assert not providers["together"].received and not providers["openai"].received
+
+
+def test_all_providers_cooling_down_is_a_429_with_retry_after(fresh) -> None:
+    stack, providers = fresh
+    for provider in providers.values():
+        provider.mode, provider.retry_after = "429", "5"
+    first = stack.post(chat("x"))
+    assert first.status == 429 and first.json()["error"]["code"] == "all_backends_rate_limited"
+    wait_for(lambda: len(stack.sidecar.run(lambda: stack.sidecar.router.backends.current())) == 3)
+    response = stack.post(chat("again"))
+    assert response.status == 429
+    assert response.json()["error"]["code"] == "all_backends_cooling_down"
+    assert 1 <= int(response.headers["retry-after"]) <= 5
+    assert [len(p.received) for p in providers.values()] == [1, 1, 1]  # nothing more was sent
+
+
+def test_fallback_metrics_count_attempts_and_reasons(fresh) -> None:
+    stack, providers = fresh
+    providers["groq"].mode = "500"
+    assert stack.post(chat("x")).status == 200
+
+    def counted() -> bool:
+        text = stack.metrics_text()
+        return 'extproc_fallbacks_total{model="llama-70b",reason="5xx"}' in text and (
+            'extproc_backend_attempts_total{backend="together/meta-llama/Llama-3.3-70B-Instruct-Turbo",'
+            'model="llama-70b",result="success"}' in text
+        )
+
+    wait_for(counted)
+    assert "extproc_chain_attempts_bucket" in stack.metrics_text()
+
+
+def test_no_output_of_a_run_contains_an_api_key(fresh, caplog: pytest.LogCaptureFixture) -> None:
+    stack, providers = fresh
+    caplog.set_level(logging.DEBUG)
+    providers["groq"].mode = "429"
+    outputs = [stack.post(chat("a"), headers={"x-router-debug": "true"})]
+    providers["together"].mode = "500"
+    providers["openai"].mode = "500"
+    outputs.append(stack.post(chat("b"), headers={"x-router-debug": "true"}))
+    providers["openai"].mode = "ok"
+    outputs.append(stack.post(chat("c"), headers={"x-router-debug": "true"}))
+    assert any("x-router-explain" in r.headers for r in outputs)
+    time.sleep(0.3)
+    texts = {f"response {i}": f"{r.headers}{r.body!r}" for i, r in enumerate(outputs)}
+    texts["metrics"] = stack.metrics_text()
+    texts["sidecar log"] = caplog.text
+    texts["envoy log (debug)"] = Path(stack.envoy.log_path).read_text(errors="replace")
+    for path in Path(stack.xds_dir).rglob("*"):
+        if path.is_file():
+            texts[str(path)] = path.read_text(errors="replace")
+    texts["envoy-config"] = orjson.dumps(stack.envoy_config).decode()
+    for name, text in texts.items():
+        for provider, key in KEYS.items():
+            assert key not in text, f"{provider}'s key appears in {name}"
+    assert "debug" in texts["envoy log (debug)"]  # the log was at debug level
