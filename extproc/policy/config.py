@@ -284,11 +284,18 @@ class Policy:
 
     @property
     def chains(self) -> bool:
-        """Some request may be tried on more than one backend (Envoy's chain routes are needed)."""
+        """Some request may be tried on more than one backend, so Envoy needs the chain routes
+        and filters: hosted providers, a model with several backends, or a decision's fallback
+        model Envoy can retry on (an ORIGINAL_DST pool can only be a request's first attempt)."""
+
+        def retriable(name: str) -> bool:
+            model = self.models[name]
+            return model.chained or model.replicas is None or model.replicas.envoy != "original_dst"
+
         return (
             bool(self.providers)
             or any(m.chained for m in self.models.values())
-            or any(d.fallbacks for d in self.decisions)
+            or any(retriable(f) for d in self.decisions for f in d.fallbacks)
         )
 
     def pii_policy(self, decision: Decision | None, model: Model) -> PiiPolicy | None:

@@ -44,8 +44,9 @@ def ext_proc_filters(policy: Policy, o: EnvoyOptions) -> list[dict[str, Any]]:
         },
         "metadata_options": {"receiving_namespaces": {"untyped": [h.METADATA_NAMESPACE, h.LB_NAMESPACE]}},
     }
-    if policy.chains:
-        routing["metadata_options"]["receiving_namespaces"]["untyped"].append(CHAIN_NAMESPACE)
+    # The chain pieces of the listener are there for every policy, so that a policy starting to
+    # chain (a provider, a fallback) changes clusters and routes only, never the listener.
+    routing["metadata_options"]["receiving_namespaces"]["untyped"].append(CHAIN_NAMESPACE)
     if not o.two_round_trips:
         routing["request_attributes"] = [
             "request.path",
@@ -54,7 +55,7 @@ def ext_proc_filters(policy: Policy, o: EnvoyOptions) -> list[dict[str, Any]]:
             *(f"request.headers['{name}']" for name in headers_to_read),
         ]
     filters = [
-        *([client_authorization_filter()] if policy.chains else []),
+        client_authorization_filter(),
         {"name": "envoy.filters.http.ext_proc", "typed_config": routing},
         {
             "name": "envoy.filters.http.buffer",

@@ -67,7 +67,7 @@ def client_listener(policy: Policy, o: EnvoyOptions) -> dict[str, Any]:
             }
         ],
         "rds": {"route_config_name": LISTENER, "config_source": config_source(o.xds_dir, "rds")},
-        "http_filters": [*ext_proc_filters(policy, o), _router(attempt_log(o) if policy.chains else None)],
+        "http_filters": [*ext_proc_filters(policy, o), _router(attempt_log(o))],
         "local_reply_config": {"mappers": local_reply_mappers()},
         "access_log": access_log(o),
     }
