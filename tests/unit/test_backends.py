@@ -1,0 +1,205 @@
+"""Providers, backends and fallback settings: the policy reference, check-config's messages, the
+schema's defaults against the code's, and the plan a request gets."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from extproc.cooldown import COOLDOWN, EJECTED, BackendHealth, Outcome, retry_after
+from extproc.policy.backends import FallbackSettings, Provider, StoreSettings
+from extproc.policy.load import ConfigError, parse_policy, schema
+from extproc.replicas.pool import Discovery, Pools
+from extproc.router import Call, Router, RouterState
+
+BASE = """
+default_model: llama
+providers:
+  groq: {base_url: "https://api.groq.com/openai/v1", api_key: {file: /etc/keys/groq/api-key}, timeout: 10s}
+  together: {base_url: "https://api.together.xyz/v1", api_key: {env: TOGETHER_API_KEY}}
+models:
+  llama:
+    backends:
+      - {provider: groq, model: llama-3.3-70b-versatile}
+      - {provider: together, model: meta-llama/Llama-3.3-70B-Instruct-Turbo}
+  small:
+    replicas: {static: ["10.0.0.1:8000"], envoy: override_host}
+decisions:
+  - {name: big, when: {keyword: [big]}, model: llama, fallbacks: [small]}
+"""
+
+
+def _problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_policy(text)
+    return [str(p) for p in info.value.problems]
+
+
+def test_a_backend_naming_an_unknown_provider_says_which_exist_and_guesses() -> None:
+    (problem,) = _problems(BASE.replace("{provider: together,", "{provider: togther,"))
+    assert "models.llama.backends[1].provider" in problem
+    assert "did you mean 'together'" in problem and "defined: groq, together" in problem
+
+
+def test_a_provider_replacing_authorization_needs_a_key() -> None:
+    (problem,) = _problems(BASE.replace(", api_key: {env: TOGETHER_API_KEY}", ""))
+    assert problem.startswith("providers.together") and "needs api_key" in problem
+
+
+def test_keys_are_references_never_values_and_urls_must_be_https() -> None:
+    problems = _problems(BASE.replace("{file: /etc/keys/groq/api-key}", '"gsk_abc"'))
+    assert any("providers.groq.api_key" in p for p in problems)
+    problems = _problems(BASE.replace("https://api.together.xyz/v1", "http://api.together.xyz/v1"))
+    assert any("providers.together.base_url" in p for p in problems)
+
+
+def test_a_store_url_with_a_password_is_refused() -> None:
+    (problem,) = _problems(BASE + 'store: {url: "redis://:hunter2@redis:6379/0"}\n')
+    assert problem.startswith("store.url") and "password" in problem
+    assert "hunter2" not in problem
+
+
+def test_a_backend_listed_twice_is_refused() -> None:
+    text = BASE.replace(
+        "      - {provider: together,",
+        "      - {provider: groq, model: llama-3.3-70b-versatile}\n      - {provider: together,",
+    )
+    (problem,) = _problems(text)
+    assert "listed twice" in problem
+
+
+def test_providers_and_backends_load_with_their_defaults() -> None:
+    policy = parse_policy(BASE)
+    groq = policy.providers["groq"]
+    assert (groq.host, groq.port, groq.path_prefix, groq.timeout) == ("api.groq.com", 443, "/openai/v1", 10.0)
+    assert policy.providers["together"].api_key.env == "TOGETHER_API_KEY"
+    assert [b.id for b in policy.models["llama"].backends] == [
+        "groq/llama-3.3-70b-versatile",
+        "together/meta-llama/Llama-3.3-70B-Instruct-Turbo",
+    ]
+    assert policy.fallback == FallbackSettings() and policy.store is None and policy.chains
+
+
+@pytest.mark.parametrize(
+    ("where", "cls", "durations"),
+    [
+        (("$defs", "provider"), Provider, ("timeout", "connect_timeout")),
+        (
+            ("properties", "fallback"),
+            FallbackSettings,
+            ("deadline", "cooldown", "max_cooldown", "base_ejection_time", "max_ejection_time"),
+        ),
+        (("properties", "store"), StoreSettings, ("timeout", "sync_interval")),
+    ],
+)
+def test_schema_defaults_match_the_code(where: tuple[str, str], cls: type, durations: tuple[str, ...]) -> None:
+    declared = schema()[where[0]][where[1]]["properties"]
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    checked = 0
+    for name, spec in declared.items():
+        if "default" not in spec:
+            continue
+        value = float(spec["default"][:-1]) if name in durations else spec["default"]
+        assert defaults[name] == value, name
+        checked += 1
+    assert checked >= 2
+
+
+def test_retry_after_reads_seconds_dates_and_milliseconds() -> None:
+    assert retry_after({"retry-after": "7"}, 0) == 7
+    assert retry_after({"retry-after-ms": "1500", "retry-after": "9"}, 0) == 1.5
+    assert retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 1445412470.0) == pytest.approx(10)
+    assert retry_after({"retry-after": "soon"}, 0) is None
+    assert retry_after({}, 0) is None
+
+
+def test_a_429_cools_a_backend_down_for_its_retry_after_capped() -> None:
+    now = [1000.0]
+    health = BackendHealth(FallbackSettings(cooldown=30, max_cooldown=60), clock=lambda: now[0])
+    assert health.observe("groq/x", Outcome.RATE_LIMITED, {"retry-after": "5"}) == COOLDOWN
+    assert health.blocked("groq/x") == (COOLDOWN, 1005.0)
+    health.observe("together/y", Outcome.RATE_LIMITED, {})
+    assert health.blocked("together/y") == (COOLDOWN, 1030.0)  # no Retry-After: the configured cooldown
+    health.observe("openai/z", Outcome.RATE_LIMITED, {"retry-after": "86400"})
+    assert health.blocked("openai/z") == (COOLDOWN, 1060.0)  # a day is capped at max_cooldown
+    now[0] = 1006.0
+    assert health.blocked("groq/x") is None
+
+
+def test_repeated_failures_eject_with_a_growing_backoff_and_a_success_resets_the_count() -> None:
+    now = [0.0]
+    health = BackendHealth(
+        FallbackSettings(consecutive_failures=3, base_ejection_time=10, max_ejection_time=25), clock=lambda: now[0]
+    )
+    health.observe("b", Outcome.FAILURE)
+    health.observe("b", Outcome.FAILURE)
+    health.observe("b", Outcome.SUCCESS)
+    health.observe("b", Outcome.FAILURE)
+    assert health.blocked("b") is None
+    health.observe("b", Outcome.FAILURE)
+    assert health.observe("b", Outcome.FAILURE) == EJECTED
+    assert health.blocked("b") == (EJECTED, 10.0)
+    now[0] = 11.0
+    for _ in range(3):
+        health.observe("b", Outcome.FAILURE)
+    assert health.blocked("b") == (EJECTED, 31.0)  # 2 x 10 s
+    now[0] = 40.0
+    for _ in range(3):
+        health.observe("b", Outcome.FAILURE)
+    assert health.blocked("b") == (EJECTED, 65.0)  # 3 x 10 s, capped at 25 s
+
+
+def _router(text: str) -> Router:
+    policy = parse_policy(text)
+    return Router(RouterState(policy, Pools.build(policy, Discovery())))
+
+
+def _route(router: Router, text: str = "a big question"):
+    body = b'{"model": "auto", "messages": [{"role": "user", "content": "%s"}]}' % text.encode()
+    return asyncio.run(router.route(Call("POST", "/v1/chat/completions", {}, body)))
+
+
+def test_a_plan_is_the_models_backends_then_the_fallback_models_less_cooled_down_ones() -> None:
+    router = _router(BASE)
+    routed = _route(router)
+    assert [a.cluster for a in routed.plan.attempts] == ["groq", "together", "small"]
+    assert routed.cluster == "groq" and routed.upstream_model == "llama-3.3-70b-versatile"
+    assert routed.body is not None and routed.body[slice(*routed.model_span)] == b'"llama-3.3-70b-versatile"'
+    router.backends.observe("groq/llama-3.3-70b-versatile", Outcome.RATE_LIMITED, {"retry-after": "30"})
+    routed = _route(router)
+    assert [a.cluster for a in routed.plan.attempts] == ["together", "small"]
+    assert dict(routed.plan.skipped) == {"groq/llama-3.3-70b-versatile": "cooldown"}
+    assert routed.upstream_model == "meta-llama/Llama-3.3-70B-Instruct-Turbo"
+
+
+def test_when_every_backend_cools_down_the_router_answers_429_with_retry_after() -> None:
+    router = _router(BASE.replace("fallbacks: [small]", "fallbacks: []"))
+    for backend in ("groq/llama-3.3-70b-versatile", "together/meta-llama/Llama-3.3-70B-Instruct-Turbo"):
+        router.backends.observe(backend, Outcome.RATE_LIMITED, {"retry-after": "12"})
+    from extproc.errors import RateLimited
+
+    with pytest.raises(RateLimited) as info:
+        _route(router)
+    assert 11 <= info.value.retry_after <= 12 and info.value.status == 429
+
+
+def test_max_attempts_caps_the_plan() -> None:
+    router = _router(BASE + "fallback: {max_attempts: 2}\n")
+    assert [a.cluster for a in _route(router).plan.attempts] == ["groq", "together"]
+
+
+def test_a_policy_without_providers_or_retriable_fallbacks_renders_no_chains() -> None:
+    text = """
+default_model: small
+models:
+  small: {replicas: {static: ["10.0.0.1:8000"]}}
+  large: {replicas: {static: ["10.0.0.2:8000"]}}
+decisions:
+  - {name: x, model: large, fallbacks: [small]}
+"""
+    policy = parse_policy(text)
+    assert not policy.chains  # small is ORIGINAL_DST: it can only be a first attempt
+    routed = _route(_router(text))
+    assert routed.plan is None
