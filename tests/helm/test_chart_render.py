@@ -187,6 +187,7 @@ def test_prometheus_rules_select_this_release_and_name_the_expensive_model() -> 
         "ExtprocReplicaEjected",
         "ExtprocKvEventsApproximate",
         "ExtprocAdmissionRejecting",
+        "ExtprocSustainedFallback",
         "ExtprocExpensiveModelShareJump",
         "ExtprocUpstreamErrorRate",
         "ExtprocSignalFailures",

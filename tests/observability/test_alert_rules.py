@@ -132,6 +132,40 @@ CASES: dict[str, list[tuple[str, list[dict[str, str]], int, dict[str, str] | Non
         ),
         ("replicas ready", [series("extproc_ready_replicas", [2] * 60, model="small")], 12, None),
     ],
+    "ExtprocSustainedFallback": [
+        (
+            "a third of the requests fall back for half an hour",
+            [
+                series("extproc_chain_attempts_count", counter(60), model="llama-70b"),
+                series("extproc_fallbacks_total", counter(20), model="llama-70b", reason="rate_limited"),
+            ],
+            30,
+            {"severity": "warning", "model": "llama-70b"},
+        ),
+        (
+            "an occasional fallback",
+            [
+                series("extproc_chain_attempts_count", counter(60), model="llama-70b"),
+                series("extproc_fallbacks_total", counter(3), model="llama-70b", reason="5xx"),
+            ],
+            30,
+            None,
+        ),
+        (
+            "a short burst is over before the waiting period",
+            [
+                series("extproc_chain_attempts_count", counter(60), model="llama-70b"),
+                series(
+                    "extproc_fallbacks_total",
+                    counter([0] * 10 + [40] * 5 + [0] * (MINUTES - 15)),
+                    model="llama-70b",
+                    reason="timeout",
+                ),
+            ],
+            40,
+            None,
+        ),
+    ],
     "ExtprocReplicaEjected": [
         (
             "a replica out for ten minutes",

@@ -33,7 +33,7 @@ from extproc.policy.backends import Provider
 from extproc.policy.config import Policy
 
 CHAIN_NAMESPACE = "extproc.chain"  # the priority groups of a request, as the cluster specifier reads them
-CLIENT_AUTHORIZATION = "extproc.client_authorization"  # filter state: the client's own Authorization
+ATTEMPT_NAMESPACE = "extproc.attempt"  # set by the upstream filters (no secret: whether a key was replaced)
 SDS_DIR = "sds"  # under the xDS directory: one file per provider key (a reference, never the key)
 _CODEC = {
     "name": "envoy.filters.http.upstream_codec",
@@ -54,13 +54,14 @@ end
 function envoy_on_request(h)
   local headers = h:headers()
   local info = h:streamInfo()
+  -- Attempts share the request headers: after one that replaced or stripped the client's
+  -- Authorization, a backend that forwards it gets none (never the previous backend's key).
   if AUTH == "forward" then
-    -- Another attempt may have put its own credentials in the shared headers: the client's again.
-    local client = info:filterState():get("%(client_auth)s")
-    headers:remove("authorization")
-    if client ~= nil and client ~= "" and client ~= "-" then headers:add("authorization", client) end
-  elseif AUTH == "strip" then
-    headers:remove("authorization")
+    local replaced = info:dynamicMetadata():get("%(attempt_ns)s")
+    if replaced ~= nil and replaced["authorization_replaced"] then headers:remove("authorization") end
+  else
+    info:dynamicMetadata():set("%(attempt_ns)s", "authorization_replaced", true)
+    if AUTH == "strip" then headers:remove("authorization") end
   end
   local meta = info:dynamicMetadata():get("%(ns)s")
   if meta == nil or meta["%(plan)s"] == nil then return end
@@ -116,7 +117,7 @@ def lua_source(prefix: str | None, auth: str) -> str:
     return _LUA % {
         "prefix": "nil" if prefix is None else orjson.dumps(prefix).decode(),
         "auth": auth,
-        "client_auth": CLIENT_AUTHORIZATION,
+        "attempt_ns": ATTEMPT_NAMESPACE,
         "ns": h.METADATA_NAMESPACE,
         "plan": h.KEY_PLAN,
         "path": h.KEY_PATH,
@@ -161,7 +162,7 @@ def upstream_filters(prefix: str | None, auth: str, secret: dict[str, Any] | Non
 
 def with_chain_filters(cluster: dict[str, Any]) -> dict[str, Any]:
     """A cluster of the router's own replicas that a chain may reach: on every attempt the
-    client's path and Authorization come back, and a later attempt gets its model."""
+    client's path comes back, no provider's key goes through, and a later attempt gets its model."""
     options = cluster.setdefault("typed_extension_protocol_options", {})
     http = options.setdefault(
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -329,25 +330,6 @@ def chain_route(
 def chain_key(per_try_timeout: float | None) -> str:
     """The chain route a request takes, by the per-try timeout its attempts get."""
     return "none" if not per_try_timeout else f"{round(per_try_timeout * 1000)}ms"
-
-
-def client_authorization_filter() -> dict[str, Any]:
-    """Keeps the client's Authorization in filter state (not sent upstream, not logged), so an
-    attempt to a backend that forwards it gets the client's own, whatever an earlier attempt
-    to a provider put in the shared headers."""
-    return {
-        "name": "envoy.filters.http.set_filter_state",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3.Config",
-            "on_request_headers": [
-                {
-                    "object_key": CLIENT_AUTHORIZATION,
-                    "factory_key": "envoy.string",
-                    "format_string": {"text_format_source": {"inline_string": "%REQ(authorization)%"}},
-                }
-            ],
-        },
-    }
 
 
 def chain_timeouts(policy: Policy) -> set[float | None]:

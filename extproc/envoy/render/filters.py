@@ -10,7 +10,7 @@ from typing import Any
 from extproc import headers as h
 from extproc.envoy.names import EXT_PROC_CLUSTER
 from extproc.envoy.options import EnvoyOptions
-from extproc.envoy.render.chains import CHAIN_NAMESPACE, client_authorization_filter
+from extproc.envoy.render.chains import CHAIN_NAMESPACE
 from extproc.policy.config import Policy
 
 
@@ -44,8 +44,8 @@ def ext_proc_filters(policy: Policy, o: EnvoyOptions) -> list[dict[str, Any]]:
         },
         "metadata_options": {"receiving_namespaces": {"untyped": [h.METADATA_NAMESPACE, h.LB_NAMESPACE]}},
     }
-    # The chain pieces of the listener are there for every policy, so that a policy starting to
-    # chain (a provider, a fallback) changes clusters and routes only, never the listener.
+    # The chain pieces of the listener (this namespace, the attempt log) are there for every
+    # policy, so that a policy starting to chain changes clusters and routes only, never the listener.
     routing["metadata_options"]["receiving_namespaces"]["untyped"].append(CHAIN_NAMESPACE)
     if not o.two_round_trips:
         routing["request_attributes"] = [
@@ -55,7 +55,6 @@ def ext_proc_filters(policy: Policy, o: EnvoyOptions) -> list[dict[str, Any]]:
             *(f"request.headers['{name}']" for name in headers_to_read),
         ]
     filters = [
-        client_authorization_filter(),
         {"name": "envoy.filters.http.ext_proc", "typed_config": routing},
         {
             "name": "envoy.filters.http.buffer",
