@@ -436,6 +436,51 @@ ROWS: list[tuple[str, list[tuple[str, str, str, str, int, list[dict[str, str]]]]
         ],
     ),
     (
+        "Fallback chains",
+        [
+            (
+                "Fallbacks by reason",
+                "Chained requests that moved on from a failing backend to the next (429, 5xx, timeout, "
+                "connect failure, reset), per model.",
+                "timeseries",
+                "reqps",
+                8,
+                [_q(f"sum by (model, reason) (rate({M.fallbacks}{{{S}}}{RATE}))", "{{model}} {{reason}}")],
+            ),
+            (
+                "Attempts by backend",
+                "Attempts Envoy made on each backend, by result (success, rate_limited, 5xx, timeout, ...).",
+                "timeseries",
+                "reqps",
+                8,
+                [_q(f"sum by (backend, result) (rate({M.attempts}{{{S}}}{RATE}))", "{{backend}} {{result}}")],
+            ),
+            (
+                "Backends left out",
+                "Hosted backends chains skip now: cooldown (answered 429, until its Retry-After) or ejected "
+                "(failed repeatedly), highest over router pods; and how often each entered either state.",
+                "timeseries",
+                "short",
+                8,
+                [
+                    _q(f"max by (backend, reason) ({M.backends_blocked}{{{S}}})", "{{backend}} {{reason}}"),
+                    _q(
+                        f"sum by (backend, reason) (increase({M.backend_blocked}{{{S}}}{RATE}))",
+                        "{{backend}} entered {{reason}}",
+                    ),
+                ],
+            ),
+            (
+                "Attempts per chained request",
+                "Backends tried before a chained request ended (1: the first answered).",
+                "timeseries",
+                "short",
+                24,
+                _quantiles(M.chain_attempts, "", "attempts"),
+            ),
+        ],
+    ),
+    (
         "Config reloads",
         [
             (

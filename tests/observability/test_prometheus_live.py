@@ -113,6 +113,10 @@ MAY_BE_EMPTY = {
     "Stream errors": "only a bug in the router ends a stream in an error; nothing here provokes one",
     "Replica ejections": "the one failing replica (flaky) fails three times here, below consecutive_5xx, and "
     "is alone in its pool; tests/adversarial/test_dead_replica.py ejects replicas",
+    "Fallbacks by reason": "this stack has no provider and no chained decision; tests/e2e/test_fallback_chains.py checks these series through real Envoy",
+    "Attempts by backend": "this stack has no provider and no chained decision; tests/e2e/test_fallback_chains.py checks these series through real Envoy",
+    "Backends left out": "this stack has no provider and no chained decision; tests/e2e/test_fallback_chains.py checks these series through real Envoy",
+    "Attempts per chained request": "this stack has no provider and no chained decision; tests/e2e/test_fallback_chains.py checks these series through real Envoy",
 }
 NEEDS_CLASSIFIER = {"Classifier batch size", "Classifier batch duration", "PII events"}
 # The semantic cache embeds with the encoder: without it nothing is looked up.
@@ -121,6 +125,7 @@ NEEDS_CLASSIFIER_FAILURE = {"Signal failures"}  # data when the encoder is missi
 MAY_NOT_FIRE = {
     "ExtprocExpensiveModelShareJump": "compares the expensive model's share over the last 15 minutes with the last "
     "6 hours; in a test of seconds both windows hold the same traffic (test_alert_rules.py makes it fire)",
+    "ExtprocSustainedFallback": "no chained requests in this stack (test_alert_rules.py makes it fire)",
 }
 # alert -> the labels the firing alert must carry besides namespace, job and severity
 EXPECTED_FIRING: dict[str, list[dict[str, str]]] = {
