@@ -12,6 +12,7 @@ Configurations:
   trivial     the floor: bench/trivial_extproc.py (one JSON parse, a model rewrite, two headers;
               Envoy's default two round trips), the issue's reference processor, same run
   rules       keyword/header/token rules; Envoy balances the model's cluster
+  fallback    rules, with a fallback model on every request (a chained request: issue 20)
   affinity    rules + the router picks the replica (prefix affinity, load, bounded load)
   classifier  a domain/complexity decision on every request (the encoder runs)
 
@@ -65,6 +66,20 @@ decisions:
   - {name: vip, when: {header: {name: x-user-tier, equals: premium}}, model: large}
   - {name: code, when: {keyword: {any: ["traceback", "segfault", "```"], scope: user}}, model: large}
   - {name: long, when: {tokens: {min: 100000}}, model: large}
+""",
+    # rules, and every request gets a fallback model Envoy retries on a failure: the chain route,
+    # its plan in the metadata and the clusters' per-attempt Lua filter, on the happy path.
+    "fallback": """
+version: 1
+default_model: small
+models:
+  small: {upstream_model: llama-3.1-8b-instruct}
+  large: {upstream_model: llama-3.1-70b-instruct}
+decisions:
+  - {name: vip, when: {header: {name: x-user-tier, equals: premium}}, model: large}
+  - {name: code, when: {keyword: {any: ["traceback", "segfault", "```"], scope: user}}, model: large}
+  - {name: long, when: {tokens: {min: 100000}}, model: large}
+  - {name: rest, model: small, fallbacks: [large]}
 """,
     "affinity": """
 version: 1
