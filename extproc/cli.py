@@ -483,6 +483,7 @@ async def _route_once(
         "trace": explanation.get("trace"),
         "pii_action": explanation.get("pii_action"),
         "replicas": explanation.get("replicas"),
+        "chain": explanation.get("fallback"),  # the backends Envoy would try in order, and those left out
         "body": orjson.loads(body),
     }
 

@@ -56,6 +56,7 @@ class Plan:
                 h.KEY_RETRIES: str(len(self.attempts) - 1),
                 h.KEY_PLAN: [orjson.dumps(a.upstream_model).decode() for a in self.attempts],
                 h.KEY_BACKENDS: ", ".join(a.label for a in self.attempts),
+                h.KEY_LABELS: [a.label for a in self.attempts],
                 h.KEY_MODEL_SPAN: list(model_span),
                 h.KEY_PATH: path,
                 h.KEY_DEADLINE: str(int((time.time() + deadline) * 1000)),

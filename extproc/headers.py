@@ -13,7 +13,8 @@ ROUTER_DECISION = "x-router-decision"  # upstream (two round trips) and to the c
 ROUTER_MODEL = "x-router-model"
 ROUTER_EXPLAIN = "x-router-explain"
 CACHE = "x-cache"  # hit (answered by the sidecar's semantic cache) or miss (looked up, routed)
-ROUTER_BACKEND = "x-router-backend"  # the Envoy cluster (provider or replicas) that answered a chained request
+# The backend that answered a chained request: "groq/<model id>", or "<model> replicas".
+ROUTER_BACKEND = "x-router-backend"
 ROUTER_ATTEMPTS = "x-router-attempts"  # how many backends Envoy tried for it
 
 # Request headers we read.
@@ -49,6 +50,7 @@ KEY_CHAIN = "chain"
 KEY_RETRIES = "retries"
 KEY_PLAN = "plan"  # list: attempt N's model id, JSON-quoted
 KEY_BACKENDS = "backends"  # "groq/llama-3.3-70b-versatile, together/...": for errors and the access log
+KEY_LABELS = "labels"  # list: attempt N's backend, as x-router-backend names it
 KEY_MODEL_SPAN = "model_span"  # [start, end) of the model value in the body the router sent
 KEY_PATH = "path"
 KEY_DEADLINE = "deadline"  # epoch ms after which no further attempt starts

@@ -149,7 +149,8 @@ def model_span(request: LLMRequest, body: bytes, model: str) -> tuple[int, int]:
     start = request.model_span[0]
     if body[:start] == request.raw[:start] and body[start:].startswith(orjson.dumps(model)):
         return start, start + len(orjson.dumps(model))
-    spans = _single_model_span(body) or _model_value_spans(body)
+    # Serialized again (a redaction): find the one top-level key; the prompt may spell "model".
+    spans = _single_model_span(body) or _top_level_scan(body, ())[0]
     return spans[0]
 
 

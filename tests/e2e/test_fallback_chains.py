@@ -1,17 +1,24 @@
 """Fallback chains through the real Envoy: three stand-in providers over TLS (a CA made for the
-test), Groq -> Together -> OpenAI as the README's worked policy, and what each one received."""
+test), Groq -> Together -> OpenAI as the README's worked policy, a pool of the router's own
+replicas before and after providers, a decision's fallback model after its model's chain, and
+what each one received."""
 
 from __future__ import annotations
 
 import http.client
 import logging
+import os
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
 
+from extproc.standin import StandIn
 from tests.harness import Stack, chat, wait_for
 from tests.providers import Provider, make_ca
 
@@ -24,12 +31,13 @@ MODELS = {
     "together": "meta-llama/Llama-3.3-70B-Instruct-Turbo",
     "openai": "gpt-4o-mini",
 }
+BACKENDS = {name: f"{name}/{model}" for name, model in MODELS.items()}  # as x-router-backend names them
 
 POLICY = """
 version: 1
 default_model: llama-70b
 debug: {explain: true}
-fallback: {max_attempts: 3, deadline: 30s, cooldown: 30s}
+fallback: {max_attempts: 4, deadline: 30s, cooldown: 30s}
 providers:
   groq:
     base_url: https://api.groq.test/openai/v1
@@ -53,6 +61,17 @@ models:
       - {provider: groq, model: llama-3.3-70b-versatile}
       - {provider: together, model: meta-llama/Llama-3.3-70B-Instruct-Turbo}
       - {provider: openai, model: gpt-4o-mini}
+  small:                    # the decision's fallback model: the router's own replicas, after the chain
+    upstream_model: llama-3.1-8b-instruct
+    replicas: {static: ["${local}"], envoy: override_host}
+  local-first:              # the router's own replicas first (ORIGINAL_DST), a provider after them
+    upstream_model: qwen-2.5-7b-instruct
+    replicas: {static: ["${local}"]}
+    backends:
+      - replicas
+      - {provider: openai, model: gpt-4.1-nano}
+decisions:
+  - {name: code, when: {keyword: {any: [traceback]}}, model: llama-70b, fallbacks: [small]}
 """
 
 
@@ -69,7 +88,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, dic
     mp.setenv("EXTPROC_TEST_TOGETHER_KEY", KEYS["together"])  # Envoy inherits it, as from a Secret
     substitutions = {f"{n}_address": p.address for n, p in providers.items()}
     substitutions.update(ca=str(ca), keys=str(keys))
-    stack = Stack(workdir, POLICY, [], substitutions=substitutions, envoy_log_level="debug")
+    stack = Stack(workdir, POLICY, [StandIn(name="local")], substitutions=substitutions, envoy_log_level="debug")
     with stack:
         yield stack, providers
     mp.undo()
@@ -83,6 +102,9 @@ def fresh(world: tuple[Stack, dict[str, Provider]]) -> Iterator[tuple[Stack, dic
     for provider in providers.values():
         provider.mode, provider.retry_after = "ok", None
         provider.received.clear()
+    local = stack.fleet["local"]
+    local.status = 200
+    local.received.clear()
     stack.sidecar.run(lambda: stack.sidecar.router.backends._states.clear())
     yield stack, providers
 
@@ -100,7 +122,7 @@ def test_the_first_provider_gets_its_model_its_key_its_sni_and_path(fresh) -> No
     stack, providers = fresh
     response = stack.post(_body(), headers={"authorization": "Bearer client-own-key"})
     assert response.status == 200, response.body
-    assert response.headers["x-router-backend"] == "groq"
+    assert response.headers["x-router-backend"] == BACKENDS["groq"]
     assert response.headers["x-router-attempts"] == "1"
     (got,) = providers["groq"].received
     assert (got.sni, got.host, got.path) == ("api.groq.test", "api.groq.test", "/openai/v1/chat/completions")
@@ -115,7 +137,7 @@ def test_429_falls_back_to_the_next_provider_with_its_model_and_key(fresh) -> No
     response = stack.post(_body(), headers={"authorization": "Bearer client-own-key"})
     assert response.status == 200, response.body
     assert response.json()["choices"][0]["message"]["content"] == "hello from api.together.test"
-    assert (response.headers["x-router-backend"], response.headers["x-router-attempts"]) == ("together", "2")
+    assert (response.headers["x-router-backend"], response.headers["x-router-attempts"]) == (BACKENDS["together"], "2")
     (tried,) = providers["groq"].received
     (got,) = providers["together"].received
     assert tried.model == MODELS["groq"] and tried.authorization == f"Bearer {KEYS['groq']}"
@@ -135,19 +157,19 @@ def test_retry_after_keeps_a_rate_limited_provider_out_until_it_passes(fresh) ->
     started = time.monotonic()
     while time.monotonic() - started < 1.5:
         response = stack.post(chat("while it cools down"))
-        assert response.headers["x-router-backend"] == "together"
+        assert response.headers["x-router-backend"] == BACKENDS["together"]
         assert response.headers["x-router-attempts"] == "1"  # groq is not even tried
         time.sleep(0.1)
     assert len(providers["groq"].received) == 1
     time.sleep(max(0.0, 2.2 - (time.monotonic() - started)))
-    assert stack.post(chat("after")).headers["x-router-backend"] == "groq"
+    assert stack.post(chat("after")).headers["x-router-backend"] == BACKENDS["groq"]
 
 
 def test_500_falls_back_and_a_hung_provider_is_left_after_its_timeout(fresh) -> None:
     stack, providers = fresh
     providers["groq"].mode = "500"
     response = stack.post(chat("x"))
-    assert (response.status, response.headers["x-router-backend"]) == (200, "together")
+    assert (response.status, response.headers["x-router-backend"]) == (200, BACKENDS["together"])
     providers["groq"].mode, providers["groq"].hang = "hang", 5.0
     providers["together"].mode = "500"
     started = time.monotonic()
@@ -155,7 +177,7 @@ def test_500_falls_back_and_a_hung_provider_is_left_after_its_timeout(fresh) -> 
     took = time.monotonic() - started
     assert (response.status, response.headers["x-router-backend"], response.headers["x-router-attempts"]) == (
         200,
-        "openai",
+        BACKENDS["openai"],
         "3",
     )
     assert 1.0 <= took < 4.0  # groq's 1 s per-try timeout, not its 5 s hang
@@ -244,7 +266,118 @@ def test_no_output_of_a_run_contains_an_api_key(fresh, caplog: pytest.LogCapture
         if path.is_file():
             texts[str(path)] = path.read_text(errors="replace")
     texts["envoy-config"] = orjson.dumps(stack.envoy_config).decode()
+    for path in ("/config_dump?include_eds", "/stats", "/clusters", "/certs"):
+        texts[f"envoy admin {path}"] = _admin(stack, path)
     for name, text in texts.items():
         for provider, key in KEYS.items():
             assert key not in text, f"{provider}'s key appears in {name}"
     assert "debug" in texts["envoy log (debug)"]  # the log was at debug level
+
+
+def test_a_decisions_fallback_model_comes_after_its_models_whole_chain(fresh) -> None:
+    stack, providers = fresh
+    for provider in providers.values():
+        provider.mode = "500"
+    body = b'{"model":"auto",  "messages": [{"role": "user", "content": "a traceback: boom"}]}'
+    response = stack.post(body, headers={"authorization": "Bearer client-own-key"})
+    assert response.status == 200, response.body
+    assert response.headers["x-router-attempts"] == "4"
+    assert response.headers["x-router-backend"] == "small replicas"
+    assert [len(p.received) for p in providers.values()] == [1, 1, 1]
+    assert [p.received[0].model for p in providers.values()] == list(MODELS.values())
+    (got,) = stack.fleet["local"].received
+    assert got.path == "/v1/chat/completions"
+    assert got.body == body.replace(b'"model":"auto"', b'"model":"llama-3.1-8b-instruct"')
+    # The client's key was replaced for the providers: the replica after them gets none, and
+    # certainly not the last provider's.
+    assert "authorization" not in got.headers
+
+
+def test_the_routers_own_replicas_first_then_a_provider(fresh) -> None:
+    stack, providers = fresh
+    body = b'{"model": "local-first", "messages": [{"role": "user", "content": "hi"}]}'
+    client = {"authorization": "Bearer client-own-key"}
+    response = stack.post(body, headers=client)
+    assert response.status == 200, response.body
+    assert (response.headers["x-router-backend"], response.headers["x-router-attempts"]) == (
+        "local-first replicas",
+        "1",
+    )
+    (got,) = stack.fleet["local"].received
+    assert got.body == body.replace(b'"local-first"', b'"qwen-2.5-7b-instruct"')
+    assert got.headers["authorization"] == "Bearer client-own-key"  # the router's own replicas: forwarded
+
+    stack.fleet["local"].status = 503
+    response = stack.post(body, headers=client)
+    assert response.status == 200, response.body
+    assert (response.headers["x-router-backend"], response.headers["x-router-attempts"]) == ("openai/gpt-4.1-nano", "2")
+    (got,) = providers["openai"].received
+    assert got.body == body.replace(b'"local-first"', b'"gpt-4.1-nano"')
+    assert got.authorization == f"Bearer {KEYS['openai']}"
+    assert got.path == "/v1/chat/completions" and got.sni == "api.openai.test"
+
+
+def test_no_new_attempt_starts_after_the_fallback_deadline(world, tmp_path: Path) -> None:
+    stack, providers = world
+    for provider in providers.values():
+        provider.mode, provider.retry_after = "ok", None
+        provider.received.clear()
+    providers["groq"].mode, providers["groq"].hang = "hang", 3.0
+    policy = POLICY.replace("deadline: 30s", "deadline: 0.5s")
+    with Stack(
+        tmp_path, policy, [StandIn(name="local")], substitutions=stack.substitutions, envoy_log_level="debug"
+    ) as short:
+        started = time.monotonic()
+        response = short.post(chat("x"))
+        took = time.monotonic() - started
+    providers["groq"].mode = "ok"
+    assert response.status == 504, (
+        response.headers,
+        response.body,
+        [len(p.received) for p in providers.values()],
+        took,
+    )
+    assert response.json()["error"]["code"] == "fallback_deadline"
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert 1.0 <= took < 2.9  # groq's 1 s per-try timeout, then no second attempt
+    assert len(providers["groq"].received) == 1
+    assert not providers["together"].received and not providers["openai"].received
+
+
+def _admin(stack: Stack, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.envoy.admin_port}{path}", timeout=10) as r:
+        return r.read().decode(errors="replace")
+
+
+def _cli(*args: str, stdin: bytes | None = None) -> str:
+    """``extproc ARGS`` in a process of its own, with Together's key in its environment (as
+    Envoy's container has it): stdout and stderr together."""
+    env = {**os.environ, "EXTPROC_TEST_TOGETHER_KEY": KEYS["together"]}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "extproc"), *args], input=stdin, capture_output=True, env=env, timeout=120
+    )
+    return done.stdout.decode(errors="replace") + done.stderr.decode(errors="replace")
+
+
+def test_the_command_line_shows_no_api_key(world) -> None:
+    stack, _ = world
+    policy = str(stack.config_path)
+    outputs = {
+        "extproc check-config": _cli("check-config", policy),
+        "extproc envoy-config": _cli("envoy-config", "--config", policy),
+        "extproc route": _cli(
+            "route",
+            "--config",
+            policy,
+            "-H",
+            "authorization:Bearer client-own-key",
+            "-",
+            stdin=orjson.dumps(chat("a traceback")),
+        ),
+    }
+    route = orjson.loads(outputs["extproc route"])
+    assert [a["backend"] for a in route["chain"]["attempts"]] == [*BACKENDS.values(), "small replicas"]
+    assert "credential_injector" in outputs["extproc envoy-config"]
+    for name, text in outputs.items():
+        for provider, key in KEYS.items():
+            assert key not in text, f"{provider}'s key appears in {name}"

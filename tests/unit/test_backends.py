@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+import orjson
 import pytest
 
 from extproc.cooldown import COOLDOWN, EJECTED, BackendHealth, Outcome, retry_after
@@ -203,3 +204,16 @@ decisions:
     assert not policy.chains  # small is ORIGINAL_DST: it can only be a first attempt
     routed = _route(_router(text))
     assert routed.plan is None
+
+
+def test_a_later_attempt_finds_the_model_in_a_body_serialized_again_that_names_model_twice() -> None:
+    from extproc.request import Api, model_span, parse
+
+    raw = b'{"metadata": {"model": "mine"}, "model": "auto", "messages": [{"role": "user", "content": "hi"}]}'
+    parsed = parse(Api.CHAT, raw)
+    body = orjson.dumps({**orjson.loads(raw), "model": "llama-3.3-70b-versatile"})  # as a redaction writes it
+    assert body.count(b'"model"') == 2  # a nested key of the same name
+    start, end = model_span(parsed, body, "llama-3.3-70b-versatile")
+    assert body[start:end] == b'"llama-3.3-70b-versatile"'
+    spliced = orjson.loads(body[:start] + b'"gpt-4o-mini"' + body[end:])
+    assert (spliced["model"], spliced["metadata"]) == ("gpt-4o-mini", {"model": "mine"})

@@ -34,6 +34,7 @@ from extproc.policy.config import Policy
 
 CHAIN_NAMESPACE = "extproc.chain"  # the priority groups of a request, as the cluster specifier reads them
 ATTEMPT_NAMESPACE = "extproc.attempt"  # set by the upstream filters (no secret: whether a key was replaced)
+ANSWERING = "backend"  # under ATTEMPT_NAMESPACE: the backend of the attempt under way, for x-router-backend
 SDS_DIR = "sds"  # under the xDS directory: one file per provider key (a reference, never the key)
 _CODEC = {
     "name": "envoy.filters.http.upstream_codec",
@@ -66,6 +67,11 @@ function envoy_on_request(h)
   local meta = info:dynamicMetadata():get("%(ns)s")
   if meta == nil or meta["%(plan)s"] == nil then return end
   local attempt = tonumber(headers:get("x-envoy-attempt-count")) or 1
+  local labels = meta["%(labels_list)s"]
+  if labels ~= nil and labels[attempt] ~= nil then
+    -- Attempts run one after another: the last one to start is the one that answers.
+    info:dynamicMetadata():set("%(attempt_ns)s", "%(answering)s", labels[attempt])
+  end
   local path = meta["%(path)s"]
   if PREFIX ~= nil and path ~= nil then
     headers:replace(":path", PREFIX .. string.sub(path, 4))
@@ -124,6 +130,8 @@ def lua_source(prefix: str | None, auth: str) -> str:
         "deadline": h.KEY_DEADLINE,
         "span": h.KEY_MODEL_SPAN,
         "labels": h.KEY_BACKENDS,
+        "labels_list": h.KEY_LABELS,
+        "answering": ANSWERING,
     }
 
 
@@ -316,7 +324,7 @@ def chain_route(
         ],
         "response_headers_to_add": [
             {
-                "header": {"key": h.ROUTER_BACKEND, "value": "%UPSTREAM_CLUSTER%"},
+                "header": {"key": h.ROUTER_BACKEND, "value": f"%DYNAMIC_METADATA({ATTEMPT_NAMESPACE}:{ANSWERING})%"},
                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
             },
             {

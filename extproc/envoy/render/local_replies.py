@@ -35,11 +35,16 @@ def _mapper(expression: str, status: int | None, message: str, kind: str, code: 
 
 def local_reply_mappers() -> list[dict[str, Any]]:
     """Envoy's own local replies as OpenAI-style errors, the first matching mapper winning. The
-    router's replies (details ``extproc_*``) and direct responses already carry JSON and are left
+    router's replies (details ``extproc_*``), the chains' Lua filter's and direct responses already carry JSON and are left
     alone. HTTP/1 codec errors (malformed requests) are local replies too: each gets JSON here.
     What Envoy answers without a local reply (HTTP/2 stream resets, closed connections) is in
     the README ("Bad input")."""
-    ours = "response.code_details.startsWith('extproc_') || response.code_details == 'direct_response'"
+    # lua_response: the chains' upstream Lua filter (extproc/envoy/render/chains.py), which
+    # answers with its own JSON error when the fallback deadline has passed.
+    ours = (
+        "response.code_details.startsWith('extproc_') || response.code_details == 'direct_response'"
+        " || response.code_details == 'lua_response'"
+    )
     details = "response.code_details"
     return [
         {  # direct responses carry our JSON bodies; only the content type needs fixing
