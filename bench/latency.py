@@ -531,6 +531,20 @@ class Front:
             self.sidecar.start()
             self.envoy = envoy_process(self.sidecar, str(self.workdir), concurrency)
         self.envoy.start()
+        if policy_name == "fallback":
+            # Measure what it claims: the happy path of a chained request (one attempt).
+            headers = self.probe()
+            assert headers.get("x-router-attempts") == "1", f"the fallback configuration did not chain: {headers}"
+
+    def probe(self) -> dict[str, str]:
+        """One request, for its response headers."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/v1/chat/completions",
+            data=chat_body(100),
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return {k.lower(): v for k, v in response.getheaders()}
 
     def stop(self) -> None:
         self.envoy.stop()

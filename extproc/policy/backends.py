@@ -64,7 +64,8 @@ class Backend:
 
     @property
     def id(self) -> str:
-        """A stable, low-cardinality name: the metric label and the x-router-backend value."""
+        """A stable, low-cardinality name: the metric label, and x-router-backend's value for a
+        provider (a pool's is "<model> replicas")."""
         return f"{self.provider}/{self.upstream_model}" if self.provider else POOL
 
 

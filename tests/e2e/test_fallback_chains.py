@@ -161,8 +161,28 @@ def test_retry_after_keeps_a_rate_limited_provider_out_until_it_passes(fresh) ->
         assert response.headers["x-router-attempts"] == "1"  # groq is not even tried
         time.sleep(0.1)
     assert len(providers["groq"].received) == 1
+    gauge = f'extproc_backends_blocked{{backend="{BACKENDS["groq"]}",reason="cooldown"}} 1.0'
+    assert gauge in stack.metrics_text()
     time.sleep(max(0.0, 2.2 - (time.monotonic() - started)))
     assert stack.post(chat("after")).headers["x-router-backend"] == BACKENDS["groq"]
+    assert gauge not in stack.metrics_text()
+
+
+def test_a_provider_failing_repeatedly_is_ejected_and_not_tried(fresh) -> None:
+    stack, providers = fresh
+    providers["groq"].mode = "500"
+    for i in range(3):  # fallback.consecutive_failures
+        response = stack.post(chat(f"try {i}"))
+        assert (response.status, response.headers["x-router-backend"]) == (200, BACKENDS["together"])
+    blocked = wait_for(lambda: stack.sidecar.run(lambda: stack.sidecar.router.backends.current()))
+    assert blocked == {BACKENDS["groq"]: "ejected"}
+    providers["groq"].mode = "ok"
+    response = stack.post(chat("after"))
+    assert (response.headers["x-router-backend"], response.headers["x-router-attempts"]) == (BACKENDS["together"], "1")
+    assert len(providers["groq"].received) == 3
+    text = stack.metrics_text()
+    assert f'extproc_backends_blocked{{backend="{BACKENDS["groq"]}",reason="ejected"}} 1.0' in text
+    assert f'extproc_backend_cooldowns_total{{backend="{BACKENDS["groq"]}",reason="ejected"}} 1.0' in text
 
 
 def test_500_falls_back_and_a_hung_provider_is_left_after_its_timeout(fresh) -> None:

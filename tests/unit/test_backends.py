@@ -217,3 +217,30 @@ def test_a_later_attempt_finds_the_model_in_a_body_serialized_again_that_names_m
     assert body[start:end] == b'"llama-3.3-70b-versatile"'
     spliced = orjson.loads(body[:start] + b'"gpt-4o-mini"' + body[end:])
     assert (spliced["model"], spliced["metadata"]) == ("gpt-4o-mini", {"model": "mine"})
+
+
+def test_a_providers_cluster_has_its_own_tls_timeouts_and_connection_limits() -> None:
+    from extproc.envoy.options import EnvoyOptions
+    from extproc.envoy.render.chains import provider_cluster
+
+    text = BASE.replace(
+        "api_key: {env: TOGETHER_API_KEY}}",
+        "api_key: {env: TOGETHER_API_KEY}, ca_file: /etc/ca/together.pem, connect_timeout: 2s,"
+        " max_connections: 7, max_pending_requests: 3, max_requests: 20}",
+    )
+    together = provider_cluster(parse_policy(text).providers["together"], EnvoyOptions())
+    assert together["connect_timeout"] == "2s"
+    (limits,) = together["circuit_breakers"]["thresholds"]
+    assert (limits["max_connections"], limits["max_pending_requests"], limits["max_requests"]) == (7, 3, 20)
+    tls = together["transport_socket"]["typed_config"]
+    assert tls["sni"] == "api.together.xyz"
+    validation = tls["common_tls_context"]["validation_context"]
+    assert validation["trusted_ca"] == {"filename": "/etc/ca/together.pem"}
+    assert validation["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": "api.together.xyz"}}
+    ]
+    groq = provider_cluster(parse_policy(text).providers["groq"], EnvoyOptions())
+    assert groq["connect_timeout"] == "5s" and groq["circuit_breakers"]["thresholds"][0]["max_connections"] == 1024
+    assert groq["transport_socket"]["typed_config"]["common_tls_context"]["validation_context"]["trusted_ca"] == {
+        "filename": EnvoyOptions().ca_file
+    }
