@@ -418,6 +418,8 @@ class Router:
             return None
         if not any(state.pools.endpoints(m) for m in models if policy.models[m].replicas is not None):
             return None  # no replica at all: placement answers 503
+        if any(b.provider is not None for m in models for b in policy.models[m].backends):
+            return None  # a hosted backend in the chain takes what full replicas cannot: no wait
         priority = self.admission.priority_of(call.headers)
         if not self.admission.needs_queue(models, priority):
             return None

@@ -244,3 +244,21 @@ def test_a_providers_cluster_has_its_own_tls_timeouts_and_connection_limits() ->
     assert groq["transport_socket"]["typed_config"]["common_tls_context"]["validation_context"]["trusted_ca"] == {
         "filename": EnvoyOptions().ca_file
     }
+
+
+def test_replicas_at_capacity_give_way_to_the_next_backend_without_queueing() -> None:
+    text = BASE.replace(
+        "  small:\n    replicas:",
+        '  local:\n    capacity: {max_inflight: 1}\n    replicas: {static: ["10.0.0.9:8000"], envoy: override_host}\n'
+        "    backends: [replicas, {provider: groq, model: llama-3.1-8b-instant}]\n  small:\n    replicas:",
+    ).replace("decisions:\n", "decisions:\n  - {name: local, when: {keyword: [local]}, model: local}\n")
+    router = _router(text)
+    routed = _route(router, "a local question")
+    assert [a.label for a in routed.plan.attempts] == ["local replicas", "groq/llama-3.1-8b-instant"]
+    assert routed.endpoints == ("10.0.0.9:8000",)
+    # Now the one replica is full: the provider answers at once (no admission queue), and the
+    # replicas are left out of this request's plan.
+    routed = _route(router, "another local question")
+    assert [a.label for a in routed.plan.attempts] == ["groq/llama-3.1-8b-instant"]
+    assert dict(routed.plan.skipped) == {"local replicas": "full"}
+    assert routed.cluster == "groq" and routed.upstream_model == "llama-3.1-8b-instant"
