@@ -213,12 +213,15 @@ def _struct(data: Mapping[str, Mapping[str, Any]]) -> struct_pb2.Struct:
         for key, value in fields.items():
             if isinstance(value, str):
                 inner.fields[key].string_value = value
+            elif isinstance(value, struct_pb2.Value):  # built once (extproc/fallback.py)
+                inner.fields[key].CopyFrom(value)
             else:  # a chained request's lists (extproc/fallback.py)
-                inner.fields[key].CopyFrom(_value(value))
+                inner.fields[key].CopyFrom(to_value(value))
     return struct
 
 
-def _value(value: Any) -> struct_pb2.Value:
+def to_value(value: Any) -> struct_pb2.Value:
+    """A protobuf Value of JSON-like data (also built once, to put in many responses' metadata)."""
     out = struct_pb2.Value()
     if isinstance(value, str):
         out.string_value = value
@@ -228,9 +231,9 @@ def _value(value: Any) -> struct_pb2.Value:
         out.number_value = value
     elif isinstance(value, Mapping):
         for key, item in value.items():
-            out.struct_value.fields[key].CopyFrom(_value(item))
+            out.struct_value.fields[key].CopyFrom(to_value(item))
     else:
-        out.list_value.values.extend(_value(item) for item in value)
+        out.list_value.values.extend(to_value(item) for item in value)
     return out
 
 
