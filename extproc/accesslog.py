@@ -52,8 +52,9 @@ def finished(router: Router, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
     # The one count of upstream statuses; "none": the request ended with no response (reset, client gone).
     router.metrics.upstream.labels(model, f"{code // 100}xx" if code else "none").inc()
     tries = common.upstream_request_attempt_count
+    answered = model  # the model whose backend answered: a fallback model's, after a chain moved on
     if h.KEY_CHAIN in fields:
-        _chain_finished(router, entry, model, tries, code)
+        answered = _chain_finished(router, entry, model, tries, code) or model
     if h.KEY_ENDPOINT in fields and (tries <= 1 or h.KEY_CHAIN not in fields):
         # The router picked the replica (not Envoy's own balancing). A chained request that went
         # on to other backends: its first attempt's outcome came in its own entry (attempted).
@@ -67,7 +68,7 @@ def finished(router: Router, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
         tokens = usage.fields
         input_tokens = int(tokens[h.KEY_INPUT_TOKENS].number_value) if h.KEY_INPUT_TOKENS in tokens else 0
         output_tokens = int(tokens[h.KEY_OUTPUT_TOKENS].number_value) if h.KEY_OUTPUT_TOKENS in tokens else 0
-        router.record_usage(model, input_tokens, output_tokens)
+        router.record_usage(answered, input_tokens, output_tokens)
 
 
 _RETRIABLE = ("rate_limited", "5xx", "timeout", "connect_failure", "reset")
@@ -129,19 +130,23 @@ def attempted(router: Router, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
             router.observe_upstream(attempt.model, [(host, replica)])
 
 
-def _chain_finished(router: Router, entry: accesslog_pb2.HTTPAccessLogEntry, model: str, tries: int, code: int) -> None:
+def _chain_finished(
+    router: Router, entry: accesslog_pb2.HTTPAccessLogEntry, model: str, tries: int, code: int
+) -> str | None:
     """A chained request ended: how many backends it took; a success resets its backend's
-    failures (first attempts that succeed are not in the attempt log)."""
+    failures (first attempts that succeed are not in the attempt log). Returns the model whose
+    backend answered, if it did."""
     if tries:
         router.metrics.chain_attempts.labels(model).observe(tries)
     plan = router.recent_plans.get(entry.request.request_id)
     if plan is None or not 1 <= tries <= len(plan.attempts) or not 200 <= code < 300:
-        return
+        return None
     attempt = plan.attempts[tries - 1]
     if tries == 1:
         router.metrics.attempts.labels(attempt.model, attempt.label, "success").inc()
     if attempt.hosted:
         router.backends.observe(attempt.backend, cooldown.Outcome.SUCCESS)
+    return attempt.model
 
 
 def upstream_outcomes(entry: accesslog_pb2.HTTPAccessLogEntry, listed: list[str]) -> list[tuple[str, Outcome]]:

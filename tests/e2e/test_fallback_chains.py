@@ -311,6 +311,8 @@ def test_a_decisions_fallback_model_comes_after_its_models_whole_chain(fresh) ->
     # The client's key was replaced for the providers: the replica after them gets none, and
     # certainly not the last provider's.
     assert "authorization" not in got.headers
+    # Its tokens (and cost) count for the model that answered, not the one decided.
+    wait_for(lambda: 'extproc_tokens_total{kind="input",model="small"}' in stack.metrics_text())
 
 
 def test_the_routers_own_replicas_first_then_a_provider(fresh) -> None:
