@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from extproc.standin import StandIn
-from tests.harness import Stack, chat, wait_for
+from tests.harness import Stack, chat, free_port, wait_for
 from tests.providers import Provider, make_ca
 
 pytestmark = pytest.mark.e2e
@@ -346,9 +346,7 @@ def test_no_new_attempt_starts_after_the_fallback_deadline(world, tmp_path: Path
         provider.received.clear()
     providers["groq"].mode, providers["groq"].hang = "hang", 3.0
     policy = POLICY.replace("deadline: 30s", "deadline: 0.5s")
-    with Stack(
-        tmp_path, policy, [StandIn(name="local")], substitutions=stack.substitutions, envoy_log_level="debug"
-    ) as short:
+    with Stack(tmp_path, policy, [StandIn(name="local")], substitutions=stack.substitutions) as short:
         started = time.monotonic()
         response = short.post(chat("x"))
         took = time.monotonic() - started
@@ -364,6 +362,26 @@ def test_no_new_attempt_starts_after_the_fallback_deadline(world, tmp_path: Path
     assert 1.0 <= took < 2.9  # groq's 1 s per-try timeout, then no second attempt
     assert len(providers["groq"].received) == 1
     assert not providers["together"].received and not providers["openai"].received
+
+
+def test_a_provider_refusing_connections_falls_back_to_the_next(world, tmp_path: Path) -> None:
+    stack, providers = world
+    for provider in providers.values():
+        provider.mode, provider.retry_after = "ok", None
+        provider.received.clear()
+    closed = {**stack.substitutions, "groq_address": f"127.0.0.1:{free_port()}"}  # nothing listens there
+    with Stack(tmp_path, POLICY, [StandIn(name="local")], substitutions=closed) as refused:
+        response = refused.post(chat("x"))
+        assert response.status == 200, response.body
+        assert (response.headers["x-router-backend"], response.headers["x-router-attempts"]) == (
+            BACKENDS["together"],
+            "2",
+        )
+        (got,) = providers["together"].received
+        assert got.model == MODELS["together"] and got.authorization == f"Bearer {KEYS['together']}"
+        wait_for(
+            lambda: 'extproc_fallbacks_total{model="llama-70b",reason="connect_failure"}' in refused.metrics_text()
+        )
 
 
 def _admin(stack: Stack, path: str) -> str:
