@@ -262,3 +262,21 @@ def test_replicas_at_capacity_give_way_to_the_next_backend_without_queueing() ->
     assert [a.label for a in routed.plan.attempts] == ["groq/llama-3.1-8b-instant"]
     assert dict(routed.plan.skipped) == {"local replicas": "full"}
     assert routed.cluster == "groq" and routed.upstream_model == "llama-3.1-8b-instant"
+
+
+def test_chain_routes_keep_the_model_routes_timeouts() -> None:
+    from extproc.envoy.options import EnvoyOptions
+    from extproc.envoy.render.bootstrap import render
+
+    config = render(parse_policy(BASE), EnvoyOptions(upstream_timeout="900s"))
+    listeners = config["static_resources"]["listeners"]
+    (manager,) = [
+        f["typed_config"]
+        for lst in listeners
+        for c in lst["filter_chains"]
+        for f in c["filters"]
+        if "route_config" in f.get("typed_config", {})
+    ]
+    routes = [r for vh in manager["route_config"]["virtual_hosts"] for r in vh["routes"] if "route" in r]
+    chains = [r["route"] for r in routes if r["name"].startswith("llm-chain-")]
+    assert chains and all((r["timeout"], r["idle_timeout"]) == ("900s", "900s") for r in chains)

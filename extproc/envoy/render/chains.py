@@ -310,6 +310,9 @@ def chain_route(
                 }
             },
             "timeout": o.upstream_timeout,
+            # As the model routes (routes.py): a model thinking for minutes before its first byte
+            # (or between events) is not cut by the connection manager's stream_idle_timeout.
+            "idle_timeout": o.upstream_timeout,
             "auto_host_rewrite": True,
             "retry_policy": retry,
         },
