@@ -705,36 +705,17 @@ class Router:
         if policy.chains:
             return self._place_chain(state, model, fallbacks, parsed, signals, label, explain, prompts)
         tried = []
-        full: tuple[Model, tuple[str, ...]] | None = None
+        full: Model | None = None
         for name in (model.name, *fallbacks):
             candidate = policy.models[name]
             tried.append(name)
-            if candidate.replicas is None:  # Envoy balances this model's cluster itself
-                return Routed(candidate.name, candidate.upstream_model, label, candidate.cluster)
-            if candidate.replicas.envoy == "hash":
-                # Envoy's ring hash (with a load bound) picks; the router only names the conversation.
-                key = _digest(signals.headers.get(policy.headers.session) or _conversation(signals))
-                return Routed(
-                    candidate.name,
-                    candidate.upstream_model,
-                    label,
-                    candidate.cluster,
-                    envoy_lb="hash",
-                    affinity_key=key,
-                )
-            endpoints = state.pools.endpoints(name)
-            if not endpoints:
-                self.metrics.no_replica.labels(name).inc()
-                continue
-            if candidate.capacity is not None:
-                roomy = tuple(e for e in endpoints if self._free_slots(candidate.capacity, e) > 0)
-                if not roomy:  # every replica full: a fallback may have room, else the first full one
-                    full = full or (candidate, endpoints)
-                    continue
-                endpoints = roomy
-            return self._pick(policy, candidate, endpoints, parsed, signals, label, explain, prompts)
+            placed = self._place_pool(state, candidate, parsed, signals, label, explain, True, prompts)
+            if placed == _FULL:  # every replica full: a fallback may have room, else the first full one
+                full = full or candidate
+            elif isinstance(placed, Routed):
+                return placed
         if full is not None:  # (admission let it through: a slot freed and was taken meanwhile)
-            return self._pick(policy, full[0], full[1], parsed, signals, label, explain, prompts)
+            return self._pick(policy, full, state.pools.endpoints(full.name), parsed, signals, label, explain, prompts)
         raise errors.ServiceUnavailable(f"no ready replica for model {' or '.join(map(repr, tried))}; retry later")
 
     def _place_chain(
@@ -819,13 +800,15 @@ class Router:
         pick: bool,
         prompts: dict[str, PromptBlocks | None] | None = None,
     ) -> Routed | str | None:
-        """A model's own replicas or cluster as one attempt; None without a ready replica, _FULL
-        when every one is at its capacity. Only the first attempt is picked (and leased): later
-        ones get there only on a failure."""
+        """A model's own replicas or cluster as one placement (``_place``) or chain attempt; None
+        without a ready replica, _FULL when every one is at its capacity. With ``pick`` the
+        replica is picked and leased; a chain's later attempts are not (they get there only on
+        a failure, and Envoy balances them)."""
         policy = state.policy
-        if model.replicas is None:
+        if model.replicas is None:  # Envoy balances this model's cluster itself
             return Routed(model.name, model.upstream_model, label, model.cluster)
         if model.replicas.envoy == "hash":
+            # Envoy's ring hash (with a load bound) picks; the router only names the conversation.
             key = _digest(signals.headers.get(policy.headers.session) or _conversation(signals))
             return Routed(model.name, model.upstream_model, label, model.cluster, envoy_lb="hash", affinity_key=key)
         endpoints = state.pools.endpoints(model.name)
