@@ -278,5 +278,25 @@ def test_chain_routes_keep_the_model_routes_timeouts() -> None:
         if "route_config" in f.get("typed_config", {})
     ]
     routes = [r for vh in manager["route_config"]["virtual_hosts"] for r in vh["routes"] if "route" in r]
-    chains = [r["route"] for r in routes if r["name"].startswith("llm-chain-")]
-    assert chains and all((r["timeout"], r["idle_timeout"]) == ("900s", "900s") for r in chains)
+    chains = [r for r in routes if r["name"].startswith("llm-chain-")]
+    assert chains and all((r["route"]["timeout"], r["route"]["idle_timeout"]) == ("900s", "900s") for r in chains)
+    assert all(r["per_request_buffer_limit_bytes"] == EnvoyOptions().max_response_bytes for r in chains)
+
+
+def test_a_chained_cache_miss_has_a_route_that_stores_its_answer() -> None:
+    from extproc.envoy.options import EnvoyOptions
+    from extproc.envoy.render.bootstrap import render
+
+    text = BASE.replace("model: llama, fallbacks: [small]}", "model: llama, fallbacks: [small], cache: {}}")
+    config = render(parse_policy(text), EnvoyOptions())
+    listeners = config["static_resources"]["listeners"]
+    (manager,) = [
+        f["typed_config"]
+        for lst in listeners
+        for c in lst["filter_chains"]
+        for f in c["filters"]
+        if "route_config" in f.get("typed_config", {})
+    ]
+    names = [r["name"] for vh in manager["route_config"]["virtual_hosts"] for r in vh["routes"]]
+    chained = [n for n in names if n.startswith("llm-chain-")]
+    assert chained and all(f"{n}-cache-store" in names for n in chained if not n.endswith("-cache-store"))

@@ -316,6 +316,9 @@ def chain_route(
             "auto_host_rewrite": True,
             "retry_policy": retry,
         },
+        # As the model routes: answers buffered whole for their usage up to this, and (what a
+        # chain needs) the request body kept for retries up to it, not the connection's limit.
+        "per_request_buffer_limit_bytes": o.max_response_bytes,
         "request_headers_to_add": [
             {
                 "header": {

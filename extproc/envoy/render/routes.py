@@ -78,8 +78,12 @@ def route_config(
         },
     ]
     for key, per_try_timeout, fallback_cluster in chains:
-        # Requests the router gave several backends (extproc/envoy/render/chains.py).
-        routes.append(chain_route(key, per_try_timeout, fallback_cluster, path_regex, o))
+        # Requests the router gave several backends (extproc/envoy/render/chains.py); a cache
+        # miss among them has its answer stored as on a model's own route.
+        chained = chain_route(key, per_try_timeout, fallback_cluster, path_regex, o)
+        if cache:
+            routes.append(_cache_store_route(chained))
+        routes.append(chained)
     for cluster in routed_clusters:
         # idle_timeout: a model may think for minutes before its first byte; the connection
         # manager's shorter stream_idle_timeout would cut that answer after the replica's work.
