@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from extproc import headers
-from extproc.classifier.text import DEFAULT_PII_TOKENS
 from extproc.heads import Head
 from extproc.policy.backends import Backend, FallbackSettings, Provider, StoreSettings
 from extproc.policy.conditions import Condition
@@ -210,7 +209,9 @@ class ClassifierSettings:
     max_wait_ms: float = 0.0  # texts run one at a time (batching.py): waiting would only delay
     cache_size: int = 4096
     timeout_ms: float = 300.0
-    pii_tokens: int = DEFAULT_PII_TOKENS  # tagger budget per request (signals/classifier.py)
+    # tagger budget per request (signals/classifier.py): one encoder window, the classifier's own
+    # default (extproc.classifier.text.DEFAULT_PII_TOKENS; a test keeps the two equal)
+    pii_tokens: int = 510
 
 
 @dataclass(frozen=True, slots=True)

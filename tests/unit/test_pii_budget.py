@@ -5,6 +5,8 @@ tokens). A recording stand-in for the encoder shows what it was asked to read.""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import orjson
 import pytest
@@ -172,6 +174,26 @@ def test_classifier_defaults_are_the_schemas() -> None:
     defaults = ClassifierSettings()
     for name in ("threads", "max_batch", "cache_size", "timeout_ms", "pii_tokens"):
         assert props[name]["default"] == getattr(defaults, name), name
+
+
+def test_the_policys_pii_budget_default_is_the_classifiers() -> None:
+    from extproc.classifier.text import DEFAULT_PII_TOKENS
+
+    assert ClassifierSettings().pii_tokens == DEFAULT_PII_TOKENS
+
+
+def test_loading_a_policy_does_not_import_onnxruntime() -> None:
+    # The policy (and the router's signals) must load where the encoder never runs: check-config,
+    # a rules-only sidecar. onnxruntime is imported only when a classifier is built.
+    code = (
+        "import sys\n"
+        "from extproc.policy import load_policy\n"
+        "import extproc.router, extproc.signals.classifier\n"
+        "from extproc.classifier import DOMAINS\n"
+        "print('onnxruntime' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_policy_knows_which_pii_types_it_asks_for() -> None:
