@@ -1,17 +1,19 @@
-"""AsyncClassifier: micro-batching and a per-text LRU cache in front of a Classifier.
+"""AsyncClassifier: a per-text LRU cache and a deadline-aware scheduler in front of a Classifier.
 
 Callers classify each message of a conversation separately, so a new turn costs only its new
 message: earlier messages are cache hits, and identical texts in flight share one computation.
-Inference runs in one worker thread, never on the event loop.
+Inference runs in worker threads (`workers` texts at once), never on the event loop, one text per
+onnxruntime run: padding texts into one run bought little throughput on the CPUs measured (at most
+~8%, model card "Run time") and made each text's int8 outputs depend on its batch-mates.
 
-Concurrent texts are collected into a batch (at most `max_batch`, waiting at most `max_wait_ms`
-for it to fill), and the batch's texts are then classified one at a time, each caller answered
-as soon as its own text is done. Padding texts into one onnxruntime run bought little throughput
-on the CPU measured (at most ~8%, model card "Run time") and made each text's int8 outputs depend
-on its batch-mates; run one by one, the first caller of a batch of eight waits for one text, not
-eight.
-A text whose every caller has gone (timed out, cancelled) before its turn is dropped, so an
-overload sheds the work nobody waits for instead of running it ahead of the requests that still do.
+Under overload a first-in, first-out queue serves every text just after its caller gave up:
+throughput collapsed (54 -> 13 texts/s past saturation, model card "Throughput under
+concurrency"). So the scheduler serves the **newest** waiting text first, and a text that can no
+longer make its callers' deadline (given how long texts have been taking) is **dropped** at once
+with `DeadlineExceededError`, so its callers route on their other signals now instead of at the
+deadline. At most `max_batch` texts with a deadline wait per worker; past that the oldest is dropped
+the same way.
+Below saturation at most a few texts wait and the order makes no difference.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -33,17 +37,43 @@ from extproc.classifier.text import DEFAULT_PII_TOKENS, WINDOW
 
 log = logging.getLogger(__name__)
 
+# Seconds per estimated token before any text has been measured (two busy cores, 64 tokens ~ 15 ms)
+_INITIAL_SECONDS_PER_TOKEN = 3e-4
+_EWMA = 0.2  # weight of the newest measurement in the running estimate
+
 
 class ClassifierClosedError(RuntimeError):
     """classify() was called on, or was pending in, an AsyncClassifier that has been closed."""
 
 
+class DeadlineExceededError(TimeoutError):
+    """The text was dropped: it could not have been classified before its callers' deadline."""
+
+
 def text_key(text: str, pii_tokens: int = DEFAULT_PII_TOKENS, topic: bool = True) -> bytes:
     """Cache key: a 16-byte digest (so the cache never holds prompt text) and what was asked."""
     digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-    if len(text) <= 2 * WINDOW:  # read once for everything, whatever was asked (classifier.py)
-        pii_tokens, topic = max(pii_tokens, WINDOW), True
+    if len(text) <= 2 * WINDOW:  # one sequence serves the topic and the tagger (classifier.py)
+        pii_tokens, topic = (WINDOW if pii_tokens else 0), True
     return digest + pii_tokens.to_bytes(4, "big") + bytes([topic])
+
+
+def _tokens(text: str, pii_tokens: int, topic: bool) -> int:
+    """The encoder tokens a text will cost, roughly (4 characters a token), for the run-time estimate."""
+    tokens = min(len(text) // 4 + 2, WINDOW + 2)
+    if len(text) > 2 * WINDOW and pii_tokens and topic:
+        tokens += min(pii_tokens, len(text) // 4)
+    return max(tokens, 8)
+
+
+@dataclass(slots=True)
+class _Job:
+    key: bytes
+    text: str
+    pii_tokens: int
+    topic: bool
+    deadline: float  # loop time by which its last caller gives up (inf: none)
+    tokens: int
 
 
 class AsyncClassifier:
@@ -52,35 +82,39 @@ class AsyncClassifier:
         classifier: Classifier,
         *,
         max_batch: int = 16,
-        max_wait_ms: float = 2.0,
+        max_wait_ms: float = 0.0,
         cache_size: int = 4096,
         on_batch: Callable[[int, float], None] | None = None,
         workers: int = 1,
     ) -> None:
+        """`max_batch`: texts that may wait per worker; `on_batch(texts, seconds)` is called after
+        every run (one text a run). `max_wait_ms` is accepted for existing policies and ignored:
+        texts never share a run, so there is no batch to wait for."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if workers < 1:
             raise ValueError("workers must be at least 1")
+        del max_wait_ms
         self._classifier = classifier
-        self._max_batch = max_batch
-        self._max_wait = max_wait_ms / 1000.0
+        self._max_waiting = max_batch * workers
         self._cache_size = cache_size
         self._on_batch = on_batch
         self._cache: OrderedDict[bytes, Classification] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Future[Classification]] = {}
         self._waiting: dict[bytes, int] = {}  # callers still awaiting each in-flight key
-        self._queue: asyncio.Queue[tuple[bytes, str, int, bool]] | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._jobs: dict[bytes, _Job] = {}  # waiting to run, oldest first
+        self._wake: asyncio.Event | None = None
+        self._workers: list[asyncio.Task[None]] = []
         # workers > 1 runs that many texts at once (one onnxruntime session is safe to share): on
         # two cores, two texts with one onnxruntime thread each beat one text with two threads
         # (bench/classifier_concurrency.py)
-        self._workers = workers
-        self._slots = asyncio.Semaphore(workers)
+        self._n_workers = workers
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="classifier")
-        self._running: set[asyncio.Task[None]] = set()
         self._closed = False
         self._abandoned = 0  # texts given up by every caller before their result
         self._last_key: tuple[str, int, bool, bytes] | None = None
+        self._dropped = 0  # texts dropped because they could not make their deadline
+        self._seconds_per_token = _INITIAL_SECONDS_PER_TOKEN
 
     def cached(self, text: str, pii_tokens: int = DEFAULT_PII_TOKENS, topic: bool = True) -> bool:
         """The result for `text` is at hand (cached or being computed): asking costs no encoder time."""
@@ -97,9 +131,15 @@ class AsyncClassifier:
         self._last_key = (text, pii_tokens, topic, key)
         return key
 
-    async def classify(self, text: str, pii_tokens: int = DEFAULT_PII_TOKENS, topic: bool = True) -> Classification:
+    async def classify(
+        self, text: str, pii_tokens: int = DEFAULT_PII_TOKENS, topic: bool = True, deadline: float | None = None
+    ) -> Classification:
         """Domain, complexity and PII of one text; the tagger reads its first `pii_tokens` tokens
-        (0: none), and `topic=False` may skip domain and complexity (Classifier.classify)."""
+        (0: none), and `topic=False` may skip domain and complexity (Classifier.classify).
+
+        `deadline` (event-loop time) is when this caller gives up: a text that can no longer be
+        classified by then is dropped with DeadlineExceededError instead of being run late.
+        """
         if self._closed:
             raise ClassifierClosedError("AsyncClassifier is closed")
         key = self._key(text, pii_tokens, topic)
@@ -107,13 +147,20 @@ class AsyncClassifier:
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
+        limit = math.inf if deadline is None else deadline
         pending = self._inflight.get(key)
         if pending is None:
             pending = asyncio.get_running_loop().create_future()
             self._inflight[key] = pending
-            self._ensure_worker()
-            assert self._queue is not None
-            self._queue.put_nowait((key, text, pii_tokens, topic))
+            self._ensure_workers()
+            self._jobs[key] = _Job(key, text, pii_tokens, topic, limit, _tokens(text, pii_tokens, topic))
+            self._shed_overflow()
+            assert self._wake is not None
+            self._wake.set()
+        else:
+            job = self._jobs.get(key)
+            if job is not None and limit > job.deadline:
+                job.deadline = limit  # a later caller waits longer for the same text
         self._waiting[key] = self._waiting.get(key, 0) + 1
         try:
             # shield: one caller being cancelled must not cancel the shared result for the others
@@ -145,73 +192,80 @@ class AsyncClassifier:
             return
         del self._waiting[key]
         if not pending.done() and self._inflight.get(key) is pending:
-            # Nobody waits for it any more: the batcher skips it unless its batch already started.
+            # Nobody waits for it any more: it is not run unless it already started.
             del self._inflight[key]
+            self._jobs.pop(key, None)
             pending.cancel()
             self._abandoned += 1
 
-    def _ensure_worker(self) -> None:
-        if self._worker is None:
-            self._queue = asyncio.Queue()
-            self._worker = asyncio.get_running_loop().create_task(self._run(), name="classifier-batcher")
+    def _ensure_workers(self) -> None:
+        if not self._workers:
+            self._wake = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            self._workers = [
+                loop.create_task(self._work(), name=f"classifier-worker-{i}") for i in range(self._n_workers)
+            ]
 
-    async def _run(self) -> None:
-        assert self._queue is not None
-        queue = self._queue
+    def _drop(self, job: _Job, why: str) -> None:
+        del self._jobs[job.key]
+        fut = self._inflight.pop(job.key, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(DeadlineExceededError(why))
+        self._dropped += 1
+
+    def _shed_overflow(self) -> None:
+        """Past max_batch waiting texts per worker, drop the oldest that has a deadline (a caller
+        without one, e.g. an offline evaluation, waits whatever the queue)."""
+        excess = len(self._jobs) - self._max_waiting
+        if excess <= 0:
+            return
+        for job in [j for j in self._jobs.values() if j.deadline != math.inf][:excess]:
+            self._drop(job, "too many texts waiting for the classifier")
+
+    def _next_job(self, now: float) -> _Job | None:
+        """The newest waiting text that can still make its deadline; the ones that cannot are dropped."""
+        for job in reversed(list(self._jobs.values())):
+            if now + job.tokens * self._seconds_per_token > job.deadline:
+                self._drop(job, "classifier deadline: dropped before running, it would have finished too late")
+                continue
+            del self._jobs[job.key]
+            return job
+        return None
+
+    async def _work(self) -> None:
+        assert self._wake is not None
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await queue.get()]
-            deadline = loop.time() + self._max_wait
-            while len(batch) < self._max_batch:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), timeout))
-                except TimeoutError:
-                    break
-            while len(batch) < self._max_batch and not queue.empty():
-                batch.append(queue.get_nowait())
-            batch = [item for item in batch if item[0] in self._inflight]
-            if batch and self._workers == 1:
-                await self._infer(batch)
+            job = self._next_job(loop.time())
+            if job is None:
+                self._wake.clear()
+                await self._wake.wait()
                 continue
-            for item in batch:
-                await self._slots.acquire()
-                if item[0] not in self._inflight:  # given up on while a slot was awaited
-                    self._slots.release()
-                    continue
-                task = loop.create_task(self._infer([item]))
-                self._running.add(task)
-                task.add_done_callback(self._finished)
+            if self._jobs:
+                self._wake.set()  # another worker may take the next one
+            await self._run(job)
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
-        self._slots.release()
-
-    async def _infer(self, batch: list[tuple[bytes, str, int, bool]]) -> None:
+    async def _run(self, job: _Job) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        done = 0
         try:
-            for key, text, pii_tokens, topic in batch:
-                if key not in self._inflight:
-                    continue  # every caller gave up while earlier texts of the batch ran
-                done += 1
-                try:
-                    [result] = await loop.run_in_executor(self._executor, self._classify_one, text, pii_tokens, topic)
-                except Exception as e:  # this text's callers get the error; the worker lives on
-                    fut = self._inflight.pop(key, None)
-                    if fut is not None and not fut.done():
-                        fut.set_exception(e)
-                    continue
-                self._remember(key, result)
-                fut = self._inflight.pop(key, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(result)
+            [result] = await loop.run_in_executor(
+                self._executor, self._classify_one, job.text, job.pii_tokens, job.topic
+            )
+        except Exception as e:  # this text's callers get the error; the worker lives on
+            fut = self._inflight.pop(job.key, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(e)
+            return
         finally:
-            if done:
-                self._report(done, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self._report(1, seconds)
+        per_token = seconds / job.tokens
+        self._seconds_per_token += _EWMA * (per_token - self._seconds_per_token)
+        self._remember(job.key, result)
+        fut = self._inflight.pop(job.key, None)
+        if fut is not None and not fut.done():
+            fut.set_result(result)
 
     def _classify_one(self, text: str, pii_tokens: int, topic: bool) -> list[Classification]:
         return self._classifier.classify([text], pii_tokens=pii_tokens, topic=topic)
@@ -221,12 +275,17 @@ class AsyncClassifier:
         """Texts every caller gave up on before they were classified (dropped or finished late)."""
         return self._abandoned
 
+    @property
+    def dropped(self) -> int:
+        """Texts dropped unrun because they could not have made their deadline (or too many waited)."""
+        return self._dropped
+
     def _report(self, size: int, seconds: float) -> None:
         if self._on_batch is None:
             return
         try:
             self._on_batch(size, seconds)
-        except Exception:  # a metrics hook must not take the batcher down
+        except Exception:  # a metrics hook must not take the scheduler down
             log.exception("on_batch callback failed")
 
     def _remember(self, key: bytes, result: Classification) -> None:
@@ -238,15 +297,15 @@ class AsyncClassifier:
             self._cache.popitem(last=False)
 
     async def aclose(self) -> None:
-        """Stop the batcher; callers still waiting get ClassifierClosedError."""
+        """Stop the workers; callers still waiting get ClassifierClosedError."""
         self._closed = True
-        for task in list(self._running):
+        for task in self._workers:
             task.cancel()
-        if self._worker is not None:
-            self._worker.cancel()
+        for task in self._workers:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+                await task
+        self._workers = []
+        self._jobs.clear()
         for fut in self._inflight.values():
             if not fut.done():
                 fut.set_exception(ClassifierClosedError("AsyncClassifier was closed"))

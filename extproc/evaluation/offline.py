@@ -28,7 +28,9 @@ class EvalError(RuntimeError):
 
 
 class TextClassifier(Protocol):
-    async def classify(self, text: str, pii_tokens: int = ..., topic: bool = ...) -> Any: ...
+    async def classify(
+        self, text: str, pii_tokens: int = ..., topic: bool = ..., deadline: float | None = ...
+    ) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""Run the shipped graph on the reference batch and save its outputs (run under qemu by a test).
+"""Run the shipped graphs on the reference batch and save their outputs (run under qemu by a test).
 
 qemu-x86_64 -cpu Haswell python tests/classifier/isa_probe.py out.npz
 """
@@ -7,14 +7,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-MODEL = Path(__file__).resolve().parents[2] / "extproc" / "classifier" / "model" / "classifier.onnx"
+from extproc.classifier.classifier import MODEL_DIR, run_graphs
+
 REFERENCE = Path(__file__).with_name("data") / "reference.npz"
 
 if __name__ == "__main__":
     ref = np.load(REFERENCE)
-    session = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
-    names = ["domain_probs", "complexity_probs", "pii_probs"]
-    outs = session.run(names, {"input_ids": ref["input_ids"], "attention_mask": ref["attention_mask"]})
-    np.savez(sys.argv[1], **dict(zip(names, outs, strict=True)))
+    np.savez(sys.argv[1], **run_graphs(MODEL_DIR, ref["input_ids"], ref["attention_mask"]))

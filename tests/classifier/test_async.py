@@ -4,6 +4,7 @@ import threading
 import pytest
 
 from extproc.classifier import AsyncClassifier, Classification, Classifier, ClassifierClosedError
+from extproc.classifier.batching import DeadlineExceededError
 
 
 class Counting(Classifier):
@@ -25,25 +26,89 @@ def counting(classifier: Classifier) -> Counting:
     return Counting(classifier)
 
 
-def test_concurrent_calls_are_collected_into_batches_and_run_one_by_one(counting: Counting):
+def _holding_first(counting: Counting) -> threading.Event:
+    """The first text classified holds its worker until the returned gate opens."""
+    gate = threading.Event()
+    original = counting.classify
+
+    def gated(texts, **kwargs):
+        if not counting.batches:
+            counting.batches.append(list(texts))
+            gate.wait(10)
+            return Classifier.classify(counting, texts, **kwargs)
+        return original(texts, **kwargs)
+
+    counting.classify = gated
+    return gate
+
+
+def test_under_load_the_newest_waiting_text_runs_first(counting: Counting):
+    # First in, first out served every text just after its caller gave up once the classifier
+    # was saturated; newest first serves the callers that can still use the answer.
+    gate = _holding_first(counting)
     sizes: list[int] = []
 
     async def run():
-        ac = AsyncClassifier(counting, max_batch=8, max_wait_ms=50, on_batch=lambda n, s: sizes.append(n))
-        results = await asyncio.gather(*(ac.classify(f"question number {i} about physics") for i in range(12)))
+        ac = AsyncClassifier(counting, on_batch=lambda n, s: sizes.append(n))
+        first = asyncio.create_task(ac.classify("first"))
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.create_task(ac.classify(t)) for t in ("older", "old", "newest")]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(first, *waiting)
         await ac.aclose()
-        return results
 
-    results = asyncio.run(run())
-    assert all(isinstance(r, Classification) for r in results)
-    assert max(sizes) == 8  # the cap holds
-    assert len(sizes) < 12  # concurrent texts were collected together
-    assert sum(sizes) == 12
-    # ... and each ran alone, so no text's outputs depend on its batch-mates
-    assert [len(b) for b in counting.batches] == [1] * 12
+    asyncio.run(run())
+    assert counting.batches == [["first"], ["newest"], ["old"], ["older"]]
+    assert sizes == [1, 1, 1, 1]  # every text runs alone, so no text's outputs depend on another's
 
 
-def test_each_caller_is_answered_when_its_own_text_is_done(counting: Counting):
+def test_a_text_that_can_no_longer_make_its_deadline_is_dropped_not_run_late(counting: Counting):
+    gate = _holding_first(counting)
+
+    async def run():
+        ac = AsyncClassifier(counting)
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(ac.classify("first"))
+        await asyncio.sleep(0.05)
+        late = asyncio.create_task(ac.classify("in a hurry", 510, True, loop.time() + 0.05))
+        patient = asyncio.create_task(ac.classify("patient", 510, True, loop.time() + 30))
+        await asyncio.sleep(0.2)  # the hurried caller's deadline passes while the worker is busy
+        gate.set()
+        done = await asyncio.gather(first, late, patient, return_exceptions=True)
+        dropped = ac.dropped
+        await ac.aclose()
+        return done, dropped
+
+    (first, late, patient), dropped = asyncio.run(run())
+    assert isinstance(late, DeadlineExceededError) and isinstance(late, TimeoutError)
+    assert isinstance(patient, Classification) and isinstance(first, Classification)
+    assert ["in a hurry"] not in counting.batches and dropped == 1
+
+
+def test_past_max_batch_waiting_texts_per_worker_the_oldest_is_dropped_at_once(counting: Counting):
+    gate = _holding_first(counting)
+
+    async def run():
+        ac = AsyncClassifier(counting, max_batch=2)
+        first = asyncio.create_task(ac.classify("first"))
+        await asyncio.sleep(0.05)
+        soon = asyncio.get_running_loop().time() + 30
+        oldest = asyncio.create_task(ac.classify("oldest", 510, True, soon))
+        rest = [asyncio.create_task(ac.classify(t, 510, True, soon)) for t in ("second", "third")]
+        await asyncio.sleep(0.05)
+        shed = oldest.done()  # failed as soon as the third waiting text arrived, before the gate
+        gate.set()
+        out = await asyncio.gather(first, oldest, *rest, return_exceptions=True)
+        await ac.aclose()
+        return shed, out
+
+    shed, (first, oldest, second, third) = asyncio.run(run())
+    assert shed and isinstance(oldest, DeadlineExceededError)
+    assert all(isinstance(r, Classification) for r in (first, second, third))
+
+
+def test_a_slow_text_does_not_hold_another_callers_answer(counting: Counting):
     gate = threading.Event()
     original = counting.classify
 
@@ -55,9 +120,10 @@ def test_each_caller_is_answered_when_its_own_text_is_done(counting: Counting):
     counting.classify = gated
 
     async def run():
-        ac = AsyncClassifier(counting, max_batch=8, max_wait_ms=50)
-        first = asyncio.create_task(ac.classify("first"))
+        ac = AsyncClassifier(counting, workers=2)
         last = asyncio.create_task(ac.classify("last"))
+        await asyncio.sleep(0.05)  # "last" holds one worker
+        first = asyncio.create_task(ac.classify("first"))
         try:
             result = await asyncio.wait_for(asyncio.shield(first), 5)  # while "last" still runs
             still_running = not last.done()
@@ -69,7 +135,7 @@ def test_each_caller_is_answered_when_its_own_text_is_done(counting: Counting):
 
     result, still_running = asyncio.run(run())
     assert isinstance(result, Classification) and still_running
-    assert counting.batches == [["first"], ["last"]]
+    assert sorted(counting.batches) == [["first"], ["last"]]
 
 
 def test_repeated_text_is_a_cache_hit(counting: Counting):

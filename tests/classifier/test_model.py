@@ -13,7 +13,7 @@ import pytest
 from onnx import numpy_helper
 
 from extproc.classifier import DOMAINS, PII_TYPES, Classifier
-from extproc.classifier.classifier import MODEL_DIR
+from extproc.classifier.classifier import MODEL_DIR, run_graphs
 
 DATA = Path(__file__).parent / "data"
 # Floors sit below what the shipped model measured on these slices (see MODEL_CARD.md), so a
@@ -59,10 +59,7 @@ def test_pii_on_heldout_presidio_slice(classifier: Classifier):
 
 
 def _reference_run(ref) -> dict[str, np.ndarray]:
-    session = ort.InferenceSession(str(MODEL_DIR / "classifier.onnx"), providers=["CPUExecutionProvider"])
-    names = ["domain_probs", "complexity_probs", "pii_probs"]
-    outs = session.run(names, {"input_ids": ref["input_ids"], "attention_mask": ref["attention_mask"]})
-    return dict(zip(names, outs, strict=True))
+    return run_graphs(MODEL_DIR, ref["input_ids"], ref["attention_mask"])
 
 
 def test_outputs_are_the_same_on_every_instruction_set():
@@ -80,17 +77,23 @@ def test_outputs_are_the_same_on_every_instruction_set():
 def test_onnx_matches_training_graph_reference_outputs():
     ref = np.load(DATA / "reference.npz")
     out = _reference_run(ref)
-    domain, complexity, pii = out["domain_probs"], out["complexity_probs"], out["pii_probs"]
+    domain, embedding, pii = out["domain_probs"], out["embedding"], out["pii_probs"]
     mask = ref["attention_mask"].astype(bool)
     # The shipped graph is int8 with activations quantized per run: against the fp32 training
     # graph its probabilities move by up to 0.22 on this batch's low-confidence texts (the empty
-    # text, the card/IBAN line; measured 0.216 domain, 0.034 complexity). An export bug moves far
-    # more; confident decisions must agree exactly.
+    # text, the card/IBAN line; measured 0.216 domain). An export bug moves far more; confident
+    # decisions must agree exactly.
     assert np.abs(domain - ref["domain_probs"]).max() < 0.25
     confident = ref["domain_probs"].max(-1) >= 0.5
     assert confident.sum() >= 3
     assert (domain.argmax(-1) == ref["domain_probs"].argmax(-1))[confident].all()
-    assert np.abs(complexity - ref["complexity_probs"]).max() < 0.06
+    # the trunk's mean (what complexity heads read): int8 against fp32, cosine 0.985 (the empty text) to 0.997
+    cosine = (
+        (embedding * ref["embedding"]).sum(-1)
+        / np.linalg.norm(embedding, axis=-1)
+        / np.linalg.norm(ref["embedding"], axis=-1)
+    )
+    assert cosine.min() > 0.98
     assert np.abs(pii - ref["pii_probs"])[mask].mean() < 0.01
     # int8 moves some boundary tokens of this PII-dense batch (95% agree for the shipped branch;
     # its F1 is measured on the int8 graph itself, see the model card)

@@ -37,7 +37,9 @@ class Recording:
     def cached(self, text: str, pii_tokens: int = 0, topic: bool = True) -> bool:
         return False
 
-    async def classify(self, text: str, pii_tokens: int = 510, topic: bool = True) -> Classification:
+    async def classify(
+        self, text: str, pii_tokens: int = 510, topic: bool = True, deadline: float | None = None
+    ) -> Classification:
         self.calls.append((len(text), pii_tokens, topic))
         read = min(len(text), pii_tokens * 8)
         spans = (

@@ -285,6 +285,105 @@ def sentence_graph(sd: dict[str, np.ndarray], layer: int) -> onnx.ModelProto:
     return model
 
 
+def branch_graph(branch: BranchWeights) -> onnx.ModelProto:
+    """One branch as a graph of its own over the trunk's hidden states (`trunk`, `attention_mask`
+    in; `<name>_probs` out), like `sentence_graph`: the runtime runs it only for the texts that
+    need it (the PII tagger: only when a policy asks the tagger to read the text), since
+    onnxruntime computes every node of a graph whatever outputs a run asks for."""
+    b = Builder()
+    g = b.g
+    maskf = g.op("Cast", ["attention_mask"], "maskf", to=TensorProto.FLOAT)
+    bias = g.op("Mul", [g.op("Sub", [b.one, maskf], "bias"), g.const(np.array(-10000.0, np.float32), "neg")], "bias")
+    bias = g.op("Unsqueeze", [bias, g.const(_i64(1, 2), "axes12")], "bias")
+    outputs: list[onnx.ValueInfoProto] = []
+    _branches(b, TRUNK, bias, [branch], outputs, maskf)
+    graph = helper.make_graph(
+        g.nodes,
+        f"extproc_{branch.name}",
+        [
+            helper.make_tensor_value_info(TRUNK, TensorProto.FLOAT, ["batch", "seq", HIDDEN]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+        ],
+        outputs,
+        g.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def dequantized_branch(
+    model: onnx.ModelProto, name: str, fused: str, columns: tuple[int, int], pooled: bool = False
+) -> BranchWeights:
+    """A one-layer branch's fp32 weights read back from a quantized graph (int8 weight x its
+    per-column scale). Its first projection is `columns` of the fused MatMul `fused`: Q/K/V for a
+    token-level branch, K/V for a pooled one (whose Q is its own MatMul). For re-exporting a
+    branch whose float weights were not kept: re-quantized with the same scheme, the weights come
+    back as the same integers (the export checks its outputs)."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+    def find(prefix: str, suffix: str) -> np.ndarray:
+        (key,) = [k for k in inits if k.startswith(prefix) and k.endswith(suffix)]
+        return inits[key]
+
+    def weight(prefix: str) -> np.ndarray:  # [out, in], as the builder takes it
+        q = find(prefix + "_", "_quantized").astype(np.float32)
+        if np.any(find(prefix + "_", "_zero_point")):
+            raise ValueError(f"{prefix}: asymmetric weights are not supported")
+        return (q * find(prefix + "_", "_scale")[None, :]).T
+
+    a, z = columns
+    first, first_b = weight(fused)[a:z], _bias(inits, fused)[a:z]
+    names = "kv" if pooled else "qkv"
+    layer: LayerWeights = {}
+    for i, n in enumerate(names):
+        layer[f"{n}.weight"] = first[i * HIDDEN : (i + 1) * HIDDEN]
+        layer[f"{n}.bias"] = first_b[i * HIDDEN : (i + 1) * HIDDEN]
+    for n in ("o", "up", "down") + (("q",) if pooled else ()):
+        layer[f"{n}.weight"] = weight(f"{name}0_{n}_w")
+        layer[f"{n}.bias"] = _bias(inits, f"{name}0_{n}_w")
+    for n in ("ln1", "ln2"):
+        layer[f"{n}.weight"] = find(f"{name}0_{n}_g_", "")
+        layer[f"{n}.bias"] = find(f"{name}0_{n}_b_", "")
+    head_w = weight(f"{name}_head_w")
+    return BranchWeights(
+        name, [layer], head_w, _bias(inits, f"{name}_head_w"), pooled, "softmax" if head_w.shape[0] > 1 else "sigmoid"
+    )
+
+
+def dequantized_base(model: onnx.ModelProto, sd: dict[str, np.ndarray], trunk_layers: int) -> dict[str, np.ndarray]:
+    """The base state dict `sd` with the word table and the trunk's MatMul weights replaced by those
+    a quantized graph holds (dequantized): rebuilt and quantized again, the trunk is the same
+    integers, so its states (and the embedding every fitted head reads) stay bit-identical."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+    def find(prefix: str, suffix: str) -> np.ndarray:
+        (key,) = [k for k in inits if k.startswith(prefix) and k.endswith(suffix)]
+        return inits[key]
+
+    out = dict(sd)
+    word_q = find("word_", "_quantized").astype(np.float32)
+    out["embeddings.word_embeddings.weight"] = (word_q - find("word_", "_zero_point").astype(np.float32)) * find(
+        "word_", "_scale"
+    )
+    for i in range(trunk_layers):
+        ws = {}
+        for n in ("qkv", "o", "up", "down"):
+            q = find(f"trunk{i}_{n}_w_", "_quantized").astype(np.float32)
+            ws[n] = (q * find(f"trunk{i}_{n}_w_", "_scale")[None, :]).T  # [out, in]
+        for j, n in enumerate("qkv"):
+            out[f"encoder.layer.{i}.{BASE_NAMES[n]}.weight"] = ws["qkv"][j * HIDDEN : (j + 1) * HIDDEN]
+        for n in ("o", "up", "down"):
+            out[f"encoder.layer.{i}.{BASE_NAMES[n]}.weight"] = ws[n]
+    return out
+
+
+def _bias(inits: dict[str, np.ndarray], weight_hint: str) -> np.ndarray:
+    (key,) = [k for k in inits if k.startswith(weight_hint.replace("_w", "_b") + "_") and "quantized" not in k]
+    return inits[key]
+
+
 def _masked_mean(b: Builder, x: str, maskf: str) -> str:
     g = b.g
     m3 = g.op("Unsqueeze", [maskf, g.const(_i64(2), "ax2")], "m3")
