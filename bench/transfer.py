@@ -1,24 +1,47 @@
-"""Does the complexity signal transfer? Leave-pair-out and leave-dataset-out routing tables.
+"""Does the complexity signal transfer? Leave-pair-out and leave-dataset-out routing tables, with
+every modelling choice made by nested validation.
 
     python bench/transfer.py --data ../shared/data [--out bench/eval/transfer.json] [--litellm PYTHON]
+                             [--write-head extproc/classifier/model/complexity_head.json]
 
-For every held-out (data set, weak, strong) pair the head is fitted again without what it must not
-see, then scored on the pair's test prompts:
+Rows (the pairs of `PAIRS`), each scored on prompts and labels the fit never read:
 
-- **leave-pair-out**: the pair's two models are removed from every data set's item-response fit
-  (their labels are never read, in any data set where a model of that name appears); the head trains
-  on the train splits of all training data sets and is scored on the data set's test split.
-- **leave-dataset-out**: the whole data set is left out of training; scored on its test split.
-  alpaca_eval (CC BY-NC) is only ever scored, so every alpaca_eval row is leave-dataset-out.
+- **leave-pair-out**: the pair's two models are removed from every data set's labels (in any data
+  set where a model of that name appears); training reads the other models' labels on the train
+  and val splits of every training set; scored on the data set's test split.
+- **leave-dataset-out**: the whole data set is left out of training; scored on its test split
+  (arena and alpaca_eval: all of it). alpaca_eval (CC BY-NC) is only ever scored.
+
+**Selection** (which candidate of `CANDIDATES` scores a row) never reads a row's labels. Its figure
+is the mean APGR over *validation pairs* (`VAL_PAIRS`: other models of the same data sets, none of
+them in a reported pair):
+
+- for leave-pair-out rows: every reported model of the data set *and* the validation pair are left
+  out of the labels, the candidate trains on the train splits, and is scored on the validation
+  pair over the val split (arena, which has none: over its test half);
+- for the leave-dataset-out rows of data set D: inner leave-dataset-out folds over the other scored
+  sets D' (train without D and D', score D's validation pairs on D'); for alpaca_eval, over all
+  three scored sets.
+
+Candidates: labels (`gain`: the per-prompt mean over model pairs of stronger minus weaker score;
+`2pl`: the gain a typical pair sees under a 2PL item-response fit per data set, see
+train/difficulty.py), learners (the issue-16 logistic head; ridge regression; ridge with fixed
+effects per data set, i.e. least squares on within-data-set differences, the pointwise counterpart
+of a pairwise ranking loss; k-nearest-neighbour similarity-weighted scoring over labelled
+prompts, RouteLLM's SW ranking idea), features (the trunk-mean embedding, all-MiniLM-L6-v2's
+sentence embedding, 18 form features, litellm's score), and monotone blends with the prompt's
+length. Labels are percentiles within data set (and MMLU-Pro subject), every data set weighs the
+same.
 
 Beside ours, in the same run: random (APGR 0.5), the prompt's length, and litellm's keyword
 `ComplexityRouter` (`--litellm` names a Python that has litellm installed, a scratch environment:
-litellm is not a dependency of this project; its scores are computed there, see `litellm_scores`).
-Metrics (RouteLLM's, share of strong calls on the x axis): APGR, CPT(50%), CPT(80%), and the share
-of strong calls saved at 95% of the strong model's quality.
+litellm is not a dependency of this project). Metrics (RouteLLM's, share of strong calls on the x
+axis): APGR, CPT(50%), CPT(80%), the share of strong calls saved at 95% of the strong model's
+quality. `--oracle` also prints each label's own figure (computed from the other models' answers to
+the scored prompts themselves): the ceiling a perfect prompt-only predictor of that label reaches.
 
-The trunk embeddings come from the shipped classifier, per prompt as the runtime computes them, and
-are cached in ~/.cache/extproc-train.
+Embeddings come from the shipped classifier, per prompt as the runtime computes them, and are
+cached in ~/.cache/extproc-train.
 """
 
 from __future__ import annotations
@@ -30,6 +53,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +64,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extproc.classifier.train import difficulty, routing_data
 from extproc.evaluation import fitting
-from extproc.heads import form_features
+from extproc.heads import EMBEDDING_DIM, Head, form_features
 
-INPUTS = ("embedding", "form")
-L2 = 0.003
-WITHIN_CATEGORY = 1.0
-LABEL = "gain"
 TRAIN_SETS = ("mmlu_pro", "dcrouter", "arena", "gsm8k")
+SCORED_SETS = ("mmlu_pro", "dcrouter", "arena")  # with per-model labels: selection folds
 # The shipped head never reads these models' labels, so the bundled MMLU-Pro pair (and the CI
 # gate on it) is a leave-pair-out measurement.
 SHIPPED_EXCLUDES = ("Meta-Llama-3_1-8B-Instruct", "Meta-Llama-3_1-70B-Instruct")
@@ -66,24 +89,258 @@ PAIRS = [
     ("alpaca", "alpaca-7b", "gpt-3.5-turbo-1106", "chat+code"),
     ("alpaca", "gemma-7b-it", "FuseChat-Gemma-2-9B-Instruct", "chat+code"),
 ]
+# Selection only: pairs of models that appear in no reported pair of their data set (a spread of
+# gaps and families). Their figures choose the candidate; the reported rows never do.
+VAL_PAIRS = {
+    "mmlu_pro": [
+        ("Mistral-7B-Instruct-v0.1", "DeepSeek-Coder-V2"),
+        ("Yi-6b-Chat", "jamba-1.5-large"),
+        ("gemma-7b", "Qwen1.5-110B"),
+        ("c4ai-command-r-v01", "Meta-Llama-3-70B"),
+    ],
+    "dcrouter": [("codegemma-7b", "llama-3.1-8b-instruct"), ("llama3-chatqa-1.5-70b", "llama-3.1-8b-instruct")],
+    "arena": [
+        ("vicuna-33b-v1.3", "claude-2"),
+        ("Mistral-7B-Instruct-v0.1", "gpt-3.5-turbo"),
+        ("openchat_3.5", "claude-1"),
+        ("palm-2-chat-bison-001", "Starling-LM-7B-alpha"),
+    ],
+}
 
 
-def embeddings(items: list[routing_data.Item], cache: Path) -> np.ndarray:
+@dataclass(frozen=True)
+class Candidate:
+    features: str  # "embedding+form" | "sentence+form" | "form" | "embedding+form+litellm" | "sentence"
+    learner: str  # "logistic" | "ridge" | "ranking" | "knn" | "length" | "litellm"
+    label: str = "gain"  # "gain" | "2pl"
+    strength: float = 1.0  # l2 for linear learners, k for knn
+    length_blend: float = 0.0  # weight of the prompt's length (percentile) in a monotone blend
+
+    @property
+    def shippable(self) -> bool:
+        """Runs in the shipped head format (a linear map of embedding and form)."""
+        return self.learner in ("logistic", "ridge", "ranking") and self.features in ("embedding+form", "form")
+
+    def __str__(self) -> str:
+        s = f"{self.learner}({self.features}; {self.label}; {self.strength:g})"
+        return s + (f" + {self.length_blend:g} length" if self.length_blend else "")
+
+
+CANDIDATES = [
+    Candidate("embedding+form", "logistic", "gain", 0.003),  # issue 16's shipped head
+    Candidate("embedding+form", "ridge", "2pl", 1.0),
+    Candidate("embedding+form", "ranking", "2pl", 1.0),
+    Candidate("embedding+form", "ranking", "2pl", 10.0),
+    Candidate("sentence+form", "ranking", "2pl", 1.0),
+    Candidate("form", "ranking", "2pl", 1.0),
+    Candidate("embedding+form+litellm", "ranking", "2pl", 1.0),
+    Candidate("embedding", "knn", "2pl", 50),
+    Candidate("sentence", "knn", "2pl", 50),
+    Candidate("sentence", "knn", "2pl", 200),
+    Candidate("embedding+form", "ranking", "2pl", 1.0, 0.5),
+    Candidate("sentence", "knn", "2pl", 50, 0.5),
+    Candidate("-", "length"),
+    Candidate("-", "litellm"),
+]
+
+
+class Data:
+    """Items, features and the caches every fit shares."""
+
+    def __init__(self, items: list[routing_data.Item], emb: np.ndarray, sent: np.ndarray, lite: np.ndarray | None):
+        self.items = items
+        self.ds = np.array([it.dataset for it in items])
+        self.split = np.array([it.split for it in items])
+        self.form = np.stack([form_features(it.text) for it in items])
+        self.length = self.form[:, 0].copy()  # log characters
+        self.lite = lite
+        self.x = {
+            "embedding+form": np.hstack([emb, self.form]),
+            "sentence+form": np.hstack([sent, self.form]),
+            "form": self.form,
+            "embedding": emb,
+            "sentence": sent,
+        }
+        if lite is not None:
+            self.x["embedding+form+litellm"] = np.hstack([emb, self.form, lite[:, None]])
+        self._labels: dict = {}
+        self._ridge: dict = {}
+
+    def rows(self, exclude_sets: tuple[str, ...], splits: tuple[str, ...]) -> np.ndarray:
+        sets = [s for s in TRAIN_SETS if s not in exclude_sets]
+        return np.nonzero(np.isin(self.ds, sets) & np.isin(self.split, splits))[0]
+
+    def labels(self, rows: np.ndarray, exclude_models: tuple[str, ...], label: str) -> np.ndarray:
+        """Label percentiles over `rows` only (computed from those prompts' answers alone)."""
+        key = (rows.tobytes(), tuple(sorted(exclude_models)), label)
+        if key not in self._labels:
+            out = np.full(len(self.items), np.nan)
+            out[rows] = difficulty.targets([self.items[i] for i in rows], exclude_models, 1.0, label)
+            self._labels[key] = out
+        return self._labels[key]
+
+
+def _balance(ds: np.ndarray) -> np.ndarray:
+    """Weights by which every data set weighs the same in total."""
+    counts = {s: (ds == s).sum() for s in set(ds)}
+    return np.array([1.0 / counts[s] for s in ds])
+
+
+def _percentile_within(v: np.ndarray, ds: np.ndarray) -> np.ndarray:
+    out = np.empty(len(v))
+    for s in set(ds):
+        sel = ds == s
+        out[sel] = difficulty.percentile(v[sel])
+    return out
+
+
+Scorer = Callable[[np.ndarray], np.ndarray]  # item rows -> scores
+
+
+def fit(
+    d: Data, c: Candidate, exclude_models=(), exclude_sets=(), splits=("train", "val")
+) -> tuple[Scorer, Head | None]:
+    """A scorer for candidate c, trained without what it must not read; and its Head if shippable."""
+    if c.learner == "length":
+        return (lambda r: d.length[r]), None
+    if c.learner == "litellm":
+        assert d.lite is not None
+        return (lambda r: d.lite[r]), None
+    rows = d.rows(exclude_sets, splits)
+    y = d.labels(rows, exclude_models, c.label)[rows]
+    ok = ~np.isnan(y)
+    rows, y = rows[ok], y[ok]
+    x = d.x[c.features]
+    head = None
+    if c.learner == "logistic":
+        head = fitting.fit_head("default", x[rows], y, ("embedding", "form"), c.strength, _balance(d.ds[rows]))
+        base: Scorer = lambda r: head.score_features(x[r])  # noqa: E731
+    elif c.learner in ("ridge", "ranking"):
+        mean, scale = fitting.standardize(x[rows])
+        z = (x[rows] - mean) / scale
+        wts = _balance(d.ds[rows])
+        if c.learner == "ranking":  # fixed effects: demeaned within each data set
+            for s in set(d.ds[rows]):
+                sel = d.ds[rows] == s
+                z[sel] -= z[sel].mean(0)
+                y = y.copy()
+                y[sel] -= y[sel].mean()
+        zw = z * wts[:, None]
+        w = np.linalg.solve(zw.T @ z / wts.sum() + c.strength * np.eye(z.shape[1]), zw.T @ y / wts.sum())
+        bias = 0.0 if c.learner == "ranking" else float(np.average(y - z @ w, weights=wts))
+        # a monotone squash into (0, 1) so the score reads like the percentile it was fitted to
+        spread = float(np.std(z @ w)) or 1.0
+        head = Head("default", ("embedding", "form"), mean, scale, w * 1.7 / spread, bias * 1.7 / spread)
+        base = lambda r: head.score_features(x[r])  # noqa: E731
+    elif c.learner == "knn":
+        e = x / np.linalg.norm(x, axis=1, keepdims=True)
+        bank, labels, wts = e[rows].astype(np.float32), y, _balance(d.ds[rows])
+        k = int(c.strength)
+
+        def base(r: np.ndarray) -> np.ndarray:
+            out = np.empty(len(r))
+            for i in range(0, len(r), 1024):
+                sim = e[r[i : i + 1024]].astype(np.float32) @ bank.T
+                top = np.argpartition(-sim, k, axis=1)[:, :k]
+                s = np.take_along_axis(sim, top, 1)
+                w = np.exp((s - s.max(1, keepdims=True)) / 0.05) * wts[top]
+                out[i : i + 1024] = (w * labels[top]).sum(1) / w.sum(1)
+            return out
+    else:
+        raise ValueError(c.learner)
+    if not c.length_blend:
+        return base, (head if c.shippable else None)
+
+    def blended(r: np.ndarray) -> np.ndarray:
+        # rank blend within the scored rows' data sets: monotone in both parts
+        ds = d.ds[r]
+        return (1 - c.length_blend) * _percentile_within(base(r), ds) + c.length_blend * _percentile_within(
+            d.length[r], ds
+        )
+
+    return blended, None
+
+
+def pair_rows(d: Data, dataset, weak, strong, split):
+    rows = np.array(
+        [
+            i
+            for i, it in enumerate(d.items)
+            if it.dataset == dataset
+            and (split is None or it.split == split)
+            and weak in it.scores
+            and strong in it.scores
+        ]
+    )
+    w = np.array([d.items[i].scores[weak] for i in rows])
+    s = np.array([d.items[i].scores[strong] for i in rows])
+    return rows, w, s
+
+
+def reported_models(dataset: str) -> set[str]:
+    return {m for ds, w, s, _ in PAIRS if ds == dataset for m in (w, s)}
+
+
+def selection(d: Data, c: Candidate) -> dict[str, float]:
+    """The candidate's validation figures: 'leave-pair-out', and per outer held-out data set."""
+    lpo = []
+    for ds, pairs in VAL_PAIRS.items():
+        for w, s in pairs:
+            scorer, _ = fit(d, c, tuple(sorted(reported_models(ds) | {w, s})), (), ("train",))
+            rows, wq, sq = pair_rows(d, ds, w, s, "test" if ds == "arena" else "val")
+            lpo.append(fitting.routing(scorer(rows), wq, sq).apgr)
+    inner: dict[tuple, float] = {}
+    folds = [(a, b) for i, a in enumerate(SCORED_SETS) for b in SCORED_SETS[i + 1 :]] + [(a,) for a in SCORED_SETS]
+    for held in folds:
+        scorer, _ = fit(d, c, (), held)
+        for ds in held:
+            for w, s in VAL_PAIRS[ds]:
+                rows, wq, sq = pair_rows(d, ds, w, s, None if ds == "arena" else "val")
+                inner[(held, ds, w, s)] = fitting.routing(scorer(rows), wq, sq).apgr
+    out = {"leave-pair-out": float(np.mean(lpo))}
+    for outer in (*SCORED_SETS, "alpaca"):
+        if outer == "alpaca":
+            vals = [v for (held, _, _, _), v in inner.items() if len(held) == 1]
+        else:
+            vals = [v for (held, ds, _, _), v in inner.items() if len(held) == 2 and outer in held and ds != outer]
+        out[outer] = float(np.mean(vals))
+    return out
+
+
+def oracle(d: Data, label: str, dataset: str, weak: str, strong: str, split) -> float:
+    """The label's own APGR for a pair: computed from the other models' answers to the scored prompts."""
+    rows, wq, sq = pair_rows(d, dataset, weak, strong, split)
+    idx = np.nonzero(d.ds == dataset)[0]
+    lab = np.full(len(d.items), np.nan)
+    lab[idx] = difficulty.targets([d.items[i] for i in idx], (weak, strong), 1.0, label)
+    return fitting.routing(np.nan_to_num(lab[rows], nan=0.5), wq, sq).apgr
+
+
+def embeddings(items: list[routing_data.Item], cache: Path, kind: str) -> np.ndarray:
+    """The shipped classifier's trunk-mean embedding ("embedding") or sentence embedding
+    ("sentence") of every prompt, as the runtime computes them (cached by model and prompts)."""
     from extproc.classifier import Classifier
-    from extproc.classifier.classifier import MODEL_DIR
+    from extproc.classifier.classifier import MODEL_DIR, run_graphs
 
-    model = hashlib.sha256((MODEL_DIR / "classifier.onnx").read_bytes()).hexdigest()[:16]
+    # keyed by what the embedding is (the trunk's output on the tests' reference batch, and the
+    # sentence graph), not by the whole graph file, which a retrained domain head changes
+    ref = np.load(Path(__file__).resolve().parents[1] / "tests" / "classifier" / "data" / "reference.npz")
+    fingerprint = hashlib.sha256(run_graphs(MODEL_DIR, ref["input_ids"], ref["attention_mask"])["embedding"].tobytes())
+    if kind == "sentence":
+        fingerprint.update((MODEL_DIR / "sentence.onnx").read_bytes())
+    model = fingerprint.hexdigest()[:16]
     key = hashlib.sha1("\n\x00".join(it.text for it in items).encode()).hexdigest()[:16]
-    path = cache / f"routing-embeddings-{model}-{key}.npy"
+    path = cache / f"routing-{kind}-{model}-{key}.npy"
     if path.exists():
         return np.load(path)
     clf = Classifier.load(threads=2)
-    out = np.zeros((len(items), 384), np.float32)
+    out = np.zeros((len(items), EMBEDDING_DIM), np.float32)
     t0 = time.time()
     for i, it in enumerate(items):
-        out[i] = clf.classify([it.text])[0].embedding
+        [c] = clf.classify([it.text], pii_tokens=0, embed=kind == "sentence")
+        out[i] = c.embedding if kind == "embedding" else c.sentence_embedding
         if i % 2000 == 1999:
-            print(f"  embeddings {i + 1}/{len(items)} ({time.time() - t0:.0f}s)", flush=True)
+            print(f"  {kind} {i + 1}/{len(items)} ({time.time() - t0:.0f}s)", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, out)
     return out
@@ -129,39 +386,6 @@ def litellm_scores(python: str, texts: list[str], cache: Path) -> np.ndarray | N
     return out
 
 
-def features(items: list[routing_data.Item], emb: np.ndarray) -> np.ndarray:
-    return np.hstack([emb, np.stack([form_features(it.text) for it in items])])
-
-
-def train_head(items, x, exclude_models=(), exclude_sets=(), splits=("train", "val")):
-    """A head fitted on every training data set's `splits` except those excluded."""
-    idx = [i for i, it in enumerate(items) if it.dataset in TRAIN_SETS and it.dataset not in exclude_sets]
-    sub = [items[i] for i in idx]
-    y = difficulty.targets(sub, exclude_models, WITHIN_CATEGORY, LABEL)
-    keep = np.array([it.split in splits for it in sub]) & ~np.isnan(y)
-    rows = np.array(idx)[keep]
-    # every data set weighs the same in total, whatever its size
-    sets = [items[i].dataset for i in rows]
-    counts = {s: sets.count(s) for s in set(sets)}
-    weight = np.array([1.0 / counts[s] for s in sets])
-    return fitting.fit_head("default", x[rows], y[keep], INPUTS, L2, weight)
-
-
-def pair_rows(items, dataset, weak, strong, split="test"):
-    rows = [
-        i
-        for i, it in enumerate(items)
-        if it.dataset == dataset and (split is None or it.split == split) and weak in it.scores and strong in it.scores
-    ]
-    w = np.array([items[i].scores[weak] for i in rows])
-    s = np.array([items[i].scores[strong] for i in rows])
-    return np.array(rows), w, s
-
-
-def table_row(score, w, s) -> dict:
-    return fitting.routing(score, w, s).as_dict()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
@@ -172,48 +396,45 @@ def main(argv: list[str] | None = None) -> int:
         "--write-head",
         type=Path,
         default=None,
-        help="also fit the shipped head (all training data sets, without SHIPPED_EXCLUDES' labels) and write it here",
+        help="also fit the shipped head (the shippable candidate with the best mean validation figure, on "
+        "every training set, without SHIPPED_EXCLUDES' labels) and write it here",
     )
-    ap.add_argument("--within-category", type=float, default=None)
-    ap.add_argument("--label", default=None, choices=("gain", "difficulty"))
-    ap.add_argument("--l2", type=float, default=None)
-    ap.add_argument("--pairs", default=None, help="comma-separated data sets to score (default: all)")
-    ap.add_argument("--inputs", default=None, help="embedding,form (default) or form")
+    ap.add_argument("--oracle", action="store_true", help="also each label's ceiling on every row")
     ap.add_argument("--markdown", type=Path, default=None, help="only print the model card's tables from this JSON")
     args = ap.parse_args(argv)
     if args.markdown:
         print(markdown(args.markdown))
         return 0
-    global WITHIN_CATEGORY, LABEL, L2, INPUTS
-    WITHIN_CATEGORY = WITHIN_CATEGORY if args.within_category is None else args.within_category
-    LABEL = args.label or LABEL
-    L2 = L2 if args.l2 is None else args.l2
     items = routing_data.load(args.data, include_alpaca=True)
-    x = features(items, embeddings(items, args.cache))
-    length = x[:, 384].copy()  # log characters
-    if args.inputs:
-        INPUTS = tuple(args.inputs.split(","))
-        if INPUTS == ("form",):
-            x = x[:, 384:]
     lite = litellm_scores(args.litellm, [it.text for it in items], args.cache) if args.litellm else None
+    d = Data(items, embeddings(items, args.cache, "embedding"), embeddings(items, args.cache, "sentence"), lite)
+    candidates = [c for c in CANDIDATES if lite is not None or "litellm" not in (c.features + c.learner)]
+
+    print("selection (validation pairs only; mean APGR):", flush=True)
+    chosen_by: dict[str, dict] = {}
+    for c in candidates:
+        t0 = time.time()
+        chosen_by[str(c)] = selection(d, c)
+        figs = "  ".join(f"{k} {v:.3f}" for k, v in chosen_by[str(c)].items())
+        print(f"  {c!s:58s} {figs}  [{time.time() - t0:.0f}s]", flush=True)
+
+    def best(fold: str) -> Candidate:
+        return max(candidates, key=lambda c: chosen_by[str(c)][fold])
+
+    # the shipped head: the shippable candidate (a linear head over embedding and form, no per-request
+    # cost beyond the trunk) with the best mean validation figure over all folds
+    shipped = max((c for c in candidates if c.shippable), key=lambda c: np.mean(list(chosen_by[str(c)].values())))
+    print(f"shipped head: {shipped}", flush=True)
+
     results = []
+    fits: dict = {}
     for dataset, weak, strong, group in PAIRS:
-        if args.pairs and dataset not in args.pairs.split(","):
-            continue
         for mode in ("leave-pair-out", "leave-dataset-out"):
             if dataset == "alpaca" and mode == "leave-pair-out":
                 continue  # alpaca_eval never trains: its rows are all leave-dataset-out
-            t0 = time.time()
-            if mode == "leave-pair-out":
-                head = train_head(items, x, exclude_models=(weak, strong))
-                split = "test"
-            else:
-                head = train_head(items, x, exclude_sets=(dataset,))
-                split = None if dataset in ("arena", "alpaca") else "test"  # never trained on: all of it
-            rows, w, s = pair_rows(items, dataset, weak, strong, split)
-            kinds = {
-                it: [j for j, r in enumerate(rows) if items[r].kind == it] for it in ("exam", "math", "code", "chat")
-            }
+            fold = "leave-pair-out" if mode == "leave-pair-out" else dataset
+            split = "test" if mode == "leave-pair-out" or dataset not in ("arena", "alpaca") else None
+            rows, w, s = pair_rows(d, dataset, weak, strong, split)
             entry = {
                 "dataset": dataset,
                 "weak": weak,
@@ -221,78 +442,117 @@ def main(argv: list[str] | None = None) -> int:
                 "set": group,
                 "mode": mode,
                 "n": len(rows),
-                "ours": table_row(head.score_features(x[rows]), w, s),
-                "length": table_row(length[rows], w, s),
+                "length": fitting.routing(d.length[rows], w, s).as_dict(),
                 "random": {"apgr": 0.5},
             }
             if lite is not None:
-                entry["litellm"] = table_row(lite[rows], w, s)
+                entry["litellm"] = fitting.routing(lite[rows], w, s).as_dict()
+            for name, c in (("ours", best(fold)), ("shipped", shipped)):
+                excl = ((weak, strong), ()) if mode == "leave-pair-out" else ((), (dataset,))
+                key = (str(c), excl)
+                if key not in fits:
+                    fits[key] = fit(d, c, *excl)[0]
+                entry[name] = fitting.routing(fits[key](rows), w, s).as_dict()
+            entry["chosen"] = str(best(fold))
+            if args.oracle and dataset != "alpaca":
+                entry["oracle"] = {lab: oracle(d, lab, dataset, weak, strong, split) for lab in ("gain", "2pl")}
             entry["by_kind"] = {}
-            for kind, js in kinds.items():
-                if len(js) >= 30 and len(js) < len(rows):
-                    js = np.array(js)
+            kinds = np.array([d.items[r].kind for r in rows])
+            for kind in ("exam", "math", "code", "chat"):
+                js = np.nonzero(kinds == kind)[0]
+                if 30 <= len(js) < len(rows):
                     entry["by_kind"][kind] = {
                         "n": len(js),
-                        "ours": fitting.routing(head.score_features(x[rows[js]]), w[js], s[js]).apgr,
-                        "length": fitting.routing(length[rows[js]], w[js], s[js]).apgr,
+                        "ours": fitting.routing(fits[(str(best(fold)), excl)](rows[js]), w[js], s[js]).apgr,
+                        "length": fitting.routing(d.length[rows[js]], w[js], s[js]).apgr,
                         **({"litellm": fitting.routing(lite[rows[js]], w[js], s[js]).apgr} if lite is not None else {}),
                     }
             results.append(entry)
-            lt = entry.get("litellm", {}).get("apgr", float("nan"))
-            o = entry["ours"]
+            o, lt = entry["ours"], entry.get("litellm", {}).get("apgr", float("nan"))
             print(
                 f"{mode:18s} {dataset:9s} {weak[:22]:22s} -> {strong[:24]:24s} n={len(rows):5d} "
-                f"ours {o['apgr']:.3f} (cpt50 {o['cpt50'] or float('nan'):.2f} cpt80 {o['cpt80'] or float('nan'):.2f} "
-                f"save95 {o['saving95'] or 0:.2f}) litellm {lt:.3f} length {entry['length']['apgr']:.3f} "
-                f"[{time.time() - t0:.0f}s]",
+                f"ours {o['apgr']:.3f} (save95 {o['saving95'] or 0:.2f}) shipped {entry['shipped']['apgr']:.3f} "
+                f"litellm {lt:.3f} length {entry['length']['apgr']:.3f}  [{entry['chosen']}]",
                 flush=True,
             )
     if args.write_head:
-        head = train_head(items, x, exclude_models=SHIPPED_EXCLUDES)
+        _, head = fit(d, shipped, SHIPPED_EXCLUDES, ())
+        assert head is not None
         meta = {
-            "label": "percentile of item-response difficulty within data set and category (train/difficulty.py)",
+            "label": f"{shipped.label} percentile within data set (and MMLU-Pro subject); bench/transfer.py",
+            "candidate": str(shipped),
+            "selection": chosen_by[str(shipped)],
             "trained_on": list(TRAIN_SETS),
             "models_left_out": list(SHIPPED_EXCLUDES),
-            "l2": L2,
-            "within_category": WITHIN_CATEGORY,
-            "label_kind": LABEL,
         }
-        head = fitting.Head("default", head.inputs, head.mean, head.scale, head.weights, head.bias, meta)
+        head = Head("default", head.inputs, head.mean, head.scale, head.weights, head.bias, meta)
         args.write_head.write_text(json.dumps(head.to_json()) + "\n")
-        print(f"wrote {args.write_head}")
-    summary = {"inputs": INPUTS, "l2": L2, "within_category": WITHIN_CATEGORY, "label": LABEL, "rows": results}
+        print(f"wrote {args.write_head} ({shipped})")
+    summary = {
+        "selection": chosen_by,
+        "shipped": str(shipped),
+        "rows": results,
+    }
     args.out.write_text(json.dumps(summary, indent=1))
     return 0
 
 
+def _met(r: dict) -> bool:
+    o, lt = r["ours"], r.get("litellm", {}).get("apgr")
+    ok = o["apgr"] >= 0.58 and (lt is None or o["apgr"] >= lt + 0.05)
+    if r["dataset"] == "mmlu_pro" and r["mode"] == "leave-pair-out":
+        ok = ok and (o["saving95"] or 0) >= 0.25
+    return ok
+
+
 def markdown(path: Path) -> str:
     """The model card's Transfer tables from a transfer.json."""
-    rows = json.loads(path.read_text())["rows"]
+    summary = json.loads(path.read_text())
+    rows = summary["rows"]
+
+    def f(x):
+        return "—" if x is None else f"{x:.2f}"
+
     out = []
     for mode in ("leave-pair-out", "leave-dataset-out"):
         out += [
             f"**{mode}**",
             "",
-            "| data set (set) | weak → strong | n | ours APGR | CPT(50%) | CPT(80%) | saved at 95% | litellm APGR | length APGR | random | target |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| data set (set) | weak → strong | n | selected APGR | CPT(50%) | CPT(80%) | saved at 95% | shipped head "
+            "APGR (saved at 95%) | litellm APGR | length APGR | label ceiling | target |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             if r["mode"] != mode:
                 continue
             o, lt = r["ours"], r.get("litellm", {}).get("apgr")
-
-            def f(x):
-                return "—" if x is None else f"{x:.2f}"
-
-            ok = o["apgr"] >= 0.58 and (lt is None or o["apgr"] >= lt + 0.05)
-            if r["dataset"] == "mmlu_pro" and mode == "leave-pair-out":
-                ok = ok and (o["saving95"] or 0) >= 0.25
+            ceiling = r.get("oracle", {}).get("2pl")
             out.append(
                 f"| {r['dataset']} ({r['set']}) | {r['weak']} → {r['strong']} | {r['n']} | **{o['apgr']:.3f}** | "
-                f"{f(o['cpt50'])} | {f(o['cpt80'])} | {f(o['saving95'])} | {f(lt)} | {r['length']['apgr']:.3f} | 0.500 | "
-                f"{'met' if ok else 'missed'} |"
+                f"{f(o['cpt50'])} | {f(o['cpt80'])} | {f(o['saving95'])} | {r['shipped']['apgr']:.3f} "
+                f"({f(r['shipped']['saving95'])}) | {f(lt)} | "
+                f"{r['length']['apgr']:.3f} | {f(ceiling)} | {'met' if _met(r) else 'missed'} |"
             )
         out.append("")
+    chosen = defaultdict(list)
+    for r in rows:
+        chosen[r["chosen"]].append(f"{r['mode']} {r['dataset']}")
+    out += ["Candidate chosen by selection (validation pairs) for each group of rows:", ""]
+    out += [f"- {c}: {', '.join(sorted(set(v)))}" for c, v in chosen.items()]
+    out += [
+        "",
+        "Selection figures (mean APGR on validation pairs; columns: the leave-pair-out protocol, then the "
+        "inner leave-dataset-out folds used for each held-out set):",
+        "",
+        "| candidate | leave-pair-out | mmlu_pro | dcrouter | arena | alpaca |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c, v in summary["selection"].items():
+        out.append(
+            f"| {c} | {v['leave-pair-out']:.3f} | {v['mmlu_pro']:.3f} | {v['dcrouter']:.3f} | {v['arena']:.3f} | "
+            f"{v['alpaca']:.3f} |"
+        )
+    out.append("")
     kinds = []
     for r in rows:
         for kind, k in r.get("by_kind", {}).items():

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
@@ -100,13 +99,14 @@ def test_onnx_matches_training_graph_reference_outputs():
     assert (pii.argmax(-1) == ref["pii_probs"].argmax(-1))[mask].mean() >= 0.93
 
 
-def test_int8_weights_cannot_saturate_16_bit_pair_sums():
+@pytest.mark.parametrize("graph", ["classifier.onnx", "pii.onnx", "sentence.onnx"])
+def test_int8_weights_cannot_saturate_16_bit_pair_sums(graph: str):
     # u8 x s8 kernels without VNNI add two products in a saturating int16: 2 * 255 * |w| must
     # stay below 32768, i.e. |w| <= 64 (7-bit weights). 8-bit weights made outputs CPU-dependent.
-    model = onnx.load(str(MODEL_DIR / "classifier.onnx"))
+    model = onnx.load(str(MODEL_DIR / graph))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     weights = [inits[n.input[1]] for n in model.graph.node if n.op_type == "MatMulInteger" and n.input[1] in inits]
-    assert weights, "the shipped graph has no int8 MatMuls: update this test and the model card"
+    assert weights, f"{graph} has no int8 MatMuls: update this test and the model card"
     for w in weights:
         assert w.dtype == np.int8 and int(np.abs(w.astype(np.int32)).max()) <= 64
 

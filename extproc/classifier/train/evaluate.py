@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extproc.classifier.classifier import Classifier
+from extproc.classifier.classifier import GRAPH_OUTPUTS, Classifier, run_graphs
 from extproc.classifier.labels import DOMAINS, PII_TYPES
+from extproc.classifier.pii import PiiSpan
 from extproc.classifier.text import encode, with_specials
 from extproc.classifier.train.chat_prompts import CHAT_PROMPTS
 from extproc.classifier.train.data import STRONG, WEAK, Question
@@ -33,9 +34,10 @@ REFERENCE_TEXTS = [
 
 
 def classify_all(clf: Classifier, texts: list[str], batch: int = 32):
+    """Domain and complexity (the tagger is not run: PII is scored through the sidecar's path)."""
     out = []
     for i in range(0, len(texts), batch):
-        out += clf.classify(texts[i : i + batch])
+        out += clf.classify(texts[i : i + batch], pii_tokens=0)
     return out
 
 
@@ -83,16 +85,78 @@ def evaluate_all(model_dir: Path, questions: list[Question], data: Path, threads
         "n": len(hits),
         "misses": [[p, d, c.domain] for c, (p, d), h in zip(chat, CHAT_PROMPTS, hits, strict=True) if not h],
     }
+    for name, path in CHAT_SETS.items():
+        res["domain"][name] = chat_accuracy(clf, path)
     return res
 
 
+# Chat-style domain sets (bench/eval): the final test, never tuned on, and the dev set that model
+# selection reads. How each was made: bench/eval/RESULTS.md, section 5.
+CHAT_SETS = {
+    "chat_test": Path(__file__).resolve().parents[3] / "bench" / "eval" / "chat_domains.jsonl",
+    "chat_dev": Path(__file__).resolve().parents[3] / "bench" / "eval" / "chat_domains_dev.jsonl",
+}
+
+
+def chat_accuracy(clf: Classifier, path: Path) -> dict:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    cs = classify_all(clf, [r["prompt"] for r in rows])
+    hits = [c.domain == r["domain"] for c, r in zip(cs, rows, strict=True)]
+    per = {d: float(np.mean([h for h, r in zip(hits, rows, strict=True) if r["domain"] == d])) for d in DOMAINS}
+    return {"accuracy": float(np.mean(hits)), "n": len(hits), "per_class": per}
+
+
 def pii_results(clf: Classifier, data: Path, questions: list[Question]) -> dict:
-    """PII F1 on presidio_synth_v2 and false-positive rates on PII-free text."""
-    out = _presidio(clf, data)
+    """PII F1 on presidio_synth_v2 and false-positive rates on PII-free text, each text sent as a
+    one-message request through the sidecar's own PII path (signals/classifier.py: normalization,
+    RE2 patterns and validators over the whole text, the tagger within `classifier.pii_tokens`),
+    hits at the policy's default min_score. Twice: a policy asking for every type (the tagger reads
+    every text; the top-level figures), and the bundled policy's structured types (the tagger reads
+    only texts holding a validated value; under "structured_policy")."""
+    texts = [x["full_text"] for x in load_presidio(data)]
     test = [q.with_options() for q in questions if q.split == "test"]
-    out["fp_mmlu"] = _fp_rate(classify_all(clf, test))
-    out["fp_code"] = _fp_rate(classify_all(clf, code_chunks()))
-    return out
+    code = code_chunks()
+    out: dict = {}
+    for name, types in (("all_types", None), ("structured_policy", frozenset(STRUCTURED))):
+        found = runtime_pii(clf, texts + test + code, types)
+        a, b = len(texts), len(texts) + len(test)
+        res = _presidio(found[:a], data)
+        res["fp_mmlu"] = _fp_rate(found[a:b])
+        res["fp_code"] = _fp_rate(found[b:])
+        out[name] = res
+    return {**out["all_types"], "structured_policy": out["structured_policy"]}
+
+
+MIN_SCORE = 0.5  # the policy's default `pii.min_score`
+
+
+def runtime_pii(clf: Classifier, texts: list[str], types: frozenset[str] | None) -> list[list[PiiSpan]]:
+    """Each text's PII as the sidecar finds it in a one-message request asking for `types`."""
+    import asyncio
+
+    from extproc.classifier.batching import AsyncClassifier
+    from extproc.request import Message
+    from extproc.signals import Signals
+    from extproc.signals.classifier import ClassifierSignal
+    from extproc.signals.tokens import TokenCounter
+
+    async def run() -> list[list[PiiSpan]]:
+        ac = AsyncClassifier(clf, cache_size=0)
+        signal = ClassifierSignal(ac, None)  # type: ignore[arg-type]  # no deadline: offline
+        out = []
+        try:
+            for text in texts:
+                signals = Signals((Message("user", text),), {}, TokenCounter())
+                await signal.annotate(signals, pii=True, topic=False, pii_types=types)
+                out.append(
+                    [PiiSpan(h.type, h.start, h.end, h.score) for h in signals.pii or () if h.score >= MIN_SCORE]
+                )
+        finally:
+            signal.close()
+            await ac.aclose()
+        return out
+
+    return asyncio.run(run())
 
 
 def _domain_prior(questions: list[Question], test: list[Question]) -> np.ndarray:
@@ -104,13 +168,13 @@ def _domain_prior(questions: list[Question], test: list[Question]) -> np.ndarray
     return np.array([rate[q.domain] for q in test]) + np.random.default_rng(0).uniform(0, 1e-6, len(test))
 
 
-def _fp_rate(cs) -> dict:
-    flagged = [c for c in cs if c.pii]
+def _fp_rate(found: list[list[PiiSpan]]) -> dict:
+    flagged = [spans for spans in found if spans]
     types: dict[str, int] = {}
-    for c in flagged:
-        for t in {s.type for s in c.pii}:
+    for spans in flagged:
+        for t in {s.type for s in spans}:
             types[t] = types.get(t, 0) + 1
-    return {"rate": len(flagged) / len(cs), "n": len(cs), "by_type": types}
+    return {"rate": len(flagged) / len(found), "n": len(found), "by_type": types}
 
 
 def load_presidio(data: Path) -> list[dict]:
@@ -124,14 +188,13 @@ def gold_spans(x: dict) -> list[tuple[int, int, str]]:
     ]
 
 
-def _presidio(clf: Classifier, data: Path) -> dict:
+def _presidio(found: list[list[PiiSpan]], data: Path) -> dict:
     rows = load_presidio(data)
-    cs = classify_all(clf, [x["full_text"] for x in rows])
-    out = {}
+    out: dict = {}
     for mode in ("overlap", "exact"):
         counts: dict = {}
-        for x, c in zip(rows, cs, strict=True):
-            pred = [(s.start, s.end, s.type) for s in c.pii]
+        for x, spans in zip(rows, found, strict=True):
+            pred = [(s.start, s.end, s.type) for s in spans]
             match_spans(gold_spans(x), pred, PII_TYPES, counts, exact=mode == "exact")
         structured, everything = micro(counts, STRUCTURED), micro(counts, PII_TYPES)
         out[mode] = {
@@ -183,64 +246,52 @@ def int8_keeps_accuracy(fp32: dict, int8: dict, tol: float = 0.01) -> bool:
 
 
 # ---- reference outputs for the tests -----------------------------------------------------------
-def reference_outputs(sd_t, trunk_layers: int, branches: list[Branch], tok) -> dict:
-    """Outputs of the torch training graph on fixed texts, padded into one batch."""
+def reference_batch(tok) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed texts, padded into one batch."""
     seqs = [with_specials(e.ids) for e in encode(tok, REFERENCE_TEXTS)]
     n = max(len(s) for s in seqs)
     ids = np.zeros((len(seqs), n), np.int64)
     mask = np.zeros_like(ids)
     for i, s in enumerate(seqs):
         ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    return ids, mask
+
+
+def reference_outputs(sd_t, trunk_layers: int, branches: dict[str, Branch], ids, mask) -> dict:
+    """Outputs of the torch training graph on the reference batch: each given branch's
+    probabilities and the trunk's masked mean (`embedding`)."""
     trunk = build_trunk(sd_t, trunk_layers)
-    pii, domain, complexity = branches
+    out = {"input_ids": ids, "attention_mask": mask}
     with torch.no_grad():
         x = trunk(torch.from_numpy(ids), torch.from_numpy(mask))
         m = torch.from_numpy(mask).float()
-        p = pii(x, m)[0].softmax(-1).numpy()
-        d = domain(x, m)[0].softmax(-1).numpy()
-        c = complexity(x, m)[0].sigmoid().numpy()
-    return {"input_ids": ids, "attention_mask": mask, "pii_probs": p, "domain_probs": d, "complexity_probs": c}
+        out["embedding"] = ((x * m[..., None]).sum(1) / m.sum(1, keepdim=True)).numpy()
+        for name, branch in branches.items():
+            branch.eval()
+            logits = branch(x, m)[0]
+            out[f"{name}_probs"] = (logits.softmax(-1) if logits.shape[-1] > 1 else logits.sigmoid()).numpy()
+    return out
 
 
-def pii_reference(sd_t, trunk_layers: int, pii: Branch, ref: dict) -> np.ndarray:
-    """The PII head's torch outputs on the reference batch (after a PII-only retrain)."""
-    trunk = build_trunk(sd_t, trunk_layers)
-    pii.eval()
-    with torch.no_grad():
-        x = trunk(torch.from_numpy(ref["input_ids"]), torch.from_numpy(ref["attention_mask"]))
-        return pii(x, torch.from_numpy(ref["attention_mask"]).float())[0].softmax(-1).numpy()
-
-
-def compare_reference(
-    model_dir: Path, ref: dict, names: tuple[str, ...] = ("domain_probs", "complexity_probs", "pii_probs")
-) -> float:
-    import onnxruntime as ort
-
-    s = ort.InferenceSession(str(model_dir / "classifier.onnx"), providers=["CPUExecutionProvider"])
-    outs = s.run(list(names), {"input_ids": ref["input_ids"], "attention_mask": ref["attention_mask"]})
+def compare_reference(model_dir: Path, ref: dict, names: tuple[str, ...] = ("domain_probs", "pii_probs")) -> float:
+    """Largest difference between the exported graphs and the torch reference (PII: real tokens)."""
+    outs = run_graphs(model_dir, ref["input_ids"], ref["attention_mask"])
     mask = ref["attention_mask"].astype(bool)
     diffs = [
-        np.abs(o - ref[n])[mask].max() if n == "pii_probs" else np.abs(o - ref[n]).max()
-        for o, n in zip(outs, names, strict=True)
+        np.abs(outs[n] - ref[n])[mask].max() if n == "pii_probs" else np.abs(outs[n] - ref[n]).max() for n in names
     ]
     return float(max(diffs))
 
 
-GRAPH_OUTPUTS = ("domain_probs", "complexity_probs", "pii_probs")
-
-
 def graph_outputs(model_dir: Path, ref: dict) -> dict:
-    """The exported graph's own outputs on the reference batch, as `graph_<name>`.
+    """The exported graphs' own outputs on the reference batch, as `graph_<name>`.
 
     Computed on the training machine and stored beside the torch outputs: a test compares the
-    graph on whatever CPU runs it with these, so an output that moves with the instruction set
+    graphs on whatever CPU runs it with these, so an output that moves with the instruction set
     fails there (the torch comparison only bounds the quantization error).
     """
-    import onnxruntime as ort
-
-    s = ort.InferenceSession(str(model_dir / "classifier.onnx"), providers=["CPUExecutionProvider"])
-    outs = s.run(list(GRAPH_OUTPUTS), {"input_ids": ref["input_ids"], "attention_mask": ref["attention_mask"]})
-    return {f"graph_{n}": o for n, o in zip(GRAPH_OUTPUTS, outs, strict=True)}
+    outs = run_graphs(model_dir, ref["input_ids"], ref["attention_mask"])
+    return {f"graph_{n}": outs[n] for n in GRAPH_OUTPUTS}
 
 
 def write_reference(path: Path, ref: dict) -> None:

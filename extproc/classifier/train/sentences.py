@@ -40,3 +40,49 @@ def pooled_set(tok: Tokenizer, questions: list[Question], gsm8k: list[str]) -> P
         split.append("train")
     seqs = [with_specials(head_tail(e.ids, TRAIN_TOKENS - 2)) for e in encode(tok, texts)]
     return PooledSet(seqs, np.array(dom), np.array(qi), np.array(var), np.array(split))
+
+
+@dataclass
+class ChatSet:
+    """Chat-style training text for the domain head (train/chat_style.py), train split only."""
+
+    seqs: list[np.ndarray]
+    domain: np.ndarray  # [n] class index
+    src: list[str]  # auxiliary label: the question's MMLU-Pro source, "gsm8k" or "chat-topic"
+
+
+def seqs_of(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    return [with_specials(head_tail(e.ids, TRAIN_TOKENS - 2)) for e in encode(tok, texts)]
+
+
+def chat_set(
+    tok: Tokenizer,
+    questions: list[Question],
+    gsm8k: list[str],
+    topics_per_domain: int,
+    seed: int,
+    exclude: tuple[str, ...] = (),
+) -> ChatSet:
+    """Every train-split question rephrased once as a user would type it, `gsm8k` word problems
+    likewise (as math), and `topics_per_domain` short topic requests per domain (topics found in
+    `exclude`, the dev set's prompts, left out)."""
+    import random
+
+    from extproc.classifier.train import chat_style
+
+    rng = random.Random(seed)
+    texts, dom, src = [], [], []
+    for q in questions:
+        if q.split == "train":
+            texts.append(chat_style.rephrase(q.text, rng))
+            dom.append(q.domain)
+            src.append(q.src)
+    for t in gsm8k:
+        texts.append(chat_style.rephrase(t, rng))
+        dom.append(DOMAINS.index("math"))
+        src.append("gsm8k")
+    for t, d in chat_style.topic_prompts(topics_per_domain, seed + 1, exclude):
+        texts.append(t)
+        dom.append(d)
+        src.append("chat-topic")
+    return ChatSet(seqs_of(tok, texts), np.array(dom), src)
