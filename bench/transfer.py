@@ -25,9 +25,10 @@ them in a reported pair):
 
 Candidates: labels (`gain`: the per-prompt mean over model pairs of stronger minus weaker score;
 `2pl`: the gain a typical pair sees under a 2PL item-response fit per data set, see
-train/difficulty.py), learners (the issue-16 logistic head; ridge regression; ridge with fixed
-effects per data set, i.e. least squares on within-data-set differences, the pointwise counterpart
-of a pairwise ranking loss; k-nearest-neighbour similarity-weighted scoring over labelled
+train/difficulty.py; `difficulty`: a 1PL item-response difficulty over all of a data set's models),
+learners (the issue-16 logistic head; ridge regression; ridge with fixed effects per data set, i.e.
+least squares on within-data-set differences, the pointwise counterpart of a pairwise ranking loss;
+`pairwise`, that ranking loss itself: logistic loss on ordered prompt pairs of one data set; k-nearest-neighbour similarity-weighted scoring over labelled
 prompts, RouteLLM's SW ranking idea), features (the trunk-mean embedding, all-MiniLM-L6-v2's
 sentence embedding, 18 form features, litellm's score), and monotone blends with the prompt's
 length. Labels are percentiles within data set (and MMLU-Pro subject), every data set weighs the
@@ -111,15 +112,15 @@ VAL_PAIRS = {
 @dataclass(frozen=True)
 class Candidate:
     features: str  # "embedding+form" | "sentence+form" | "form" | "embedding+form+litellm" | "sentence"
-    learner: str  # "logistic" | "ridge" | "ranking" | "knn" | "length" | "litellm"
-    label: str = "gain"  # "gain" | "2pl"
+    learner: str  # "logistic" | "ridge" | "ranking" | "pairwise" | "knn" | "length" | "litellm"
+    label: str = "gain"  # "gain" | "2pl" | "difficulty" (1PL item-response difficulty)
     strength: float = 1.0  # l2 for linear learners, k for knn
     length_blend: float = 0.0  # weight of the prompt's length (percentile) in a monotone blend
 
     @property
     def shippable(self) -> bool:
         """Runs in the shipped head format (a linear map of embedding and form)."""
-        return self.learner in ("logistic", "ridge", "ranking") and self.features in ("embedding+form", "form")
+        return self.learner in ("logistic", "ridge", "ranking", "pairwise") and self.features in ("embedding+form", "form")
 
     def __str__(self) -> str:
         s = f"{self.learner}({self.features}; {self.label}; {self.strength:g})"
@@ -137,6 +138,11 @@ CANDIDATES = [
     Candidate("embedding", "knn", "2pl", 50),
     Candidate("sentence", "knn", "2pl", 50),
     Candidate("sentence", "knn", "2pl", 200),
+    Candidate("embedding+form", "pairwise", "2pl", 0.01),
+    Candidate("embedding+form", "pairwise", "gain", 0.01),
+    Candidate("sentence+form", "pairwise", "2pl", 0.01),
+    Candidate("embedding+form", "ridge", "difficulty", 1.0),
+    Candidate("sentence", "knn", "difficulty", 50),
     Candidate("embedding+form", "ranking", "2pl", 1.0, 0.5),
     Candidate("sentence", "knn", "2pl", 50, 0.5),
     Candidate("-", "length"),
@@ -194,6 +200,23 @@ def _percentile_within(v: np.ndarray, ds: np.ndarray) -> np.ndarray:
     return out
 
 
+PAIR_MARGIN = 0.25  # label percentiles: pairs closer than this carry little order
+PAIRS_PER_SET = 30000
+
+
+def ranked_pairs(y: np.ndarray, ds: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (a, b) within a data set with |y_a - y_b| > PAIR_MARGIN, in random order."""
+    rng = np.random.default_rng(seed)
+    out_a, out_b = [], []
+    for s in sorted(set(ds)):
+        idx = np.nonzero(ds == s)[0]
+        i, j = rng.choice(idx, 4 * PAIRS_PER_SET), rng.choice(idx, 4 * PAIRS_PER_SET)
+        keep = np.abs(y[i] - y[j]) > PAIR_MARGIN
+        out_a.append(i[keep][:PAIRS_PER_SET])
+        out_b.append(j[keep][:PAIRS_PER_SET])
+    return np.concatenate(out_a), np.concatenate(out_b)
+
+
 Scorer = Callable[[np.ndarray], np.ndarray]  # item rows -> scores
 
 
@@ -231,6 +254,17 @@ def fit(
         # a monotone squash into (0, 1) so the score reads like the percentile it was fitted to
         spread = float(np.std(z @ w)) or 1.0
         head = Head("default", ("embedding", "form"), mean, scale, w * 1.7 / spread, bias * 1.7 / spread)
+        base = lambda r: head.score_features(x[r])  # noqa: E731
+    elif c.learner == "pairwise":
+        # a ranking objective: logistic loss on ordered pairs of prompts of the same data set whose
+        # labels differ by more than PAIR_MARGIN (RankNet with a linear scorer); every data set
+        # gives the same number of pairs
+        mean, scale = fitting.standardize(x[rows])
+        z = (x[rows] - mean) / scale
+        a, b = ranked_pairs(y, d.ds[rows])
+        w, _ = fitting.logistic(z[a] - z[b], np.ones(len(a)) * (y[a] > y[b]), c.strength)
+        spread = float(np.std(z @ w)) or 1.0
+        head = Head("default", ("embedding", "form"), mean, scale, w * 1.7 / spread, 0.0)
         base = lambda r: head.score_features(x[r])  # noqa: E731
     elif c.learner == "knn":
         e = x / np.linalg.norm(x, axis=1, keepdims=True)

@@ -97,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         help="retrain only the domain branch; the trunk's integers (so every embedding) and pii.onnx are "
         "carried over from the shipped model, bit for bit",
     )
+    ap.add_argument(
+        "--reuse-branch",
+        action="store_true",
+        help="with --only-domain: export the branch the last --only-domain run saved in --cache (same seed) "
+        "instead of training it again (after an export failed)",
+    )
     ap.add_argument("--no-bench", action="store_true", help="skip the latency benchmark for the card")
     args = ap.parse_args(argv)
     started = time.time()
@@ -127,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="extproc-train-"))
     formats = format_dirs(work)
     export(sd_np, to_weights("domain", domain), to_weights("pii", pii), formats)
+    for fmt in formats:  # the previous head, so the runtime loads; refit it after (module docstring)
+        shutil.copy(args.out / "complexity_head.json", formats[fmt] / "complexity_head.json")
     ids, mask = evaluate.reference_batch(tok)
     reference = evaluate.reference_outputs(sd_t, TRUNK_LAYERS, {"domain": domain, "pii": pii}, ids, mask)
     max_diff = evaluate.compare_reference(formats["fp32"], reference)
@@ -200,8 +208,16 @@ def concat(*parts: Ragged) -> Ragged:
     return Ragged(np.concatenate([p.states for p in parts]), np.concatenate(offsets), [i for p in parts for i in p.ids])
 
 
-def train_domain(sd_t, data: DomainData, seed: int, spec: BranchSpec | None = None, cfg: FitConfig | None = None):
-    """The domain branch, with the training figures selection reads (MMLU-Pro val, chat dev)."""
+def train_domain(
+    sd_t,
+    data: DomainData,
+    seed: int,
+    spec: BranchSpec | None = None,
+    cfg: FitConfig | None = None,
+    saved: Path | None = None,
+):
+    """The domain branch, with the training figures selection reads (MMLU-Pro val, chat dev);
+    from `saved` (a state dict this function's caller stored) instead of training, if given."""
     spec = BranchSpec(**{**(spec or SPECS["domain"]).__dict__, "n_aux": len(data.srcs)})
     cfg = cfg or FITS["domain"]
     y_dom, y_src = torch.from_numpy(data.domain), torch.from_numpy(data.src)
@@ -210,10 +226,14 @@ def train_domain(sd_t, data: DomainData, seed: int, spec: BranchSpec | None = No
         s = torch.from_numpy(sel)
         return F.cross_entropy(out, y_dom[s], label_smoothing=0.05) + cfg.aux_weight * F.cross_entropy(aux, y_src[s])
 
-    print("train: domain", flush=True)
     branch = new_branch(sd_t, spec, seed)
     t0 = time.time()
-    fit(branch, data.states, data.train, loss, cfg, "domain")
+    if saved is not None:
+        print(f"domain: branch loaded from {saved}", flush=True)
+        branch.load_state_dict(torch.load(saved))
+    else:
+        print("train: domain", flush=True)
+        fit(branch, data.states, data.train, loss, cfg, "domain")
 
     def acc(states: Ragged, idx: np.ndarray, y: np.ndarray) -> float:
         return float((predict(branch, states, idx).argmax(-1) == y).mean())
@@ -236,15 +256,18 @@ def retrain_domain(args, tok, sd_np, sd_t, trunk, questions, started: float) -> 
     (checked on the reference batch; the export refuses otherwise), and pii.onnx is copied."""
     meta = json.loads((args.out / "metrics.json").read_text())
     shipped = onnx.load(str(args.out / "classifier.onnx"))
-    domain, dstats = train_domain(sd_t, domain_data(tok, trunk, questions, args), args.seed)
-    args.cache.mkdir(parents=True, exist_ok=True)
-    torch.save(domain.state_dict(), args.cache / f"domain-branch-seed{args.seed}.pt")
+    saved = args.cache / f"domain-branch-seed{args.seed}.pt"
+    data = domain_data(tok, trunk, questions, args)
+    domain, dstats = train_domain(sd_t, data, args.seed, saved=saved if args.reuse_branch else None)
+    if not args.reuse_branch:
+        args.cache.mkdir(parents=True, exist_ok=True)
+        torch.save(domain.state_dict(), saved)  # so a failed export loses no training
     work = Path(tempfile.mkdtemp(prefix="extproc-train-"))
     formats = format_dirs(work)
     main_graph(dequantized_base(shipped, sd_np, TRUNK_LAYERS), to_weights("domain", domain), formats)
     for fmt in formats:
-        shutil.copy(args.out / "pii.onnx", formats[fmt] / "pii.onnx")
-        shutil.copy(args.out / "sentence.onnx", formats[fmt] / "sentence.onnx")
+        for f in ("pii.onnx", "sentence.onnx", "complexity_head.json"):
+            shutil.copy(args.out / f, formats[fmt] / f)
     old_ref = dict(np.load(args.tests_data / "reference.npz"))
     before = run_graphs(args.out, old_ref["input_ids"], old_ref["attention_mask"])
     after = run_graphs(formats["int8"], old_ref["input_ids"], old_ref["attention_mask"])
@@ -333,7 +356,7 @@ def retrain_pii(args: argparse.Namespace, tok, sd_t, trunk, started: float) -> i
     formats = format_dirs(work)
     pii_graph(to_weights("pii", pii), formats)
     for fmt in formats:
-        for f in ("classifier.onnx", "sentence.onnx"):
+        for f in ("classifier.onnx", "sentence.onnx", "complexity_head.json"):
             shutil.copy(args.out / f, formats[fmt] / f)
     ref = dict(np.load(args.tests_data / "reference.npz"))
     ref["pii_probs"] = evaluate.reference_outputs(
