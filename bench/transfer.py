@@ -120,7 +120,10 @@ class Candidate:
     @property
     def shippable(self) -> bool:
         """Runs in the shipped head format (a linear map of embedding and form)."""
-        return self.learner in ("logistic", "ridge", "ranking", "pairwise") and self.features in ("embedding+form", "form")
+        return self.learner in ("logistic", "ridge", "ranking", "pairwise") and self.features in (
+            "embedding+form",
+            "form",
+        )
 
     def __str__(self) -> str:
         s = f"{self.learner}({self.features}; {self.label}; {self.strength:g})"
@@ -201,7 +204,7 @@ def _percentile_within(v: np.ndarray, ds: np.ndarray) -> np.ndarray:
 
 
 PAIR_MARGIN = 0.25  # label percentiles: pairs closer than this carry little order
-PAIRS_PER_SET = 30000
+PAIRS_PER_SET = 8000
 
 
 def ranked_pairs(y: np.ndarray, ds: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -434,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
         "every training set, without SHIPPED_EXCLUDES' labels) and write it here",
     )
     ap.add_argument("--oracle", action="store_true", help="also each label's ceiling on every row")
+    ap.add_argument(
+        "--select-only",
+        default=None,
+        help="comma-separated candidate numbers (0-based, in CANDIDATES): print only their selection figures "
+        "(validation pairs; no reported row is scored) and stop",
+    )
     ap.add_argument("--markdown", type=Path, default=None, help="only print the model card's tables from this JSON")
     args = ap.parse_args(argv)
     if args.markdown:
@@ -443,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     lite = litellm_scores(args.litellm, [it.text for it in items], args.cache) if args.litellm else None
     d = Data(items, embeddings(items, args.cache, "embedding"), embeddings(items, args.cache, "sentence"), lite)
     candidates = [c for c in CANDIDATES if lite is not None or "litellm" not in (c.features + c.learner)]
+    if args.select_only:
+        candidates = [CANDIDATES[int(i)] for i in args.select_only.split(",")]
 
     print("selection (validation pairs only; mean APGR):", flush=True)
     chosen_by: dict[str, dict] = {}
@@ -451,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
         chosen_by[str(c)] = selection(d, c)
         figs = "  ".join(f"{k} {v:.3f}" for k, v in chosen_by[str(c)].items())
         print(f"  {c!s:58s} {figs}  [{time.time() - t0:.0f}s]", flush=True)
+
+    if args.select_only:
+        return 0
 
     def best(fold: str) -> Candidate:
         return max(candidates, key=lambda c: chosen_by[str(c)][fold])
@@ -539,6 +553,15 @@ def _met(r: dict) -> bool:
     return ok
 
 
+def shipped_cell(r: dict) -> str:
+    """The shipped head's APGR (saved at 95%) on a row; '—' in a JSON written before that column."""
+    sh = r.get("shipped")
+    if sh is None:
+        return "—"
+    saved = "—" if sh["saving95"] is None else f"{sh['saving95']:.2f}"
+    return f"{sh['apgr']:.3f} ({saved})"
+
+
 def markdown(path: Path) -> str:
     """The model card's Transfer tables from a transfer.json."""
     summary = json.loads(path.read_text())
@@ -563,8 +586,7 @@ def markdown(path: Path) -> str:
             ceiling = r.get("oracle", {}).get("2pl")
             out.append(
                 f"| {r['dataset']} ({r['set']}) | {r['weak']} → {r['strong']} | {r['n']} | **{o['apgr']:.3f}** | "
-                f"{f(o['cpt50'])} | {f(o['cpt80'])} | {f(o['saving95'])} | {r['shipped']['apgr']:.3f} "
-                f"({f(r['shipped']['saving95'])}) | {f(lt)} | "
+                f"{f(o['cpt50'])} | {f(o['cpt80'])} | {f(o['saving95'])} | {shipped_cell(r)} | {f(lt)} | "
                 f"{r['length']['apgr']:.3f} | {f(ceiling)} | {'met' if _met(r) else 'missed'} |"
             )
         out.append("")
