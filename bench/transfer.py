@@ -438,6 +438,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--oracle", action="store_true", help="also each label's ceiling on every row")
     ap.add_argument(
+        "--shipped-only",
+        action="store_true",
+        help="skip selection: score every row with the shipped head's candidate (CANDIDATES[0]), refitted "
+        "per row without what the row must not read, beside litellm and length",
+    )
+    ap.add_argument(
         "--select-only",
         default=None,
         help="comma-separated candidate numbers (0-based, in CANDIDATES): print only their selection figures "
@@ -457,7 +463,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print("selection (validation pairs only; mean APGR):", flush=True)
     chosen_by: dict[str, dict] = {}
-    for c in candidates:
+    if args.shipped_only:  # no selection: the shipped head's candidate scores every row
+        candidates = [CANDIDATES[0]]
+        chosen_by[str(CANDIDATES[0])] = {k: float("nan") for k in ("leave-pair-out", *SCORED_SETS, "alpaca")}
+    for c in candidates if not args.shipped_only else ():
         t0 = time.time()
         chosen_by[str(c)] = selection(d, c)
         figs = "  ".join(f"{k} {v:.3f}" for k, v in chosen_by[str(c)].items())
@@ -465,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.select_only:
         return 0
+    if args.shipped_only:
+        candidates = [CANDIDATES[0]]
 
     def best(fold: str) -> Candidate:
         return max(candidates, key=lambda c: chosen_by[str(c)][fold])
