@@ -89,6 +89,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from extproc.policy.config import PickingSettings
 from extproc.replicas.kvindex import Mode
 from extproc.replicas.load import Lease, LoadTracker
+from extproc.replicas.peerload import PeerLoad
 from extproc.replicas.picking import Picker, PickRequest, build_picker
 from extproc.replicas.prefix import PrefixIndex, block_hashes
 from extproc.request import Message, render
@@ -225,6 +226,11 @@ class Policy:
     def open_leases(self) -> int:
         return 0
 
+    def stored(self, replica: int, parent: int | None, keys: list[int]) -> None:
+        """A replica stored a run of blocks (a KV event): parent key or None, the run's keys."""
+
+    now = 0.0  # the simulation's clock, set before every event
+
 
 class RoundRobin(Policy):
     name = "round-robin"
@@ -283,6 +289,7 @@ class _RouterInstance:
     tracker: LoadTracker
     index: PrefixIndex
     picker: Picker
+    peers: PeerLoad
 
 
 class Ours(Policy):
@@ -307,16 +314,22 @@ class Ours(Policy):
         self._rng = random.Random(f"{seed}/routers")
         self.leases: dict[int, Lease] = {}
         self.events = events
+        self.peer_load = events and settings.peer_load
+        for router in self.routers:
+            router.tracker.peers = router.peers if self.peer_load else None
         self.caches: Sequence[OrderedDict[int, None]] = ()  # the replicas' KV caches (set by the simulation)
         if events:
             self.name = "ours + events"
         if routers > 1:
             self.name += f", {routers} routers"
 
-    @staticmethod
-    def _router(p: PickingSettings) -> _RouterInstance:
-        tracker, index = LoadTracker(), PrefixIndex(p.index_blocks)
-        return _RouterInstance(tracker, index, build_picker(p, tracker, index))
+    def _router(self, p: PickingSettings) -> _RouterInstance:
+        clock = self._clock
+        tracker, index = LoadTracker(clock=clock), PrefixIndex(p.index_blocks)
+        return _RouterInstance(tracker, index, build_picker(p, tracker, index), PeerLoad(tracker, clock=clock))
+
+    def _clock(self) -> float:
+        return self.now
 
     def pick(self, request: Request, inflight: Sequence[int]) -> int:
         request.router = self._rng.randrange(len(self.routers)) if len(self.routers) > 1 else 0
@@ -329,9 +342,12 @@ class Ours(Policy):
             # an exact answer to "how much of this prompt does it hold", as its events tell.
             kv_blocks = block_hashes(MODEL, request.text, KV_BLOCK_CHARS)
             n = len(kv_blocks) or 1
-            held = {e: (_matched(self.caches[i], kv_blocks) / n, Mode.EXACT) for i, e in enumerate(self.endpoints)}
+            matched = [_matched(cache, kv_blocks) for cache in self.caches]
+            held = {e: (matched[i] / n, Mode.EXACT) for i, e in enumerate(self.endpoints)}
         pick = router.picker.pick(PickRequest(MODEL, blocks, request.turn.session, held=held), self.endpoints)
         primary = pick.endpoints[0]  # type: ignore[union-attr]
+        if self.peer_load and held is not None:
+            router.peers.expect(primary, kv_blocks, matched[self.slot[primary]])
         router.index.record(primary, blocks)
         self.leases[request.id] = router.tracker.acquire(primary, MODEL)
         return self.slot[primary]
@@ -341,6 +357,12 @@ class Ours(Policy):
 
     def open_leases(self) -> int:
         return sum(r.tracker.open_leases + sum(r.tracker.inflight.values()) for r in self.routers)
+
+    def stored(self, replica: int, parent: int | None, keys: list[int]) -> None:
+        if self.peer_load:  # every router subscribes to every replica's events
+            endpoint = self.endpoints[replica]
+            for router in self.routers:
+                router.peers.stored(endpoint, parent, keys)
 
 
 # --- the replicas ---------------------------------------------------------------------------------
@@ -432,6 +454,7 @@ class Simulation:
         steps = self.r.engine == "steps"
         while self.events:
             now, _, kind, obj = heapq.heappop(self.events)
+            self.policy.now = now
             if kind == ARRIVE:
                 req: Request = obj  # type: ignore[assignment]
                 i = req.replica = self.policy.pick(req, self.inflight)
@@ -492,7 +515,13 @@ class Simulation:
             rep.running += 1
             blocks = block_hashes(MODEL, req.text, r.kv_block_chars)
             req.blocks = len(blocks)
-            req.matched = _matched(rep.kv, blocks)
+            req.matched = m = _matched(rep.kv, blocks)
+            if m < len(blocks):  # vLLM publishes the blocks it stores as it schedules the prefill
+                self.policy.stored(i, blocks[m - 1] if m else None, blocks[m:])
+            elif blocks:  # held whole: its first stored block is the answer's first one
+                answered = block_hashes(MODEL, req.text + render((req.turn.answer,)), r.kv_block_chars)
+                if len(answered) > m:
+                    self.policy.stored(i, blocks[-1], answered[m : m + 1])
             _touch(rep.kv, blocks, r.kv_blocks)
             uncached_chars = len(req.text) - req.matched * r.kv_block_chars
             req.prefill_left = max(1, math.ceil(uncached_chars / CHARS_PER_TOKEN))

@@ -170,6 +170,7 @@ class Router:
         self.kv = KvAwareness(
             on_event=lambda model, what: self.metrics.count_kv_event(model, what),
             on_lag=lambda model, seconds: self.metrics.kv_event_lag.labels(model).observe(seconds),
+            tracker=self.tracker,
         )
         if state.tokenizers is None:
             state.tokenizers = self.kv.tokenizers(state.policy)
@@ -213,6 +214,7 @@ class Router:
         self.picker = self._picker(self.state.policy)
 
     def _picker(self, policy: Policy) -> Picker:
+        self.tracker.peers = self.kv.peers if policy.picking.peer_load else None
         return build_picker(policy.picking, self.tracker, self.index, self.load_reports, self.health)
 
     def observe_upstream(self, model: str, outcomes: list[tuple[str, Outcome]]) -> None:
@@ -858,6 +860,7 @@ class Router:
         routed = Routed(model.name, model.upstream_model, label, cluster, pick.endpoints, envoy, lease=lease)
         routed.pick_detail = {"scores": pick.scores, "prefix_blocks": matched, "blocks": len(blocks), "index": mode}
         if held is not None and prompt is not None:
+            self.kv.picked(primary, prompt, held[primary][0])
             routed.pick_detail["kv_cache"] = {
                 "prompt_tokens": len(prompt.tokens),
                 "held": {e: {"fraction": round(f, 4), "mode": m.value} for e, (f, m) in held.items()},

@@ -243,6 +243,7 @@ class PickingSettings:
     load_bound: float = 0.0  # a new conversation goes to a replica at or below the mean (bench/RESULTS-affinity.md)
     sticky_load_bound: float | None = 1.0  # bound for requests one replica holds much more of (None: load_bound)
     sticky_move_blocks: int | None = 12  # sticky bound only where moving re-prefills >= this many blocks
+    peer_load: bool = True  # count the other routers' requests, inferred from KV events, into the load
     load_floor: int = 2
     fallbacks: int = 2
     outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)

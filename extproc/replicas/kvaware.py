@@ -14,6 +14,8 @@ from pathlib import Path
 from extproc.policy.config import KvEvents, Model, Policy
 from extproc.replicas.kvindex import KvIndex, Mode, PromptBlocks, held_fractions
 from extproc.replicas.kvsubscribe import KvEventSubscriber, Target
+from extproc.replicas.load import LoadTracker
+from extproc.replicas.peerload import PeerLoad
 from extproc.replicas.prompt_tokens import PromptTokenizer, TemplateError
 from extproc.request import Api, LLMRequest
 
@@ -66,8 +68,12 @@ class KvAwareness:
         self,
         on_event: Callable[[str, str], None] | None = None,
         on_lag: Callable[[str, float], None] | None = None,
+        tracker: LoadTracker | None = None,
     ) -> None:
         self.index = KvIndex()
+        # The other routers' requests, from the stored runs of live batches (picking.peer_load).
+        self.peers = PeerLoad(tracker or LoadTracker())
+        self.index.on_stored = self.peers.stored
         self.subscriber = KvEventSubscriber(self.index, on_event=on_event, on_lag=on_lag)
         self._cache: dict[tuple[str, str | None], PromptTokenizer] = {}
         self._models: dict[str, str] = {}  # replica address -> model, for the gauges
@@ -90,10 +96,25 @@ class KvAwareness:
         if warm is not None:
             self.index.warm_seconds = warm
         self._models = {address: target.model for address, target in targets.items()}
+        self.peers.forget(set(targets))
         self.subscriber.set_targets(targets)
 
     def held(self, prompt: PromptBlocks, endpoints: Sequence[str]) -> dict[str, tuple[float, Mode]]:
         return held_fractions(self.index, prompt, endpoints)
+
+    def picked(self, endpoint: str, prompt: PromptBlocks, fraction: float) -> None:
+        """This router sent the prompt to endpoint, which held that fraction of it: its stored
+        runs there are ours, not another router's."""
+        size = self.index.block_size(endpoint)
+        if size is None:  # it has published nothing yet: its model's block size, from another replica
+            model = self._models.get(endpoint)
+            size = next(
+                (b for a, m in self._models.items() if m == model and (b := self.index.block_size(a)) is not None),
+                None,
+            )
+        if size is not None:
+            keys = prompt.keys(size)
+            self.peers.expect(endpoint, keys, round(fraction * len(prompt.tokens) / size))
 
     def modes(self) -> dict[tuple[str, str], int]:
         """(model, mode) -> replicas, for the gauge."""

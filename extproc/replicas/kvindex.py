@@ -77,6 +77,9 @@ class KvIndex:
         self.lock = threading.Lock()
         self._clock = clock
         self._replicas: dict[str, _Replica] = {}
+        # Told of every stored run of a live batch (endpoint, parent key or None, keys): the other
+        # routers' requests, as extproc/replicas/peerload.py infers them.
+        self.on_stored: Callable[[str, int | None, list[int]], None] | None = None
 
     # --- the subscriber's side ----------------------------------------------------------------
 
@@ -96,7 +99,9 @@ class KvIndex:
         now = self._clock()
         self._replicas[endpoint] = _Replica(now if complete else now + self.warm_seconds)
 
-    def apply(self, endpoint: str, events: Iterable[Event]) -> None:
+    def apply(self, endpoint: str, events: Iterable[Event], live: bool = False) -> None:
+        """Apply a batch; live: it was published just now (not replayed history), so its stored
+        runs are requests starting (on_stored)."""
         with self.lock:
             replica = self._replicas.get(endpoint)
             if replica is None:
@@ -104,7 +109,11 @@ class KvIndex:
             for event in events:
                 replica.events += 1
                 if isinstance(event, BlockStored):
-                    self._stored(replica, event)
+                    run = self._stored(replica, event)
+                    # (A copy to another tier, e.g. CPU offload, is not a request.)
+                    gpu = (event.medium or DEFAULT_MEDIUM) == DEFAULT_MEDIUM
+                    if live and gpu and run is not None and self.on_stored is not None:
+                        self.on_stored(endpoint, *run)
                 elif isinstance(event, BlockRemoved):
                     self._removed(replica, event)
                 elif isinstance(event, AllBlocksCleared):
@@ -113,7 +122,8 @@ class KvIndex:
             if len(replica.blocks) > self.max_blocks:  # lost removals: start again rather than grow
                 self._reset(endpoint, complete=False)
 
-    def _stored(self, replica: _Replica, event: BlockStored) -> None:
+    def _stored(self, replica: _Replica, event: BlockStored) -> tuple[int | None, list[int]] | None:
+        """Index a stored run; returns its parent key (None: a chain's root) and keys."""
         medium = event.medium or DEFAULT_MEDIUM
         size = event.block_size
         replica.block_size = size
@@ -126,8 +136,10 @@ class KvIndex:
                 parent = replica.blocks.get((DEFAULT_MEDIUM, event.parent_block_hash))
             if parent is None:
                 replica.orphans += len(event.block_hashes)
-                return
+                return None
             h = parent
+        first = None if event.parent_block_hash is None else h
+        keys = []
         extra = event.extra_keys
         tokens = event.token_ids
         for i, external in enumerate(event.block_hashes):
@@ -141,6 +153,8 @@ class KvIndex:
                 self._drop(replica, previous)
             replica.blocks[key] = h
             replica.held[h] += 1
+            keys.append(h)
+        return first, keys
 
     def _removed(self, replica: _Replica, event: BlockRemoved) -> None:
         medium = event.medium or DEFAULT_MEDIUM

@@ -30,6 +30,7 @@ from extproc.replicas.kvindex import KvIndex
 log = logging.getLogger("extproc.replicas")
 
 _EVERYTHING = 1 << 62
+LIVE_SECONDS = 2.0  # a batch younger than this is live (its stored runs count as load)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,12 +180,14 @@ class KvEventSubscriber:
         self._apply(endpoint, subscription, seq, batch)
 
     def _apply(self, endpoint: str, subscription: _Subscription, seq: int, batch: EventBatch) -> None:
-        self.index.apply(endpoint, batch.events)
+        lag = max(0.0, time.time() - batch.ts)
+        # A batch published moments ago tells of requests starting now; replayed history does not.
+        self.index.apply(endpoint, batch.events, live=lag < LIVE_SECONDS)
         subscription.last = seq
         self.last_batch[endpoint] = time.monotonic()
         model = subscription.target.model
         self._on_event(model, "batch")
-        self._on_lag(model, max(0.0, time.time() - batch.ts))
+        self._on_lag(model, lag)
 
     def _replay(self, endpoint: str, subscription: _Subscription, start: int, upto: int) -> bool:
         """Ask the publisher's ROUTER for batches start..upto-1 and apply them. True if it had

@@ -13,8 +13,9 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(slots=True)
@@ -22,31 +23,54 @@ class Lease:
     id: int
     endpoint: str
     model: str
-    taken: float  # time.monotonic()
+    taken: float  # the tracker's clock (time.monotonic())
     released: bool = False
+
+
+class Peers(Protocol):
+    """Requests other routers have in flight on a replica (extproc/replicas/peerload.py)."""
+
+    def load(self, endpoint: str) -> float: ...
 
 
 class LoadTracker:
     """Process-wide in-flight counts; survives config reloads so counts stay true."""
 
-    def __init__(self, max_age_seconds: float = 660.0) -> None:
+    def __init__(self, max_age_seconds: float = 660.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_age_seconds = max_age_seconds
         self.inflight: Counter[str] = Counter()
         self._leases: dict[int, Lease] = {}
         self._ids = itertools.count(1)
+        self._clock = clock
         self.on_release: Callable[[Lease], None] | None = None  # a slot freed (admission control)
+        self.peers: Peers | None = None  # the other routers' requests, where the KV events show them
+        self.mean_seconds = 10.0  # a lease's mean duration (moving average; a first guess until measured)
+
+    def loads(self, endpoints: Sequence[str]) -> Mapping[str, float]:
+        """In-flight requests per replica: this router's, plus the other routers' as inferred."""
+        peers = self.peers
+        if peers is None:
+            return self.inflight
+        inflight = self.inflight
+        return {e: inflight[e] + peers.load(e) for e in endpoints}
 
     def acquire(self, endpoint: str, model: str) -> Lease:
-        lease = Lease(next(self._ids), endpoint, model, time.monotonic())
+        lease = Lease(next(self._ids), endpoint, model, self._clock())
         self._leases[lease.id] = lease
         self.inflight[endpoint] += 1
         return lease
 
     def release(self, lease: Lease) -> None:
+        self._end(lease, measured=True)
+
+    def _end(self, lease: Lease, measured: bool) -> None:
         if lease.released:
             return
         lease.released = True
         self._leases.pop(lease.id, None)
+        if measured:  # (an expired lease was lost, not served: its age says nothing)
+            # Weight 1/64: about the last hundred leases, so a burst moves it little.
+            self.mean_seconds += (max(self._clock() - lease.taken, 0.05) - self.mean_seconds) / 64
         count = self.inflight[lease.endpoint] - 1
         if count > 0:
             self.inflight[lease.endpoint] = count
@@ -65,10 +89,10 @@ class LoadTracker:
 
     def expire(self, now: float | None = None) -> int:
         """End leases older than the longest a request may run. Returns how many."""
-        cutoff = (time.monotonic() if now is None else now) - self.max_age_seconds
+        cutoff = (self._clock() if now is None else now) - self.max_age_seconds
         stale = [lease for lease in self._leases.values() if lease.taken <= cutoff]
         for lease in stale:
-            self.release(lease)
+            self._end(lease, measured=False)
         return len(stale)
 
     @property

@@ -30,6 +30,12 @@ class PickRequest:
     # From the replicas' KV events (models with kv_events): the fraction of the prompt's tokens each
     # replica holds, exact or (approximate) a lower bound.
     held: Mapping[str, tuple[float, Mode]] | None = None
+    # In flight per replica as the load filters and scorers see it (LoadTracker.loads: this
+    # router's own leases plus the other routers' requests its KV events show), set by the picker.
+    inflight: Mapping[str, float] | None = None
+
+    def load(self, tracker: LoadTracker) -> Mapping[str, float]:
+        return self.inflight if self.inflight is not None else tracker.inflight
 
     def matched_blocks(self, index: PrefixIndex, endpoints: Sequence[str]) -> dict[str, int]:
         """Blocks of the prefix each replica holds, as well as the router knows: from its KV
@@ -108,7 +114,7 @@ class BoundedLoad:
     name: str = "bounded_load"
 
     def filter(self, request: PickRequest, endpoints: Sequence[str]) -> Sequence[str]:
-        inflight = self.tracker.inflight
+        inflight = request.load(self.tracker)
         total = sum(inflight[e] for e in endpoints) + 1
         epsilon = self.epsilon
         if self.sticky_epsilon is not None and self.index is not None and request.blocks and len(endpoints) > 1:
@@ -147,7 +153,7 @@ class StickyHome:
         if home in eligible:
             return eligible
         cost = matched[home] - max((matched[e] for e in eligible), default=0)
-        inflight = self.tracker.inflight
+        inflight = request.load(self.tracker)
         total = sum(inflight[e] for e in endpoints) + 1
         capacity = _capacity(self.sticky_epsilon, total, len(endpoints), self.floor)
         if cost >= self.min_blocks and inflight[home] + 1 <= capacity:
@@ -155,7 +161,7 @@ class StickyHome:
         return eligible
 
 
-def _capacity(epsilon: float, total: int, replicas: int, floor: int) -> int:
+def _capacity(epsilon: float, total: float, replicas: int, floor: int) -> int:
     """In-flight requests a replica may hold: (1 + epsilon) x the mean, this request included."""
     return max(floor, math.ceil((1 + epsilon) * total / replicas))
 
@@ -234,7 +240,7 @@ class LeastLoad:
     name: str = "load"
 
     def score(self, request: PickRequest, endpoints: Sequence[str]) -> Mapping[str, float]:
-        inflight = self.tracker.inflight
+        inflight = request.load(self.tracker)
         busiest = max(inflight[e] for e in endpoints) + 1
         out = {}
         for e in endpoints:
@@ -294,6 +300,8 @@ class Picker:
             if len(kept) < len(endpoints):
                 excluded.update((e, exclusion.name) for e in set(endpoints).difference(kept))
                 endpoints = kept
+        if request.inflight is None:
+            request.inflight = self.tracker.loads(endpoints)
         candidates: Sequence[str] = endpoints
         for f in self.filters:
             candidates = f.filter(request, candidates)
@@ -309,7 +317,7 @@ class Picker:
         # Ties (a cold start, no session) rotate, so equal replicas share the work.
         turn = self._turns[request.model] = self._turns.get(request.model, 0) + 1
         n = len(endpoints)
-        inflight = self.tracker.inflight
+        inflight = request.inflight
         eligible = set(candidates)
         # Eligible first, then the higher total, fewer in flight, the rotating turn (unique, so the
         # index after it never decides).
