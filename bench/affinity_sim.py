@@ -738,6 +738,8 @@ def sweep_routers(
             result = simulate(policy, n, w, replica)
             rows.append((None, result))
             out.append(result)
+        no_peers = Ours(n, replace(settings, peer_load=False), routers=3, seed=w.seed, events=True)
+        rows.append((f"{no_peers.name}, peer_load off", simulate(no_peers, n, w, replica)))
         for label, variant in (("sticky_move_blocks 8", replace(settings, sticky_move_blocks=8)),):
             for routers in (1, 3):
                 policy = Ours(n, variant, routers=routers, seed=w.seed, events=True)

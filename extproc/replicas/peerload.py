@@ -9,7 +9,8 @@ decode blocks) is a request starting there. If this router sent it, it expected 
 at its pick: the prompt's keys beyond what the replica held, or for a prompt held whole the
 prompt's last block, the parent of its first decode block); if not, another router did, and it
 counts into that replica's load from then on, decayed with the mean time a request stays in
-flight (this router's own leases measure it). With Poisson arrivals the decayed sum averages
+flight once scheduled (this router's own requests measure it: lease time less the wait for
+their first run). With Poisson arrivals the decayed sum averages
 the other routers' in-flight count there (Little's law).
 
 What it cannot see: requests waiting in a model server's queue (they store nothing until they
@@ -23,6 +24,7 @@ history is not load); ``expect`` and ``load`` by the picking side. One lock keep
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
@@ -39,23 +41,30 @@ class PeerLoad:
         *,
         continuation_seconds: float = 2.0,
         expect_seconds: float = 60.0,
+        queued_seconds: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tracker = tracker  # its mean lease time is the decay constant
         self.continuation_seconds = continuation_seconds
         self.expect_seconds = expect_seconds
+        self.queued_seconds = queued_seconds
         self._clock = clock
         self._lock = threading.Lock()
         self._tails: dict[str, dict[int, float]] = {}  # endpoint -> tail key of a recent run -> stored at
         self._tail_order: deque[tuple[float, str, int]] = deque()
-        # Our own requests: endpoint -> the key their first run starts with (or, for a prompt held
-        # whole, follows) -> until when it is expected.
-        self._firsts: dict[str, dict[int, float]] = {}
-        self._parents: dict[str, dict[int, float]] = {}
-        self._expected_order: deque[tuple[float, dict[str, dict[int, float]], str, int]] = deque()
+        # Our own requests not yet seen: endpoint -> request -> when we picked it; and the key
+        # their first run starts with (firsts) or, for a prompt held whole, follows (parents).
+        self._waiting: dict[str, dict[int, float]] = {}
+        # (Several requests may expect one key, e.g. a shared system prompt's: first come first.)
+        self._firsts: dict[str, dict[int, deque[int]]] = {}
+        self._parents: dict[str, dict[int, deque[int]]] = {}
+        self._expected_order: deque[tuple[float, str, int, dict[str, dict[int, deque[int]]], Sequence[int]]] = deque()
+        self._ids = itertools.count()
         self._load: dict[str, tuple[float, float]] = {}  # endpoint -> (decayed count, as of)
+        self.wait_seconds = 0.0  # our requests' mean time from the pick to their first stored run
         self.started = 0  # runs that started a request (ours and the others')
         self.foreign = 0  # of them, not ours
+        self.own = 0  # of them, ours
 
     # --- our own picks ------------------------------------------------------------------------
 
@@ -66,17 +75,19 @@ class PeerLoad:
         follows ``keys[-1]``."""
         if not keys:
             return
-        until = self._clock() + self.expect_seconds
+        now = self._clock()
         with self._lock:
-            self._prune_expected(until - self.expect_seconds)
+            self._prune_expected(now)
             if held >= len(keys):
-                expected, which = [keys[-1]], self._parents
+                expected, which = keys[-1:], self._parents
             else:
                 expected, which = keys[max(0, held - 2) : held + 2], self._firsts
+            request = next(self._ids)
+            self._waiting.setdefault(endpoint, {})[request] = now
             mine = which.setdefault(endpoint, {})
             for key in expected:
-                mine[key] = until
-                self._expected_order.append((until, which, endpoint, key))
+                mine.setdefault(key, deque()).append(request)
+            self._expected_order.append((now + self.expect_seconds, endpoint, request, which, expected))
 
     # --- the replicas' events -----------------------------------------------------------------
 
@@ -97,11 +108,15 @@ class PeerLoad:
                 return
             self.started += 1
             self._prune_expected(now)
-            firsts, parents = self._firsts.get(endpoint), self._parents.get(endpoint)
-            if firsts and firsts.pop(keys[0], None) is not None:
-                return
-            if parents and parent is not None and parents.pop(parent, None) is not None:
-                return
+            waiting = self._waiting.get(endpoint)
+            if waiting:
+                picked = _claim(self._firsts.get(endpoint), keys[0], waiting)
+                if picked is None and parent is not None:
+                    picked = _claim(self._parents.get(endpoint), parent, waiting)
+                if picked is not None:  # ours: how long it waited to be scheduled
+                    self.own += 1
+                    self.wait_seconds += (now - picked - self.wait_seconds) / 64
+                    return
             self.foreign += 1
             count, _ = self._decayed(endpoint, now)
             self._load[endpoint] = (count + 1.0, now)
@@ -109,18 +124,41 @@ class PeerLoad:
     # --- the picker's side --------------------------------------------------------------------
 
     def load(self, endpoint: str) -> float:
-        """Requests the other routers have in flight on endpoint, as inferred."""
-        if endpoint not in self._load:
+        """Requests the other routers have in flight on endpoint, as inferred: the scheduled ones
+        its events showed, and as many waiting in its queue per request of ours waiting there
+        as they send per request we send (a queue is served in order, whoever sent it)."""
+        waiting = self._waiting.get(endpoint)
+        if endpoint not in self._load and not waiting:
             return 0.0
+        now = self._clock()
         with self._lock:
-            return self._decayed(endpoint, self._clock())[0]
+            count = self._decayed(endpoint, now)[0]
+            if waiting and self.own:
+                # Ours picked within the mean lease time and not yet scheduled (an older one has
+                # most likely ended unseen: a prompt held whole with a short answer).
+                # Younger than queued_seconds: on their way (the events' lag, one engine step).
+                oldest, newest = now - self.tracker.mean_seconds, now - self.queued_seconds
+                queued = 0
+                for picked in reversed(waiting.values()):
+                    if picked < oldest:
+                        break
+                    queued += picked <= newest
+                count += queued * self.foreign / self.own
+            return count
 
     def _decayed(self, endpoint: str, now: float) -> tuple[float, float]:
         count, since = self._load.get(endpoint, (0.0, now))
         if count == 0.0:
             return 0.0, now
-        value = count * math.exp(-(now - since) / self.tracker.mean_seconds)
+        value = count * math.exp(-(now - since) / self.service_seconds)
         return (value if value > 1e-3 else 0.0), now
+
+    @property
+    def service_seconds(self) -> float:
+        """How long a request stays in flight once it is scheduled (its first stored run): our
+        leases' mean time less the mean wait of our own requests for their first run, since the
+        others' are only seen from then on."""
+        return max(0.05, self.tracker.mean_seconds - self.wait_seconds)
 
     def _prune_tails(self, before: float) -> None:
         order = self._tail_order
@@ -133,14 +171,37 @@ class PeerLoad:
     def _prune_expected(self, now: float) -> None:
         order = self._expected_order
         while order and order[0][0] < now:
-            until, which, endpoint, key = order.popleft()
+            _, endpoint, request, which, keys = order.popleft()
+            waiting = self._waiting.get(endpoint)
+            if waiting is not None:
+                waiting.pop(request, None)
             mine = which.get(endpoint)
-            if mine is not None and mine.get(key) == until:
-                del mine[key]
+            if mine is not None:
+                for key in keys:
+                    requests = mine.get(key)
+                    if requests is not None and request in requests:
+                        requests.remove(request)
+                        if not requests:
+                            del mine[key]
 
     def forget(self, keep: set[str]) -> None:
         """Drop replicas that left the pools."""
         with self._lock:
-            for table in (self._tails, self._firsts, self._parents, self._load):
+            for table in (self._tails, self._waiting, self._firsts, self._parents, self._load):
                 for endpoint in [e for e in table if e not in keep]:
                     del table[endpoint]
+
+
+def _claim(expected: dict[int, deque[int]] | None, key: int, waiting: dict[int, float]) -> float | None:
+    """The first of our requests still waiting that expects key (removed): when it was picked."""
+    if not expected:
+        return None
+    requests = expected.get(key)
+    while requests:
+        picked = waiting.pop(requests.popleft(), None)
+        if picked is not None:
+            if not requests:
+                del expected[key]
+            return picked
+    expected.pop(key, None)
+    return None

@@ -135,3 +135,20 @@ def test_the_load_bound_counts_the_other_routers_requests(clock) -> None:
     for _ in range(3):
         pick = picker.pick(PickRequest("m", [1, 2], held=held), endpoints)
         assert pick is not None and pick.endpoints[0] != "a"
+
+
+def test_ours_waiting_in_a_replicas_queue_stand_for_the_others_waiting_there(clock) -> None:
+    p = peers(clock, mean=10.0)
+    for i in range(4):  # so far the others sent two requests for each of ours
+        p.expect("a", [100 + i], held=0)
+        p.stored("a", None, [100 + i])
+        p.stored("b", None, [200 + i])
+        p.stored("b", None, [300 + i])
+    assert (p.own, p.foreign) == (4, 8)
+    clock.now += 60.0  # (their counts have decayed away)
+    p.expect("a", [1, 2], held=0)
+    assert p.load("a") == 0.0  # just sent: its run is on its way
+    clock.now += 1.0
+    assert p.load("a") == pytest.approx(2.0)  # not scheduled a second later: it waits, with two others
+    p.stored("a", None, [1, 2])
+    assert p.load("a") == 0.0  # scheduled: it waits no more
