@@ -30,6 +30,9 @@ class Lease:
 class Peers(Protocol):
     """Requests other routers have in flight on a replica (extproc/replicas/peerload.py)."""
 
+    @property
+    def active(self) -> bool: ...  # any load known at all (else every replica's is 0)
+
     def load(self, endpoint: str) -> float: ...
 
 
@@ -49,7 +52,7 @@ class LoadTracker:
     def loads(self, endpoints: Sequence[str]) -> Mapping[str, float]:
         """In-flight requests per replica: this router's, plus the other routers' as inferred."""
         peers = self.peers
-        if peers is None:
+        if peers is None or not peers.active:
             return self.inflight
         inflight = self.inflight
         return {e: inflight[e] + peers.load(e) for e in endpoints}

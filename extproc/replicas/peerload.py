@@ -123,6 +123,10 @@ class PeerLoad:
 
     # --- the picker's side --------------------------------------------------------------------
 
+    @property
+    def active(self) -> bool:
+        return bool(self._load) or any(self._waiting.values())
+
     def load(self, endpoint: str) -> float:
         """Requests the other routers have in flight on endpoint, as inferred: the scheduled ones
         its events showed, and as many waiting in its queue per request of ours waiting there
