@@ -137,7 +137,9 @@ class PeerLoad:
         now = self._clock()
         with self._lock:
             count = self._decayed(endpoint, now)[0]
-            if waiting and self.own:
+            # (Only once other routers show: with one router a stray run counted as another's
+            # would otherwise add a trace to every count, and reorder ties.)
+            if waiting and self.foreign >= 0.05 * self.own > 0:
                 # Ours picked within the mean lease time and not yet scheduled (an older one has
                 # most likely ended unseen: a prompt held whole with a short answer).
                 # Younger than queued_seconds: on their way (the events' lag, one engine step).
