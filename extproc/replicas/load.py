@@ -48,6 +48,7 @@ class LoadTracker:
         self.on_release: Callable[[Lease], None] | None = None  # a slot freed (admission control)
         self.peers: Peers | None = None  # the other routers' requests, where the KV events show them
         self.mean_seconds = 10.0  # a lease's mean duration (moving average; a first guess until measured)
+        self.measured = 0  # leases that ended with their request (not expired)
 
     def loads(self, endpoints: Sequence[str]) -> Mapping[str, float]:
         """In-flight requests per replica: this router's, plus the other routers' as inferred."""
@@ -72,6 +73,7 @@ class LoadTracker:
         lease.released = True
         self._leases.pop(lease.id, None)
         if measured:  # (an expired lease was lost, not served: its age says nothing)
+            self.measured += 1
             # Weight 1/64: about the last hundred leases, so a burst moves it little.
             self.mean_seconds += (max(self._clock() - lease.taken, 0.05) - self.mean_seconds) / 64
         count = self.inflight[lease.endpoint] - 1

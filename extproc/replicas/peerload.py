@@ -33,6 +33,8 @@ from collections.abc import Callable, Sequence
 
 from extproc.replicas.load import LoadTracker
 
+MEASURED_FIRST = 16  # own requests timed before the others' are counted
+
 
 class PeerLoad:
     def __init__(
@@ -125,6 +127,11 @@ class PeerLoad:
 
     @property
     def active(self) -> bool:
+        """Whether the picker should count it: some load is known, and the router has timed
+        enough of its own requests to know how long one stays (before that the decay would be a
+        guess, and a new sidecar would see the others' finished requests as still running)."""
+        if self.tracker.measured < MEASURED_FIRST:
+            return False
         return bool(self._load) or any(self._waiting.values())
 
     def load(self, endpoint: str) -> float:

@@ -50,6 +50,8 @@ def router_for(tmp_path, caches: dict[str, KvCache], peer_load: bool = True) -> 
     )
     policy = load_policy(str(path))
     router = Router(RouterState(policy, Pools.build(policy, Discovery())))
+    for _ in range(16):  # the router has timed requests of its own (peer load counts from then on)
+        router.tracker.release(router.tracker.acquire(ADDRESSES[2], "chat"))
     router.tracker.mean_seconds = 600.0  # (so the inferred counts hold still while the test looks)
     router.follow_kv_events()
     return router

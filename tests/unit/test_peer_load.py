@@ -117,10 +117,17 @@ def test_expired_leases_do_not_move_the_mean_request_time(clock) -> None:
     assert tracker.mean_seconds == pytest.approx(2.0 + 64.0 / 64)
 
 
+def timed(tracker: LoadTracker, requests: int = 16) -> None:
+    """The router has timed this many requests of its own (each taking no time)."""
+    for _ in range(requests):
+        tracker.release(tracker.acquire("x", "m"))
+
+
 def test_the_load_bound_counts_the_other_routers_requests(clock) -> None:
     endpoints = ("a", "b", "c")
     tracker, index = LoadTracker(clock=clock), PrefixIndex(100)
     p = PeerLoad(tracker, clock=clock)
+    timed(tracker)
     picker = build_picker(PickingSettings(), tracker, index)
     for e in endpoints:  # this router: one request on each
         tracker.acquire(e, "m")
@@ -152,3 +159,19 @@ def test_ours_waiting_in_a_replicas_queue_stand_for_the_others_waiting_there(clo
     assert p.load("a") == pytest.approx(2.0)  # not scheduled a second later: it waits, with two others
     p.stored("a", None, [1, 2])
     assert p.load("a") == 0.0  # scheduled: it waits no more
+
+
+def test_the_others_count_only_once_the_router_has_timed_its_own_requests(clock) -> None:
+    tracker = LoadTracker(clock=clock)
+    p = PeerLoad(tracker, clock=clock)
+    tracker.peers = p
+    p.stored("a", None, [1])
+    assert p.load("a") > 0.9
+    # A new sidecar does not know yet how long a request stays: it would count the others'
+    # finished requests as running for as long as its first guess says.
+    assert tracker.loads(["a", "b"]) == {}
+    timed(tracker, 15)
+    assert not p.active
+    timed(tracker, 1)
+    assert p.active
+    assert tracker.loads(["a", "b"])["a"] == pytest.approx(p.load("a"))
