@@ -90,7 +90,7 @@ from extproc.policy.config import PickingSettings
 from extproc.replicas.kvindex import Mode
 from extproc.replicas.load import Lease, LoadTracker
 from extproc.replicas.peerload import PeerLoad
-from extproc.replicas.picking import Picker, PickRequest, build_picker
+from extproc.replicas.picking import Picker, PickRequest, build_picker, canonical, weights
 from extproc.replicas.prefix import PrefixIndex, block_hashes
 from extproc.request import Message, render
 
@@ -670,17 +670,17 @@ def sweep_picker(workload: Workload, replica: Replica, base: PickingSettings, n:
         variants.append((f"block_chars {b}", replace(base, block_chars=b), workload, 1))
     variants.append((f"index_blocks {replica.kv_blocks}", replace(base, index_blocks=replica.kv_blocks), workload, 1))
     for w in (0.0, 1.0, 2.0):
-        variants.append((f"session weight {w:g}", replace(base, session_weight=w), workload, 1))
+        variants.append((f"session weight {w:g}", _weighted(base, session=w), workload, 1))
     variants += [
         ("no session ids", base, replace(workload, session_share=0.0), 1),
-        ("prefix weight 6", replace(base, prefix_weight=6.0), workload, 1),
-        ("load weight 0", replace(base, load_weight=0.0), workload, 1),
-        ("load weight 4", replace(base, load_weight=4.0), workload, 1),
-        ("session 0, bound 0.2", replace(base, session_weight=0.0, load_bound=0.2), workload, 1),
-        ("session 0, bound 0.5", replace(base, session_weight=0.0, load_bound=0.5), workload, 1),
+        ("prefix weight 6", _weighted(base, prefix=6.0), workload, 1),
+        ("load weight 0", _weighted(base, load=0.0), workload, 1),
+        ("load weight 4", _weighted(base, load=4.0), workload, 1),
+        ("session 0, bound 0.2", replace(_weighted(base, session=0.0), load_bound=0.2), workload, 1),
+        ("session 0, bound 0.5", replace(_weighted(base, session=0.0), load_bound=0.5), workload, 1),
         ("3 routers", base, workload, 3),
-        ("3 routers, session 1", replace(base, session_weight=1.0), workload, 3),
-        ("3 routers, session 0", replace(base, session_weight=0.0), workload, 3),
+        ("3 routers, session 1", _weighted(base, session=1.0), workload, 3),
+        ("3 routers, session 0", _weighted(base, session=0.0), workload, 3),
     ]
     # The cost-aware stickiness the defaults now use, against what came before it, and the leader
     # scorer (opt-in: it helps one router and hurts several).
@@ -689,15 +689,15 @@ def sweep_picker(workload: Workload, replica: Replica, base: PickingSettings, n:
         ("sticky_move_blocks 8", replace(base, sticky_move_blocks=8), workload, 1),
         ("sticky_move_blocks 16", replace(base, sticky_move_blocks=16), workload, 1),
         ("sticky_load_bound 0.5", replace(base, sticky_load_bound=0.5), workload, 1),
-        ("leader 5", replace(base, leader_weight=5.0), workload, 1),
+        ("leader 5", _weighted(base, prefix_leader=5.0), workload, 1),
         (
             f"leader 5, index {replica.kv_blocks}",
-            replace(base, leader_weight=5.0, index_blocks=replica.kv_blocks),
+            replace(_weighted(base, prefix_leader=5.0), index_blocks=replica.kv_blocks),
             workload,
             1,
         ),
         ("previous defaults", previous, workload, 1),
-        ("3 routers, leader 5", replace(base, leader_weight=5.0), workload, 3),
+        ("3 routers, leader 5", _weighted(base, prefix_leader=5.0), workload, 3),
         ("3 routers, previous", previous, workload, 3),
     ]
     print(f"\n## our picker at {n} replicas, one change at a time from the defaults\n")
@@ -767,13 +767,30 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
-def _setting(kv: str) -> tuple[str, object]:
-    field_name, _, value = kv.partition("=")
-    if field_name not in PickingSettings.__dataclass_fields__:
-        raise SystemExit(
-            f"--picking: no setting {field_name!r}; one of {', '.join(PickingSettings.__dataclass_fields__)}"
-        )
-    return field_name, json.loads(value)
+def _weighted(settings: PickingSettings, **changed: float) -> PickingSettings:
+    """The settings with these scorers' weights (by scorer type name) changed."""
+    return replace(settings, weights={**settings.weights, **changed})
+
+
+def _settings(pairs: Sequence[str]) -> PickingSettings:
+    """PickingSettings from FIELD=VALUE pairs; weights.SCORER=VALUE sets a scorer's weight."""
+    fields: dict[str, object] = {}
+    scorer_weights: dict[str, float] = {}
+    for kv in pairs:
+        field_name, _, value = kv.partition("=")
+        if field_name.startswith("weights."):
+            try:
+                scorer_weights[canonical(field_name.removeprefix("weights."))] = json.loads(value)
+            except KeyError as exc:
+                raise SystemExit(f"--picking: {exc.args[0]}") from None
+            continue
+        if field_name not in PickingSettings.__dataclass_fields__ or field_name == "weights":
+            raise SystemExit(
+                f"--picking: no setting {field_name!r}; one of weights.<scorer>, "
+                + ", ".join(f for f in PickingSettings.__dataclass_fields__ if f != "weights")
+            )
+        fields[field_name] = json.loads(value)
+    return PickingSettings(weights=scorer_weights, **fields)  # type: ignore[arg-type]
 
 
 def main(argv: Sequence[str] | None = None) -> list[Result]:
@@ -805,7 +822,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
         nargs="+",
         default=[],
         metavar="FIELD=VALUE",
-        help="PickingSettings for ours, e.g. load_bound=0 sticky_load_bound=1 sticky_move_blocks=12 leader_weight=5",
+        help="PickingSettings for ours, e.g. load_bound=0 sticky_load_bound=1 sticky_move_blocks=12 weights.prefix_leader=5",
     )
     args = parser.parse_args(argv)
 
@@ -818,7 +835,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
         session_share=args.session_share,
     )
     replica = Replica(engine=args.engine, kv_blocks=args.kv_blocks)
-    settings = PickingSettings(**dict(_setting(kv) for kv in args.picking))
+    settings = _settings(args.picking)
     print(
         f"# affinity simulation: seed {workload.seed}, {workload.duration:g} s of arrivals a run "
         f"(the first {workload.warmup:g} s not counted), {workload.rate_per_replica:g} requests/s and "
@@ -826,8 +843,9 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
         f"{replica.kv_blocks} x {replica.kv_block_chars}-char blocks per replica"
     )
     print(
-        f"# ours: weights prefix {settings.prefix_weight:g}, load {settings.load_weight:g}, session "
-        f"{settings.session_weight:g}, leader {settings.leader_weight:g}; load_bound {settings.load_bound}, "
+        "# ours: weights "
+        + ", ".join(f"{name} {weight:g}" for name, weight in weights(settings).items())
+        + f"; load_bound {settings.load_bound}, "
         f"sticky_load_bound {settings.sticky_load_bound}, sticky_move_blocks {settings.sticky_move_blocks}; "
         f"block_chars {settings.block_chars}; index_blocks {settings.index_blocks}"
         + "".join(f"; {kv}" for kv in args.picking)

@@ -111,15 +111,16 @@ def setup(code: Code, n: int, worst: bool, seed: int) -> Setup:
     corpus = " ".join(rng.choices(vocab, k=300_000))
     systems = [Message("system", corpus[i * 2000 : i * 2000 + rng.randint(1000, 2000)]) for i in range(4)]
     p = PickingSettings()
+    w = extproc.replicas.picking.default_weights()  # this checkout's defaults, for either code
     endpoints = tuple(f"10.0.{n}.{i + 1}:8000" for i in range(n))
     # Full at 10,000 blocks, so the route op's records evict as a full index would.
     tracker, index = LoadTracker(), PrefixIndex(INDEXED_BLOCKS)
     picker = pk.Picker(
         filters=[pk.BoundedLoad(tracker, p.load_bound)],
         scorers=[
-            (pk.PrefixAffinity(index), p.prefix_weight),
-            (pk.LeastLoad(tracker), p.load_weight),
-            (pk.SessionAffinity(), p.session_weight),
+            (pk.PrefixAffinity(index), w["prefix"]),
+            (pk.LeastLoad(tracker), w["load"]),
+            (pk.SessionAffinity(), w["session"]),
         ],
         fallbacks=p.fallbacks,
         tracker=tracker,

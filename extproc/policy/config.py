@@ -233,11 +233,13 @@ class OutlierDetection:
 
 @dataclass(frozen=True, slots=True)
 class PickingSettings:
-    prefix_weight: float = 3.0
-    load_weight: float = 2.0
-    session_weight: float = 4.0
-    leader_weight: float = 0.0  # the replica with the longest prefix (after a move, stay)
-    kv_cache_weight: float = 3.0  # the prefix a replica really holds, from its KV events (where it has them)
+    """Replica picking (extproc/replicas/picking.py): each setting belongs to the registered
+    plugin that reads it (PluginType.settings) or to the prefix index (block_chars, index_blocks)."""
+
+    # Scorer weights by type name (or alias) as the policy gives them; a scorer not named here
+    # has its registered default weight (picking.weights() resolves them).
+    weights: Mapping[str, float] = field(default_factory=dict)
+    picker: str = "max_score"
     block_chars: int = 256
     index_blocks: int = 20000
     load_bound: float = 0.0  # a new conversation goes to a replica at or below the mean (bench/RESULTS-affinity.md)

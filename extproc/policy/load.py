@@ -624,8 +624,8 @@ def _build(
     picking_spec = {k: v for k, v in data.get("picking", {}).items() if k not in ("weights", "outlier_detection")}
     if "outlier_detection" in data.get("picking", {}):
         picking_spec["outlier_detection"] = _outlier_detection(data["picking"]["outlier_detection"])
-    # weights.<scorer> -> <scorer>_weight; unset ones keep PickingSettings' defaults
-    picking = PickingSettings(**{f"{k}_weight": v for k, v in weights.items()}, **picking_spec)
+    # Weights by scorer name, as written: the picker resolves aliases and registered defaults.
+    picking = PickingSettings(weights=dict(weights), **picking_spec)
     default_pii = _pii_policy(data.get("pii"))
     models = {name: _model(name, spec) for name, spec in data["models"].items()}
     # Every condition the policy evaluates: decisions', and their switch rules'.

@@ -3,7 +3,13 @@ picker takes the best weighted sum and lists the next best as fallbacks for Envo
 
 Two kinds of filter: exclusions (an ejected replica) leave a replica out altogether, fallbacks
 included; the others (a load bound) only make it ineligible for the pick while it may still be
-listed as a fallback."""
+listed as a fallback.
+
+Every plugin is registered once, beside its class, by the type name that the policy
+(``picking.weights.<scorer>``, ``picking.picker``), explanations (``replicas.scores``) and metrics
+use, with a factory, the settings it reads and, for a scorer, its default weight (as the Gateway
+API Inference Extension's scheduling framework registers its plugins). ``build_picker`` builds
+whatever is registered: a new behaviour is a new registered plugin, not a new branch here."""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 from extproc.policy.config import PickingSettings
 from extproc.replicas.health import OutlierDetector
@@ -61,27 +67,114 @@ class Pick:
 
 
 class Filter(Protocol):
-    name: str
+    name: ClassVar[str]
 
     def filter(self, request: PickRequest, endpoints: Sequence[str]) -> Sequence[str]: ...
 
 
 class Scorer(Protocol):
-    name: str
+    name: ClassVar[str]
 
     def score(self, request: PickRequest, endpoints: Sequence[str]) -> Mapping[str, float]: ...
+
+
+# --- the registry ---------------------------------------------------------------------------------
+
+Kind = Literal["exclusion", "filter", "scorer", "picker"]
+
+
+@dataclass(frozen=True, slots=True)
+class Deps:
+    """What plugins are built with: the router's process-wide state."""
+
+    tracker: LoadTracker
+    index: PrefixIndex
+    reports: Callable[[str], LoadReport | None] | None = None
+    health: OutlierDetector | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PluginType:
+    name: str  # the type name: in the policy, explanations and metrics
+    kind: Kind
+    # The plugin for these settings, or None where the settings turn it off.
+    factory: Callable[[PickingSettings, Deps], Any]
+    weight: float = 0.0  # a scorer's weight when picking.weights does not name it
+    aliases: tuple[str, ...] = ()  # other names the policy may use for it (documented)
+    settings: tuple[str, ...] = ()  # the PickingSettings fields (picking.<key>) it reads
+
+
+PLUGINS: dict[str, PluginType] = {}  # by type name, in registration order (the order filters run)
+ALIASES: dict[str, str] = {}  # alias -> type name
+
+_T = TypeVar("_T")
+
+
+def register(
+    kind: Kind,
+    name: str,
+    factory: Callable[[PickingSettings, Deps], Any],
+    *,
+    weight: float = 0.0,
+    aliases: tuple[str, ...] = (),
+    settings: tuple[str, ...] = (),
+) -> Callable[[type[_T]], type[_T]]:
+    """Class decorator: registers the plugin type ``name`` and gives the class that name."""
+
+    def decorate(cls: type[_T]) -> type[_T]:
+        taken = PLUGINS.keys() | ALIASES.keys()
+        for n in (name, *aliases):
+            if n in taken:
+                raise ValueError(f"picking plugin name {n!r} is registered twice")
+        PLUGINS[name] = PluginType(name, kind, factory, weight, aliases, settings)
+        ALIASES.update(dict.fromkeys(aliases, name))
+        cls.name = name  # type: ignore[attr-defined]
+        return cls
+
+    return decorate
+
+
+def plugins(kind: Kind) -> list[PluginType]:
+    return [p for p in PLUGINS.values() if p.kind == kind]
+
+
+def canonical(name: str) -> str:
+    """The type name of a plugin named by its type name or an alias; KeyError if neither."""
+    name = ALIASES.get(name, name)
+    if name not in PLUGINS:
+        known = ", ".join(sorted(PLUGINS.keys() | ALIASES.keys()))
+        raise KeyError(f"no picking plugin {name!r}; registered: {known}")
+    return name
+
+
+def default_weights() -> dict[str, float]:
+    """Every scorer's default weight, by type name."""
+    return {p.name: p.weight for p in plugins("scorer")}
+
+
+def weights(settings: PickingSettings) -> dict[str, float]:
+    """Every scorer's weight: picking.weights (by type name or alias) over the defaults."""
+    out = default_weights()
+    for name, weight in settings.weights.items():
+        out[canonical(name)] = weight
+    return out
 
 
 # --- filters --------------------------------------------------------------------------------------
 
 
+@register(
+    "exclusion",
+    "outlier_detection",
+    lambda s, d: OutlierEjection(d.health) if d.health is not None and s.outlier_detection.enabled else None,
+    settings=("outlier_detection",),
+)
 @dataclass(slots=True)
 class OutlierEjection:
     """Leaves out replicas that outlier detection ejected (extproc/replicas/health.py). If every
     replica is out (the pool shrank under its ejections), none is: errors beat an empty pool."""
 
     detector: OutlierDetector
-    name: str = "outlier_detection"
 
     def filter(self, request: PickRequest, endpoints: Sequence[str]) -> Sequence[str]:
         if not self.detector.ejected:
@@ -90,6 +183,23 @@ class OutlierEjection:
         return healthy or endpoints
 
 
+def _load_bound(settings: PickingSettings, deps: Deps) -> Filter:
+    if settings.sticky_move_blocks is None:
+        return BoundedLoad(
+            deps.tracker, settings.load_bound, settings.load_floor, deps.index, settings.sticky_load_bound
+        )
+    # The sticky bound applies to the costly moves only, not to every request one replica leads on.
+    sticky = settings.sticky_load_bound if settings.sticky_load_bound is not None else settings.load_bound
+    plain = BoundedLoad(deps.tracker, settings.load_bound, settings.load_floor)
+    return StickyHome(plain, deps.index, deps.tracker, sticky, settings.sticky_move_blocks, settings.load_floor)
+
+
+@register(
+    "filter",
+    "bounded_load",
+    _load_bound,
+    settings=("load_bound", "sticky_load_bound", "sticky_move_blocks", "load_floor"),
+)
 @dataclass(slots=True)
 class BoundedLoad:
     """Consistent hashing with bounded loads: no replica may exceed (1 + epsilon) x the mean
@@ -111,7 +221,6 @@ class BoundedLoad:
     index: PrefixIndex | None = None
     sticky_epsilon: float | None = None  # None: the plain bound
     sticky_share: float = 0.25  # the prompt share one replica must hold beyond the others
-    name: str = "bounded_load"
 
     def filter(self, request: PickRequest, endpoints: Sequence[str]) -> Sequence[str]:
         inflight = request.load(self.tracker)
@@ -134,7 +243,9 @@ class StickyHome:
     ``min_blocks`` blocks, counted against the best replica the bound keeps. A move to a replica
     that holds nearly as much (where the conversation went last time) or of a short conversation
     costs little, so those still move and keep the load even; only the costly moves, which make
-    the slowest first tokens, are refused."""
+    the slowest first tokens, are refused. Built by bounded_load when sticky_move_blocks is set."""
+
+    name: ClassVar[str] = "sticky_home"
 
     bound: Filter
     index: PrefixIndex
@@ -142,7 +253,6 @@ class StickyHome:
     sticky_epsilon: float
     min_blocks: int
     floor: int = 2
-    name: str = "sticky_home"
 
     def filter(self, request: PickRequest, endpoints: Sequence[str]) -> Sequence[str]:
         eligible = self.bound.filter(request, endpoints)
@@ -169,13 +279,13 @@ def _capacity(epsilon: float, total: float, replicas: int, floor: int) -> int:
 # --- scorers --------------------------------------------------------------------------------------
 
 
+@register("scorer", "prefix", lambda s, d: PrefixAffinity(d.index), weight=3.0)
 @dataclass(slots=True)
 class PrefixAffinity:
     """The router's own guess: the fraction of the prompt's blocks it sent each replica lately.
     Requests of models with KV events are scored by KvCacheAffinity instead."""
 
     index: PrefixIndex
-    name: str = "prefix"
 
     def score(self, request: PickRequest, endpoints: Sequence[str]) -> Mapping[str, float]:
         if not request.blocks or request.held is not None:
@@ -185,6 +295,7 @@ class PrefixAffinity:
         return {e: matched[e] / n for e in endpoints}
 
 
+@register("scorer", "kv_cache", lambda s, d: KvCacheAffinity(d.index), weight=3.0)
 @dataclass(slots=True)
 class KvCacheAffinity:
     """The fraction of the prompt's tokens a replica really holds, from its own KV events
@@ -194,7 +305,6 @@ class KvCacheAffinity:
     score here (PrefixAffinity scores them)."""
 
     index: PrefixIndex
-    name: str = "kv_cache"
 
     def score(self, request: PickRequest, endpoints: Sequence[str]) -> Mapping[str, float]:
         held = request.held
@@ -210,34 +320,18 @@ class KvCacheAffinity:
         return out
 
 
-@dataclass(slots=True)
-class PrefixLeader:
-    """The replica holding the longest prefix of the prompt scores 1: after a move, a conversation
-    stays where its newest turn is instead of being pulled back to its session's rendezvous
-    replica, which lacks that turn. Each router knows only the turns it sent, so with several
-    routers the leader may be stale (another router has since sent newer turns home): in the
-    simulation it helps with one router and costs hit rate with three."""
-
-    index: PrefixIndex
-    name: str = "prefix_leader"
-
-    def score(self, request: PickRequest, endpoints: Sequence[str]) -> Mapping[str, float]:
-        if not request.blocks:
-            return {}
-        matched = request.matched_blocks(self.index, endpoints)
-        best = max(matched[e] for e in endpoints)
-        if best == 0:
-            return {}
-        return {e: 1.0 if matched[e] == best else 0.0 for e in endpoints}
-
-
+@register(
+    "scorer",
+    "load",
+    lambda s, d: LeastLoad(d.tracker) if d.reports is None else LeastLoad(d.tracker, d.reports),
+    weight=2.0,
+)
 @dataclass(slots=True)
 class LeastLoad:
     """Fewer in-flight requests, a shorter queue and a freer KV cache score higher."""
 
     tracker: LoadTracker
     reports: Callable[[str], LoadReport | None] = lambda endpoint: None
-    name: str = "load"
 
     def score(self, request: PickRequest, endpoints: Sequence[str]) -> Mapping[str, float]:
         inflight = request.load(self.tracker)
@@ -258,6 +352,7 @@ class LeastLoad:
         return out
 
 
+@register("scorer", "session", lambda s, d: SessionAffinity(), weight=4.0)
 @dataclass(slots=True)
 class SessionAffinity:
     """Rendezvous hashing of the session id: a session keeps its replica, and only the sessions
@@ -265,8 +360,6 @@ class SessionAffinity:
     cached, so it steps back where every replica's KV events say exactly that: there it would
     only pull a moved conversation back to a replica that lacks its newest turns
     (bench/RESULTS-affinity.md)."""
-
-    name: str = "session"
 
     def score(self, request: PickRequest, endpoints: Sequence[str]) -> Mapping[str, float]:
         if not request.session:
@@ -279,11 +372,50 @@ class SessionAffinity:
         return {e: 1.0 if e == best else 0.0 for e in endpoints}
 
 
+@register("scorer", "prefix_leader", lambda s, d: PrefixLeader(d.index), weight=0.0, aliases=("leader",))
+@dataclass(slots=True)
+class PrefixLeader:
+    """The replica holding the longest prefix of the prompt scores 1: after a move, a conversation
+    stays where its newest turn is instead of being pulled back to its session's rendezvous
+    replica, which lacks that turn. Each router knows only the turns it sent, so with several
+    routers the leader may be stale (another router has since sent newer turns home): in the
+    simulation it helps with one router and costs hit rate with three."""
+
+    index: PrefixIndex
+
+    def score(self, request: PickRequest, endpoints: Sequence[str]) -> Mapping[str, float]:
+        if not request.blocks:
+            return {}
+        matched = request.matched_blocks(self.index, endpoints)
+        best = max(matched[e] for e in endpoints)
+        if best == 0:
+            return {}
+        return {e: 1.0 if matched[e] == best else 0.0 for e in endpoints}
+
+
 # --- picker ---------------------------------------------------------------------------------------
 
 
+def _max_score(settings: PickingSettings, deps: Deps) -> Picker:
+    def built(kind: Kind) -> list[Any]:
+        return [p for p in (t.factory(settings, deps) for t in plugins(kind)) if p is not None]
+
+    weight = weights(settings)
+    return Picker(
+        filters=built("filter"),
+        scorers=[(scorer, weight[scorer.name]) for scorer in built("scorer")],
+        fallbacks=settings.fallbacks,
+        tracker=deps.tracker,
+        exclusions=built("exclusion"),
+    )
+
+
+@register("picker", "max_score", _max_score, settings=("fallbacks",))
 @dataclass(slots=True)
 class Picker:
+    """The replica with the highest weighted sum of scores among those every filter kept, then
+    the next best as fallbacks."""
+
     filters: Sequence[Filter]
     scorers: Sequence[tuple[Scorer, float]]  # (scorer, weight)
     fallbacks: int
@@ -334,25 +466,7 @@ def build_picker(
     reports: Callable[[str], LoadReport | None] | None = None,
     health: OutlierDetector | None = None,
 ) -> Picker:
-    """The router's picker from its settings: the one definition the router and the simulation share."""
-    load = LeastLoad(tracker) if reports is None else LeastLoad(tracker, reports)
-    bound: Filter
-    if settings.sticky_move_blocks is None:
-        bound = BoundedLoad(tracker, settings.load_bound, settings.load_floor, index, settings.sticky_load_bound)
-    else:  # the sticky bound applies to the costly moves only, not to every request one replica leads on
-        sticky = settings.sticky_load_bound if settings.sticky_load_bound is not None else settings.load_bound
-        plain = BoundedLoad(tracker, settings.load_bound, settings.load_floor)
-        bound = StickyHome(plain, index, tracker, sticky, settings.sticky_move_blocks, settings.load_floor)
-    return Picker(
-        filters=[bound],
-        scorers=[
-            (PrefixAffinity(index), settings.prefix_weight),
-            (KvCacheAffinity(index), settings.kv_cache_weight),
-            (load, settings.load_weight),
-            (SessionAffinity(), settings.session_weight),
-            (PrefixLeader(index), settings.leader_weight),
-        ],
-        fallbacks=settings.fallbacks,
-        tracker=tracker,
-        exclusions=[OutlierEjection(health)] if health is not None and settings.outlier_detection.enabled else [],
-    )
+    """The picker the settings name (picking.picker), with every registered exclusion, filter
+    and scorer: the one definition the router and the simulation share."""
+    picker: Picker = PLUGINS[canonical(settings.picker)].factory(settings, Deps(tracker, index, reports, health))
+    return picker

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from extproc.policy.config import PickingSettings
 from extproc.replicas.load import LoadTracker
 from extproc.replicas.picking import (
@@ -155,7 +157,7 @@ def test_prefix_leader_prefers_the_replica_with_the_newest_turn() -> None:
 
 def test_after_a_move_the_conversation_stays_with_a_leader_weight() -> None:
     tracker, index = LoadTracker(), PrefixIndex(1000)
-    settings = PickingSettings(leader_weight=5.0, sticky_move_blocks=12, sticky_load_bound=1.0)
+    settings = PickingSettings(weights={"prefix_leader": 5.0}, sticky_move_blocks=12, sticky_load_bound=1.0)
     p = build_picker(settings, tracker, index)
     conversation = "system prompt " * 40 + "first turn " * 100
     session = "s1"
@@ -170,3 +172,95 @@ def test_after_a_move_the_conversation_stays_with_a_leader_weight() -> None:
     # Without the leader weight the session pulls it back to its home, which lacks the second turn.
     q = build_picker(PickingSettings(), tracker, index)
     assert q.pick(PickRequest("m", block_hashes("m", conversation, 64), session), ENDPOINTS).endpoints[0] == home
+
+
+# --- plugins by name --------------------------------------------------------------------------
+
+
+def test_every_plugin_is_registered_once_by_the_name_explanations_show() -> None:
+    from extproc.replicas import picking as pk
+
+    kinds = {p.name: p.kind for p in pk.PLUGINS.values()}
+    assert kinds == {
+        "outlier_detection": "exclusion",
+        "bounded_load": "filter",
+        "prefix": "scorer",
+        "kv_cache": "scorer",
+        "load": "scorer",
+        "session": "scorer",
+        "prefix_leader": "scorer",
+        "max_score": "picker",
+    }
+    assert pk.canonical("leader") == "prefix_leader" and pk.ALIASES == {"leader": "prefix_leader"}
+    tracker, index = LoadTracker(), PrefixIndex(100)
+    p = build_picker(PickingSettings(weights={"leader": 1.0}), tracker, index)
+    assert [s.name for s, _ in p.scorers] == ["prefix", "kv_cache", "load", "session", "prefix_leader"]
+    blocks = block_hashes("m", "x" * 2000, 64)
+    index.record(ENDPOINTS[0], blocks)
+    pick = p.pick(PickRequest("m", blocks, "s1"), ENDPOINTS, explain=True)
+    assert pick is not None and set(pick.scores[ENDPOINTS[0]]) == {"prefix", "load", "session", "prefix_leader"}
+
+
+def test_the_schema_names_every_scorer_and_picker_with_the_registered_defaults() -> None:
+    from extproc.policy.load import schema
+    from extproc.replicas import picking as pk
+
+    declared = schema()["$defs"]["picking"]["properties"]
+    scorers = {p.name: p.weight for p in pk.plugins("scorer")}
+    weights = declared["weights"]["properties"]
+    assert set(weights) == set(scorers) | set(pk.ALIASES)
+    assert {name: spec["default"] for name, spec in weights.items() if name not in pk.ALIASES} == scorers
+    assert declared["picker"]["enum"] == [p.name for p in pk.plugins("picker")]
+    assert declared["picker"]["default"] == PickingSettings().picker
+
+
+def test_every_picking_setting_belongs_to_one_plugin_or_the_prefix_index() -> None:
+    from extproc.replicas import picking as pk
+
+    owners: dict[str, str] = {}
+    for plugin in pk.PLUGINS.values():
+        for setting in plugin.settings:
+            assert setting not in owners, f"{setting} is read by {owners[setting]} and {plugin.name}"
+            owners[setting] = plugin.name
+    index_settings = {"block_chars", "index_blocks"}
+    assert set(owners) | index_settings | {"weights", "picker"} == set(PickingSettings.__dataclass_fields__)
+
+
+def test_a_new_scorer_is_a_registered_plugin_and_needs_no_change_to_the_picker() -> None:
+    from extproc.replicas import picking as pk
+
+    @pk.register("scorer", "first_listed", lambda s, d: FirstListed(), weight=100.0)
+    class FirstListed:
+        def score(self, request: PickRequest, endpoints: object) -> dict[str, float]:
+            return {ENDPOINTS[-1]: 1.0}
+
+    try:
+        p = build_picker(PickingSettings(), LoadTracker(), PrefixIndex(100))
+        pick = p.pick(PickRequest("m", [], None), ENDPOINTS, explain=True)
+        assert pick is not None and pick.endpoints[0] == ENDPOINTS[-1]
+        assert pick.scores[ENDPOINTS[-1]]["first_listed"] == 1.0
+        off = build_picker(PickingSettings(weights={"first_listed": 0.0}), LoadTracker(), PrefixIndex(100))
+        assert off.pick(PickRequest("m", [], None), ENDPOINTS).endpoints[0] != ENDPOINTS[-1]  # type: ignore[union-attr]
+    finally:
+        del pk.PLUGINS["first_listed"]
+
+
+def test_a_plugin_name_cannot_be_registered_twice() -> None:
+    from extproc.replicas import picking as pk
+
+    with pytest.raises(ValueError, match="'leader' is registered twice"):
+        pk.register("scorer", "leader", lambda s, d: None)(type("Other", (), {}))
+    assert "leader" not in pk.PLUGINS
+
+
+def test_leader_and_prefix_leader_together_are_refused() -> None:
+    from extproc.policy import ConfigError, parse_policy
+
+    text = "version: 1\ndefault_model: m\nmodels: {m: {}}\npicking:\n  weights: {leader: 1, prefix_leader: 2}\n"
+    with pytest.raises(ConfigError, match=r"picking\.weights"):
+        parse_policy(text)
+    alias = parse_policy(text.replace(", prefix_leader: 2", "")).picking
+    named = parse_policy(text.replace("leader: 1, ", "")).picking
+    from extproc.replicas.picking import weights
+
+    assert weights(alias)["prefix_leader"] == 1 and weights(named)["prefix_leader"] == 2

@@ -26,7 +26,24 @@ from extproc.replicas.scrape import LoadReport
 
 DATA = Path(__file__).parent / "data"
 ENDPOINTS = tuple(f"10.0.0.{i}:8000" for i in range(1, 6))
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "omicron",
+    "pi",
+]
 
 # Policies whose picks are recorded: the bundled default, and today's `weights:` spelling of
 # every scorer (`leader` included) with the load-bound settings changed.
@@ -77,8 +94,7 @@ def replay(policy: Policy, seed: int = 7, steps: int = 400) -> list[dict[str, An
         held = None
         if rng.random() < 0.3:
             held = {
-                e: (round(rng.random(), 3), Mode.EXACT if rng.random() < 0.7 else Mode.APPROXIMATE)
-                for e in ENDPOINTS
+                e: (round(rng.random(), 3), Mode.EXACT if rng.random() < 0.7 else Mode.APPROXIMATE) for e in ENDPOINTS
             }
         if rng.random() < 0.2:
             e = rng.choice(ENDPOINTS)

@@ -9,6 +9,7 @@ import pytest
 from extproc.policy import ConfigError, load_policy, parse_policy
 from extproc.policy.config import PickingSettings
 from extproc.policy.load import DEFAULT_POLICY
+from extproc.replicas.picking import weights
 
 BASE = """\
 models:
@@ -51,8 +52,10 @@ picking:
   sticky_move_blocks: 20
 """
     ).picking
-    assert (picking.leader_weight, picking.load_weight) == (5, 1)
-    assert (picking.prefix_weight, picking.session_weight) == (3.0, 4.0)  # PickingSettings' defaults
+    assert picking.weights == {"leader": 5, "load": 1}
+    resolved = weights(picking)  # `leader` is prefix_leader's alias; unset scorers keep their defaults
+    assert (resolved["prefix_leader"], resolved["load"]) == (5, 1)
+    assert (resolved["prefix"], resolved["session"], resolved["kv_cache"]) == (3.0, 4.0, 3.0)
     assert (picking.load_bound, picking.sticky_load_bound, picking.sticky_move_blocks) == (0.3, None, 20)
     assert parse_policy(BASE).picking == PickingSettings()
 
