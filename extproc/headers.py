@@ -25,6 +25,8 @@ CONTENT_LENGTH = "content-length"
 DEBUG = "x-router-debug"
 SESSION_ID = "x-session-id"  # the policy's default session header (headers.session)
 USER_ID = "x-user-id"  # the policy's default user header (headers.user)
+PRIORITY = "x-user-tier"  # the policy's default priority header (admission.priority_header)
+TENANT_ID = "x-tenant-id"  # the policy's default tenant header (admission.tenant_header)
 
 # Dynamic metadata namespaces. Envoy routes, balances and decorates on these when it runs
 # the single-round-trip configuration (deploy/envoy/envoy.yaml).

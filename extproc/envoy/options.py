@@ -50,7 +50,7 @@ class EnvoyOptions:
     # A listener that only answers GET /ready (proxied to the admin on loopback), for probes.
     readiness_port: int | None = None
     # Headers the policy may read in the one-round-trip mode (header conditions, session, debug).
-    forward_headers: Sequence[str] = ("x-user-tier", h.USER_ID, h.SESSION_ID, "x-tenant-id", h.DEBUG)
+    forward_headers: Sequence[str] = (h.PRIORITY, h.USER_ID, h.SESSION_ID, h.TENANT_ID, h.DEBUG)
     message_timeout: str = "1s"
     # The longest the sidecar may extend message_timeout for one message (override_message_timeout):
     # a request waiting in the admission queue (its priority's max_wait, plus a margin).

@@ -1,5 +1,8 @@
 """Decision conditions: facts about a request combined with all / any / not.
 
+Each kind (the key of a `when:` mapping) is registered once, by name, in KINDS: its builder and
+the checks the schema cannot make; the loader and the docs read the kinds from there.
+
 Every condition answers True, False, or None ("not known yet"): classifier signals are None
 until the encoder has run. Evaluation stops at the first decision whose answer is None, so the
 encoder only runs when the decision that could match actually needs it.
@@ -7,8 +10,9 @@ encoder only runs when the decision that could match actually needs it.
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -261,44 +265,148 @@ def walk(condition: Condition | None) -> list[Condition]:
     return out
 
 
-# --- building from validated config -------------------------------------------------------------
+# --- the kinds, registered by name ----------------------------------------------------------------
+
+# The score a PII span needs to count, where a policy or condition does not say.
+PII_MIN_SCORE = 0.5
+
+Heads = Mapping[str, Head]
+RelativePath = tuple[str | int, ...]
 
 
-def build(spec: dict[str, Any], heads: Mapping[str, Head] | None = None) -> Condition:
+@dataclass(frozen=True, slots=True)
+class Kind:
+    """A condition kind: the key of a `when:` mapping."""
+
+    name: str
+    build: Callable[[Any, Heads], Condition]  # from the kind's schema-validated value
+    # Mistakes the schema cannot see, as (path below the kind's key, message); None: build() is
+    # the check (a ValueError it raises is the mistake).
+    check: Callable[[Any, Heads], Iterator[tuple[RelativePath, str]]] | None = None
+
+
+KINDS: dict[str, Kind] = {}  # by name, in the order the docs list them
+
+
+def kind(
+    name: str, check: Callable[[Any, Heads], Iterator[tuple[RelativePath, str]]] | None = None
+) -> Callable[[Callable[[Any, Heads], Condition]], Callable[[Any, Heads], Condition]]:
+    """Registers the decorated builder as condition kind ``name``."""
+
+    def decorate(build: Callable[[Any, Heads], Condition]) -> Callable[[Any, Heads], Condition]:
+        if name in KINDS:
+            raise ValueError(f"condition kind {name!r} is registered twice")
+        KINDS[name] = Kind(name, build, check)
+        return build
+
+    return decorate
+
+
+def build(spec: dict[str, Any], heads: Heads | None = None) -> Condition:
     """A condition from its (schema-validated) config mapping; raises ValueError for bad regexes
     and for a complexity head that is not among `heads`."""
-    ((kind, value),) = spec.items()
-    if kind in ("all", "any"):
-        children = tuple(build(c, heads) for c in value)
-        needs = any(c.needs_classifier for c in children)
-        return All(children, needs) if kind == "all" else Any_(children, needs)
-    if kind == "not":
-        child = build(value, heads)
-        return Not(child, child.needs_classifier)
-    if kind == "keyword":
-        return _keyword(value)
-    if kind == "regex":
-        spec = {"pattern": value} if isinstance(value, str) else value
-        return Regex(_compile(spec["pattern"], spec.get("case_sensitive", True)), spec.get("scope", "last_user"))
-    if kind == "tokens":
-        return Tokens(value.get("min"), value.get("max"))
-    if kind == "header":
-        return _header(value)
-    if kind == "domain":
-        spec = {"in": value} if isinstance(value, list) else value
-        return Domain(frozenset(spec["in"]), spec.get("min_probability"))
-    if kind == "complexity":
-        name = value.get("head")
-        if name is not None and name not in (heads or {}):
-            raise ValueError(f"complexity head {name!r} is not defined under heads")
-        return Complexity(value.get("above"), value.get("below"), (heads or {})[name] if name else None)
-    if kind == "pii":
-        if isinstance(value, bool):
-            condition = Pii(None, 0.5)
-            return condition if value else Not(condition, True)
-        types = value.get("types")
-        return Pii(frozenset(types) if types else None, value.get("min_score", 0.5))
-    raise ValueError(f"unknown condition {kind!r}")
+    ((name, value),) = spec.items()
+    registered = KINDS.get(name)
+    if registered is None:
+        raise ValueError(f"unknown condition {name!r}")
+    return registered.build(value, heads or {})
+
+
+def problems(spec: dict[str, Any], heads: Heads) -> Iterator[tuple[RelativePath, str]]:
+    """Every mistake in a schema-valid condition, as (path from the condition, message)."""
+    ((name, value),) = spec.items()
+    registered = KINDS[name]
+    if registered.check is not None:
+        for path, message in registered.check(value, heads):
+            yield (name, *path), message
+        return
+    try:
+        registered.build(value, heads)
+    except ValueError as exc:
+        yield (name,), str(exc)
+
+
+def _children(value: Any, heads: Heads) -> Iterator[tuple[RelativePath, str]]:
+    for i, child in enumerate(value):
+        for path, message in problems(child, heads):
+            yield (i, *path), message
+
+
+@kind("all", check=_children)
+def _all(value: Any, heads: Heads) -> Condition:
+    children = tuple(build(c, heads) for c in value)
+    return All(children, any(c.needs_classifier for c in children))
+
+
+@kind("any", check=_children)
+def _any(value: Any, heads: Heads) -> Condition:
+    children = tuple(build(c, heads) for c in value)
+    return Any_(children, any(c.needs_classifier for c in children))
+
+
+@kind("not", check=lambda value, heads: problems(value, heads))
+def _not(value: Any, heads: Heads) -> Condition:
+    child = build(value, heads)
+    return Not(child, child.needs_classifier)
+
+
+@kind("keyword")
+def _keyword_kind(value: Any, heads: Heads) -> Condition:
+    return _keyword(value)
+
+
+@kind("regex")
+def _regex(value: Any, heads: Heads) -> Condition:
+    spec = {"pattern": value} if isinstance(value, str) else value
+    return Regex(_compile(spec["pattern"], spec.get("case_sensitive", True)), spec.get("scope", "last_user"))
+
+
+def _check_tokens(value: Any, heads: Heads) -> Iterator[tuple[RelativePath, str]]:
+    if "min" in value and "max" in value and value["min"] >= value["max"]:
+        yield (), f"min ({value['min']}) must be below max ({value['max']})"
+
+
+@kind("tokens", check=_check_tokens)
+def _tokens(value: Any, heads: Heads) -> Condition:
+    return Tokens(value.get("min"), value.get("max"))
+
+
+@kind("header")
+def _header_kind(value: Any, heads: Heads) -> Condition:
+    return _header(value)
+
+
+@kind("domain")
+def _domain(value: Any, heads: Heads) -> Condition:
+    spec = {"in": value} if isinstance(value, list) else value
+    return Domain(frozenset(spec["in"]), spec.get("min_probability"))
+
+
+def _check_complexity(value: Any, heads: Heads) -> Iterator[tuple[RelativePath, str]]:
+    if "above" in value and "below" in value and value["above"] >= value["below"]:
+        yield (), f"above ({value['above']}) must be below below ({value['below']}); nothing would match"
+    if "head" in value and value["head"] not in heads:
+        close = difflib.get_close_matches(str(value["head"]), list(heads), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        defined = ", ".join(sorted(heads)) or "none"
+        yield ("head",), f"{value['head']!r} is not a head defined under heads{hint}; defined: {defined}"
+
+
+@kind("complexity", check=_check_complexity)
+def _complexity(value: Any, heads: Heads) -> Condition:
+    name = value.get("head")
+    if name is not None and name not in heads:
+        raise ValueError(f"complexity head {name!r} is not defined under heads")
+    return Complexity(value.get("above"), value.get("below"), heads[name] if name else None)
+
+
+@kind("pii")
+def _pii(value: Any, heads: Heads) -> Condition:
+    if isinstance(value, bool):
+        condition = Pii(None, PII_MIN_SCORE)
+        return condition if value else Not(condition, True)
+    types = value.get("types")
+    return Pii(frozenset(types) if types else None, value.get("min_score", PII_MIN_SCORE))
 
 
 def _keyword(value: Any) -> Keyword:

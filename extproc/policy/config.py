@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
 
 from extproc import headers
 from extproc.heads import Head
 from extproc.policy.backends import Backend, FallbackSettings, Provider, StoreSettings
-from extproc.policy.conditions import Condition
+from extproc.policy.conditions import PII_MIN_SCORE, Condition
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of a settings field: the one definition the loader, the schema's `default`s
+    (tests/unit/test_defaults.py) and the docs are checked against."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            raise LookupError(f"{cls.__name__}.{name} has no default")
+    raise LookupError(f"{cls.__name__} has no field {name!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +82,7 @@ class Replicas:
 class PiiPolicy:
     action: str  # allow | block | redact | reroute
     types: frozenset[str] | None = None  # None: every type
-    min_score: float = 0.5
+    min_score: float = PII_MIN_SCORE
     model: str | None = None  # reroute target
     on_error: str = "enforce"  # the check could not run: enforce (reroute, or 503) | allow
 
@@ -174,8 +188,8 @@ class Priority:
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    priority_header: str | None = "x-user-tier"
-    tenant_header: str | None = "x-tenant-id"
+    priority_header: str | None = headers.PRIORITY
+    tenant_header: str | None = headers.TENANT_ID
     priorities: tuple[Priority, ...] = (Priority("default"),)  # served in this order
     default_priority: str = "default"  # for requests whose header names no priority
     max_queued_per_tenant: int = 64

@@ -39,6 +39,7 @@ from extproc.policy.config import (
     SessionSettings,
     Split,
     Switch,
+    default_of,
 )
 
 DEFAULT_POLICY = Path(__file__).resolve().parent / "default.yaml"
@@ -186,8 +187,6 @@ def _line(lines: dict[JsonPath, int], path: JsonPath) -> int | None:
 
 # --- schema ----------------------------------------------------------------------------------------
 
-_CONDITION_KINDS = ("all", "any", "not", "keyword", "regex", "tokens", "header", "domain", "complexity", "pii")
-
 
 def _schema_problems(data: Any, lines: dict[JsonPath, int]) -> Iterator[Problem]:
     validator = jsonschema.Draft202012Validator(schema())
@@ -215,7 +214,7 @@ def _describe(error: jsonschema.ValidationError) -> tuple[JsonPath, str]:
         and "exactly one of: all" in str(error.schema.get("description")).lower()
     ):
         keys = ", ".join(map(str, value)) if isinstance(value, dict) and value else "none"
-        return path, f"a condition has exactly one key, one of: {', '.join(_CONDITION_KINDS)} (got: {keys})"
+        return path, f"a condition has exactly one key, one of: {', '.join(conditions.KINDS)} (got: {keys})"
     if kind == "required":
         return path, error.message.replace("is a required property", "is required")
     if kind == "enum":
@@ -321,7 +320,7 @@ def _references(
     cost = data.get("cost")
     if isinstance(cost, dict) and cost.get("baseline_model") is not None:
         yield from check(("cost", "baseline_model"), cost["baseline_model"])
-    auto_models = data.get("auto_models", ["auto"])
+    auto_models = data.get("auto_models", sorted(default_of(Policy, "auto_models")))
     if clean(("auto_models",)) and isinstance(auto_models, list):
         for name in auto_models:
             if isinstance(name, str) and name in models:
@@ -388,39 +387,17 @@ def _pii_policies(data: dict[str, Any]) -> Iterator[tuple[JsonPath, dict[str, An
 def _condition_problems(
     spec: dict[str, Any], path: JsonPath, lines: dict[JsonPath, int], heads: dict[str, Any]
 ) -> Iterator[Problem]:
-    ((kind, value),) = spec.items()
-    here = (*path, kind)
-    if kind in ("all", "any"):
-        for i, child in enumerate(value):
-            yield from _condition_problems(child, (*here, i), lines, heads)
-    elif kind == "not":
-        yield from _condition_problems(value, here, lines, heads)
-    elif kind == "tokens" and "min" in value and "max" in value and value["min"] >= value["max"]:
-        yield Problem(here, f"min ({value['min']}) must be below max ({value['max']})", _line(lines, here))
-    elif kind == "complexity":
-        if "above" in value and "below" in value and value["above"] >= value["below"]:
-            yield Problem(
-                here,
-                f"above ({value['above']}) must be below below ({value['below']}); nothing would match",
-                _line(lines, here),
-            )
-        if "head" in value and value["head"] not in heads:
-            close = difflib.get_close_matches(str(value["head"]), list(heads), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            defined = ", ".join(sorted(heads)) or "none"
-            yield Problem(
-                (*here, "head"),
-                f"{value['head']!r} is not a head defined under heads{hint}; defined: {defined}",
-                _line(lines, (*here, "head")),
-            )
-    else:
-        try:
-            conditions.build(spec)
-        except ValueError as exc:
-            yield Problem(here, str(exc), _line(lines, here))
+    for relative, message in conditions.problems(spec, heads):
+        here = (*path, *relative)
+        yield Problem(here, message, _line(lines, here))
 
 
 # --- build ---------------------------------------------------------------------------------------
+
+
+def _given(spec: dict[str, Any], *names: str) -> dict[str, Any]:
+    """The keys of spec among names: what is left out keeps its dataclass default."""
+    return {k: spec[k] for k in names if k in spec}
 
 
 def _pii_policy(spec: dict[str, Any] | None) -> PiiPolicy | None:
@@ -428,11 +405,7 @@ def _pii_policy(spec: dict[str, Any] | None) -> PiiPolicy | None:
         return None
     types = spec.get("types")
     return PiiPolicy(
-        spec["action"],
-        frozenset(types) if types else None,
-        spec.get("min_score", 0.5),
-        spec.get("model"),
-        spec.get("on_error", "enforce"),
+        spec["action"], frozenset(types) if types else None, **_given(spec, "min_score", "model", "on_error")
     )
 
 
@@ -450,7 +423,9 @@ def _outlier_detection(spec: dict[str, Any]) -> OutlierDetection:
     settings = {k: float(v[:-1]) if k in DURATIONS else v for k, v in spec.items()}
     if "max_ejection_time" not in settings and "base_ejection_time" in settings:
         # As Envoy: an unset cap is the default or the base, whichever is longer.
-        settings["max_ejection_time"] = max(OutlierDetection().max_ejection_time, settings["base_ejection_time"])
+        settings["max_ejection_time"] = max(
+            default_of(OutlierDetection, "max_ejection_time"), settings["base_ejection_time"]
+        )
     return OutlierDetection(**settings)
 
 
@@ -568,9 +543,8 @@ def _model(name: str, spec: dict[str, Any]) -> Model:
         replicas=Replicas(
             static=tuple(replicas.get("static", ())),
             kubernetes=KubernetesReplicas(**replicas["kubernetes"]) if "kubernetes" in replicas else None,
-            envoy=replicas.get("envoy", "original_dst"),
-            metrics=replicas.get("metrics", False),
             kv_events=_kv_events(replicas["kv_events"]) if "kv_events" in replicas else None,
+            **_given(replicas, "envoy", "metrics"),
         )
         if replicas
         else None,
@@ -589,9 +563,8 @@ def _admission(spec: dict[str, Any]) -> Admission:
             Priority(
                 p["name"],
                 frozenset([p["name"], *p.get("values", ())]),
-                float(p["max_wait"][:-1]) if "max_wait" in p else Priority("").max_wait,
-                p.get("max_queued", Priority("").max_queued),
-                p.get("share", Priority("").share),
+                **({"max_wait": float(p["max_wait"][:-1])} if "max_wait" in p else {}),
+                **_given(p, "max_queued", "share"),
             )
             for p in spec["priorities"]
         )
@@ -683,16 +656,16 @@ def _build(
                 _line(lines, ("classifier",)),
             )
         )
+    top = _given(data, "unknown_models", "passthrough_cluster", "original_dst_cluster")
+    if "auto_models" in data:
+        top["auto_models"] = frozenset(data["auto_models"])
     policy = Policy(
         models=models,
         decisions=ordered,
         default_model=data["default_model"],
-        auto_models=frozenset(data.get("auto_models", ["auto"])),
-        unknown_models=data.get("unknown_models", "reject"),
-        passthrough_cluster=data.get("passthrough_cluster"),
-        original_dst_cluster=data.get("original_dst_cluster", "original_dst"),
-        max_body_bytes=data.get("limits", {}).get("max_body_bytes", 4 * 1024 * 1024),
-        explain=data.get("debug", {}).get("explain", False),
+        **top,
+        **_given(data.get("limits", {}), "max_body_bytes"),
+        **_given(data.get("debug", {}), "explain"),
         headers=HeaderNames(**data.get("headers", {})),
         baseline_model=data.get("cost", {}).get("baseline_model"),
         classifier=classifier,
