@@ -11,7 +11,7 @@ import contextlib
 import gc
 import itertools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -451,7 +451,7 @@ def _message(role: str, pieces: list[Piece]) -> Message:
     return Message(role, "\n".join(texts), tuple(breaks))
 
 
-def redact(request: LLMRequest, spans: dict[int, list[tuple[int, int, str]]], model: str) -> bytes:
+def redact(request: LLMRequest, spans: Mapping[int, Sequence[tuple[int, int, str]]], model: str) -> bytes:
     """The body with each (start, end, placeholder) span of message i replaced, and the new model.
 
     Offsets are in the message's text (its pieces joined by newlines). The body is serialized

@@ -24,6 +24,7 @@ from extproc.cooldown import COOLDOWN, BackendHealth
 from extproc.fallback import Attempt, Plan, RecentPlans
 from extproc.lanes import LARGE_BODY_BYTES
 from extproc.metrics import Metrics
+from extproc.policy import pii
 from extproc.policy.backends import POOL, Backend
 from extproc.policy.config import Decision, DecisionCache, Model, PiiPolicy, Policy
 from extproc.policy.evaluate import NEEDS_CLASSIFIER, choose_model, decide
@@ -123,7 +124,7 @@ class Choice:
     fallbacks: tuple[str, ...] = ()
     label: str = ""
     pii_action: str = ""
-    redactions: dict[int, list[tuple[int, int, str]]] | None = None
+    redactions: pii.Redactions | None = None
     session_key: str | None = None  # the conversation, for the session-model table
     session: sessions.SessionModel | None = None
     cache_rule: DecisionCache | None = None  # the decision opted in to the semantic cache
@@ -604,92 +605,18 @@ class Router:
         return _digest(_conversation(signals))
 
     def _enforce_pii(self, policy: Policy, rule: PiiPolicy, choice: Choice) -> None:
+        """Apply the PII policy's verdict (extproc/policy/pii.py) to the choice."""
         signals = choice.signals
-        unreadable = choice.parsed.unreadable
-        if unreadable and (rule.action != "allow" or rule.types is not None):
-            self._pii_unreadable(policy, rule, choice, unreadable[0])
-            return
-        if signals.pii is None:  # the check could not run
-            if rule.action != "allow" or rule.types is not None:  # (allowing everything needs no check)
-                self._pii_unchecked(policy, rule, choice)
-            return
-        hits = [h for h in signals.pii or () if h.score >= rule.min_score]
-        if signals.pii_unchecked and self._open_question(rule, hits, signals.pii_unchecked):
-            self._pii_unchecked(policy, rule, choice, incomplete=True)
-            return
-        if not hits:
-            return
-        if rule.action == "allow":
-            # Only the listed types may pass; anything else is blocked.
-            hits = [h for h in hits if rule.types is not None and h.type not in rule.types]
-            action = "block" if hits else "allow"
-        else:
-            hits = [h for h in hits if rule.applies_to(h.type)]
-            action = rule.action if hits else "allow"
-        types = sorted({h.type for h in hits}) or sorted({h.type for h in signals.pii or ()})
-        for pii_type in types:
+        found = pii.Detections(signals.pii, signals.pii_unchecked, choice.parsed.unreadable)
+        verdict = pii.enforce(rule, found, choice.label, policy.classifier.pii_tokens)
+        for pii_type, action in verdict.counts:
             self.metrics.pii.labels(pii_type, action).inc()
-        choice.pii_action = action
-        if action == "block":
-            raise errors.Forbidden(
-                f"the request contains personal data ({', '.join(types)}) that {choice.label!r} does not accept; "
-                "remove it and retry",
-                code="pii_blocked",
-            )
-        if action == "redact":
-            choice.redactions = {}
-            for h in hits:
-                choice.redactions.setdefault(h.message, []).append((h.start, h.end, f"<{h.type}>"))
-        elif action == "reroute":
-            assert rule.model is not None
-            choice.model = policy.models[rule.model]
+        if verdict.error is not None:
+            raise verdict.error
+        choice.pii_action, choice.redactions = verdict.action, verdict.redactions
+        if verdict.reroute is not None:
+            choice.model = policy.models[verdict.reroute]
             choice.fallbacks, choice.label = (), f"{choice.label}+pii-reroute"
-
-    @staticmethod
-    def _open_question(rule: PiiPolicy, hits: list, unchecked: frozenset[str]) -> bool:
-        """Could what the check did not look at change this rule's outcome?"""
-        if rule.action == "allow":
-            return rule.types is None or bool(unchecked - rule.types)  # an allow-list blocks the rest
-        if not any(rule.applies_to(t) for t in unchecked):
-            return False
-        # Blocking or rerouting on what was found already decides; redaction needs every span.
-        return rule.action == "redact" or not any(rule.applies_to(h.type) for h in hits)
-
-    def _pii_unchecked(self, policy: Policy, rule: PiiPolicy, choice: Choice, *, incomplete: bool = False) -> None:
-        """The PII check could not run (or not over all the text). Unless the policy says otherwise,
-        act as if PII were there: a privacy rule must not open up because the encoder was slow or
-        the prompt long."""
-        if rule.on_error == "allow":
-            self.metrics.pii.labels("unchecked", "allow").inc()
-            return
-        self.metrics.pii.labels("unchecked", rule.action).inc()
-        choice.pii_action = f"{rule.action}-unchecked"
-        if rule.action == "reroute":
-            assert rule.model is not None
-            choice.model = policy.models[rule.model]
-            choice.fallbacks, choice.label = (), f"{choice.label}+pii-reroute"
-            return
-        if incomplete:
-            raise errors.PayloadTooLarge(
-                f"the request is too long for {choice.label!r}'s personal-data check, which reads "
-                f"{policy.classifier.pii_tokens} tokens for names and addresses: shorten the conversation "
-                "(or raise classifier.pii_tokens)",
-                code="pii_check_incomplete",
-            )
-        raise errors.PiiCheckUnavailable("the request could not be checked for personal data in time; retry shortly")
-
-    def _pii_unreadable(self, policy: Policy, rule: PiiPolicy, choice: Choice, field: str) -> None:
-        """The model would read input no check can (token ids): fail closed as for a check that
-        could not run, except that retrying would not help, so a refusal says what to send."""
-        if rule.on_error == "allow" or rule.action == "reroute":
-            self._pii_unchecked(policy, rule, choice)
-            return
-        self.metrics.pii.labels("unchecked", rule.action).inc()
-        raise errors.BadRequest(
-            f"the personal-data check cannot read the token ids or embeddings in '{field}'; send the prompt as text",
-            code="pii_unreadable",
-            param=field,
-        )
 
     def _place(
         self,
