@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -26,6 +26,7 @@ from extproc.lanes import LARGE_BODY_BYTES
 from extproc.metrics import Metrics
 from extproc.policy import pii
 from extproc.policy.backends import POOL, Backend
+from extproc.policy.conditions import PII_MIN_SCORE
 from extproc.policy.config import Decision, DecisionCache, Model, PiiPolicy, Policy
 from extproc.policy.evaluate import NEEDS_CLASSIFIER, choose_model, decide
 from extproc.policy.evaluate import explain as trace_decisions
@@ -63,12 +64,33 @@ class Call:
     on_wait: Callable[[float], None] | None = None
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a request goes: its model (the chosen one or a fallback) and, where the router
+    picks, the replica."""
+
+    model: str
+    upstream_model: str
+    cluster: str  # the Envoy cluster to route to
+    endpoints: tuple[str, ...] = ()  # picked replica first, then fallbacks; empty: Envoy balances
+    envoy_lb: str = ""  # how Envoy reaches the endpoints: original_dst | override_host | hash
+    affinity_key: str = ""
+    lease: Lease | None = None
+    pick_detail: dict[str, Any] | None = None  # replica scores, for explanations
+    plan: Plan | None = None  # a chained request: the backends Envoy tries in order (extproc/fallback.py)
+
+
+@dataclass(frozen=True, slots=True)
 class Routed:
+    """The router's answer for one request: built once, at the end of Router.route, from the
+    state the request started with, and never changed. Every later step (the stream's mutations,
+    the decision log, the lease) reads it instead of the router's current state."""
+
     model: str  # policy model name ("" for passthrough)
     upstream_model: str
     decision: str
     cluster: str  # the Envoy cluster to route to
+    cluster_header: str  # the header naming it (the request's policy's headers.cluster)
     endpoints: tuple[str, ...] = ()  # picked replica first, then fallbacks; empty: Envoy balances
     envoy_lb: str = ""  # how Envoy reaches the endpoints: original_dst | override_host | hash
     affinity_key: str = ""
@@ -76,10 +98,11 @@ class Routed:
     lease: Lease | None = None
     signals: Signals | None = None
     pii_action: str = ""
-    stages: dict[str, float] = field(default_factory=dict)
+    stages: Mapping[str, float] = field(default_factory=dict)
     pick_detail: dict[str, Any] | None = None  # replica scores, for explanations
     explanation: dict[str, Any] | None = None
     session: sessions.SessionModel | None = None  # the conversation's model: kept, switched, new
+    fallback_deadline: float = 0.0  # the request's policy's fallback.deadline (chained requests)
     cache_hit: CacheHit | None = None  # answered from the semantic cache: nothing to place
     cache_token: str = ""  # a miss whose response may be stored (semantic.py)
     cache_detail: dict[str, Any] | None = None  # the lookup, for explanations
@@ -138,6 +161,7 @@ class RouterState:
         self.policy = policy
         self.pools = pools
         self.tokenizers = tokenizers  # the served models' prompt tokenizers (models with kv_events)
+        self.picker: Picker | None = None  # built by the router from policy.picking (Router.swap)
 
 
 class Router:
@@ -178,7 +202,7 @@ class Router:
         self.admission = AdmissionQueue(state.policy.admission)
         self.admission.configure(state.policy.admission, self._has_room)
         self.tracker.on_release = lambda lease: self.admission.release()
-        self.picker = self._picker(state.policy)
+        state.picker = self._picker(state.policy)
         self.cache: SemanticCache | None = None  # set by the runtime when some decision opts in
         self.recent_plans = RecentPlans()
         self.backends = BackendHealth(
@@ -197,7 +221,7 @@ class Router:
         self.health.configure(state.policy.picking.outlier_detection)
         self.admission.configure(state.policy.admission, self._has_room)
         self.backends.configure(state.policy.fallback)
-        self.picker = self._picker(state.policy)
+        state.picker = self._picker(state.policy)
         self.index.capacity = state.policy.picking.index_blocks
         self.discovery.retain(
             m.replicas.kubernetes for m in state.policy.models.values() if m.replicas and m.replicas.kubernetes
@@ -212,7 +236,7 @@ class Router:
     def set_load_reports(self, reports: Any) -> None:
         """Scraped replica load (queue, KV-cache use) for the load scorer."""
         self.load_reports = reports
-        self.picker = self._picker(self.state.policy)
+        self.state.picker = self._picker(self.state.policy)
 
     def _picker(self, policy: Policy) -> Picker:
         self.tracker.peers = self.kv.peers if policy.picking.peer_load else None
@@ -308,7 +332,9 @@ class Router:
         if previous is None and later:
             # (tokenizing a long history: off the event loop)
             size = len(call.body)
-            previous = await lanes.run(size, _COUNT_INLINE_BYTES, self._model_from_kv_events, policy, choice.parsed)
+            previous = await lanes.run(
+                size, _COUNT_INLINE_BYTES, self._model_from_kv_events, choice.state, choice.parsed
+            )
             source = "kv_events"
         if previous is None or previous not in policy.models:
             choice.session = sessions.SessionModel(sessions.NEW, decided, decided=decided)
@@ -335,19 +361,19 @@ class Router:
             result = condition.evaluate(signals)
         return bool(result)
 
-    def _model_from_kv_events(self, policy: Policy, parsed: request.LLMRequest) -> str | None:
+    def _model_from_kv_events(self, state: RouterState, parsed: request.LLMRequest) -> str | None:
         """The model whose replicas really hold most of this conversation (from their KV events):
         how a sidecar that never saw the conversation learns where it is."""
         best, best_fraction = None, 0.5  # more than half the prompt: its history, not a shared system prompt
-        tokenizers = self.state.tokenizers
-        for name, model in policy.models.items():
+        tokenizers = state.tokenizers
+        for name, model in state.policy.models.items():
             tokenizer = tokenizers.get(name) if tokenizers is not None else None
             if tokenizer is None or model.replicas is None:
                 continue
             tokens = prompt_tokens(tokenizer, parsed)
             if not tokens:
                 continue
-            held = self.kv.held(PromptBlocks(tokens), self.state.pools.endpoints(name))
+            held = self.kv.held(PromptBlocks(tokens), state.pools.endpoints(name))
             fraction = max((f for f, mode in held.values() if mode is Mode.EXACT), default=0.0)
             if fraction > best_fraction:
                 best, best_fraction = name, fraction
@@ -360,7 +386,15 @@ class Router:
         if choice.model is None:
             assert policy.passthrough_cluster is not None
             stages["total"] = time.perf_counter() - choice.started
-            return Routed("", parsed.model, PASSTHROUGH, policy.passthrough_cluster, signals=signals, stages=stages)
+            return Routed(
+                "",
+                parsed.model,
+                PASSTHROUGH,
+                policy.passthrough_cluster,
+                policy.headers.cluster,
+                signals=signals,
+                stages=stages,
+            )
         explain_wanted = call.explain and policy.explain
         lookup = vector = None
         cache_detail = None
@@ -375,39 +409,56 @@ class Router:
         granted = await self._admit(state, choice, call)
         t2 = time.perf_counter()
         try:
-            routed = self._place(
-                state, choice.model, choice.fallbacks, parsed, signals, choice.label, explain_wanted, prompts
-            )
+            placed = self._place(state, choice.model, choice.fallbacks, parsed, signals, explain_wanted, prompts)
         finally:
             if granted is not None:
                 self.admission.placed(granted)
-        routed.cache_detail = cache_detail
+        cache_token = ""
         if lookup is not None and vector is not None and self.cache is not None:
-            routed.cache_token = self.cache.expect(lookup, vector, parsed.api.value)
+            cache_token = self.cache.expect(lookup, vector, parsed.api.value)
         try:
             # After placement: a fallback model's id is what the body must name. (Copies of a
             # large body are made in its lane.)
             if choice.redactions:
-                rewrite = partial(request.redact, parsed, choice.redactions, routed.upstream_model)
+                rewrite = partial(request.redact, parsed, choice.redactions, placed.upstream_model)
             else:
-                rewrite = partial(parsed.with_model, routed.upstream_model)
+                rewrite = partial(parsed.with_model, placed.upstream_model)
             body = await lanes.run(len(call.body), LARGE_BODY_BYTES, rewrite)
         except BaseException:
-            if routed.lease is not None:  # (cancelled: the stream ended, or the large body's deadline)
-                self.tracker.release(routed.lease)
+            if placed.lease is not None:  # (cancelled: the stream ended, or the large body's deadline)
+                self.tracker.release(placed.lease)
             raise
-        routed.body = None if body is parsed.raw else body
-        if routed.plan is not None:
-            routed.model_span = request.model_span(parsed, body, routed.upstream_model)
-        routed.signals, routed.pii_action, routed.stages = signals, choice.pii_action, stages
-        if choice.session is not None:
-            routed.session = self._record_session(choice, routed)
+        model_span = request.model_span(parsed, body, placed.upstream_model) if placed.plan is not None else (0, 0)
+        session = self._record_session(choice, placed.model) if choice.session is not None else None
         stages["pick"] = time.perf_counter() - t2
         # The router's own work: time waiting for a replica with room is the "queue" stage.
         stages["total"] = time.perf_counter() - choice.started - stages.get("queue", 0.0)
+        explanation = None
         if explain_wanted:
-            routed.explanation = self.explain(policy, signals, routed)
-        return routed
+            explanation = self.explain(policy, signals, choice.label, choice.pii_action, placed, session, cache_detail)
+        return Routed(
+            placed.model,
+            placed.upstream_model,
+            choice.label,
+            placed.cluster,
+            policy.headers.cluster,
+            placed.endpoints,
+            placed.envoy_lb,
+            placed.affinity_key,
+            None if body is parsed.raw else body,
+            placed.lease,
+            signals,
+            choice.pii_action,
+            stages,
+            placed.pick_detail,
+            explanation,
+            session,
+            cache_token=cache_token,
+            cache_detail=cache_detail,
+            plan=placed.plan,
+            model_span=model_span,
+            fallback_deadline=policy.fallback.deadline,
+        )
 
     # --- admission control (extproc/admission.py) ------------------------------------------------
 
@@ -524,7 +575,7 @@ class Router:
                 signals.topic, signals.classifier_read = topic, read
         if signals.pii is None or signals.pii_unchecked:
             return cache_scope.PII_UNCHECKED
-        if any(hit.score >= 0.5 for hit in signals.pii):
+        if any(hit.score >= PII_MIN_SCORE for hit in signals.pii):
             return cache_scope.PII
         return None
 
@@ -533,17 +584,28 @@ class Router:
         model = choice.model
         assert model is not None
         policy = choice.state.policy
-        routed = Routed(model.name, model.upstream_model, choice.label, model.cluster, cache_hit=hit)
-        routed.signals, routed.pii_action, routed.stages = choice.signals, choice.pii_action, choice.stages
-        routed.cache_detail = detail
         prompt_tokens = choice.signals.tokens
         if model.pricing is not None:
             saved = model.pricing.cost(prompt_tokens, hit.answer.completion_tokens)
             self.metrics.cache_saved_cost.labels(model.name).inc(saved)
         choice.stages["total"] = time.perf_counter() - choice.started
+        explanation = None
         if explain:
-            routed.explanation = self.explain(policy, choice.signals, routed)
-        return routed
+            placed = Placement(model.name, model.upstream_model, model.cluster)
+            explanation = self.explain(policy, choice.signals, choice.label, choice.pii_action, placed, None, detail)
+        return Routed(
+            model.name,
+            model.upstream_model,
+            choice.label,
+            model.cluster,
+            policy.headers.cluster,
+            signals=choice.signals,
+            pii_action=choice.pii_action,
+            stages=choice.stages,
+            explanation=explanation,
+            cache_hit=hit,
+            cache_detail=detail,
+        )
 
     async def _decide(
         self, policy: Policy, signals: Signals, call: Call, stages: dict[str, float]
@@ -625,26 +687,25 @@ class Router:
         fallbacks: tuple[str, ...],
         parsed: request.LLMRequest,
         signals: Signals,
-        label: str,
         explain: bool,
         prompts: dict[str, PromptBlocks | None] | None = None,
-    ) -> Routed:
+    ) -> Placement:
         """The model (or the first fallback) with a ready replica, and the replica."""
         policy = state.policy
         if policy.chains:
-            return self._place_chain(state, model, fallbacks, parsed, signals, label, explain, prompts)
+            return self._place_chain(state, model, fallbacks, parsed, signals, explain, prompts)
         tried = []
         full: Model | None = None
         for name in (model.name, *fallbacks):
             candidate = policy.models[name]
             tried.append(name)
-            placed = self._place_pool(state, candidate, parsed, signals, label, explain, True, prompts)
+            placed = self._place_pool(state, candidate, parsed, signals, explain, True, prompts)
             if placed == _FULL:  # every replica full: a fallback may have room, else the first full one
                 full = full or candidate
-            elif isinstance(placed, Routed):
+            elif isinstance(placed, Placement):
                 return placed
         if full is not None:  # (admission let it through: a slot freed and was taken meanwhile)
-            return self._pick(policy, full, state.pools.endpoints(full.name), parsed, signals, label, explain, prompts)
+            return self._pick(state, full, state.pools.endpoints(full.name), parsed, signals, explain, prompts)
         raise errors.ServiceUnavailable(f"no ready replica for model {' or '.join(map(repr, tried))}; retry later")
 
     def _place_chain(
@@ -654,10 +715,9 @@ class Router:
         fallbacks: tuple[str, ...],
         parsed: request.LLMRequest,
         signals: Signals,
-        label: str,
         explain: bool,
         prompts: dict[str, PromptBlocks | None] | None = None,
-    ) -> Routed:
+    ) -> Placement:
         """The backends of the model, then of each fallback model, in order (a plan Envoy walks on
         failures), less those cooling down or ejected; the first is placed as ``_place`` does
         (a pool whose every replica is full gives way to the next backend, as a fallback model does)."""
@@ -665,7 +725,7 @@ class Router:
         limit = policy.fallback.max_attempts
         attempts: list[Attempt] = []
         skipped: list[tuple[str, str]] = []
-        first: Routed | None = None
+        first: Placement | None = None
         soonest: float | None = None
         full: Model | None = None
         for name in (model.name, *fallbacks):
@@ -682,9 +742,9 @@ class Router:
                         continue
                     attempts.append(Attempt(name, backend.id, backend.provider, backend.upstream_model, True))
                     if first is None:
-                        first = Routed(name, backend.upstream_model, label, backend.provider)
+                        first = Placement(name, backend.upstream_model, backend.provider)
                     continue
-                placed = self._place_pool(state, candidate, parsed, signals, label, explain, first is None, prompts)
+                placed = self._place_pool(state, candidate, parsed, signals, explain, first is None, prompts)
                 if placed == _FULL:
                     skipped.append((f"{name} {POOL}", _FULL))
                     full = full or candidate
@@ -692,7 +752,7 @@ class Router:
                 if placed is None:
                     skipped.append((f"{name} {POOL}", "no_ready_replica"))
                     continue
-                assert isinstance(placed, Routed)
+                assert isinstance(placed, Placement)
                 if placed.envoy_lb == "original_dst" and first is not None:
                     # Envoy's ORIGINAL_DST cluster takes one address per request: the first attempt's.
                     skipped.append((f"{name} {POOL}", "original_dst_only_first"))
@@ -701,7 +761,7 @@ class Router:
                 if first is None:
                     first = placed
         if first is None and full is not None:  # (admission let it through: a slot freed and was taken meanwhile)
-            first = self._pick(policy, full, state.pools.endpoints(full.name), parsed, signals, label, explain, prompts)
+            first = self._pick(state, full, state.pools.endpoints(full.name), parsed, signals, explain, prompts)
             attempts.append(Attempt(full.name, POOL, first.cluster, full.upstream_model, False))
         if first is None:
             if soonest is not None:
@@ -714,9 +774,7 @@ class Router:
         hosted = policy.providers.get(attempts[0].cluster) if attempts[0].hosted else None
         timeout = hosted.timeout if hosted is not None else policy.fallback.replica_timeout
         plan = Plan(tuple(attempts), tuple(skipped), timeout)
-        if plan.chained:
-            first.plan = plan
-        return first
+        return replace(first, plan=plan) if plan.chained else first
 
     def _place_pool(
         self,
@@ -724,22 +782,21 @@ class Router:
         model: Model,
         parsed: request.LLMRequest,
         signals: Signals,
-        label: str,
         explain: bool,
         pick: bool,
         prompts: dict[str, PromptBlocks | None] | None = None,
-    ) -> Routed | str | None:
+    ) -> Placement | str | None:
         """A model's own replicas or cluster as one placement (``_place``) or chain attempt; None
         without a ready replica, _FULL when every one is at its capacity. With ``pick`` the
         replica is picked and leased; a chain's later attempts are not (they get there only on
         a failure, and Envoy balances them)."""
         policy = state.policy
         if model.replicas is None:  # Envoy balances this model's cluster itself
-            return Routed(model.name, model.upstream_model, label, model.cluster)
+            return Placement(model.name, model.upstream_model, model.cluster)
         if model.replicas.envoy == "hash":
             # Envoy's ring hash (with a load bound) picks; the router only names the conversation.
             key = _digest(signals.headers.get(policy.headers.session) or _conversation(signals))
-            return Routed(model.name, model.upstream_model, label, model.cluster, envoy_lb="hash", affinity_key=key)
+            return Placement(model.name, model.upstream_model, model.cluster, envoy_lb="hash", affinity_key=key)
         endpoints = state.pools.endpoints(model.name)
         if not endpoints:
             self.metrics.no_replica.labels(model.name).inc()
@@ -749,29 +806,30 @@ class Router:
                 endpoints = tuple(e for e in endpoints if self._free_slots(model.capacity, e) > 0)
                 if not endpoints:
                     return _FULL
-            return self._pick(policy, model, endpoints, parsed, signals, label, explain, prompts)
+            return self._pick(state, model, endpoints, parsed, signals, explain, prompts)
         mode = model.replicas.envoy
         cluster = policy.original_dst_cluster if mode == "original_dst" else model.cluster
-        return Routed(model.name, model.upstream_model, label, cluster, envoy_lb=mode)
+        return Placement(model.name, model.upstream_model, cluster, envoy_lb=mode)
 
     def _pick(
         self,
-        policy: Policy,
+        state: RouterState,
         model: Model,
         endpoints: tuple[str, ...],
         parsed: request.LLMRequest,
         signals: Signals,
-        label: str,
         explain: bool,
         prompts: dict[str, PromptBlocks | None] | None = None,
-    ) -> Routed:
-        assert model.replicas is not None
+    ) -> Placement:
+        assert model.replicas is not None and state.picker is not None
+        policy = state.policy
         blocks = block_hashes(model.name, request.render(parsed.messages), policy.picking.block_chars)
         session = signals.headers.get(policy.headers.session)
-        prompt = prompts[model.name] if prompts and model.name in prompts else self._prompt_blocks(model, parsed)
+        known = prompts or {}
+        prompt = known[model.name] if model.name in known else self._prompt_blocks(state, model, parsed)
         held = self.kv.held(prompt, endpoints) if prompt is not None else None
         wanted = PickRequest(model.name, blocks, session, held=held)
-        pick: Pick = self.picker.pick(wanted, endpoints, explain=explain)  # type: ignore[assignment]
+        pick: Pick = state.picker.pick(wanted, endpoints, explain=explain)  # type: ignore[assignment]
         primary = pick.endpoints[0]
         mode = "none" if held is None else held[primary][1].value
         self.metrics.count_index_mode(model.name, mode)
@@ -784,30 +842,31 @@ class Router:
             self.metrics.prefix_hit.labels(model.name).observe(matched / len(blocks))
         envoy = model.replicas.envoy
         cluster = policy.original_dst_cluster if envoy == "original_dst" else model.cluster
-        routed = Routed(model.name, model.upstream_model, label, cluster, pick.endpoints, envoy, lease=lease)
-        routed.pick_detail = {"scores": pick.scores, "prefix_blocks": matched, "blocks": len(blocks), "index": mode}
+        detail: dict[str, Any] = {"scores": pick.scores, "prefix_blocks": matched, "blocks": len(blocks), "index": mode}
         if held is not None and prompt is not None:
             self.kv.picked(primary, prompt, held[primary][0])
-            routed.pick_detail["kv_cache"] = {
+            detail["kv_cache"] = {
                 "prompt_tokens": len(prompt.tokens),
                 "held": {e: {"fraction": round(f, 4), "mode": m.value} for e, (f, m) in held.items()},
             }
         if pick.excluded:
-            routed.pick_detail["excluded"] = pick.excluded
-        return routed
+            detail["excluded"] = pick.excluded
+        return Placement(
+            model.name, model.upstream_model, cluster, pick.endpoints, envoy, lease=lease, pick_detail=detail
+        )
 
-    def _record_session(self, choice: Choice, routed: Routed) -> sessions.SessionModel | None:
+    def _record_session(self, choice: Choice, model: str) -> sessions.SessionModel | None:
         """Remember where the conversation went; a kept model with no replica left moved it."""
         if choice.session_key is not None:
-            self.sessions.put(choice.session_key, routed.model)
+            self.sessions.put(choice.session_key, model)
         outcome = choice.session
-        if outcome is not None and routed.model != outcome.model:
+        if outcome is not None and model != outcome.model:
             previous = outcome.previous if outcome.previous is not None else outcome.model
             outcome = sessions.SessionModel(
-                sessions.SWITCHED, routed.model, previous, outcome.decided, "unavailable", outcome.source
+                sessions.SWITCHED, model, previous, outcome.decided, "unavailable", outcome.source
             )
         if outcome is not None:
-            self.metrics.count_session_model(routed.model, outcome.outcome, outcome.reason)
+            self.metrics.count_session_model(model, outcome.outcome, outcome.reason)
         return outcome
 
     async def _prompts(self, choice: Choice, call: Call) -> dict[str, PromptBlocks | None]:
@@ -819,13 +878,15 @@ class Router:
         if model is None or tokenizers is None or tokenizers.get(model.name) is None:
             return {}
         t = time.perf_counter()
-        prompt = await lanes.run(len(call.body), _COUNT_INLINE_BYTES, self._prompt_blocks, model, choice.parsed)
+        prompt = await lanes.run(
+            len(call.body), _COUNT_INLINE_BYTES, self._prompt_blocks, choice.state, model, choice.parsed
+        )
         choice.stages["tokenize"] = time.perf_counter() - t
         return {model.name: prompt}
 
-    def _prompt_blocks(self, model: Model, parsed: request.LLMRequest) -> PromptBlocks | None:
+    def _prompt_blocks(self, state: RouterState, model: Model, parsed: request.LLMRequest) -> PromptBlocks | None:
         """The served model's token ids of this prompt, for models with KV events."""
-        tokenizers = self.state.tokenizers
+        tokenizers = state.tokenizers
         tokenizer = tokenizers.get(model.name) if tokenizers is not None else None
         if tokenizer is None:
             return None
@@ -848,14 +909,23 @@ class Router:
 
     # --- explanations --------------------------------------------------------------------------
 
-    def explain(self, policy: Policy, signals: Signals, routed: Routed) -> dict[str, Any]:
+    def explain(
+        self,
+        policy: Policy,
+        signals: Signals,
+        decision: str,
+        pii_action: str,
+        placed: Placement,
+        session: sessions.SessionModel | None,
+        cache_detail: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Why this request went where it did: signals, decisions tried, replica scores. Never
         the prompt text or header values."""
         topic = signals.topic
-        replica = routed.pick_detail or {}
+        replica = placed.pick_detail or {}
         out: dict[str, Any] = {
-            "model": routed.model,
-            "decision": routed.decision,
+            "model": placed.model,
+            "decision": decision,
             "signals": {
                 "tokens": signals.tokens,
                 "tokens_estimated": signals.tokens_estimated,
@@ -868,13 +938,13 @@ class Router:
                 "classifier_read": signals.classifier_read,
                 "pii_unchecked": sorted(signals.pii_unchecked) or None,
             },
-            "trace": trace_decisions(policy, signals) if routed.decision not in (EXPLICIT, PASSTHROUGH) else [],
-            "pii_action": routed.pii_action or None,
-            "replicas": {"picked": list(routed.endpoints), **replica},
-            "session_model": routed.session.explain() if routed.session is not None else None,
+            "trace": trace_decisions(policy, signals) if decision not in (EXPLICIT, PASSTHROUGH) else [],
+            "pii_action": pii_action or None,
+            "replicas": {"picked": list(placed.endpoints), **replica},
+            "session_model": session.explain() if session is not None else None,
         }
-        if routed.cache_detail is not None:
-            out["cache"] = routed.cache_detail
-        if routed.plan is not None:
-            out["fallback"] = routed.plan.explain()
+        if cache_detail is not None:
+            out["cache"] = cache_detail
+        if placed.plan is not None:
+            out["fallback"] = placed.plan.explain()
         return out

@@ -218,9 +218,10 @@ class Exchange:
         )
 
     def _mutations(self, routed: Routed) -> pb.ProcessingResponse:
-        policy = self.router.state.policy
+        # Everything from the request's own answer, routed with the policy it started with: a
+        # reload while it was routed must not rename its headers.
         set_headers: dict[str, str] = {
-            policy.headers.cluster: routed.cluster,
+            routed.cluster_header: routed.cluster,
             h.ROUTER_DECISION: routed.decision,
         }
         if protocol.safe_header_value(routed.upstream_model):
@@ -254,7 +255,7 @@ class Exchange:
             set_headers[h.CONTENT_LENGTH] = str(len(routed.body))
         dynamic: dict[str, dict[str, Any]] = {h.METADATA_NAMESPACE: meta}
         if routed.plan is not None:
-            deadline = self.router.state.policy.fallback.deadline
+            deadline = routed.fallback_deadline  # the request's own policy's, not the router's current one
             for namespace, fields in routed.plan.metadata(routed.model_span, self.path, deadline).items():
                 dynamic.setdefault(namespace, {}).update(fields)
         if routed.endpoints:
