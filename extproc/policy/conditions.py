@@ -14,7 +14,7 @@ import difflib
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import re2
 
@@ -38,39 +38,36 @@ def _explained(kind: str, detail: Any, result: bool | None) -> dict[str, Any]:
 
 
 @dataclass(frozen=True, slots=True)
-class All:
+class _Combination:
+    """all / any: evaluation stops at the first child that answers ``_decides`` (False for all,
+    True for any); otherwise an unknown child makes the whole unknown."""
+
     conditions: tuple[Condition, ...]
     needs_classifier: bool
+    _decides: ClassVar[bool]
+    _kind: ClassVar[str]
 
     def evaluate(self, signals: Signals) -> bool | None:
-        unknown = False
+        decides, unknown = self._decides, False
         for condition in self.conditions:
             result = condition.evaluate(signals)
-            if result is False:
-                return False
+            if result is decides:
+                return decides
             unknown |= result is None
-        return None if unknown else True
+        return None if unknown else not decides
 
     def explain(self, signals: Signals) -> dict[str, Any]:
-        return _explained("all", [c.explain(signals) for c in self.conditions], self.evaluate(signals))
+        return _explained(self._kind, [c.explain(signals) for c in self.conditions], self.evaluate(signals))
 
 
-@dataclass(frozen=True, slots=True)
-class Any_:
-    conditions: tuple[Condition, ...]
-    needs_classifier: bool
+class All(_Combination):
+    __slots__ = ()
+    _decides, _kind = False, "all"
 
-    def evaluate(self, signals: Signals) -> bool | None:
-        unknown = False
-        for condition in self.conditions:
-            result = condition.evaluate(signals)
-            if result is True:
-                return True
-            unknown |= result is None
-        return None if unknown else False
 
-    def explain(self, signals: Signals) -> dict[str, Any]:
-        return _explained("any", [c.explain(signals) for c in self.conditions], self.evaluate(signals))
+class Any_(_Combination):
+    __slots__ = ()
+    _decides, _kind = True, "any"
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,16 +329,16 @@ def _children(value: Any, heads: Heads) -> Iterator[tuple[RelativePath, str]]:
             yield (i, *path), message
 
 
-@kind("all", check=_children)
-def _all(value: Any, heads: Heads) -> Condition:
-    children = tuple(build(c, heads) for c in value)
-    return All(children, any(c.needs_classifier for c in children))
+def _combination(cls: type[_Combination]) -> Callable[[Any, Heads], Condition]:
+    def build_combination(value: Any, heads: Heads) -> Condition:
+        children = tuple(build(c, heads) for c in value)
+        return cls(children, any(c.needs_classifier for c in children))
+
+    return build_combination
 
 
-@kind("any", check=_children)
-def _any(value: Any, heads: Heads) -> Condition:
-    children = tuple(build(c, heads) for c in value)
-    return Any_(children, any(c.needs_classifier for c in children))
+kind("all", check=_children)(_combination(All))
+kind("any", check=_children)(_combination(Any_))
 
 
 @kind("not", check=lambda value, heads: problems(value, heads))
@@ -351,8 +348,20 @@ def _not(value: Any, heads: Heads) -> Condition:
 
 
 @kind("keyword")
-def _keyword_kind(value: Any, heads: Heads) -> Condition:
-    return _keyword(value)
+def _keyword(value: Any, heads: Heads) -> Keyword:
+    spec = {"any": value} if isinstance(value, list) else value
+    case_sensitive = spec.get("case_sensitive", False)
+
+    def prepare(words: Sequence[str]) -> tuple[str, ...]:
+        return tuple(words) if case_sensitive else tuple(w.lower() for w in words)
+
+    any_of, all_of = prepare(spec.get("any", ())), prepare(spec.get("all", ()))
+    whole_word = spec.get("whole_word", False)
+    # A word character is alphanumeric or "_" (Unicode-aware, as str.isalnum).
+    words = (
+        {w: re.compile(rf"(?<![^\W])(?:{re.escape(w)})(?![^\W])") for w in (*any_of, *all_of)} if whole_word else None
+    )
+    return Keyword(any_of, all_of, spec.get("scope", "last_user"), case_sensitive, whole_word, _words=words)
 
 
 @kind("regex")
@@ -372,8 +381,15 @@ def _tokens(value: Any, heads: Heads) -> Condition:
 
 
 @kind("header")
-def _header_kind(value: Any, heads: Heads) -> Condition:
-    return _header(value)
+def _header(spec: dict[str, Any], heads: Heads) -> Header:
+    name = spec["name"]
+    if "equals" in spec:
+        return Header(name, equals=spec["equals"])
+    if "in" in spec:
+        return Header(name, one_of=frozenset(spec["in"]))
+    if "matches" in spec:
+        return Header(name, matches=_compile(spec["matches"], True))
+    return Header(name, present=spec["present"])
 
 
 @kind("domain")
@@ -407,33 +423,6 @@ def _pii(value: Any, heads: Heads) -> Condition:
         return condition if value else Not(condition, True)
     types = value.get("types")
     return Pii(frozenset(types) if types else None, value.get("min_score", PII_MIN_SCORE))
-
-
-def _keyword(value: Any) -> Keyword:
-    spec = {"any": value} if isinstance(value, list) else value
-    case_sensitive = spec.get("case_sensitive", False)
-
-    def prepare(words: Sequence[str]) -> tuple[str, ...]:
-        return tuple(words) if case_sensitive else tuple(w.lower() for w in words)
-
-    any_of, all_of = prepare(spec.get("any", ())), prepare(spec.get("all", ()))
-    whole_word = spec.get("whole_word", False)
-    # A word character is alphanumeric or "_" (Unicode-aware, as str.isalnum).
-    words = (
-        {w: re.compile(rf"(?<![^\W])(?:{re.escape(w)})(?![^\W])") for w in (*any_of, *all_of)} if whole_word else None
-    )
-    return Keyword(any_of, all_of, spec.get("scope", "last_user"), case_sensitive, whole_word, _words=words)
-
-
-def _header(spec: dict[str, Any]) -> Header:
-    name = spec["name"]
-    if "equals" in spec:
-        return Header(name, equals=spec["equals"])
-    if "in" in spec:
-        return Header(name, one_of=frozenset(spec["in"]))
-    if "matches" in spec:
-        return Header(name, matches=_compile(spec["matches"], True))
-    return Header(name, present=spec["present"])
 
 
 _RE2_HINT = (
