@@ -222,6 +222,8 @@ class Router:
         self.admission.configure(state.policy.admission, self._has_room)
         self.backends.configure(state.policy.fallback)
         state.picker = self._picker(state.policy)
+        if isinstance(self.sessions, sessions.LocalSessions):
+            self.sessions.configure(state.policy.sessions.max_sessions, state.policy.sessions.idle_seconds)
         self.index.capacity = state.policy.picking.index_blocks
         self.discovery.retain(
             m.replicas.kubernetes for m in state.policy.models.values() if m.replicas and m.replicas.kubernetes

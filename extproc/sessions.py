@@ -37,13 +37,16 @@ class SessionStore(Protocol):
 class LocalSessions:
     """An LRU of conversation -> model with an idle limit. Event-loop only (no locking)."""
 
-    def __init__(
-        self, max_sessions: int = 100_000, idle_seconds: float = 3600.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, max_sessions: int, idle_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_sessions = max_sessions
         self.idle_seconds = idle_seconds
         self._clock = clock
         self._table: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def configure(self, max_sessions: int, idle_seconds: float) -> None:
+        """New limits from a reloaded policy; the table keeps what it knows (a smaller one
+        forgets the least recently seen at the next put)."""
+        self.max_sessions, self.idle_seconds = max_sessions, idle_seconds
 
     def get(self, key: str) -> str | None:
         entry = self._table.get(key)

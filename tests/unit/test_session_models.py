@@ -132,3 +132,11 @@ def test_a_bad_switch_rule_is_a_config_error(switch) -> None:
     text = POLICY.replace("switch: always", f"switch: {orjson.dumps(switch).decode()}")
     with pytest.raises(ConfigError):
         parse_policy(text, "test")
+
+
+def test_a_reload_applies_new_session_limits() -> None:
+    r = router(POLICY)
+    assert isinstance(r.sessions, sessions.LocalSessions) and r.sessions.max_sessions == 100_000
+    reloaded = parse_policy(POLICY.replace("debug:", "sessions: {max_sessions: 3, idle_seconds: 5}\ndebug:"))
+    r.swap(r.build_state(reloaded))
+    assert (r.sessions.max_sessions, r.sessions.idle_seconds) == (3, 5)
