@@ -2,11 +2,13 @@
 
     python bench/latency.py                 # full run (~25 minutes), prints tables
     python bench/latency.py --quick         # one repetition, shorter runs
+    python bench/latency.py --quick --configs rules --baseline /tmp/base   # and a checkout before
 
 Setup: a front Envoy, the sidecar in its own process (Unix socket), and a fast upstream (a
 second Envoy answering every request at once from four ports, so the upstream costs ~nothing).
 The baseline is the same front Envoy routing straight to the upstream, without ext_proc,
-measured in the same run.
+measured in the same run. With ``--baseline DIR`` every sidecar configuration also runs from that
+checkout (``<config>@baseline``), in the same run, to compare code before and after a change.
 
 Configurations:
   trivial     the floor: bench/trivial_extproc.py (one JSON parse, a model rewrite, two headers;
@@ -497,8 +499,10 @@ def python_open_loop(port: int, rate: float, seconds: float, body: Callable[[int
 class Front:
     """The front Envoy, with or without the sidecar behind it."""
 
-    def __init__(self, name: str, workdir: Path, upstream_ports: list[int], concurrency: int) -> None:
-        policy_name, env = CONFIG_VARIANTS.get(name, (name, {}))
+    def __init__(
+        self, name: str, workdir: Path, upstream_ports: list[int], concurrency: int, checkout: Path | None = None
+    ) -> None:
+        policy_name, env = CONFIG_VARIANTS.get(name.split("@")[0], (name.split("@")[0], {}))
         self.name, self.workdir = name, workdir / name
         self.workdir.mkdir()
         self.port = free_port()
@@ -527,7 +531,7 @@ class Front:
                 usage=False,
             )
             # The sidecar is its Envoy's control plane, as in the chart.
-            self.sidecar = SidecarProcess(policy_path, uds, free_port(), env=env, envoy=options)
+            self.sidecar = SidecarProcess(policy_path, uds, free_port(), env=env, envoy=options, cwd=checkout)
             self.sidecar.start()
             self.envoy = envoy_process(self.sidecar, str(self.workdir), concurrency)
         self.envoy.start()
@@ -565,6 +569,9 @@ def main() -> int:
     )
     parser.add_argument("--tokens", default="100,2000", help="prompt sizes for the h2load configurations")
     parser.add_argument(
+        "--baseline", type=Path, help="a checkout of the code before a change: each sidecar config runs from it too"
+    )
+    parser.add_argument(
         "--classifier-clients",
         type=int,
         default=4,
@@ -592,6 +599,9 @@ def main() -> int:
             try:
                 for name in configs:
                     fronts[name] = Front(name, workdir, upstream_ports, args.concurrency)
+                    if args.baseline is not None and name != "trivial":
+                        at = f"{name}@baseline"
+                        fronts[at] = Front(at, workdir, upstream_ports, args.concurrency, args.baseline.resolve())
                 rows = run_matrix(fronts, bodies, args, workdir)
             finally:
                 for front in fronts.values():

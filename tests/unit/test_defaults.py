@@ -171,3 +171,17 @@ def test_the_readmes_policy_reference_shows_the_codes_defaults() -> None:
             assert value == default_of(PickingSettings, name), f"picking.{name}"
     assert block["limits"]["max_body_bytes"] == default_of(Policy, "max_body_bytes")
     assert block["debug"]["explain"] == default_of(Policy, "explain")
+
+
+def test_the_readme_documents_every_condition_kind_and_picking_plugin() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("Conditions (each a mapping with exactly one key)") :]
+    table = table[: table.index("\n\n", table.index("| condition |"))]
+    for name in conditions.KINDS:
+        assert f"`{name}:" in table or f"`{name}: " in table, name
+    plugins = readme[readme.index("**Replica picking plugins.**") :]
+    plugins = plugins[: plugins.index("\n\n", plugins.index("| plugin |"))]
+    for plugin in picking.PLUGINS.values():
+        assert f"| `{plugin.name}` | {plugin.kind}" in plugins, plugin.name
+        for alias in plugin.aliases:
+            assert f"`{alias}`" in plugins
