@@ -1,4 +1,4 @@
-"""The routing policy: schema, loading, decision evaluation."""
+"""The routing policy: schema, loading, condition kinds, decision evaluation, PII enforcement."""
 
 from extproc.policy.config import Decision, Model, Policy
 from extproc.policy.load import ConfigError, load_policy, parse_policy
