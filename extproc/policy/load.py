@@ -584,7 +584,7 @@ def _build(
                 model=spec.get("model"),
                 split=tuple(Split(s["model"], float(s["weight"])) for s in spec.get("split", ())),
                 fallbacks=tuple(spec.get("fallbacks", ())),
-                priority=spec.get("priority", 0),
+                **_given(spec, "priority"),
                 pii=_pii_policy(spec.get("pii")),
                 switch=_switch(spec.get("switch"), heads),
                 cache=_decision_cache(spec.get("cache")),

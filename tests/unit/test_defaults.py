@@ -14,7 +14,10 @@ import yaml
 from extproc.policy import conditions, parse_policy
 from extproc.policy.config import (
     Admission,
+    CacheSettings,
     ClassifierSettings,
+    Decision,
+    DecisionCache,
     HeaderNames,
     KvEvents,
     OutlierDetection,
@@ -54,6 +57,7 @@ SECTIONS: list[tuple[tuple[str, ...], type, dict[str, str], set[str]]] = [
             "models",
             "heads",
             "decisions",
+            "cache",
         },
     ),
     (("properties", "limits"), Policy, {}, set()),
@@ -68,6 +72,9 @@ SECTIONS: list[tuple[tuple[str, ...], type, dict[str, str], set[str]]] = [
     (("$defs", "pii_policy"), PiiPolicy, {}, set()),
     (("$defs", "replicas"), Replicas, {}, set()),
     (("$defs", "replicas", "properties", "kv_events"), KvEvents, {}, set()),
+    (("$defs", "decision"), Decision, {}, {"cache"}),
+    (("properties", "cache"), CacheSettings, {}, set()),
+    (("$defs", "decision", "properties", "cache", "oneOf", 1), DecisionCache, {}, set()),
 ]
 
 
@@ -88,7 +95,9 @@ def _as_code(value: Any, default: Any) -> Any:
 
 
 @pytest.mark.parametrize(
-    ("path", "cls", "renamed", "not_fields"), SECTIONS, ids=lambda v: "/".join(v) if isinstance(v, tuple) else None
+    ("path", "cls", "renamed", "not_fields"),
+    SECTIONS,
+    ids=lambda v: "/".join(map(str, v)) if isinstance(v, tuple) else None,
 )
 def test_the_schemas_defaults_are_the_codes(
     path: tuple[str, ...], cls: type, renamed: dict[str, str], not_fields: set[str]
@@ -100,7 +109,7 @@ def test_the_schemas_defaults_are_the_codes(
         name = renamed.get(key, key)
         if "default" in spec:
             code = default_of(cls, name)
-            assert _as_code(spec["default"], code) == code, f"{'/'.join(path)}.{key}"
+            assert _as_code(spec["default"], code) == code, f"{'/'.join(map(str, path))}.{key}"
             checked += 1
         else:
             # A setting the schema gives no default for has none in the code either (None: unset),
@@ -110,7 +119,7 @@ def test_the_schemas_defaults_are_the_codes(
             except LookupError:
                 continue
             assert code in (None, (), "") or "default" in spec.get("description", "").lower(), (
-                f"{'/'.join(path)}.{key}: the code defaults to {code!r}, the schema says nothing"
+                f"{'/'.join(map(str, path))}.{key}: the code defaults to {code!r}, the schema says nothing"
             )
     assert checked or path == ("$defs", "replicas", "properties", "kv_events")
 
