@@ -520,9 +520,10 @@ def _backend_problems(data: dict[str, Any], lines: dict[JsonPath, int]) -> Itera
                 _line(lines, (*path, "api_key")),
             )
     fallback = data.get("fallback", {})
-    if "max_ejection_time" in fallback and _seconds(fallback["max_ejection_time"]) < _seconds(
-        fallback.get("base_ejection_time", "30s")
-    ):
+    base = _seconds(fallback["base_ejection_time"]) if "base_ejection_time" in fallback else None
+    if base is None:
+        base = default_of(FallbackSettings, "base_ejection_time")
+    if "max_ejection_time" in fallback and _seconds(fallback["max_ejection_time"]) < base:
         path = ("fallback", "max_ejection_time")
         yield Problem(path, "is shorter than base_ejection_time; raise it or lower the base", _line(lines, path))
     store = data.get("store")

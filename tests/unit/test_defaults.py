@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from extproc.policy import conditions, parse_policy
+from extproc.policy.backends import FallbackSettings, Provider, StoreSettings
 from extproc.policy.config import (
     Admission,
     CacheSettings,
@@ -58,6 +59,9 @@ SECTIONS: list[tuple[tuple[str, ...], type, dict[str, str], set[str]]] = [
             "heads",
             "decisions",
             "cache",
+            "providers",
+            "fallback",
+            "store",
         },
     ),
     (("properties", "limits"), Policy, {}, set()),
@@ -74,6 +78,9 @@ SECTIONS: list[tuple[tuple[str, ...], type, dict[str, str], set[str]]] = [
     (("$defs", "replicas", "properties", "kv_events"), KvEvents, {}, set()),
     (("$defs", "decision"), Decision, {}, {"cache"}),
     (("properties", "cache"), CacheSettings, {}, set()),
+    (("properties", "fallback"), FallbackSettings, {}, set()),
+    (("properties", "store"), StoreSettings, {}, set()),
+    (("$defs", "provider"), Provider, {}, set()),
     (("$defs", "decision", "properties", "cache", "oneOf", 1), DecisionCache, {}, set()),
 ]
 
