@@ -410,7 +410,7 @@ def _max_score(settings: PickingSettings, deps: Deps) -> Picker:
     )
 
 
-@register("picker", "max_score", _max_score, settings=("fallbacks",))
+@register("picker", "max_score", _max_score, settings=("fallbacks", "peer_load"))
 @dataclass(slots=True)
 class Picker:
     """The replica with the highest weighted sum of scores among those every filter kept, then
