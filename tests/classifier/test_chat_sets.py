@@ -7,7 +7,7 @@ import json
 import re
 
 from extproc.classifier.train import chat_style
-from extproc.classifier.train.evaluate import CHAT_SETS
+from extproc.classifier.train.chat_style import CHAT_SETS
 
 
 def _prompts(name: str) -> list[str]:

@@ -23,8 +23,16 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 
 from extproc.classifier.labels import DOMAINS
+
+# The chat-style domain sets: the test set is final (nothing that trains or selects reads it),
+# the dev set is what training may read. Here, not in evaluate.py, so that checking them needs no torch.
+CHAT_SETS = {
+    "chat_test": Path(__file__).resolve().parents[3] / "bench" / "eval" / "chat_domains.jsonl",
+    "chat_dev": Path(__file__).resolve().parents[3] / "bench" / "eval" / "chat_domains_dev.jsonl",
+}
 
 TOPICS: dict[str, tuple[str, ...]] = {
     "biology": (

@@ -18,6 +18,7 @@ from extproc.classifier.labels import DOMAINS, PII_TYPES
 from extproc.classifier.pii import PiiSpan
 from extproc.classifier.text import encode, with_specials
 from extproc.classifier.train.chat_prompts import CHAT_PROMPTS
+from extproc.classifier.train.chat_style import CHAT_SETS
 from extproc.classifier.train.data import STRONG, WEAK, Question
 from extproc.classifier.train.encoder import Branch, build_trunk
 from extproc.classifier.train.metrics import auc, confusion, match_spans, micro, routing_curve
@@ -92,12 +93,6 @@ def evaluate_all(model_dir: Path, questions: list[Question], data: Path, threads
 
 # Chat-style domain sets (bench/eval): the final test, never tuned on, and the dev set that model
 # selection reads. How each was made: bench/eval/RESULTS.md, section 5.
-CHAT_SETS = {
-    "chat_test": Path(__file__).resolve().parents[3] / "bench" / "eval" / "chat_domains.jsonl",
-    "chat_dev": Path(__file__).resolve().parents[3] / "bench" / "eval" / "chat_domains_dev.jsonl",
-}
-
-
 def chat_accuracy(clf: Classifier, path: Path) -> dict:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     cs = classify_all(clf, [r["prompt"] for r in rows])
