@@ -107,18 +107,11 @@ class SidecarProcess:
         return self.process.pid
 
     def rss_mb(self) -> float:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
+        return process_rss_mb(self.pid)
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the sidecar so far."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        return process_cpu_seconds(self.pid)
 
     def stop(self) -> None:
         if self.process is None:
@@ -137,6 +130,22 @@ def envoy_process(sidecar: SidecarProcess, workdir: str, concurrency: int = 1) -
     """Envoy on the bootstrap that points at what the (started) sidecar publishes."""
     assert sidecar.envoy is not None
     return EnvoyProcess(render_bootstrap(sidecar.envoy), workdir, concurrency=concurrency)
+
+
+def process_rss_mb(pid: int) -> float:
+    """A process's resident memory now (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, all its threads (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_model() -> str:

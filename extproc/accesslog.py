@@ -3,7 +3,9 @@
 Each entry carries the request's dynamic metadata (the router's decision and replica lease, and
 the token usage Envoy read from the response), its status and timing, and how the upstream
 exchange went. The router ends the lease, counts the upstream status, accounts tokens and cost,
-and tells outlier detection how each replica it picked fared. Envoy never waits for this stream.
+and tells outlier detection how each replica it picked fared. Envoy also sends an entry for each
+of its own local replies, routed or not (the router unreachable, a codec refusal, an upstream
+timeout), which is counted by the code its client got. Envoy never waits for this stream.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from extproc import headers as h
 from extproc._pb.envoy.data.accesslog.v3 import accesslog_pb2
 from extproc._pb.envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from extproc.envoy.render.filters import ATTEMPT_LOG
+from extproc.envoy.render.local_replies import classify
 from extproc.replicas.health import Outcome
 from extproc.router import Router
 
@@ -40,6 +43,7 @@ def finished(router: Router, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
     metadata = common.metadata.filter_metadata
     decision = metadata.get(h.METADATA_NAMESPACE)
     if decision is None:
+        local_reply(router, entry)
         return
     fields = decision.fields
     lease = fields.get(h.KEY_LEASE)
@@ -51,6 +55,7 @@ def finished(router: Router, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
     code = entry.response.response_code.value if entry.response.HasField("response_code") else 0
     # The one count of upstream statuses; "none": the request ended with no response (reset, client gone).
     router.metrics.upstream.labels(model, f"{code // 100}xx" if code else "none").inc()
+    local_reply(router, entry)  # Envoy answered for the replica: a timeout, no connection
     tries = common.upstream_request_attempt_count
     answered = model  # the model whose backend answered: a fallback model's, after a chain moved on
     if h.KEY_CHAIN in fields:
@@ -147,6 +152,16 @@ def _chain_finished(
     if attempt.hosted:
         router.backends.observe(attempt.backend, cooldown.Outcome.SUCCESS)
     return attempt.model
+
+
+def local_reply(router: Router, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
+    """Count a reply of Envoy's own (not a replica's, not the router's), by the status and code
+    the client got: Envoy's access log sends every routed request and every local reply."""
+    response = entry.response
+    status = response.response_code.value if response.HasField("response_code") else 0
+    reply = classify(status, response.response_code_details)
+    if reply is not None:
+        router.metrics.count_local_reply(status, reply.code)
 
 
 def upstream_outcomes(entry: accesslog_pb2.HTTPAccessLogEntry, listed: list[str]) -> list[tuple[str, Outcome]]:

@@ -30,7 +30,7 @@ from extproc.replicas.scrape import LoadScraper
 from extproc.router import Router, RouterState
 from extproc.server import add_to_server as add_ext_proc_to_server
 from extproc.signals.classifier import ClassifierSignal
-from extproc.xds import Publisher
+from extproc.xds import EnvoyAdmin, Publisher
 
 log = logging.getLogger("extproc.app")
 
@@ -64,6 +64,10 @@ class Settings:
     envoy_settings: Path | None = None
     envoy_admin: str | None = None  # host:port of Envoy's admin, to confirm each update
     xds_timeout: float = 10.0  # how long Envoy may take to confirm one update
+    # On SIGTERM, keep serving while the pod's Envoy drains (its preStop hook: the chart's
+    # files/envoy-drain.sh), up to this many seconds, so requests in flight keep their ext_proc
+    # stream and their access-log entries; 0 stops at once.
+    wait_for_envoy: float = 0.0
 
 
 class Runtime:
@@ -462,6 +466,29 @@ async def _set_health(servicer: object, service: str, status: int) -> None:
         await result
 
 
+# How long after its own SIGTERM the sidecar looks for Envoy to begin draining: the kubelet signals
+# the sidecar and starts Envoy's preStop hook at the same moment, and the hook takes a moment to
+# reach Envoy's admin. An Envoy still LIVE after this is not being stopped: only this container is.
+DRAIN_START_SECONDS = 3.0
+
+
+async def wait_for_envoy(admin: EnvoyAdmin, bound: float, poll: float = 0.25) -> str:
+    """Wait while the pod's Envoy drains, until it has exited (its admin stops answering), it is
+    found not draining, or ``bound`` seconds pass. Returns why the wait ended: gone, live, bound."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while True:
+        state = await admin.state()
+        elapsed = loop.time() - start
+        if state is None:
+            return "gone"
+        if state == "LIVE" and elapsed >= min(DRAIN_START_SECONDS, bound):
+            return "live"
+        if elapsed >= bound:
+            return "bound"
+        await asyncio.sleep(poll)
+
+
 async def serve(settings: Settings) -> None:
     runtime = Runtime(settings)
     await runtime.start()
@@ -470,5 +497,13 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if settings.wait_for_envoy > 0 and settings.envoy_admin:
+        # Requests Envoy still holds need their ext_proc answer and their access-log entry (the
+        # replica lease, usage, outlier detection) until Envoy exits. Readiness fails meanwhile
+        # (liveness, the overall service, stays as it is).
+        await _set_health(runtime.health, SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("stopping once Envoy has drained (at most %gs)", settings.wait_for_envoy)
+        ended = await wait_for_envoy(EnvoyAdmin(settings.envoy_admin), settings.wait_for_envoy)
+        log.info("Envoy %s", {"gone": "has exited", "live": "is not draining", "bound": "is still draining"}[ended])
     log.info("shutting down")
     await runtime.stop()

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument("--admin-port", type=int, default=9901)
     envoy.add_argument("--readiness-port", type=int, help="a listener answering only GET /ready, for probes")
     envoy.add_argument(
+        "--stats-port", type=int, help="a listener answering only GET /stats/prometheus, for Prometheus"
+    )
+    envoy.add_argument(
         "--cluster-endpoint",
         action="append",
         default=[],
@@ -217,6 +220,14 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
         "EXTPROC_ENVOY_ADMIN",
         "host:port of Envoy's admin interface, to confirm each update and undo one Envoy rejects",
     )
+    option(
+        "--wait-for-envoy",
+        "EXTPROC_WAIT_FOR_ENVOY",
+        "on SIGTERM, keep serving while the pod's Envoy drains (found through --envoy-admin), up to this many "
+        "seconds; 0 stops at once",
+        "0",
+        type=float,
+    )
     option("--log-level", "EXTPROC_LOG_LEVEL", f"one of {', '.join(LOG_LEVELS)}", "info", type=_log_level)
 
 
@@ -270,6 +281,7 @@ def _serve(args: argparse.Namespace) -> int:
         envoy=EnvoyOptions(listen_address=listen_host, listen_port=listen_port),
         envoy_settings=args.envoy_settings,
         envoy_admin=args.envoy_admin,
+        wait_for_envoy=args.wait_for_envoy,
     )
     from extproc.listen import AddressInUse
     from extproc.policy import ConfigError
@@ -351,6 +363,7 @@ def envoy_options(args: argparse.Namespace) -> Any:
         listen_port=args.listen_port,
         admin_port=args.admin_port,
         readiness_port=args.readiness_port,
+        stats_port=args.stats_port,
         extproc_uds=args.uds,
     )
     if args.envoy_settings is not None:

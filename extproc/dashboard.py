@@ -9,6 +9,7 @@ from typing import Any
 
 from prometheus_client.metrics import MetricWrapperBase
 
+from extproc.envoy.names import LISTENER
 from extproc.metrics import Metrics, ScrapeGauge
 
 
@@ -51,6 +52,10 @@ def _stage_quantile(q: float) -> dict[str, str]:
         "{{stage}}",
     )
 
+
+# Envoy's own stats (its stats listener, the ServiceMonitor's envoy-stats endpoint) of the client
+# listener, whose HTTP connection manager is named LISTENER.
+ENVOY = f'{S}, envoy_http_conn_manager_prefix="{LISTENER}"'
 
 REQUESTS = f"rate({M.requests}{{{S}}}{RATE})"
 OK = f'rate({M.requests}{{{S}, status="ok"}}{RATE})'
@@ -629,6 +634,63 @@ ROWS: list[tuple[str, list[tuple[str, str, str, str, int, list[dict[str, str]]]]
                 "s",
                 8,
                 _quantiles(M.cache_lookup_seconds, "", "lookup"),
+            ),
+        ],
+    ),
+    (
+        "Envoy",
+        [
+            (
+                "Targets up",
+                "Pods whose sidecar (endpoint metrics) and Envoy (endpoint envoy-stats) answer Prometheus.",
+                "timeseries",
+                "short",
+                6,
+                [_q(f"sum by (endpoint) (up{{{S}}})", "{{endpoint}}")],
+            ),
+            (
+                "Router unavailable",
+                "Requests Envoy answered with 503 router_unavailable, from Envoy's own stats (counted while "
+                "the sidecar is down): its ext_proc stream failed (sidecar down or unreachable) or timed out "
+                "(sidecar slower than envoy.messageTimeout).",
+                "timeseries",
+                "reqps",
+                6,
+                [
+                    _q(f"sum(rate(envoy_http_ext_proc_streams_failed{{{ENVOY}}}{RATE}))", "stream failed"),
+                    _q(f"sum(rate(envoy_http_ext_proc_message_timeouts{{{ENVOY}}}{RATE}))", "timed out"),
+                ],
+            ),
+            (
+                "Envoy responses by class",
+                "Every response Envoy sent clients, by status class, whoever made it.",
+                "timeseries",
+                "reqps",
+                6,
+                [
+                    _q(
+                        f"sum by (envoy_response_code_class) (rate(envoy_http_downstream_rq_xx{{{ENVOY}}}{RATE}))",
+                        "{{envoy_response_code_class}}xx",
+                    )
+                ],
+            ),
+            (
+                "Requests in flight in Envoy",
+                "Requests Envoy holds open (long streams included); a draining pod stops once it reaches 0.",
+                "timeseries",
+                "short",
+                6,
+                [_q(f"sum(envoy_http_downstream_rq_active{{{ENVOY}}})", "in flight")],
+            ),
+            (
+                "Envoy's own replies",
+                "Replies Envoy made itself (not a model server's, not the router's), by the error code the "
+                "client got: router_unavailable, upstream_unavailable, upstream_timeout, codec and size "
+                "refusals. From the access log, so none while the sidecar is down (see Router unavailable).",
+                "timeseries",
+                "reqps",
+                24,
+                [_q(f"sum by (status, code) (rate({M.local_replies}{{{S}}}{RATE}))", "{{status}} {{code}}")],
             ),
         ],
     ),

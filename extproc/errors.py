@@ -79,12 +79,15 @@ class ServiceUnavailable(RouterError):
     status = 503
     type = "server_error"
     code = "no_available_replica"
+    # Replicas come back on their own timescale (a restart, discovery, an ejection's end).
+    retry_after = 5
 
 
 class PiiCheckUnavailable(RouterError):
     status = 503
     type = "server_error"
     code = "pii_check_unavailable"
+    retry_after = 1  # the encoder was busy for this request's deadline
 
 
 class RateLimited(RouterError):

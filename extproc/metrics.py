@@ -262,6 +262,15 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.local_replies = Counter(
+            "extproc_envoy_local_replies_total",
+            "Replies of Envoy's own, not a replica's or the router's (router_unavailable: the sidecar was "
+            "unreachable or slower than Envoy's message timeout; upstream_unavailable, upstream_timeout; "
+            "codec and size refusals), by the status and error code sent, from Envoy's access log. Those "
+            "sent while the sidecar is down never reach it: Envoy's own stats count them.",
+            ["status", "code"],
+            registry=r,
+        )
         self.stream_errors = Counter(
             "extproc_stream_errors_total", "ext_proc streams that ended in an error.", ["reason"], registry=r
         )
@@ -394,6 +403,8 @@ class Metrics:
 
     def count_kv_event(self, model: str, outcome: str) -> None:
         self.kv_events.labels(model, outcome).inc()
+    def count_local_reply(self, status: int, code: str) -> None:
+        self.local_replies.labels(str(status), code).inc()
 
     def count_pick(self, model: str, replica: str) -> None:
         self.replica_child(self.picks, model, replica).inc()  # type: ignore[attr-defined]

@@ -23,6 +23,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -139,11 +140,13 @@ def write_bootstrap(directory: Path, bootstrap: Mapping[str, Any]) -> Path:
 
 
 class EnvoyAdmin:
-    """The few admin stats that say whether Envoy took an update, over plain HTTP on loopback."""
+    """The few admin stats that say whether Envoy took an update, and Envoy's state, over plain
+    HTTP on loopback."""
 
     def __init__(self, address: str, timeout: float = 1.0) -> None:
         host, _, port = address.rpartition(":")
         self.timeout = timeout
+        self.ready_url = f"http://{host or '127.0.0.1'}:{int(port)}/ready"
         stats = ("version_text", "update_attempt", "update_rejected")
         names = [f"{prefix}{stat}" for prefix in _STATS.values() for stat in stats]
         pattern = "^(" + "|".join(n.replace(".", r"\.") for n in (*names, *_WARMING.values())) + ")$"
@@ -157,6 +160,21 @@ class EnvoyAdmin:
             return await asyncio.to_thread(self._get)
         except (OSError, ValueError):
             return None
+
+    async def state(self) -> str | None:
+        """Envoy's server state (LIVE, DRAINING, PRE_INITIALIZING, INITIALIZING), or None if its
+        admin does not answer (Envoy is gone)."""
+        try:
+            return await asyncio.to_thread(self._state)
+        except (OSError, ValueError):
+            return None
+
+    def _state(self) -> str:
+        try:
+            with urllib.request.urlopen(self.ready_url, timeout=self.timeout) as response:
+                return response.read().decode().strip()
+        except urllib.error.HTTPError as error:  # 503 for every state but LIVE, naming it
+            return error.read().decode().strip()
 
     def _get(self) -> dict[str, Any]:
         with urllib.request.urlopen(self.url, timeout=self.timeout) as response:

@@ -7,10 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 EXT_PROC_CLUSTER = "extproc"
-ADMIN_CLUSTER = "envoy_admin"  # the readiness listener's route to the admin interface on loopback
+ADMIN_CLUSTER = "envoy_admin"  # the readiness and stats listeners' route to the admin interface on loopback
 RESERVED_CLUSTERS = (EXT_PROC_CLUSTER, ADMIN_CLUSTER)  # static in the bootstrap: CDS cannot replace them
 LISTENER = "llm"  # the client listener's name, its HCM's stat prefix and its route configuration's name
 READINESS_LISTENER = "readiness"
+STATS_LISTENER = "stats"  # GET /stats/prometheus only, for Prometheus
 NODE = {"id": "extproc", "cluster": "extproc"}
 SOCKET = "/tmp/extproc/extproc.sock"  # where the sidecar serves ext_proc and Envoy finds it, by default
 

@@ -49,6 +49,9 @@ class EnvoyOptions:
     xds_dir: str = "/etc/envoy"
     # A listener that only answers GET /ready (proxied to the admin on loopback), for probes.
     readiness_port: int | None = None
+    # A listener that only answers GET /stats/prometheus (proxied likewise), for Prometheus: the
+    # stats that survive the sidecar (ext_proc stream failures, Envoy's own replies).
+    stats_port: int | None = None
     # Headers the policy may read in the one-round-trip mode (header conditions, session, debug).
     forward_headers: Sequence[str] = (h.PRIORITY, h.USER_ID, h.SESSION_ID, h.TENANT_ID, h.DEBUG)
     message_timeout: str = "1s"

@@ -6,6 +6,8 @@ container's image is replaced by its local equivalent: Envoy's binary for ``envo
 and for our image its Dockerfile ENTRYPOINT (``extproc serve``), or the ``extproc`` command the
 container names, from this virtualenv. Arguments are the rendered ones, with mount paths mapped
 to those directories. Init containers run to completion, in order, before any other starts.
+``terminate`` stops the pod as the kubelet does: each container's preStop hook, then its SIGTERM,
+then SIGKILL at the end of the grace period.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -102,12 +107,27 @@ class Pod:
         else:
             program, *rest = dockerfile_entrypoint()
             entrypoint = [str(Path(sys.executable).parent / program), *rest]
+        return [*entrypoint, *self._mapped(container, container.get("args", []))]
+
+    def _mapped(self, container: dict[str, Any], args: list[str]) -> list[str]:
         mounts = self.host_paths(container)
+        if not mounts:
+            return list(args)
         # One pass, longest mount path first, so a mapped path is never mapped again.
         alternatives = "|".join(re.escape(p) for p in sorted(mounts, key=len, reverse=True))
         pattern = re.compile(rf"(^|=)({alternatives})(?=/|$)")
-        args = [pattern.sub(lambda m: m.group(1) + str(mounts[m.group(2)]), a) for a in container.get("args", [])]
-        return [*entrypoint, *args]
+        return [pattern.sub(lambda m: m.group(1) + str(mounts[m.group(2)]), a) for a in args]
+
+    def hook_command(self, container: dict[str, Any], command: list[str]) -> list[str]:
+        """An exec hook's command as it runs here: the shell from PATH, mount paths mapped."""
+        program, *rest = command
+        if program in ("/bin/bash", "/bin/sh"):
+            found = shutil.which(Path(program).name)
+            assert found, f"{program} is not installed here"
+            program = found
+        elif program == "extproc":
+            program = str(Path(sys.executable).parent / program)
+        return [program, *self._mapped(container, rest)]
 
     def init(self) -> None:
         """Run the pod's init containers to completion, as the kubelet does before the others."""
@@ -164,6 +184,52 @@ class Pod:
             wait_for(ready, timeout=90, interval=0.1)
         except AssertionError as error:
             raise AssertionError(f"{container} not ready ({error}):\n{self.log(container)}") from None
+
+    # --- the kubelet's stop -----------------------------------------------------------------
+
+    def terminate(self, grace: float | None = None) -> dict[str, float]:
+        """Stop the pod as the kubelet does when it is deleted: for every container at once, its
+        preStop hook (run to completion), then SIGTERM to it, and SIGKILL to whatever still runs
+        when the grace period (the pod's terminationGracePeriodSeconds) is over. Returns the
+        seconds after the start at which each container's process had exited."""
+        grace = float(self.rendered.pod["terminationGracePeriodSeconds"] if grace is None else grace)
+        start = time.monotonic()
+        deadline = start + grace
+        exited: dict[str, float] = {}
+
+        def stop_one(name: str) -> None:
+            container = self.rendered.container(name)
+            process = self.processes[name]
+            hook = container.get("lifecycle", {}).get("preStop", {}).get("exec")
+            if hook is not None:
+                with open(self.workdir / f"{name}-prestop.log", "wb") as log:
+                    runner = subprocess.Popen(
+                        self.hook_command(container, hook["command"]), stdout=log, stderr=subprocess.STDOUT
+                    )
+                    try:
+                        runner.wait(max(0.0, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        runner.kill()
+                        runner.wait(5)
+            process.terminate()
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+            exited[name] = time.monotonic() - start
+
+        running = [c["name"] for c in self.rendered.pod["containers"] if c["name"] in self.processes]
+        threads = [threading.Thread(target=stop_one, args=(name,)) for name in running]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(grace + 30)
+        return exited
+
+    def hook_log(self, name: str) -> str:
+        path = self.workdir / f"{name}-prestop.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self) -> None:
         for process in self.processes.values():

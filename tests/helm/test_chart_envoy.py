@@ -87,6 +87,7 @@ def python_options(values: dict[str, Any]) -> EnvoyOptions:
         admin_address="127.0.0.1",
         admin_port=envoy["adminPort"],
         readiness_port=envoy["readinessPort"],
+        stats_port=envoy["statsPort"],
         extproc_uds=sidecar["socketDir"].rstrip("/") + "/extproc.sock",
         extproc_address=("127.0.0.1", sidecar["tcpPort"]) if tcp else None,
         forward_headers=tuple(envoy["forwardHeaders"]),

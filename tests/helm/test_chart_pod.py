@@ -66,10 +66,15 @@ class ChartPod:
             connection.close()
 
     def readiness(self, method: str, path: str) -> int:
-        connection = http.client.HTTPConnection("127.0.0.1", self.pod.port("envoy", "envoy-ready"), timeout=10)
+        return self.envoy_port("envoy-ready", method, path)[0]
+
+    def envoy_port(self, port: str, method: str, path: str) -> tuple[int, dict[str, str], str]:
+        """(status, headers, body) of a request to one of Envoy's named container ports."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.pod.port("envoy", port), timeout=10)
         try:
             connection.request(method, path)
-            return connection.getresponse().status
+            answer = connection.getresponse()
+            return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read().decode()
         finally:
             connection.close()
 
@@ -91,6 +96,7 @@ def chart_pod(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
             "envoy": {
                 "port": free_port(),
                 "readinessPort": free_port(),
+                "statsPort": free_port(),
                 "adminPort": free_port(),
                 "concurrency": 1,
                 "clusterEndpoints": {"direct": [fleet["d1"].address]},
@@ -151,6 +157,33 @@ def test_readiness_port_answers_ready_and_exposes_nothing_else_of_the_admin(char
     assert chart_pod.readiness("POST", "/quitquitquit") == 404
     assert chart_pod.readiness("GET", "/ready") == 200  # still running
     assert chart_pod.pod.processes["envoy"].poll() is None
+
+
+def test_stats_port_serves_envoys_prometheus_stats_and_nothing_else_of_the_admin(chart_pod: ChartPod) -> None:
+    assert chart_pod.post(chat("hello, counted")).status == 200
+    status, headers, text = chart_pod.envoy_port("envoy-stats", "GET", "/stats/prometheus")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    assert "# TYPE envoy_http_ext_proc_streams_failed counter" in text
+    for line in ("envoy_http_ext_proc_streams_started", "envoy_http_downstream_rq_total"):
+        (value,) = [x for x in text.splitlines() if x.startswith(line + '{envoy_http_conn_manager_prefix="llm"}')]
+        assert float(value.split()[-1]) >= 1, value
+    assert chart_pod.envoy_port("envoy-stats", "GET", "/stats/prometheus?usedonly")[0] == 200
+    refused = [
+        ("POST", "/quitquitquit"),
+        ("POST", "/healthcheck/fail"),
+        ("POST", "/drain_listeners"),
+        ("POST", "/logging?level=trace"),
+        ("POST", "/runtime_modify?x=1"),
+        ("POST", "/stats/prometheus"),
+        ("GET", "/config_dump"),
+        ("GET", "/stats"),
+        ("GET", "/stats/prometheus/../../quitquitquit"),
+        ("GET", "/ready"),
+    ]
+    for method, path in refused:
+        assert chart_pod.envoy_port("envoy-stats", method, path)[0] == 404, (method, path)
+    assert chart_pod.readiness("GET", "/ready") == 200  # nothing above drained or stopped Envoy
+    assert chart_pod.post(chat("still routing")).status == 200
 
 
 def test_usage_read_by_the_rendered_envoy_reaches_the_cost_metrics(chart_pod: ChartPod) -> None:

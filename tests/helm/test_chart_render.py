@@ -169,16 +169,29 @@ def test_servicemonitor_scrapes_the_metrics_port_of_this_release_only() -> None:
     service = rendered.one("Service")
     assert monitor["metadata"]["labels"]["release"] == "kps"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
-    assert "metrics" in {p["name"] for p in service["spec"]["ports"]}
+    endpoints = {e["port"]: e["path"] for e in monitor["spec"]["endpoints"]}
+    assert endpoints == {"metrics": "/metrics", "envoy-stats": "/stats/prometheus"}
+    targets = {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}
+    assert targets["metrics"] == "metrics" and targets["envoy-stats"] == "envoy-stats"
     metrics_port = next(p for p in rendered.container("extproc")["ports"] if p["name"] == "metrics")
     assert f"--metrics-port={metrics_port['containerPort']}" in rendered.container("extproc")["args"]
+    # Envoy's stats listener is where the port points, and it serves Prometheus's path only.
+    stats_port = next(p for p in rendered.container("envoy")["ports"] if p["name"] == "envoy-stats")
+    assert f"--stats-port={stats_port['containerPort']}" in rendered.container("envoy-config")["args"]
+    (stats,) = [x for x in rendered.envoy_config["static_resources"]["listeners"] if x["name"] == "stats"]
+    assert stats["address"]["socket_address"]["port_value"] == stats_port["containerPort"]
+    routes = stats["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    assert [r["match"].get("path") for r in routes if "route" in r] == ["/stats/prometheus"]
 
 
 def test_prometheus_rules_select_this_release_and_name_the_expensive_model() -> None:
     rendered = render(merge(MONITORING_ON, {"monitoring": {"expensiveModel": "small"}}), api_versions=[MONITORING_API])
     rules = {r["alert"]: r for g in rendered.rules()["groups"] for r in g["rules"]}
     assert set(rules) == {
+        "ExtprocSidecarDown",
+        "ExtprocEnvoyDown",
+        "ExtprocRouterUnavailable",
+        "ExtprocEnvoyServerErrors",
         "ExtprocRouterErrorRate",
         "ExtprocDecisionLatencyHigh",
         "ExtprocConfigReloadFailed",
@@ -303,6 +316,7 @@ ENVOY_ROLLS = {
     "listenAddress",
     "port",
     "readinessPort",
+    "statsPort",
     "adminPort",
     "concurrency",
     "logLevel",
@@ -321,7 +335,8 @@ ENVOY_CHANGES: dict[str, Any] = {
     "listenAddress": "127.0.0.1",
     "port": 8000,
     "readinessPort": 8001,
-    "adminPort": 9902,
+    "statsPort": 8002,
+    "adminPort": 9905,
     "concurrency": 4,
     "logLevel": "debug",
     "quietLoggers": ["ext_proc"],
@@ -501,8 +516,9 @@ def test_topology_spread_and_pdb_select_this_releases_pods() -> None:
             "autoscaling.minReplicas (5) is above autoscaling.maxReplicas (2)",
         ),
         (
-            {"terminationGracePeriodSeconds": 5},
-            "terminationGracePeriodSeconds (5) must be above preStopSleepSeconds (5)",
+            {"terminationGracePeriodSeconds": 300},
+            "terminationGracePeriodSeconds (300) must be above preStopSleepSeconds + drainTimeoutSeconds (605), or "
+            "the kubelet kills the pod while requests still drain; lower drainTimeoutSeconds instead",
         ),
         (
             {"podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": "25%"}},
@@ -537,6 +553,50 @@ def test_the_readme_alert_table_lists_exactly_the_alerts_the_chart_ships() -> No
     table = readme[readme.index("| alert | fires when |") :].split("\n\n")[0]
     documented = set(re.findall(r"^\| `(\w+)` \|", table, re.M))
     assert documented == shipped, {"undocumented": shipped - documented, "not shipped": documented - shipped}
+
+
+def _github_anchor(heading: str) -> str:
+    """The id GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_alert_links_its_runbook_section_in_the_chart_readme() -> None:
+    rendered = render(MONITORING_ON, api_versions=[MONITORING_API])
+    base = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["monitoring"]["prometheusRule"]["runbookUrl"]
+    readme = (CHART_DIR / "README.md").read_text()
+    runbooks = readme[readme.index("### Runbooks") :]
+    anchors = {_github_anchor(h) for h in re.findall(r"^#### (.+)$", runbooks, re.M)}
+    for group in rendered.rules()["groups"]:
+        for rule in group["rules"]:
+            url = rule["annotations"]["runbook_url"]
+            assert url == f"{base}#{rule['alert'].lower()}", url
+            assert rule["alert"].lower() in anchors, f"no runbook section for {rule['alert']} in the chart README"
+
+
+# --- stopping a pod -------------------------------------------------------------------------------
+
+
+def test_the_grace_period_follows_the_drain_bound() -> None:
+    default = render({})
+    assert default.pod["terminationGracePeriodSeconds"] == 5 + 600 + 25
+    assert "--wait-for-envoy=615" in default.container("extproc")["args"]
+    quick = render({"preStopSleepSeconds": 2, "drainTimeoutSeconds": 60})
+    assert quick.pod["terminationGracePeriodSeconds"] == 2 + 60 + 25
+    assert "--wait-for-envoy=72" in quick.container("extproc")["args"]
+    assert render({"terminationGracePeriodSeconds": 900}).pod["terminationGracePeriodSeconds"] == 900
+
+
+def test_envoys_prestop_hook_runs_the_drain_script_with_the_values() -> None:
+    rendered = render({"envoy": {"adminPort": 9911}, "preStopSleepSeconds": 3, "drainTimeoutSeconds": 120})
+    command = rendered.container("envoy")["lifecycle"]["preStop"]["exec"]["command"]
+    script = (CHART_DIR / "files" / "envoy-drain.sh").read_text()
+    assert command == ["/bin/bash", "-c", script, "envoy-drain", "9911", "3", "120"]
+    # The stat it waits on is the client listener's, whatever names.py calls it.
+    from extproc.envoy.names import LISTENER
+
+    assert f'"http.{LISTENER}.downstream_rq_active:"' in script
+    # The sidecar has no hook: it serves until Envoy has exited (serve --wait-for-envoy).
+    assert "lifecycle" not in rendered.container("extproc")
 
 
 # --- extending the chart without forking it ------------------------------------------------------
@@ -611,7 +671,8 @@ def test_network_policy_allows_exactly_the_pods_traffic() -> None:
     (clients, metrics) = policy["ingress"]
     assert clients["ports"] == [{"port": "http", "protocol": "TCP"}] and ports["http"] == 8080
     assert clients["from"] == OPEN_CHART["networkPolicy"]["clients"]
-    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}] and ports["metrics"] == 9090
+    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}, {"port": "envoy-stats", "protocol": "TCP"}]
+    assert ports["metrics"] == 9090 and ports["envoy-stats"] == 9902
     assert metrics["from"] == OPEN_CHART["networkPolicy"]["metrics"]
     # Out: DNS, the API server, and every replica source of the policy on its port.
     egress = _egress(rendered)

@@ -30,6 +30,10 @@ needs_prometheus = pytest.mark.skipif(
 
 # The labels a ServiceMonitor gives the sidecar's series: job is the Service's name.
 TARGET_LABELS = {"namespace": NAMESPACE, "job": FULLNAME}
+# ... and those that tell its two endpoints of one pod apart: the Service port a target is.
+POD = "router-0"
+SIDECAR_ENDPOINT = "metrics"
+ENVOY_ENDPOINT = "envoy-stats"
 
 
 def chart_monitoring(alerts: dict[str, Any] | None = None) -> Rendered:
@@ -99,22 +103,44 @@ def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
 
 
 class Prometheus:
-    """Prometheus on a loopback port with its own config and storage, stopped on exit."""
+    """Prometheus on a loopback port with its own config and storage, stopped on exit. It scrapes
+    the sidecar's /metrics and, given its port, Envoy's stats listener, labelled as the chart's
+    ServiceMonitor labels them (one job, the endpoint telling them apart)."""
 
-    def __init__(self, workdir: Path, scrape_port: int, rule_file: Path | None = None) -> None:
+    def __init__(
+        self, workdir: Path, scrape_port: int, rule_file: Path | None = None, envoy_stats_port: int | None = None
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
+        labels = {"namespace": TARGET_LABELS["namespace"], "pod": POD}
+        scrape_configs = [
+            {
+                "job_name": TARGET_LABELS["job"],
+                "static_configs": [
+                    {"targets": [f"127.0.0.1:{scrape_port}"], "labels": {**labels, "endpoint": SIDECAR_ENDPOINT}}
+                ],
+            }
+        ]
+        if envoy_stats_port is not None:
+            scrape_configs.append(
+                {
+                    # Prometheus needs a job name per scrape config; the label is set back to the
+                    # Service's name, as a ServiceMonitor's two endpoints share it.
+                    "job_name": f"{TARGET_LABELS['job']}-envoy",
+                    "metrics_path": "/stats/prometheus",
+                    "static_configs": [
+                        {
+                            "targets": [f"127.0.0.1:{envoy_stats_port}"],
+                            "labels": {**labels, "endpoint": ENVOY_ENDPOINT},
+                        }
+                    ],
+                    "relabel_configs": [{"target_label": "job", "replacement": TARGET_LABELS["job"]}],
+                }
+            )
         config = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(rule_file)] if rule_file else [],
-            "scrape_configs": [
-                {
-                    "job_name": TARGET_LABELS["job"],
-                    "static_configs": [
-                        {"targets": [f"127.0.0.1:{scrape_port}"], "labels": {"namespace": TARGET_LABELS["namespace"]}}
-                    ],
-                }
-            ],
+            "scrape_configs": scrape_configs,
         }
         self.config_path = workdir / "prometheus.yml"
         self.config_path.write_text(yaml.safe_dump(config))
@@ -163,10 +189,23 @@ class Prometheus:
         return self.api("query", query=expr)
 
     def last_scrape(self) -> float:
-        """Time of the latest scrape of the sidecar (0 before the first)."""
+        """Time by which every target was last scraped (0 before the first scrape of each)."""
         result = self.query(f'timestamp(up{{job="{TARGET_LABELS["job"]}"}})')
         samples = result.get("data", {}).get("result", [])
-        return float(samples[0]["value"][1]) if samples else 0.0
+        expected = len(self.config_targets())
+        return min(float(s["value"][1]) for s in samples) if len(samples) == expected else 0.0
+
+    def config_targets(self) -> list[str]:
+        config = yaml.safe_load(self.config_path.read_text())
+        return [t for c in config["scrape_configs"] for s in c["static_configs"] for t in s["targets"]]
+
+    def firing(self) -> dict[str, list[dict[str, str]]]:
+        """Alerts firing now: name -> the label sets it fires with."""
+        out: dict[str, list[dict[str, str]]] = {}
+        for alert in self.api("alerts")["data"]["alerts"]:
+            if alert["state"] == "firing":
+                out.setdefault(alert["labels"]["alertname"], []).append(alert["labels"])
+        return out
 
     def stop(self) -> None:
         if self.process is not None:

@@ -59,6 +59,45 @@ def latency_buckets(le_seconds: float, per_minute: float) -> list[dict[str, str]
     return out
 
 
+# What the ServiceMonitor's two endpoints add: the pod, and the Service port a series came from.
+SIDECAR = {"pod": "router-0", "endpoint": "metrics"}
+ENVOY = {"pod": "router-0", "endpoint": "envoy-stats"}
+LLM = {**ENVOY, "envoy_http_conn_manager_prefix": "llm"}
+
+
+def up(target: dict[str, str], values: list[float | None]) -> dict[str, str]:
+    return series("up", values, **target)
+
+
+def envoy_traffic(per_minute: float, failed: float = 0, timeouts: float = 0, server_errors: float = 0):
+    """Envoy's own stats for the client listener: requests, ext_proc streams that failed or timed
+    out (each answered 503 router_unavailable), and 5xx responses of any origin."""
+    return [
+        series("envoy_http_downstream_rq_total", counter(per_minute), **LLM),
+        series("envoy_http_ext_proc_streams_failed", counter(failed), **LLM),
+        series("envoy_http_ext_proc_message_timeouts", counter(timeouts), **LLM),
+        series("envoy_http_downstream_rq_xx", counter(server_errors), envoy_response_code_class="5", **LLM),
+        series(
+            "envoy_http_downstream_rq_xx", counter(per_minute - server_errors), envoy_response_code_class="2", **LLM
+        ),
+    ]
+
+
+def sidecar_down_for(minutes: int, start: int = 5, per_minute: float = 60) -> list[dict[str, str]]:
+    """The sidecar dies at `start` and stays down for `minutes`: its target is down, and Envoy,
+    still scraped, fails every request it gets with router_unavailable (streams_failed)."""
+    down = [1.0] * start + [0.0] * minutes + [1.0] * 60
+    failed = [0.0] * start + [per_minute] * minutes + [0.0] * 60
+    return [
+        up(SIDECAR, down),
+        up(ENVOY, [1.0] * len(down)),
+        series("envoy_http_downstream_rq_total", counter(per_minute, minutes=len(down)), **LLM),
+        series("envoy_http_ext_proc_streams_failed", counter(failed), **LLM),
+        series("envoy_http_ext_proc_message_timeouts", counter(0, minutes=len(down)), **LLM),
+        series("envoy_http_downstream_rq_xx", counter(failed), envoy_response_code_class="5", **LLM),
+    ]
+
+
 def shifted_share(before: float, after: float, shift_at: int, total: float = 60) -> list[dict[str, str]]:
     """Requests per minute to large (the expensive model) and small; large's share moves at shift_at."""
     large = [total * (before if m < shift_at else after) for m in range(MINUTES)]
@@ -68,6 +107,44 @@ def shifted_share(before: float, after: float, shift_at: int, total: float = 60)
 
 # alert -> [(case, input series, evaluation minute, expected alert labels or None for quiet)]
 CASES: dict[str, list[tuple[str, list[dict[str, str]], int, dict[str, str] | None]]] = {
+    "ExtprocSidecarDown": [
+        ("the sidecar down for 20 minutes", sidecar_down_for(20), 20, {"severity": "critical", "pod": "router-0"}),
+        ("down for a minute (a restart)", sidecar_down_for(1), 20, None),
+        (
+            "no sidecar of the release scraped at all",
+            [up(ENVOY, [1.0] * 60)],
+            10,
+            {"severity": "critical", "endpoint": "metrics"},
+        ),
+        ("up", [up(SIDECAR, [1.0] * 60), up(ENVOY, [1.0] * 60)], 20, None),
+    ],
+    "ExtprocEnvoyDown": [
+        (
+            "Envoy's stats target down",
+            [up(SIDECAR, [1.0] * 60), up(ENVOY, [1.0] * 5 + [0.0] * 60)],
+            15,
+            {"severity": "critical", "pod": "router-0"},
+        ),
+        (
+            "no Envoy of the release scraped",
+            [up(SIDECAR, [1.0] * 60)],
+            10,
+            {"severity": "critical", "endpoint": "envoy-stats"},
+        ),
+        ("up", [up(SIDECAR, [1.0] * 60), up(ENVOY, [1.0] * 60)], 20, None),
+    ],
+    "ExtprocRouterUnavailable": [
+        ("the sidecar down for 20 minutes", sidecar_down_for(20), 20, {"severity": "critical"}),
+        ("streams failing for 5% of the requests", envoy_traffic(100, failed=5), 20, {"severity": "critical"}),
+        ("the sidecar slower than the message timeout", envoy_traffic(100, timeouts=3), 20, {"severity": "critical"}),
+        ("a rare timeout", envoy_traffic(1000, timeouts=1), 20, None),
+        ("healthy", envoy_traffic(100), 20, None),
+    ],
+    "ExtprocEnvoyServerErrors": [
+        ("the sidecar down for 20 minutes", sidecar_down_for(20), 20, {"severity": "warning"}),
+        ("a tenth of the answers are 5xx", envoy_traffic(100, server_errors=10), 20, {"severity": "warning"}),
+        ("1% 5xx", envoy_traffic(100, server_errors=1), 20, None),
+    ],
     "ExtprocRouterErrorRate": [
         ("10% 503s", [requests("small", "ok", 90), requests("none", "503", 10)], 20, {"severity": "critical"}),
         ("1% 503s", [requests("small", "ok", 99), requests("none", "503", 1)], 20, None),

@@ -1,13 +1,15 @@
 """Every dashboard query and alert expression of the chart, run through a real Prometheus that
-scrapes a sidecar serving traffic through a real Envoy (tests/harness.py).
+scrapes a sidecar serving traffic through a real Envoy (tests/harness.py), and that Envoy's own
+stats listener, as the chart's ServiceMonitor does.
 
 The traffic is chosen to give every panel and alert data: routed requests of several models
 with usage (cost, savings, tokens), long prompts (prefix blocks), a model whose replica answers
 500 (upstream errors), a model with no ready replica (503s, no-ready-replica picks), an unknown
-model (404), a PII prompt and a science prompt (classifier signals), a rejected config reload,
-a request held in flight while Prometheus scrapes, a model whose replicas publish KV events (one
-publisher unreachable, two batches lost and replayed), a conversation kept on its model and then
-switched, and a full model (one request queued, one refused with 429). What may legitimately stay empty is
+model (404), a path Envoy refuses itself (a local reply), a PII prompt and a science prompt
+(classifier signals), a rejected config reload, a request held in flight while Prometheus
+scrapes, a model whose replicas publish KV events (one publisher unreachable, two batches lost
+and replayed), a conversation kept on its model and then switched, and a full model (one request
+queued, one refused with 429). What may legitimately stay empty is
 listed below with the reason.
 """
 
@@ -23,9 +25,10 @@ from typing import Any
 
 import pytest
 
+from extproc.envoy.names import STATS_LISTENER
 from extproc.replicas.pool import Discovery
 from extproc.standin import KvCache, StandIn
-from tests.harness import Stack, chat, wait_for
+from tests.harness import Stack, chat, free_port, wait_for
 from tests.kv.common import TEMPLATE, TOKENIZER
 from tests.kv.common import tokenizer as kv_tokenizer
 from tests.observability.prom import (
@@ -106,6 +109,7 @@ LIVE_ALERTS: dict[str, dict[str, Any]] = {
     "signalFailures": {"threshold": 0.01, "for": "0s"},
     "kvEventsApproximate": {"for": "0s"},
     "admissionRejecting": {"threshold": 0.01, "for": "0s"},
+    "envoyServerErrors": {"threshold": 0.01, "for": "0s"},
 }
 
 # Queries that may return nothing here, and why.
@@ -136,6 +140,7 @@ EXPECTED_FIRING: dict[str, list[dict[str, str]]] = {
     "ExtprocUpstreamErrorRate": [{"model": "flaky"}],
     "ExtprocKvEventsApproximate": [{"model": "unheard"}],  # c2's publisher does not exist
     "ExtprocAdmissionRejecting": [{}],
+    "ExtprocEnvoyServerErrors": [{}],  # from Envoy's stats: the flaky model's 500s and the 503s
 }
 LONG = "Please review the following paragraph about our quarterly planning and the roadmap. " * 5
 
@@ -144,6 +149,7 @@ class Observed:
     def __init__(self, stack: Stack, prometheus: Prometheus, rendered) -> None:
         self.stack, self.prometheus, self.rendered = stack, prometheus, rendered
         self.exposition = stack.metrics_text()
+        self.envoy_exposition = envoy_stats(stack)
         # The encoder is loaded unless the sidecar counted a failure to load it (no model shipped).
         self.classifier = 'extproc_signal_failures_total{reason="load",signal="classifier"}' not in self.exposition
 
@@ -151,6 +157,16 @@ class Observed:
         result = self.prometheus.query(expr)
         assert result.get("status") == "success", f"{expr}\n-> {result.get('errorType')}: {result.get('error')}"
         return result
+
+
+def envoy_stats(stack: Stack) -> str:
+    """What Envoy's stats listener serves Prometheus."""
+    import urllib.request
+
+    (listener,) = [x for x in stack.envoy.config["static_resources"]["listeners"] if x["name"] == STATS_LISTENER]
+    port = listener["address"]["socket_address"]["port_value"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats/prometheus", timeout=5) as response:
+        return response.read().decode()
 
 
 def traffic(stack: Stack, round_: int) -> None:
@@ -163,6 +179,7 @@ def traffic(stack: Stack, round_: int) -> None:
     assert stack.post(chat("a flaky one")).status == 500
     assert stack.post(chat("pooled please")).status == 503
     assert stack.post(chat("hi", model="gpt-9")).status == 404
+    assert stack.post(chat("hi"), path="/v1/chat%2Fcompletions").status == 400  # Envoy's own reply
     pii = "hi, my card 4111 1111 1111 1111 was charged twice, ssn 460-89-9847"
     assert stack.post(chat(pii)).status == 200
     science = "Derive the period of a pendulum from Newton's second law and solve the differential equation."
@@ -248,6 +265,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
     }
     with FakeApiServer() as api:
         discovery = Discovery(api_client=api.api_client(), sync_timeout=10)
+        stats_port = free_port()
         stack = Stack(
             workdir,
             POLICY,
@@ -255,9 +273,11 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
             sidecar_settings={"reload": True, "reload_debounce": 0.1},
             discovery=discovery,
             substitutions=substitutions,
+            envoy_options={"stats_port": stats_port},
         )
         with stack:
-            prometheus = Prometheus(workdir, stack.metrics_port, write_rules(rendered, workdir / "rules.yaml"))
+            rules = write_rules(rendered, workdir / "rules.yaml")
+            prometheus = Prometheus(workdir, stack.metrics_port, rules, envoy_stats_port=stats_port)
             try:
                 prometheus.start()
                 scraped_after(prometheus, 0)
@@ -349,3 +369,7 @@ def test_the_exposition_has_every_metric_the_chart_queries(observed: Observed) -
     queried = {re.sub(r"_(bucket|sum|count)$", "", m) for t in texts for m in re.findall(r"\b(extproc_\w+)", t)}
     exported = set(re.findall(r"^# TYPE (\w+)", observed.exposition, re.M))
     assert queried <= exported, queried - exported
+    # Likewise Envoy's names, against what its stats listener serves.
+    envoy = {m for t in texts for m in re.findall(r"\b(envoy_\w+)\{", t)}  # metric names, not labels
+    envoy_exported = set(re.findall(r"^# TYPE (\w+)", observed.envoy_exposition, re.M))
+    assert envoy and envoy <= envoy_exported, envoy - envoy_exported

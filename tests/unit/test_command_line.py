@@ -35,7 +35,7 @@ def serve_options() -> list[str]:
 def test_every_serve_option_names_its_environment_variable() -> None:
     help_text = " ".join(serve_help().split())
     options = serve_options()
-    assert len(options) == 17
+    assert len(options) == 18
     for option in options:
         described = re.search(rf"{option}\b.*?\((?:[^()]*; )?env (\w+)", help_text)
         assert described, f"{option} names no environment variable"
@@ -61,6 +61,7 @@ def test_every_serve_option_names_its_environment_variable() -> None:
         ("EXTPROC_ENVOY_SETTINGS", "/etc/extproc/envoy.yaml", "envoy_settings", Path("/etc/extproc/envoy.yaml")),
         ("EXTPROC_ENVOY_LISTEN", "0.0.0.0:8000", "envoy_listen", "0.0.0.0:8000"),
         ("EXTPROC_ENVOY_ADMIN", "127.0.0.1:9901", "envoy_admin", "127.0.0.1:9901"),
+        ("EXTPROC_WAIT_FOR_ENVOY", "615", "wait_for_envoy", 615.0),
     ],
 )
 def test_each_serve_option_reads_the_variable_its_help_names(

@@ -1,5 +1,5 @@
 """Envoy's bootstrap: what Envoy runs for the pod's whole life (the admin interface, the sidecar's
-cluster, the readiness listener) and its subscriptions to the files the sidecar publishes; and
+cluster, the readiness and stats listeners) and its subscriptions to the files the sidecar publishes; and
 the same static parts with a policy's resources inlined, as one static configuration for
 review (`extproc envoy-config`), for ``envoy --mode validate``, or for an Envoy without the
 sidecar's control plane."""
@@ -9,7 +9,14 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from extproc.envoy.names import ADMIN_CLUSTER, EXT_PROC_CLUSTER, NODE, READINESS_LISTENER, config_source
+from extproc.envoy.names import (
+    ADMIN_CLUSTER,
+    EXT_PROC_CLUSTER,
+    NODE,
+    READINESS_LISTENER,
+    STATS_LISTENER,
+    config_source,
+)
 from extproc.envoy.options import EnvoyOptions
 from extproc.envoy.render.listener import admin_proxy
 from extproc.envoy.render.resources import Resources, render_resources
@@ -84,7 +91,7 @@ _OVERLOAD_MANAGER = {
 
 def _static_clusters(o: EnvoyOptions) -> list[dict[str, Any]]:
     clusters = [_extproc_cluster(o)]
-    if o.readiness_port is not None:
+    if o.readiness_port is not None or o.stats_port is not None:
         clusters.append(
             {
                 "name": ADMIN_CLUSTER,
@@ -112,11 +119,19 @@ def _static_clusters(o: EnvoyOptions) -> list[dict[str, Any]]:
 
 
 def _static_listeners(o: EnvoyOptions) -> list[dict[str, Any]]:
-    """Listeners of the bootstrap, each serving a few admin paths on its own port (the admin
-    itself stays on loopback: it can stop Envoy). Today the readiness probe's GET /ready."""
-    if o.readiness_port is None:
-        return []
-    return [admin_proxy(READINESS_LISTENER, o.listen_address, o.readiness_port, ("/ready",))]
+    """Listeners of the bootstrap, each serving one admin path on its own port (the admin itself
+    stays on loopback: it can stop Envoy, drain it or change its state): the readiness probe's
+    GET /ready, and Prometheus's GET /stats/prometheus. Neither is drained when the pod stops
+    (only the client listener is inbound), so the probe sees 503 and Prometheus keeps scraping."""
+    listeners = []
+    if o.readiness_port is not None:
+        listeners.append(admin_proxy(READINESS_LISTENER, o.listen_address, o.readiness_port, ("/ready",)))
+    if o.stats_port is not None:
+        # A scrape of every stat can take longer than a probe's answer.
+        listeners.append(
+            admin_proxy(STATS_LISTENER, o.listen_address, o.stats_port, ("/stats/prometheus",), timeout="10s")
+        )
+    return listeners
 
 
 def _extproc_cluster(o: EnvoyOptions) -> dict[str, Any]:

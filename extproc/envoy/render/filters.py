@@ -166,20 +166,34 @@ def _usage_filters() -> list[dict[str, Any]]:
 
 def access_log(o: EnvoyOptions) -> list[dict[str, Any]]:
     """One entry per finished routed request, batched to the sidecar over gRPC: it ends the
-    replica lease (on every ending, resets included) and carries status and token usage."""
+    replica lease (on every ending, resets included) and carries status and token usage. Also
+    one per local reply of Envoy's own for a request the router never decided on (the router
+    unreachable or too slow, a codec refusal), which the sidecar counts by the code sent."""
+    routed = {
+        "metadata_filter": {
+            "matcher": {
+                "filter": h.METADATA_NAMESPACE,
+                "path": [{"key": h.KEY_MODEL}],
+                "value": {"present_match": True},
+            },
+            "match_if_key_not_found": False,
+        }
+    }
+    details = "response.code_details"
+    local_reply = {
+        "extension_filter": {
+            "name": "cel",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                "expression": f"response.code >= 100 && {details} != 'via_upstream' && "
+                f"{details} != 'direct_response' && !{details}.startsWith('extproc_')",
+            },
+        }
+    }
     return [
         {
             "name": "envoy.access_loggers.http_grpc",
-            "filter": {
-                "metadata_filter": {
-                    "matcher": {
-                        "filter": h.METADATA_NAMESPACE,
-                        "path": [{"key": h.KEY_MODEL}],
-                        "value": {"present_match": True},
-                    },
-                    "match_if_key_not_found": False,
-                }
-            },
+            "filter": {"or_filter": {"filters": [routed, local_reply]}},
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
                 "common_config": {

@@ -74,6 +74,9 @@ def client_listener(policy: Policy, o: EnvoyOptions) -> dict[str, Any]:
     return {
         "name": LISTENER,
         "address": {"socket_address": {"address": o.listen_address, "port_value": o.listen_port}},
+        # The one inbound listener: a pod's stop drains it alone (drain_listeners?inboundonly),
+        # while readiness and stats keep answering (the chart's files/envoy-drain.sh).
+        "traffic_direction": "INBOUND",
         "per_connection_buffer_limit_bytes": o.max_request_bytes,
         "filter_chains": [
             {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
@@ -81,15 +84,16 @@ def client_listener(policy: Policy, o: EnvoyOptions) -> dict[str, Any]:
     }
 
 
-def admin_proxy(name: str, address: str, port: int, paths: Sequence[str]) -> dict[str, Any]:
-    """A listener whose only routes are GET on ``paths``, proxied to the admin interface: the
-    kubelet sees Envoy's own state (503 until initialized and while draining) while
-    /quitquitquit, /runtime_modify and the rest stay unreachable. Every other path is a 404."""
+def admin_proxy(name: str, address: str, port: int, paths: Sequence[str], timeout: str = "2s") -> dict[str, Any]:
+    """A listener whose only routes are GET on ``paths`` (any query), proxied to the admin
+    interface: the kubelet sees Envoy's own state (503 until initialized and while draining),
+    Prometheus its stats, while /quitquitquit, /drain_listeners, /healthcheck/fail,
+    /runtime_modify, /config_dump and the rest stay unreachable. Every other path is a 404."""
     routes: list[dict[str, Any]] = [
         {
             "name": path.strip("/") or "root",
             "match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
-            "route": {"cluster": ADMIN_CLUSTER, "timeout": "2s"},
+            "route": {"cluster": ADMIN_CLUSTER, "timeout": timeout},
         }
         for path in paths
     ]

@@ -59,6 +59,27 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- include "extproc.imageRef" .Values.envoy.image }}
 {{- end }}
 
+{{/*
+How a pod stops (README "Stopping a pod"): Envoy's preStop hook drains it (files/envoy-drain.sh)
+for at most preStopSleepSeconds + drainTimeoutSeconds; the sidecar serves until Envoy has exited,
+a little longer than that; the grace period covers both and the sidecar's own stop.
+*/}}
+{{- define "extproc.drainSeconds" -}}
+{{- add (int .Values.preStopSleepSeconds) (int .Values.drainTimeoutSeconds) }}
+{{- end }}
+
+{{- define "extproc.sidecarWaitSeconds" -}}
+{{- add (include "extproc.drainSeconds" . | int) 10 }}
+{{- end }}
+
+{{- define "extproc.terminationGracePeriodSeconds" -}}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- add (include "extproc.sidecarWaitSeconds" . | int) 15 }}
+{{- else }}
+{{- int .Values.terminationGracePeriodSeconds }}
+{{- end }}
+{{- end }}
+
 {{- define "extproc.socketPath" -}}
 {{- printf "%s/extproc.sock" (.Values.sidecar.socketDir | trimSuffix "/") }}
 {{- end }}

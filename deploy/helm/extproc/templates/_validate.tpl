@@ -4,7 +4,7 @@ Included by deployment.yaml, so `helm template` and `helm install` both run it.
 */}}
 {{- define "extproc.validate" -}}
 {{- $ports := dict }}
-{{- range $name, $port := dict "envoy.port" .Values.envoy.port "envoy.readinessPort" .Values.envoy.readinessPort "envoy.adminPort" .Values.envoy.adminPort "sidecar.healthPort" .Values.sidecar.healthPort "sidecar.metricsPort" .Values.sidecar.metricsPort "sidecar.tcpPort" (eq .Values.sidecar.transport "tcp" | ternary .Values.sidecar.tcpPort 0) }}
+{{- range $name, $port := dict "envoy.port" .Values.envoy.port "envoy.readinessPort" .Values.envoy.readinessPort "envoy.statsPort" .Values.envoy.statsPort "envoy.adminPort" .Values.envoy.adminPort "sidecar.healthPort" .Values.sidecar.healthPort "sidecar.metricsPort" .Values.sidecar.metricsPort "sidecar.tcpPort" (eq .Values.sidecar.transport "tcp" | ternary .Values.sidecar.tcpPort 0) }}
 {{- if $port }}
 {{- $key := toString (int $port) }}
 {{- if hasKey $ports $key }}
@@ -21,8 +21,9 @@ Included by deployment.yaml, so `helm template` and `helm install` both run it.
 {{- fail (printf "podDisruptionBudget sets both minAvailable (%v) and maxUnavailable (%v); keep one and set the other to \"\"" .minAvailable .maxUnavailable) }}
 {{- end }}
 {{- end }}
-{{- if and .Values.preStopSleepSeconds (le (int .Values.terminationGracePeriodSeconds) (int .Values.preStopSleepSeconds)) }}
-{{- fail (printf "terminationGracePeriodSeconds (%d) must be above preStopSleepSeconds (%d), or the kubelet kills the pod before it stops cleanly" (int .Values.terminationGracePeriodSeconds) (int .Values.preStopSleepSeconds)) }}
+{{- $drain := include "extproc.drainSeconds" . | int }}
+{{- if le (include "extproc.terminationGracePeriodSeconds" . | int) $drain }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be above preStopSleepSeconds + drainTimeoutSeconds (%d), or the kubelet kills the pod while requests still drain; lower drainTimeoutSeconds instead, or leave terminationGracePeriodSeconds empty (null) to derive it" (include "extproc.terminationGracePeriodSeconds" . | int) $drain) }}
 {{- end }}
 {{- $volumes := list "routing" "envoy-config" "socket" "tmp" }}
 {{- range .Values.extraVolumes }}
