@@ -7,11 +7,13 @@ at a few steady rates, for the chart's requests and limits (deploy/helm/extproc/
 
 Setup as in bench/latency.py: a front Envoy with the chart's two workers, the sidecar in its own
 process as its control plane (Unix socket), and a fast upstream (a second Envoy answering at
-once), so what is measured is the router pod and not a model server. Two policies: rules only
-(keywords, headers, tokens; h2load open loop, one body), and a classifier decision on every
-request (an asyncio open loop, every prompt new so the cache never answers). For each rate it
+once), so what is measured is the router pod and not a model server. A baseline of the front Envoy
+alone (no ext_proc, the same routes), then two policies: rules only (keywords, headers, tokens;
+h2load open loop, one body), and a classifier decision on every request (an asyncio open loop, every prompt new so the cache never answers). For each rate it
 reads the sidecar's and Envoy's CPU time and resident memory from /proc before and after, and
-reports CPU as cores (CPU seconds per wall second), the highest RSS seen, latency and errors. The
+reports CPU as cores (CPU seconds per wall second), requests per second per sidecar core (the
+rate done over the sidecar's cores: the inverse of its CPU cost per request), the highest RSS
+seen, latency and errors. The
 idle pod is measured the same way, in the same run.
 """
 
@@ -52,8 +54,9 @@ class Watch:
     """CPU time and the highest RSS of the sidecar and Envoy over one load step."""
 
     def __init__(self, front: Front) -> None:
-        assert front.sidecar is not None
-        self.pids = {"sidecar": front.sidecar.pid, "envoy": front.envoy.pid}
+        self.pids = {"envoy": front.envoy.pid}
+        if front.sidecar is not None:  # none for the baseline, Envoy alone
+            self.pids["sidecar"] = front.sidecar.pid
         self.peak = {name: 0.0 for name in self.pids}
         self._stop = threading.Event()
 
@@ -87,9 +90,9 @@ def step(front: Front, rate: float, seconds: float, load) -> Sample:
         result.pct(50),
         result.pct(99),
         result.errors,
-        watch.cores["sidecar"],
+        watch.cores.get("sidecar", 0.0),
         watch.cores["envoy"],
-        watch.peak["sidecar"],
+        watch.peak.get("sidecar", 0.0),
         watch.peak["envoy"],
     )
 
@@ -99,7 +102,15 @@ def idle(front: Front, seconds: float) -> Sample:
         time.sleep(seconds)
     nan = float("nan")
     return Sample(
-        0, 0, nan, nan, 0, watch.cores["sidecar"], watch.cores["envoy"], watch.peak["sidecar"], watch.peak["envoy"]
+        0,
+        0,
+        nan,
+        nan,
+        0,
+        watch.cores.get("sidecar", 0.0),
+        watch.cores["envoy"],
+        watch.peak.get("sidecar", 0.0),
+        watch.peak["envoy"],
     )
 
 
@@ -113,6 +124,16 @@ def median_sample(samples: list[Sample]) -> Sample:
             for name in fields
         }
     )
+
+
+def fresh_prompts(front: Front):
+    """An open loop of 64-token prompts never sent before, so the classifier runs on each."""
+
+    def run(rate: float, seconds: float) -> Result:
+        salt = time.monotonic_ns()
+        return python_open_loop(front.port, rate, seconds, lambda i: chat_body(64, salt + i))
+
+    return run
 
 
 def main() -> int:
@@ -136,30 +157,21 @@ def main() -> int:
         upstream = EnvoyProcess(upstream_config(upstream_ports, free_port()), str(workdir), concurrency=1)
         upstream.start()
         try:
+
+            def h2(front: Front):
+                return lambda rate, seconds: h2load(
+                    front.port,
+                    body,
+                    seconds=seconds,
+                    clients=min(16, max(2, int(rate) // 25)),
+                    rps=rate,
+                    workdir=workdir,
+                )
+
             for name, rates, load in (
-                (
-                    "rules",
-                    args.rules_rates,
-                    lambda front: (
-                        lambda rate, seconds: h2load(
-                            front.port,
-                            body,
-                            seconds=seconds,
-                            clients=min(16, max(2, int(rate) // 25)),
-                            rps=rate,
-                            workdir=workdir,
-                        )
-                    ),
-                ),
-                (
-                    "classifier",
-                    args.classifier_rates,
-                    lambda front: (
-                        lambda rate, seconds: python_open_loop(
-                            front.port, rate, seconds, lambda i, salt=time.monotonic_ns(): chat_body(64, salt + i)
-                        )
-                    ),
-                ),
+                ("baseline", args.rules_rates, h2),  # Envoy alone, no ext_proc: what the router adds
+                ("rules", args.rules_rates, h2),
+                ("classifier", args.classifier_rates, fresh_prompts),
             ):
                 front = Front(name, workdir, upstream_ports, args.concurrency)
                 try:
@@ -189,6 +201,7 @@ def main() -> int:
         "p99 ms",
         "errors",
         "sidecar CPU (cores)",
+        "req/s per sidecar core",
         "Envoy CPU (cores)",
         "sidecar RSS MB",
         "Envoy RSS MB",
@@ -200,9 +213,12 @@ def main() -> int:
         done = "" if s.rate == 0 else f"{s.achieved:.1f}"
         p50 = "" if s.rate == 0 else f"{s.p50:.2f}"
         p99 = "" if s.rate == 0 else f"{s.p99:.2f}"
+        per_core = f"{s.achieved / s.sidecar_cores:.0f}" if s.rate and s.sidecar_cores > 0 else ""
+        sidecar = "" if name == "baseline" else f"{s.sidecar_cores:.3f}"
+        sidecar_rss = "" if name == "baseline" else f"{s.sidecar_rss:.0f}"
         print(
-            f"| {name} | {asked} | {done} | {p50} | {p99} | {s.errors} | {s.sidecar_cores:.3f} | "
-            f"{s.envoy_cores:.3f} | {s.sidecar_rss:.0f} | {s.envoy_rss:.0f} |"
+            f"| {name} | {asked} | {done} | {p50} | {p99} | {s.errors} | {sidecar} | {per_core} | "
+            f"{s.envoy_cores:.3f} | {sidecar_rss} | {s.envoy_rss:.0f} |"
         )
     return 0
 

@@ -79,9 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument("--listen-port", type=int, default=8080)
     envoy.add_argument("--admin-port", type=int, default=9901)
     envoy.add_argument("--readiness-port", type=int, help="a listener answering only GET /ready, for probes")
-    envoy.add_argument(
-        "--stats-port", type=int, help="a listener answering only GET /stats/prometheus, for Prometheus"
-    )
+    envoy.add_argument("--stats-port", type=int, help="a listener answering only GET /stats/prometheus, for Prometheus")
     envoy.add_argument(
         "--cluster-endpoint",
         action="append",

@@ -66,7 +66,9 @@ def post(port: int) -> tuple[int, str | None]:
     """One request on a new connection: (status, its connection header)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        connection.request("POST", "/v1/chat/completions", orjson.dumps(chat("hi")), {"content-type": "application/json"})
+        connection.request(
+            "POST", "/v1/chat/completions", orjson.dumps(chat("hi")), {"content-type": "application/json"}
+        )
         response = connection.getresponse()
         response.read()
         return response.status, response.getheader("connection")

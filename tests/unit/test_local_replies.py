@@ -26,7 +26,10 @@ SEEN = [
     (400, "missing_host_header", "malformed_request"),
     (501, "http1.invalid_transfer_encoding", "unsupported_transfer_encoding"),
     (404, "route_not_found", "not_found"),
-    (408, "request_overall_timeout", "invalid_request"),
+    (408, "request_overall_timeout", "request_timeout"),
+    (408, "request_header_timeout", "request_timeout"),
+    (502, "response_payload_too_large", "response_too_large"),
+    (403, "rbac_access_denied", "invalid_request"),
 ]
 
 
