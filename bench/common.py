@@ -149,11 +149,21 @@ def process_cpu_seconds(pid: int) -> float:
 
 
 def cpu_model() -> str:
-    """The CPU's model name, for benchmark headers."""
+    """The CPU's model name, family and model numbers and the vector extensions onnxruntime may
+    pick, for benchmark headers (a VM often shows only "AMD EPYC", which names no generation)."""
     try:
+        fields: dict[str, str] = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip():
+                break  # the first processor is enough
     except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+        return platform.processor() or "unknown CPU"
+    flags = set(fields.get("flags", "").split())
+    isa = [
+        name
+        for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("VNNI", "avx512_vnni"), ("AMX", "amx_tile"))
+        if flag in flags
+    ]
+    return f"{fields.get('model name', 'unknown CPU')} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, {', '.join(isa) or 'no AVX2'})"
