@@ -403,6 +403,7 @@ class Metrics:
 
     def count_kv_event(self, model: str, outcome: str) -> None:
         self.kv_events.labels(model, outcome).inc()
+
     def count_local_reply(self, status: int, code: str) -> None:
         self.local_replies.labels(str(status), code).inc()
 
