@@ -8,6 +8,7 @@ has exited; a stream longer than the drain bound is cut at the bound, within the
 from __future__ import annotations
 
 import http.client
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -84,6 +85,17 @@ def refused(port: int) -> bool:
     return False
 
 
+def stats_status(pod: Pod) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", pod.port("envoy", "envoy-stats"), timeout=5)
+    try:
+        connection.request("GET", "/stats/prometheus")
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
 def upstream_2xx(pod: Pod) -> float:
     port = pod.port("extproc", "metrics")
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
@@ -154,6 +166,10 @@ def test_a_stream_started_before_the_stop_finishes_and_the_pod_stops_when_it_has
     wait_for(lambda: refused(port), timeout=DELAY + 5, interval=0.2)
     assert time.monotonic() - started >= DELAY - 0.5
     assert running.processes["envoy"].poll() is None  # still draining the stream
+    # The readiness and stats listeners are not inbound and stay open: the liveness probe's TCP
+    # connect and Prometheus still reach the draining Envoy.
+    socket.create_connection(("127.0.0.1", running.port("envoy", "envoy-ready")), timeout=2).close()
+    assert stats_status(running) == 200
     assert running.processes["extproc"].poll() is None  # and the sidecar with it
 
     assert stream.done.wait(60), "the stream never ended"
