@@ -11,6 +11,7 @@ from extproc import headers as h
 from extproc.envoy.names import EXT_PROC_CLUSTER
 from extproc.envoy.options import EnvoyOptions
 from extproc.envoy.render.chains import CHAIN_NAMESPACE
+from extproc.envoy.render.local_replies import ALREADY_JSON
 from extproc.policy.config import Policy
 
 
@@ -179,14 +180,12 @@ def access_log(o: EnvoyOptions) -> list[dict[str, Any]]:
             "match_if_key_not_found": False,
         }
     }
-    details = "response.code_details"
     local_reply = {
         "extension_filter": {
             "name": "cel",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-                "expression": f"response.code >= 100 && {details} != 'via_upstream' && "
-                f"{details} != 'direct_response' && !{details}.startsWith('extproc_')",
+                "expression": f"response.code >= 100 && response.code_details != 'via_upstream' && !({ALREADY_JSON})",
             },
         }
     }

@@ -11,12 +11,18 @@ from typing import Any
 from extproc.errors import openai_error
 
 _DETAILS = "response.code_details"
-# The router's replies (details extproc_*), direct responses and the chains' upstream Lua filter's
-# (extproc/envoy/render/chains.py: its JSON error when the fallback deadline has passed) already
-# carry JSON bodies.
-_OURS = (
-    f"{_DETAILS}.startsWith('extproc_') || {_DETAILS} == 'direct_response' || {_DETAILS} == 'lua_response'"
-)
+# Replies that already carry our JSON bodies, by their response code details: the router's
+# (extproc_*), direct responses, and the chains' upstream Lua filter's (extproc/envoy/render/
+# chains.py: its JSON error when the fallback deadline has passed). The mappers leave them alone and classify() names none of them.
+_OURS_PREFIX = "extproc_"
+_OURS_EXACT = ("direct_response", "lua_response")
+ALREADY_JSON = " || ".join([f"{_DETAILS}.startsWith('{_OURS_PREFIX}')", *(f"{_DETAILS} == '{d}'" for d in _OURS_EXACT)])
+
+
+def _ours(details: str) -> bool:
+    return details.startswith(_OURS_PREFIX) or details in _OURS_EXACT
+
+
 # Seconds a client is told to wait before retrying a transient 503 of Envoy's own (the sidecar
 # restarting or busy, no replica connection); OpenAI's SDKs honour Retry-After up to a minute.
 RETRY_AFTER_SECONDS = 1
@@ -48,10 +54,10 @@ class LocalReply:
         if self.status_at_least is not None:
             terms.append(f"response.code >= {self.status_at_least}")
         matched = " || ".join(terms) if terms else "true"
-        return f"({matched}) && !({_OURS})"
+        return f"({matched}) && !({ALREADY_JSON})"
 
     def matches(self, status: int, details: str) -> bool:
-        if details.startswith("extproc_") or details in ("direct_response", "lua_response"):
+        if _ours(details):
             return False
         if details in self.details or (self.details_prefix is not None and details.startswith(self.details_prefix)):
             return True
