@@ -175,7 +175,9 @@ def test_a_stream_started_before_the_stop_finishes_and_the_pod_stops_when_it_has
     assert stream.done.wait(60), "the stream never ended"
     stream_end = time.monotonic() - started
     assert stream.status == 200 and not stream.error, stream.error
-    assert stream.text.count(b"data: {") == 8 and stream.text.rstrip().endswith(b"data: [DONE]")
+    # all 8 chunks, the closing chunk with the finish reason, [DONE]
+    assert stream.text.count(b"data: {") == 9 and b'"finish_reason":"stop"' in stream.text
+    assert stream.text.rstrip().endswith(b"data: [DONE]")
     # The stream's access-log entry reached the sidecar before it stopped.
     wait_for(lambda: running.processes["extproc"].poll() is None and upstream_2xx(running) >= answered_before + 2)
 
