@@ -49,7 +49,10 @@ def test_full_replicas_queue_premium_past_the_message_timeout_and_refuse_free_at
             assert status == 429
             assert headers["retry-after"] == "1"
             assert b'"code":"overloaded"' in body
-            assert seconds < 0.5  # prompt, not after a timeout
+            # Refused at once, not after a wait: Envoy's message_timeout (1 s) would have cut a
+            # queued one first, and a premium wave takes 0.6 s; the bound separates the two, it
+            # does not time the refusal (a loaded machine took 0.58 s for what is ~5 ms idle).
+            assert seconds < 1.0
         text = s.metrics_text()
         assert 'extproc_admission_rejected_total{priority="free"} 6.0' in text
         assert 'extproc_admission_wait_seconds_count{priority="premium"}' in text
