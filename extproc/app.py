@@ -164,9 +164,14 @@ class Runtime:
         current = self.cache
         if not policy.uses_cache:
             return None, current
-        if current is not None and current.compatible(policy.cache):
+        if current is not None and current.compatible(policy.cache, policy.store):
             return current, None  # its per-request settings change with the switch
-        cache = SemanticCache(policy.cache, self.metrics)
+        from extproc.store import StoreError
+
+        try:
+            cache = SemanticCache(policy.cache, self.metrics, shared=policy.store)
+        except StoreError as exc:
+            raise ConfigError(str(self.settings.config), [Problem(("store", "password"), str(exc))]) from None
         await cache.start()
         return cache, current
 

@@ -21,6 +21,7 @@ from extproc.cache.answers import Answer, Capture
 from extproc.cache.scope import Lookup
 from extproc.cache.store import MemoryStore, RedisStore, Store
 from extproc.metrics import Metrics
+from extproc.policy.backends import StoreSettings
 from extproc.policy.config import CacheSettings
 
 log = logging.getLogger("extproc.cache")
@@ -47,9 +48,19 @@ class _Pending:
 
 
 class SemanticCache:
-    def __init__(self, settings: CacheSettings, metrics: Metrics, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        settings: CacheSettings,
+        metrics: Metrics,
+        store: Store | None = None,
+        *,
+        shared: StoreSettings | None = None,
+    ) -> None:
+        """``shared`` is the policy's ``store``: a Redis cache without a ``redis_url`` of its
+        own connects there, with that store's password (and TLS, for a ``rediss://`` URL)."""
         self.settings = settings
         self.metrics = metrics
+        self.shared = shared if settings.backend == "redis" and not settings.redis_url else None
         self.store = store if store is not None else self._build(settings)
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
 
@@ -60,14 +71,24 @@ class SemanticCache:
         if settings.backend == "redis":
             import redis.asyncio as redis  # only a policy with a Redis cache loads the package
 
+            from extproc.store import read_secret
+
+            url, password = settings.redis_url, None
+            if self.shared is not None:
+                url = self.shared.url
+                if self.shared.password is not None:
+                    password = read_secret(self.shared.password)
+            if not url:
+                raise ValueError("a Redis cache needs cache.redis_url or the policy's store")
             client = redis.from_url(
-                settings.redis_url,
+                url,
+                password=password,
                 socket_timeout=settings.redis_timeout_seconds,
                 socket_connect_timeout=max(settings.redis_timeout_seconds, 1.0),
                 health_check_interval=30,
             )
             # The follower's blocking read must not be cut by the request-path timeout.
-            follower = redis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=1.0)
+            follower = redis.from_url(url, password=password, socket_timeout=5.0, socket_connect_timeout=1.0)
             return RedisStore(
                 client, settings.key_prefix, settings.max_entries, evicted, self._error, follower=follower
             )
@@ -76,10 +97,11 @@ class SemanticCache:
     def _error(self, op: str) -> None:
         self.metrics.cache_errors.labels(op).inc()
 
-    def compatible(self, settings: CacheSettings) -> bool:
+    def compatible(self, settings: CacheSettings, shared: StoreSettings | None = None) -> bool:
         """Whether a reloaded policy's settings can keep this cache (and its entries)."""
         keep = ("backend", "max_entries", "max_bytes", "redis_url", "key_prefix", "redis_timeout_seconds")
-        return all(getattr(settings, k) == getattr(self.settings, k) for k in keep)
+        uses_shared = shared if settings.backend == "redis" and not settings.redis_url else None
+        return uses_shared == self.shared and all(getattr(settings, k) == getattr(self.settings, k) for k in keep)
 
     def reconfigure(self, settings: CacheSettings) -> None:
         """Settings that apply per request (threshold, TTL, entry bound, tenant header)."""

@@ -625,10 +625,21 @@ def _build(
     cache = CacheSettings(**data.get("cache", {}))
     uses_cache = any(d.cache is not None for d in ordered)
     problems = list(_backend_problems(data, lines))
-    if cache.backend == "redis" and not cache.redis_url:
+    if cache.backend == "redis" and not cache.redis_url and data.get("store") is None:
         problems.append(
-            Problem(("cache", "redis_url"), "required when backend is 'redis'", _line(lines, ("cache", "backend")))
+            Problem(
+                ("cache", "redis_url"),
+                "required when backend is 'redis' and the policy has no `store` (whose url and password the "
+                "cache would use)",
+                _line(lines, ("cache", "backend")),
+            )
         )
+    if cache.redis_url:
+        from extproc.store import check_url
+
+        problem = check_url(cache.redis_url)
+        if problem:
+            problems.append(Problem(("cache", "redis_url"), problem, _line(lines, ("cache", "redis_url"))))
     if uses_cache and classifier.enabled is False:
         problems.append(
             Problem(

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from extproc.cooldown import COOLDOWN, EJECTED, BackendHealth, Outcome
@@ -102,3 +103,56 @@ def test_the_store_password_is_never_in_an_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError) as info:
         SharedStore(StoreSettings("redis://:topsecret@127.0.0.1:1/0"))
     assert "topsecret" not in str(info.value)
+
+
+def test_a_redis_cache_without_its_own_url_uses_the_store_and_its_password(redis_url: str, tmp_path: Path) -> None:
+    """`cache: {backend: redis}` beside a `store` connects where the store does, with its password
+    (the server requires one, so a connection without it could neither store nor find)."""
+    from extproc.cache import MemoryStore
+    from extproc.cache.answers import Answer
+    from extproc.cache.semantic import SemanticCache
+    from extproc.cache.store import RedisStore
+    from extproc.metrics import Metrics
+    from extproc.policy import ConfigError, parse_policy
+
+    text = (
+        "version: 1\ndefault_model: a\nmodels: {a: {}}\ncache: {backend: redis}\n"
+        f"store: {{url: '{redis_url}', password: {{file: '{tmp_path / 'pw'}'}}}}\n"
+        "decisions:\n  - {name: faq, model: a, cache: true}\n"
+    )
+    policy = parse_policy(text)
+    assert policy.cache.redis_url is None and policy.store is not None
+    vector = np.ones(384, dtype=np.float32) / np.sqrt(384)
+    answer = Answer("chat", "a", "stored once", "stop", 1, 2)
+
+    async def scenario() -> None:
+        one = SemanticCache(policy.cache, Metrics(), shared=policy.store)
+        two = SemanticCache(policy.cache, Metrics(), shared=policy.store)
+        assert isinstance(one.store, RedisStore)
+        await one.start()
+        await two.start()
+        await one.store.put("e1", b"scope", "a", vector, (), answer, 60)
+        deadline = time.monotonic() + 10
+        while len(two.store.index) == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        entry, found, similarity = await two.store.get(b"scope", vector, 0.9, ())
+        assert entry == "e1" and found is not None and found.content == "stored once"
+        # A reload that changes the store's password cannot keep this cache's connections.
+        other = StoreSettings(policy.store.url, password=SecretRef(env="ELSEWHERE"))
+        assert one.compatible(policy.cache, policy.store) and not one.compatible(policy.cache, other)
+        await one.close()
+        await two.close()
+
+    asyncio.run(scenario())
+    assert isinstance(SemanticCache(parse_policy(POLICY_MEMORY).cache, Metrics()).store, MemoryStore)
+    with pytest.raises(ConfigError, match=r"cache\.redis_url.*no `store`"):
+        parse_policy("version: 1\ndefault_model: a\nmodels: {a: {}}\ncache: {backend: redis}\n")
+    with pytest.raises(ConfigError) as info:
+        parse_policy(
+            "version: 1\ndefault_model: a\nmodels: {a: {}}\n"
+            "cache: {backend: redis, redis_url: 'redis://:hunter2@127.0.0.1:1/0'}\n"
+        )
+    assert "cache.redis_url" in str(info.value) and "hunter2" not in str(info.value)
+
+
+POLICY_MEMORY = "version: 1\ndefault_model: a\nmodels: {a: {}}\n"
