@@ -272,6 +272,8 @@ class LoadScraper:
 
     def _note_failure(self, endpoint: str, exc: Exception) -> None:
         # The previous report is kept: it ages out by stale_after on its own.
+        if self._stopping.is_set():
+            return  # a scrape cut by stop(): nothing to report, and the logs may be closed already
         with self._lock:
             first = endpoint in self._targets and endpoint not in self._failing
             if first:

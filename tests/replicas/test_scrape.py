@@ -250,3 +250,18 @@ def test_stop_returns_while_a_scrape_hangs():
 
         names = [thread.name for thread in threading.enumerate()]
         assert "extproc-scrape-scheduler" not in names
+
+
+def test_a_scrape_cut_by_stop_logs_nothing(caplog: pytest.LogCaptureFixture):
+    """A scrape still in flight when the scraper stops fails by its deadline afterwards; that is
+    not a replica failing, and the process's logs may already be closed (at shutdown)."""
+    with MetricsServer(sglang_metrics(1, 2, 0.5)) as server:
+        server.hang()
+        scraper = LoadScraper(interval=0.05, timeout=0.3)
+        scraper.set_targets([server.endpoint])
+        scraper.start()
+        wait_until(lambda: server.open_requests == 1, message="a hung scrape")
+        with caplog.at_level("DEBUG", logger="extproc.replicas"):
+            scraper.stop()
+            time.sleep(0.8)  # past the scrape's 0.3 s deadline: it has failed by now
+        assert [r.getMessage() for r in caplog.records if "failed" in r.getMessage()] == []
