@@ -9,7 +9,7 @@ Two stand-in replicas answer after a fixed 0.2 s; the model's capacity is 4 in f
 connection:
 
 1. unloaded: high-priority requests only, at a third of the capacity;
-2. 2x overload: 80 requests/s, 30% high priority (x-user-tier: premium, may wait 5 s), 70% low
+2. 2x overload: 80 requests/s, 30% high priority (``--premium-share``) (x-user-tier: premium, may wait 5 s), 70% low
    (free: no waiting, and at most 2 of a replica's 4 slots: ``share: 0.5``, ``--free-share``), from
    six tenants;
 3. the same 2x overload with admission control off (no capacity: every request goes straight to a
@@ -24,12 +24,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import http.client
+import math
 import random
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import orjson
@@ -169,11 +171,58 @@ def _ms(values: list[float], q: float) -> str:
     return f"{values[min(len(values) - 1, int(q * len(values)))] * 1e3:.0f}"
 
 
+def queueing_bound(
+    premium_rate: float, free_rate: float, share: float, seconds: float = 2000.0, seed: int = 1
+) -> tuple[float, float]:
+    """The same admission rules without any overhead (an ideal machine): 2 replicas of
+    PER_REPLICA slots, each request exactly SERVICE_SECONDS; premium waits in one FIFO queue for
+    the first free slot, free takes a slot at once only where the replica is below its share and
+    nobody waits, else is refused. Returns (premium p99 / SERVICE_SECONDS, share of free served):
+    what no implementation of these rules can beat, since a slot held by a running request is
+    not given back (no preemption)."""
+    import heapq
+
+    rng = random.Random(seed)
+    events: list[tuple[float, int, int]] = []  # (time, 0 arrival premium / 1 arrival free / 2 end, replica)
+    t, total = 0.0, premium_rate + free_rate
+    while t < seconds:
+        t += rng.expovariate(total)
+        events.append((t, 0 if rng.random() < premium_rate / total else 1, -1))
+    heapq.heapify(events)
+    inflight, queue, latencies, free_sent, free_served = [0, 0], deque(), [], 0, 0
+    limit = math.floor(PER_REPLICA * share)
+    while events:
+        t, kind, replica = heapq.heappop(events)
+        if kind == 2:
+            inflight[replica] -= 1
+            if queue:
+                inflight[replica] += 1
+                latencies.append(t + SERVICE_SECONDS - queue.popleft())
+                heapq.heappush(events, (t + SERVICE_SECONDS, 2, replica))
+            continue
+        replica = min((0, 1), key=lambda r: inflight[r])
+        if kind == 0 and (queue or inflight[replica] >= PER_REPLICA):
+            queue.append(t)
+            continue
+        if kind == 1:
+            free_sent += 1
+            if queue or inflight[replica] >= limit:
+                continue
+            free_served += 1
+        else:
+            latencies.append(SERVICE_SECONDS)
+        inflight[replica] += 1
+        heapq.heappush(events, (t + SERVICE_SECONDS, 2, replica))
+    latencies.sort()
+    return latencies[int(0.99 * len(latencies))] / SERVICE_SECONDS, free_served / max(1, free_sent)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--free-share", type=float, default=0.5, help="of each replica's slots free requests may fill")
+    parser.add_argument("--premium-share", type=float, default=0.3, help="of the overload's requests that are premium")
     args = parser.parse_args(argv)
     capacity_rps = 2 * PER_REPLICA / SERVICE_SECONDS
     print(
@@ -190,13 +239,22 @@ def main(argv: list[str] | None = None) -> None:
                 if admission:
                     unloaded = load(port, capacity_rps / 3, 1.0, args.seconds, args.seed)
                     summary("unloaded (1/3 capacity)", unloaded)
-                overloaded = load(port, 2 * capacity_rps, 0.3, args.seconds, args.seed + 1)
+                overloaded = load(port, 2 * capacity_rps, args.premium_share, args.seconds, args.seed + 1)
                 summary("2x overload" + ("" if admission else ", no admission"), overloaded)
                 if admission:
                     base = sorted(s for _, status, s in unloaded if status == 200)
                     high = sorted(s for tier, status, s in overloaded if tier == "premium" and status == 200)
                     ratio = high[int(0.99 * len(high))] / base[int(0.99 * len(base))]
                     print(f"  premium p99 under 2x overload / unloaded: {ratio:.2f} (target <= 1.5)")
+                    rate = 2 * capacity_rps
+                    for share in sorted({args.free_share, 0.0}):
+                        bound, served = queueing_bound(
+                            rate * args.premium_share, rate * (1 - args.premium_share), share
+                        )
+                        print(
+                            f"  the queueing bound with free share {share:g} (these rules on an ideal machine): "
+                            f"premium p99 {bound:.2f}x the service time, {served:.1%} of free requests served"
+                        )
                     print(f"  (median of premium waits: {statistics.median(high) * 1e3:.0f} ms)")
             finally:
                 envoy.stop()

@@ -97,6 +97,7 @@ from extproc.request import Message, render
 MODEL = "llama-3.1-8b-instruct"
 CHARS_PER_TOKEN = 4
 KV_BLOCK_CHARS = 256  # the replicas' block (Replica.kv_block_chars)
+DECODE_BLOCK_TOKENS = 16  # vLLM's default block size: a KV event per this many answer tokens
 SAMPLE_EVERY = 0.25  # seconds between load samples
 
 
@@ -206,6 +207,10 @@ class Request:
     blocks: int = 0  # complete KV blocks in the prompt
     matched: int = 0  # of them, reused from the replica's cache
     prefill_left: int = 0  # tokens
+    tail: int | None = None  # the last complete block of its prompt (its decode blocks' chain starts there)
+    prefill_total: int = 0  # tokens
+    kv: list[int] = field(default_factory=list)  # its prompt's blocks while their KV events are still due
+    emitted: int = 0  # of them, published
     ttft: float = math.nan
     finished: float = math.nan
     done: bool = False
@@ -228,6 +233,8 @@ class Policy:
 
     def stored(self, replica: int, parent: int | None, keys: list[int]) -> None:
         """A replica stored a run of blocks (a KV event): parent key or None, the run's keys."""
+
+    wants_events = False  # whether stored() is worth calling (the simulation skips it otherwise)
 
     now = 0.0  # the simulation's clock, set before every event
 
@@ -315,6 +322,7 @@ class Ours(Policy):
         self.leases: dict[int, Lease] = {}
         self.events = events
         self.peer_load = events and settings.peer_load
+        self.wants_events = self.peer_load
         for router in self.routers:
             router.tracker.peers = router.peers if self.peer_load else None
         self.caches: Sequence[OrderedDict[int, None]] = ()  # the replicas' KV caches (set by the simulation)
@@ -380,6 +388,7 @@ class ReplicaState:
     context: int = 0  # context tokens of the decoding requests
     step: int = 0
     plan: list[tuple[Request, int]] = field(default_factory=list)  # prefill tokens in the current step
+    decode_blocks: list[tuple[int, int, int | None, int]] = field(default_factory=list)  # (step, _, parent, key)
 
 
 def _touch(kv: OrderedDict[int, None], blocks: list[int], capacity: int) -> None:
@@ -418,6 +427,7 @@ class Result:
     inflight_left: int  # the simulation's own count after the last event
     leases_left: int  # our LoadTracker(s): open leases + in-flight counts after the last event
     seconds: float  # wall time of the run
+    misses: dict[str, int] | None = None  # prompt blocks by where they were lost (profile)
 
 
 ARRIVE, STEP, PREFILLED, FINISHED, SAMPLE = range(5)
@@ -434,6 +444,10 @@ class Simulation:
         self.inflight = [0] * n
         self.events: list[tuple[float, int, int, object]] = []
         self._seq = itertools.count()
+        # Where the prompt blocks that missed were lost (profile=True): see MISSES.
+        self.misses: dict[str, int] | None = None
+        self._last: dict[str, int] = {}  # conversation -> replica of its previous turn
+        self._stored: set[int] = set()  # every block any replica ever stored
 
     def push(self, t: float, kind: int, obj: object) -> None:
         heapq.heappush(self.events, (t, next(self._seq), kind, obj))
@@ -516,16 +530,46 @@ class Simulation:
             blocks = block_hashes(MODEL, req.text, r.kv_block_chars)
             req.blocks = len(blocks)
             req.matched = m = _matched(rep.kv, blocks)
-            if m < len(blocks):  # vLLM publishes the blocks it stores as it schedules the prefill
+            if self.misses is not None:
+                self._profile(req, i, blocks, m)
+            if r.engine == "steps":  # the prompt's runs go out as its chunks are scheduled
+                if self.policy.wants_events and m < len(blocks):
+                    req.kv, req.emitted = blocks, m
+            elif m < len(blocks):  # vLLM publishes the blocks it stores as it schedules the prefill
                 self.policy.stored(i, blocks[m - 1] if m else None, blocks[m:])
             elif blocks:  # held whole: its first stored block is the answer's first one
                 answered = block_hashes(MODEL, req.text + render((req.turn.answer,)), r.kv_block_chars)
                 if len(answered) > m:
                     self.policy.stored(i, blocks[-1], answered[m : m + 1])
+            req.tail = blocks[-1] if blocks else None
             _touch(rep.kv, blocks, r.kv_blocks)
             uncached_chars = len(req.text) - req.matched * r.kv_block_chars
-            req.prefill_left = max(1, math.ceil(uncached_chars / CHARS_PER_TOKEN))
+            req.prefill_left = req.prefill_total = max(1, math.ceil(uncached_chars / CHARS_PER_TOKEN))
             rep.prefilling.append(req)
+
+    def _profile(self, req: Request, i: int, blocks: list[int], matched: int) -> None:
+        conversation = req.turn.conversation
+        previous = self._last.get(conversation)
+        self._last[conversation] = i
+        if req.turn.arrival >= self.w.warmup:
+            seen = _matched_set(self._stored, blocks)  # beyond it: never computed anywhere
+            misses = self.misses
+            assert misses is not None
+            misses["blocks"] += len(blocks)
+            misses["hit"] += matched
+            misses["new text"] += len(blocks) - max(seen, matched)
+            lost = max(0, seen - matched)
+            if lost:
+                if previous is None:
+                    kind = "first turn"
+                elif previous == i:
+                    kind = "stayed, evicted"
+                elif _matched(self.reps[previous].kv, blocks) > matched:
+                    kind = "moved from a replica holding more"
+                else:
+                    kind = "moved, previous replica had evicted it too"
+                misses[kind] += lost
+        self._stored.update(blocks)
 
     def _finish(self, req: Request, now: float) -> None:
         i = req.replica
@@ -533,8 +577,10 @@ class Simulation:
         rep.running -= 1
         req.finished = now
         # vLLM keeps the generated tokens' KV as well: the next turn's prompt starts with them.
-        answered = req.text + render((req.turn.answer,))
-        _touch(rep.kv, block_hashes(MODEL, answered, self.r.kv_block_chars), self.r.kv_blocks)
+        answered = block_hashes(MODEL, req.text + render((req.turn.answer,)), self.r.kv_block_chars)
+        _touch(rep.kv, answered, self.r.kv_blocks)
+        if self.misses is not None:
+            self._stored.update(answered)
         self.inflight[i] -= 1
         req.done = True
         self.policy.done(req)
@@ -569,6 +615,8 @@ class Simulation:
             plan.append((req, chunk))
             budget -= chunk
             tokens += chunk
+            if req.kv:  # vLLM stores (and publishes) the blocks a chunk completes when it schedules it
+                self._chunk_stored(i, req, chunk)
         if not plan and not rep.decoding:
             return  # idle until the next arrival
         rep.busy = True
@@ -593,7 +641,38 @@ class Simulation:
                 else:
                     heapq.heappush(rep.decoding, (rep.step + req.out_tokens - 1, req.id, req))
                     rep.context += _context(req)
+                    if self.policy.wants_events:
+                        self._decode_blocks(rep, req)
+        while rep.decode_blocks and rep.decode_blocks[0][0] <= rep.step:
+            _, _, parent, key = heapq.heappop(rep.decode_blocks)
+            self.policy.stored(i, parent, [key])
         self._start_step(i, now)
+
+    def _chunk_stored(self, i: int, req: Request, chunk: int) -> None:
+        blocks, start = req.kv, req.emitted
+        if chunk >= req.prefill_left:
+            end = len(blocks)
+        else:
+            done = req.prefill_total - req.prefill_left + chunk  # uncached tokens computed after this chunk
+            end = min(len(blocks), req.matched + done * CHARS_PER_TOKEN // self.r.kv_block_chars)
+        if end > start:
+            self.policy.stored(i, blocks[start - 1] if start else None, blocks[start:end])
+            req.emitted = end
+        if end == len(blocks):
+            req.kv = []
+
+    def _decode_blocks(self, rep: ReplicaState, req: Request) -> None:
+        """The KV events of the blocks the request's answer fills as it decodes: vLLM stores one
+        every DECODE_BLOCK_TOKENS tokens (its block size), each continuing the request's chain.
+        This step sampled its first token; token k comes k - 1 steps later. (Only the events are
+        modelled: the replica's cache takes the answer's blocks at completion, as before.)"""
+        tokens = len(req.text) // CHARS_PER_TOKEN
+        first = DECODE_BLOCK_TOKENS - tokens % DECODE_BLOCK_TOKENS  # answer tokens that fill the first
+        parent = req.tail
+        for j, filled in enumerate(range(first, req.out_tokens + 1, DECODE_BLOCK_TOKENS)):
+            key = hash((req.id, "decode", j))
+            heapq.heappush(rep.decode_blocks, (rep.step + filled - 1, key, parent, key))
+            parent = key
 
 
 def _context(req: Request) -> int:
@@ -601,8 +680,17 @@ def _context(req: Request) -> int:
     return len(req.text) // CHARS_PER_TOKEN + req.out_tokens // 2
 
 
-def simulate(policy: Policy, n: int, workload: Workload, replica: Replica) -> Result:
-    return Simulation(policy, n, workload, replica).run()
+MISSES = ("new text", "first turn", "stayed, evicted", "moved from a replica holding more",
+          "moved, previous replica had evicted it too")  # fmt: skip
+
+
+def simulate(policy: Policy, n: int, workload: Workload, replica: Replica, profile: bool = False) -> Result:
+    simulation = Simulation(policy, n, workload, replica)
+    if profile:
+        simulation.misses = dict.fromkeys(("blocks", "hit", *MISSES), 0)
+    result = simulation.run()
+    result.misses = simulation.misses
+    return result
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float:
@@ -619,6 +707,96 @@ def policies(n: int, workload: Workload, settings: PickingSettings) -> list[Poli
         Ring(n, workload.seed),
         Ours(n, settings, seed=workload.seed),
     ]
+
+
+# --- what any placement could reach: bounds on the hit rate ---------------------------------------
+
+
+def bounds(workload: Workload, n: int, replica: Replica) -> dict[str, float]:
+    """Hit rates no placement over these replicas' caches can beat (or, LRU, can beat with LRU
+    caches), on the same trace and counted window as the simulation:
+
+    infinite   every block ever stored stays cached: only blocks never computed before miss
+               (each turn's new user message; a conversation's first turn's own text).
+    pooled LRU one LRU cache of all replicas' blocks together (n x kv_blocks) with each block
+               stored once: a perfect placement that never duplicates a history, LRU eviction.
+    Belady     the same pooled capacity with Belady's MIN (evict the block needed furthest in
+               the future; never store one that will not be needed before every cached one):
+               an upper bound for any placement and any eviction policy, since the union of the
+               replicas' caches is itself a cache of at most that many blocks.
+
+    Answers are stored at the request's arrival, not its completion (a few seconds earlier: it
+    can only help the bound). Requests are in arrival order; timing does not enter."""
+    turns = trace(workload, n)
+    bc = replica.kv_block_chars
+    prompts, answers = [], []
+    for t in turns:
+        text = render(t.messages)
+        prompts.append(block_hashes(MODEL, text, bc))
+        answers.append(block_hashes(MODEL, text + render((t.answer,)), bc))
+    first_counted = bisect.bisect_left([t.arrival for t in turns], workload.warmup)
+    # Next use of a block after request k (a later prompt that contains it), walking backwards.
+    inf = len(turns) + 1
+    next_after: dict[int, int] = {}
+    prompt_next: list[list[int]] = [[] for _ in turns]
+    answer_next: list[list[int]] = [[] for _ in turns]
+    for k in range(len(turns) - 1, -1, -1):
+        answer_next[k] = [next_after.get(h, inf) for h in answers[k]]
+        prompt_next[k] = [next_after.get(h, inf) for h in prompts[k]]
+        for h in prompts[k]:
+            next_after[h] = k
+    capacity = n * replica.kv_blocks
+    seen: set[int] = set()
+    lru: OrderedDict[int, None] = OrderedDict()
+    belady: dict[int, int] = {}
+    heap: list[tuple[int, int]] = []  # (-next use, key), lazy
+    hits = {"infinite": 0, "pooled LRU": 0, "Belady": 0}
+    total = 0
+
+    def belady_store(h: int, nxt: int) -> None:
+        if h in belady:
+            belady[h] = nxt
+            heapq.heappush(heap, (-nxt, h))
+            return
+        if nxt >= inf:
+            return
+        while len(belady) >= capacity:
+            far, key = heap[0]
+            if belady.get(key) != -far:
+                heapq.heappop(heap)  # stale
+                continue
+            if -far <= nxt:
+                return  # every cached block is needed sooner: do not store this one
+            heapq.heappop(heap)
+            del belady[key]
+        belady[h] = nxt
+        heapq.heappush(heap, (-nxt, h))
+
+    for k in range(len(turns)):
+        blocks = prompts[k]
+        counted = k >= first_counted
+        if counted:
+            total += len(blocks)
+            hits["infinite"] += _matched_set(seen, blocks)
+            hits["pooled LRU"] += _matched(lru, blocks)
+            hits["Belady"] += _matched_set(belady, blocks)
+        for h, nxt in zip(blocks, prompt_next[k], strict=True):
+            belady_store(h, nxt)
+        for h, nxt in zip(answers[k], answer_next[k], strict=True):
+            belady_store(h, nxt)
+        seen.update(answers[k])
+        _touch(lru, blocks, capacity)
+        _touch(lru, answers[k], capacity)
+    return {name: v / max(1, total) for name, v in hits.items()}
+
+
+def _matched_set(keys: set[int] | dict[int, int], blocks: list[int]) -> int:
+    n = 0
+    for h in blocks:
+        if h not in keys:
+            break
+        n += 1
+    return n
 
 
 # --- output ---------------------------------------------------------------------------------------
@@ -735,7 +913,7 @@ def sweep_routers(
             Ours(n, settings, seed=w.seed, events=True),
             Ours(n, settings, routers=3, seed=w.seed, events=True),
         ):
-            result = simulate(policy, n, w, replica)
+            result = simulate(policy, n, w, replica, profile=not isinstance(policy, RoundRobin))
             rows.append((None, result))
             out.append(result)
         no_peers = Ours(n, replace(settings, peer_load=False), routers=3, seed=w.seed, events=True)
@@ -746,6 +924,12 @@ def sweep_routers(
                 result = simulate(policy, n, w, replica)
                 rows.append((f"{policy.name}, {label}", result))
         table(f"{n} replicas at {rate:g} requests/s per replica: routers, with and without KV events", rows)
+        ceiling = bounds(w, n, replica)
+        print(
+            f"\nbounds on the hit rate at {rate:g}/s (same trace; see bounds()): "
+            + ", ".join(f"{name} {value:.1%}" for name, value in ceiling.items())
+        )
+        profile_misses([r for label, r in rows if label is None and r.misses is not None])
         by = {r.policy: r for label, r in rows if label is None}
         ring, one, three = by["ring (session)"], by["ours + events"], by["ours + events, 3 routers"]
         print(f"\ntargets with events at {rate:g}/s (one router; three):")
@@ -761,6 +945,21 @@ def sweep_routers(
             f"vs {by['ours'].hit_rate:.1%}"
         )
     return out
+
+
+def profile_misses(results: Sequence[Result]) -> None:
+    """Where each policy's missed prompt blocks were lost (Simulation._profile)."""
+    print(
+        f"\nmissed prompt blocks, as a share of all (counted requests):\n{'':<34}"
+        + "".join(f"{r.policy[:22]:>24}" for r in results)
+    )
+    for kind in MISSES:
+        print(
+            f"  {kind:<32}"
+            + "".join(
+                f"{(r.misses or {}).get(kind, 0) / max(1, (r.misses or {}).get('blocks', 1)):>24.1%}" for r in results
+            )
+        )
 
 
 def _verdict(ok: bool) -> str:

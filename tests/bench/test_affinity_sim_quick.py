@@ -71,3 +71,28 @@ def test_a_seed_gives_the_same_figures_twice(sim) -> None:
     settings = sim.PickingSettings()
     a, b = (sim.simulate(sim.Ours(4, settings), 4, workload, sim.Replica()) for _ in range(2))
     assert (a.hit_rate, a.ttft_p50, a.ttft_p99, a.max_mean) == (b.hit_rate, b.ttft_p50, b.ttft_p99, b.max_mean)
+
+
+def test_no_policy_beats_the_bounds_on_the_hit_rate(sim) -> None:
+    """bounds(): every block ever stored staying cached >= Belady over the pooled caches >= what
+    any placement reaches, events and three routers included; and the pooled LRU is below Belady."""
+    workload = sim.Workload(duration=160.0, warmup=60.0, rate_per_replica=7.0)
+    replica = sim.Replica(kv_blocks=600)  # small caches, so that evictions bind
+    settings = sim.PickingSettings()
+    ceiling = sim.bounds(workload, 4, replica)
+    assert ceiling["infinite"] >= ceiling["Belady"] > ceiling["pooled LRU"]
+    for policy in (sim.Ring(4, 1), sim.Ours(4, settings, events=True), sim.Ours(4, settings, routers=3, events=True)):
+        result = sim.simulate(policy, 4, workload, replica, profile=True)
+        assert result.hit_rate <= ceiling["Belady"], policy.name
+        # The profile accounts for every prompt block: hit, or lost in one of the listed ways.
+        misses = result.misses
+        assert misses is not None and misses["blocks"] == misses["hit"] + sum(misses[k] for k in sim.MISSES)
+
+
+def test_with_events_three_routers_see_the_decode_blocks_and_count_live_chains(sim) -> None:
+    workload = sim.Workload(duration=120.0, warmup=40.0)
+    policy = sim.Ours(4, sim.PickingSettings(), routers=3, events=True)
+    sim.simulate(policy, 4, workload, sim.Replica())
+    for router in policy.routers:
+        assert router.peers.counting_chains  # decode blocks continue the requests' chains
+        assert router.peers.foreign > router.peers.own > 0  # two thirds of the starts are the others'
