@@ -15,20 +15,18 @@ flight once scheduled (this router's own requests measure it: lease time less th
 their first run). With Poisson arrivals the decayed sum averages
 the other routers' in-flight count there (Little's law).
 
-Where the replicas store decode blocks (vLLM caches every block a request's answer fills, one
-every ``block_size`` tokens, and publishes it as a run continuing the request's chain), a
-request's end shows too: its chain stops growing. Then the count is of live chains instead, the
-other routers' requests whose chain grew within ``linger`` (three times the mean time between a
-chain's runs on that replica): an actual count, without the decayed sum's Poisson noise
-(bench/RESULTS-affinity.md). It is used once the replicas' chains continue at least once per
-request on average (``counting_chains``); a server that stores only prompts keeps the decay.
+vLLM also stores every block a request's answer fills as it decodes (one every ``block_size``
+tokens, a one-block run continuing the request's chain), so a request's end shows as its chain
+no longer growing. Counting live chains instead of decayed starts was tried and balanced worse
+(bench/RESULTS-affinity.md, "Live chains"): the decay weights a request that just started above
+one about to end, which predicts the load a new request will share better than a count does.
 
 What it cannot see: requests waiting in a model server's queue (they store nothing until they
 are scheduled), requests whose prompt was cached whole until their first decode block is full,
 and a conversation's next turn sent within ``continuation_seconds`` of its previous answer's
-last block (it continues that chain). A live chain is counted up to ``linger`` past its
-request's end (its last tokens fill no block), about two blocks' time. The estimate is a load
-signal for the picker, not a count.
+last block (it continues that chain; a one-block prompt run, within ``decode_seconds``). The
+estimate is a load signal for the picker, not a
+count.
 
 ``stored`` is called by the KV index (the subscriber thread, for live batches only: replayed
 history is not load); ``expect`` and ``load`` by the picking side. One lock keeps them apart.
@@ -67,9 +65,6 @@ class PeerLoad:
         self._clock = clock
         self._lock = threading.Lock()
         self._tails: dict[str, dict[int, float]] = {}  # endpoint -> tail key of a recent run -> stored at
-        # The other routers' chains among them: endpoint -> tail key -> when the chain last grew.
-        self._live: dict[str, dict[int, float]] = {}
-        self._gaps: dict[str, float] = {}  # endpoint -> mean time between a chain's runs there
         self.continued = 0  # runs that continued a chain (prefill chunks, decode blocks)
         self._tail_order: deque[tuple[float, str, int]] = deque()
         # Our own requests not yet seen: endpoint -> request -> when we picked it; and the key
@@ -126,13 +121,8 @@ class PeerLoad:
                 grew = None  # a prompt's run long after the chain last grew: a new request (a next turn)
             tails[keys[-1]] = now
             self._tail_order.append((now, endpoint, keys[-1]))
-            live = self._live.setdefault(endpoint, {})
             if grew is not None:
                 self.continued += 1
-                gap = self._gaps.get(endpoint, 0.5)  # (a first guess)
-                self._gaps[endpoint] = gap + (now - grew - gap) / 64
-                if live.pop(parent, None) is not None:  # another router's request, still running
-                    live[keys[-1]] = now
                 return
             self.started += 1
             self._prune_expected(now)
@@ -146,7 +136,6 @@ class PeerLoad:
                     self.wait_seconds += (now - picked - self.wait_seconds) / 64
                     return
             self.foreign += 1
-            live[keys[-1]] = now
             count, _ = self._decayed(endpoint, now)
             self._load[endpoint] = (count + 1.0, now)
 
@@ -161,24 +150,6 @@ class PeerLoad:
             return False
         return bool(self._load) or any(self._waiting.values())
 
-    @property
-    def counting_chains(self) -> bool:
-        """The replicas' chains grow while their requests run (decode blocks are stored): count
-        live chains rather than decayed starts."""
-        return self.started >= MEASURED_FIRST and self.continued >= self.started
-
-    def gap_seconds(self, endpoint: str) -> float:
-        """The mean time between two runs of a chain on endpoint (a decode block's time, or a
-        prefill chunk's): it grows with the replica's load, as its engine steps slow down."""
-        return self._gaps.get(endpoint, 0.5)
-
-    def linger(self, endpoint: str) -> float:
-        """How long after its last run a chain on endpoint still counts as running: three mean
-        gaps there (a step that prefills a long prompt delays every decoding request's next
-        block, and a request must not be lost between two of its blocks), within the window in
-        which a decode block is taken for a continuation at all."""
-        return min(self.decode_seconds, max(0.05, 3.0 * self.gap_seconds(endpoint)))
-
     def load(self, endpoint: str) -> float:
         """Requests the other routers have in flight on endpoint, as inferred: the scheduled ones
         its events showed, and as many waiting in its queue per request of ours waiting there
@@ -188,11 +159,7 @@ class PeerLoad:
             return 0.0
         now = self._clock()
         with self._lock:
-            if self.counting_chains:
-                since = now - self.linger(endpoint)
-                count = float(sum(1 for grew in self._live.get(endpoint, {}).values() if grew >= since))
-            else:
-                count = self._decayed(endpoint, now)[0]
+            count = self._decayed(endpoint, now)[0]
             # (Only once other routers show: with one router a stray run counted as another's
             # would otherwise add a trace to every count, and reorder ties.)
             if waiting and self.foreign >= 0.05 * self.own > 0:
@@ -229,9 +196,6 @@ class PeerLoad:
             tails = self._tails.get(endpoint)
             if tails is not None and tails.get(key) == at:
                 del tails[key]
-                live = self._live.get(endpoint)
-                if live is not None:
-                    live.pop(key, None)
 
     def _prune_expected(self, now: float) -> None:
         order = self._expected_order
@@ -252,7 +216,7 @@ class PeerLoad:
     def forget(self, keep: set[str]) -> None:
         """Drop replicas that left the pools."""
         with self._lock:
-            for table in (self._tails, self._live, self._waiting, self._firsts, self._parents, self._load):
+            for table in (self._tails, self._waiting, self._firsts, self._parents, self._load):
                 for endpoint in [e for e in table if e not in keep]:
                     del table[endpoint]
 

@@ -177,59 +177,6 @@ def test_the_others_count_only_once_the_router_has_timed_its_own_requests(clock)
     assert tracker.loads(["a", "b"])["a"] == pytest.approx(p.load("a"))
 
 
-def decoding(p: PeerLoad, clock: Clock, endpoint: str, chains: dict[int, int], blocks: int, gap: float) -> None:
-    """Every chain (first key -> its tail, updated) grows by ``blocks`` decode blocks, one per ``gap``."""
-    for _ in range(blocks):
-        clock.now += gap
-        for start, tail in chains.items():
-            key = tail + 1
-            p.stored(endpoint, tail, [key])
-            chains[start] = key
-
-
-def test_where_decode_blocks_are_stored_the_others_running_requests_are_counted_not_guessed(clock) -> None:
-    p = peers(clock, mean=600.0)  # (a decayed count would hold still for minutes)
-    chains = {}
-    for i in range(20):  # twenty of the others' requests start on a and decode
-        first = 1000 * (i + 1)
-        p.stored("a", None, [first])
-        chains[first] = first
-    decoding(p, clock, "a", chains, blocks=3, gap=0.25)
-    assert p.counting_chains  # their chains grow: a request's end will show
-    assert p.gap_seconds("a") < 0.5
-    assert p.load("a") == 20.0
-    # Half of them end: their chains stop growing, and within about two gaps they are not counted.
-    ended = dict(list(chains.items())[:10])
-    for start in ended:
-        del chains[start]
-    decoding(p, clock, "a", chains, blocks=4, gap=0.25)
-    assert p.load("a") == 10.0
-    # The decayed count would still have all twenty (and more: each start adds one).
-    assert p._decayed("a", clock.now)[0] > 19.0
-
-
-def test_our_own_chains_are_not_counted_while_they_decode(clock) -> None:
-    p = peers(clock)
-    chains = {}
-    for i in range(20):
-        first = 1000 * (i + 1)
-        p.expect("a", [first], held=0)
-        p.stored("a", None, [first])
-        chains[first] = first
-    decoding(p, clock, "a", chains, blocks=3, gap=0.25)
-    assert p.counting_chains and p.own == 20
-    assert p.load("a") == 0.0
-
-
-def test_without_decode_blocks_the_count_stays_the_decayed_one(clock) -> None:
-    p = peers(clock, mean=4.0)
-    for i in range(20):  # a server that stores prompts only: no chain ever grows
-        p.stored("a", None, [i])
-    assert not p.counting_chains
-    clock.now += 4.0
-    assert p.load("a") == pytest.approx(20 * math.exp(-1.0))
-
-
 def test_a_slow_decode_block_continues_its_request_a_late_prompt_run_does_not(clock) -> None:
     p = peers(clock)
     p.stored("a", None, [1, 2, 3])
