@@ -25,8 +25,7 @@ What it cannot see: requests waiting in a model server's queue (they store nothi
 are scheduled), requests whose prompt was cached whole until their first decode block is full,
 and a conversation's next turn sent within ``continuation_seconds`` of its previous answer's
 last block (it continues that chain; a one-block prompt run, within ``decode_seconds``). The
-estimate is a load signal for the picker, not a
-count.
+estimate is a load signal for the picker, not a count.
 
 ``stored`` is called by the KV index (the subscriber thread, for live batches only: replayed
 history is not load); ``expect`` and ``load`` by the picking side. One lock keeps them apart.
