@@ -950,12 +950,12 @@ def sweep_routers(
 def profile_misses(results: Sequence[Result]) -> None:
     """Where each policy's missed prompt blocks were lost (Simulation._profile)."""
     print(
-        f"\nmissed prompt blocks, as a share of all (counted requests):\n{'':<34}"
+        f"\nmissed prompt blocks, as a share of all (counted requests):\n{'':<46}"
         + "".join(f"{r.policy[:22]:>24}" for r in results)
     )
     for kind in MISSES:
         print(
-            f"  {kind:<32}"
+            f"  {kind:<44}"
             + "".join(
                 f"{(r.misses or {}).get(kind, 0) / max(1, (r.misses or {}).get('blocks', 1)):>24.1%}" for r in results
             )
