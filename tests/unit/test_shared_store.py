@@ -135,7 +135,7 @@ def test_a_redis_cache_without_its_own_url_uses_the_store_and_its_password(redis
         deadline = time.monotonic() + 10
         while len(two.store.index) == 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        entry, found, similarity = await two.store.get(b"scope", vector, 0.9, ())
+        entry, found, _ = await two.store.get(b"scope", vector, 0.9, ())
         assert entry == "e1" and found is not None and found.content == "stored once"
         # A reload that changes the store's password cannot keep this cache's connections.
         other = StoreSettings(policy.store.url, password=SecretRef(env="ELSEWHERE"))
