@@ -136,6 +136,7 @@ class Runtime:
             if self._classifier_signal is not None:
                 self._classifier_signal.timeout_seconds = policy.classifier.timeout_ms / 1000
                 self._classifier_signal.pii_tokens = policy.classifier.pii_tokens
+                self._classifier_signal.topic_tokens = policy.classifier.topic_tokens
             self.router.backends.store = store
             self._update_scrape_targets()
             self._retain_replica_series()
@@ -234,7 +235,7 @@ class Runtime:
                 workers=settings.workers,
             )
             self._classifier_signal = ClassifierSignal(
-                self._async_classifier, settings.timeout_ms / 1000, settings.pii_tokens
+                self._async_classifier, settings.timeout_ms / 1000, settings.pii_tokens, settings.topic_tokens
             )
             log.info("classifier loaded")
         except Exception as exc:  # routing must work without it

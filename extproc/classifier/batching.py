@@ -6,14 +6,20 @@ Inference runs in worker threads (`workers` texts at once), never on the event l
 onnxruntime run: padding texts into one run bought little throughput on the CPUs measured (at most
 ~8%, model card "Run time") and made each text's int8 outputs depend on its batch-mates.
 
-Under overload a first-in, first-out queue serves every text just after its caller gave up:
-throughput collapsed (54 -> 13 texts/s past saturation, model card "Throughput under
-concurrency"). So the scheduler serves the **newest** waiting text first, and a text that can no
-longer make its callers' deadline (given how long texts have been taking) is **dropped** at once
-with `DeadlineExceededError`, so its callers route on their other signals now instead of at the
-deadline. At most `max_batch` texts with a deadline wait per worker; past that the oldest is dropped
-the same way.
-Below saturation at most a few texts wait and the order makes no difference.
+Under overload the scheduler must neither run texts whose callers have given up nor let a few
+texts starve. It serves the waiting text with the **earliest deadline** first (for callers with one
+timeout: first in, first out), and **drops** with `DeadlineExceededError`, at once, a text that can
+no longer make its callers' deadline, so its callers route on their other signals now instead of
+at the deadline:
+- on arrival, when the work already queued ahead of it (estimated from how long texts have been
+  taking per token, spread over the workers) would finish it after its deadline;
+- when its turn comes, if it would finish after its deadline (`_MARGIN` x its estimate from now);
+- past `max_batch` waiting texts per worker (a bound on memory): the one that would be served last.
+So every text that runs is one whose caller can still use it, and below saturation none is dropped.
+First in, first out without the drops served every text just after its caller gave up (54 -> 13
+texts/s past saturation, model card "Throughput under concurrency"); newest first with the drops
+(issue 16's second round) kept throughput but starved the oldest waiting texts below saturation:
+with C callers always waiting, some missed their deadline long before the classifier was full.
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ log = logging.getLogger(__name__)
 # Seconds per estimated token before any text has been measured (two busy cores, 64 tokens ~ 15 ms)
 _INITIAL_SECONDS_PER_TOKEN = 3e-4
 _EWMA = 0.2  # weight of the newest measurement in the running estimate
+# A text runs only if it would finish within its deadline at this multiple of its estimate: the
+# estimate is a running mean, and a text that ends just past its deadline is wasted work.
+_MARGIN = 1.25
 
 
 class ClassifierClosedError(RuntimeError):
@@ -50,20 +59,23 @@ class DeadlineExceededError(TimeoutError):
     """The text was dropped: it could not have been classified before its callers' deadline."""
 
 
-def text_key(text: str, pii_tokens: int = DEFAULT_PII_TOKENS, topic: bool = True) -> bytes:
+def text_key(text: str, pii_tokens: int = DEFAULT_PII_TOKENS, topic: bool = True, topic_tokens: int = WINDOW) -> bytes:
     """Cache key: a 16-byte digest (so the cache never holds prompt text) and what was asked."""
     digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-    if len(text) <= 2 * WINDOW:  # one sequence serves the topic and the tagger (classifier.py)
+    if len(text) <= 2 * WINDOW:  # the topic is always read (classifier.py), the tagger one window
         pii_tokens, topic = (WINDOW if pii_tokens else 0), True
-    return digest + pii_tokens.to_bytes(4, "big") + bytes([topic])
+    budget = min(topic_tokens, WINDOW) if topic else WINDOW
+    return digest + pii_tokens.to_bytes(4, "big") + bytes([topic]) + budget.to_bytes(2, "big")
 
 
-def _tokens(text: str, pii_tokens: int, topic: bool) -> int:
+def _tokens(text: str, pii_tokens: int, topic: bool, topic_tokens: int = WINDOW) -> int:
     """The encoder tokens a text will cost, roughly (4 characters a token), for the run-time estimate."""
-    tokens = min(len(text) // 4 + 2, WINDOW + 2)
-    if len(text) > 2 * WINDOW and pii_tokens and topic:
-        tokens += min(pii_tokens, len(text) // 4)
-    return max(tokens, 8)
+    n, short = len(text) // 4, len(text) <= 2 * WINDOW
+    tagged = min(n, WINDOW if short else pii_tokens) if pii_tokens else 0
+    read = min(n, topic_tokens, WINDOW) if topic or short else 0
+    # one sequence serves both when the text fits the topic budget (classifier.py)
+    tokens = tagged if short and tagged and n <= topic_tokens else tagged + read
+    return max(tokens + 2, 8)
 
 
 @dataclass(slots=True)
@@ -74,6 +86,7 @@ class _Job:
     topic: bool
     deadline: float  # loop time by which its last caller gives up (inf: none)
     tokens: int
+    topic_tokens: int = WINDOW
 
 
 class AsyncClassifier:
@@ -81,7 +94,7 @@ class AsyncClassifier:
         self,
         classifier: Classifier,
         *,
-        max_batch: int = 16,
+        max_batch: int = 64,
         max_wait_ms: float = 0.0,
         cache_size: int = 4096,
         on_batch: Callable[[int, float], None] | None = None,
@@ -112,37 +125,46 @@ class AsyncClassifier:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="classifier")
         self._closed = False
         self._abandoned = 0  # texts given up by every caller before their result
-        self._last_key: tuple[str, int, bool, bytes] | None = None
+        self._last_key: tuple[str, tuple[int, bool, int], bytes] | None = None
         self._dropped = 0  # texts dropped because they could not make their deadline
         self._seconds_per_token = _INITIAL_SECONDS_PER_TOKEN
+        self._running_tokens = 0  # estimated tokens of the texts being classified now
 
-    def cached(self, text: str, pii_tokens: int = DEFAULT_PII_TOKENS, topic: bool = True) -> bool:
+    def cached(
+        self, text: str, pii_tokens: int = DEFAULT_PII_TOKENS, topic: bool = True, topic_tokens: int = WINDOW
+    ) -> bool:
         """The result for `text` is at hand (cached or being computed): asking costs no encoder time."""
-        key = self._key(text, pii_tokens, topic)
+        key = self._key(text, pii_tokens, topic, topic_tokens)
         return key in self._cache or key in self._inflight
 
-    def _key(self, text: str, pii_tokens: int, topic: bool) -> bytes:
+    def _key(self, text: str, pii_tokens: int, topic: bool, topic_tokens: int) -> bytes:
         """text_key, remembered for the last text asked about: cached() and classify() ask about
         the same one in turn, and digesting a megabyte prompt twice on the event loop costs."""
         last = self._last_key
-        if last is not None and last[0] is text and last[1] == pii_tokens and last[2] == topic:
-            return last[3]
-        key = text_key(text, pii_tokens, topic)
-        self._last_key = (text, pii_tokens, topic, key)
+        if last is not None and last[0] is text and last[1] == (pii_tokens, topic, topic_tokens):
+            return last[2]
+        key = text_key(text, pii_tokens, topic, topic_tokens)
+        self._last_key = (text, (pii_tokens, topic, topic_tokens), key)
         return key
 
     async def classify(
-        self, text: str, pii_tokens: int = DEFAULT_PII_TOKENS, topic: bool = True, deadline: float | None = None
+        self,
+        text: str,
+        pii_tokens: int = DEFAULT_PII_TOKENS,
+        topic: bool = True,
+        deadline: float | None = None,
+        topic_tokens: int = WINDOW,
     ) -> Classification:
         """Domain, complexity and PII of one text; the tagger reads its first `pii_tokens` tokens
-        (0: none), and `topic=False` may skip domain and complexity (Classifier.classify).
+        (0: none), and `topic=False` may skip domain and complexity; domain and complexity read at
+        most `topic_tokens` tokens, head and tail (Classifier.classify).
 
         `deadline` (event-loop time) is when this caller gives up: a text that can no longer be
         classified by then is dropped with DeadlineExceededError instead of being run late.
         """
         if self._closed:
             raise ClassifierClosedError("AsyncClassifier is closed")
-        key = self._key(text, pii_tokens, topic)
+        key = self._key(text, pii_tokens, topic, topic_tokens)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
@@ -153,8 +175,9 @@ class AsyncClassifier:
             pending = asyncio.get_running_loop().create_future()
             self._inflight[key] = pending
             self._ensure_workers()
-            self._jobs[key] = _Job(key, text, pii_tokens, topic, limit, _tokens(text, pii_tokens, topic))
-            self._shed_overflow()
+            cost = _tokens(text, pii_tokens, topic, topic_tokens)
+            job = _Job(key, text, pii_tokens, topic, limit, cost, topic_tokens)
+            self._admit(job, asyncio.get_running_loop().time())  # may fail `pending` at once
             assert self._wake is not None
             self._wake.set()
         else:
@@ -213,24 +236,36 @@ class AsyncClassifier:
             fut.set_exception(DeadlineExceededError(why))
         self._dropped += 1
 
-    def _shed_overflow(self) -> None:
-        """Past max_batch waiting texts per worker, drop the oldest that has a deadline (a caller
-        without one, e.g. an offline evaluation, waits whatever the queue)."""
-        excess = len(self._jobs) - self._max_waiting
-        if excess <= 0:
+    def _admit(self, job: _Job, now: float) -> None:
+        """Queue the new text, and drop it at once if it cannot make its deadline (the work ahead
+        of it, spread over the workers, and its own run would end past it) or, past the bound on
+        waiting texts, the one that would be served last."""
+        per_token = self._seconds_per_token
+        ahead = self._running_tokens / 2 + sum(j.tokens for j in self._jobs.values() if j.deadline <= job.deadline)
+        self._jobs[job.key] = job
+        if now + (ahead / self._n_workers + job.tokens) * per_token > job.deadline:
+            self._drop(job, "classifier backlog: it would have finished after its deadline")
             return
-        for job in [j for j in self._jobs.values() if j.deadline != math.inf][:excess]:
-            self._drop(job, "too many texts waiting for the classifier")
+        excess = len(self._jobs) - self._max_waiting
+        if excess > 0:
+            # latest deadline first, of equal ones the newest; a caller without a deadline (an
+            # offline evaluation) waits whatever the queue
+            timed = [j for j in self._jobs.values() if j.deadline != math.inf]
+            for victim in sorted(timed, key=lambda j: j.deadline)[max(0, len(timed) - excess) :]:
+                self._drop(victim, "too many texts waiting for the classifier")
 
     def _next_job(self, now: float) -> _Job | None:
-        """The newest waiting text that can still make its deadline; the ones that cannot are dropped."""
-        for job in reversed(list(self._jobs.values())):
-            if now + job.tokens * self._seconds_per_token > job.deadline:
-                self._drop(job, "classifier deadline: dropped before running, it would have finished too late")
-                continue
-            del self._jobs[job.key]
-            return job
-        return None
+        """The waiting text with the earliest deadline that can still make it (the oldest of equal
+        deadlines); the ones that cannot are dropped."""
+        per_token = self._seconds_per_token
+        late = [j for j in self._jobs.values() if now + _MARGIN * j.tokens * per_token > j.deadline]
+        for job in late:
+            self._drop(job, "classifier deadline: dropped before running, it would have finished too late")
+        if not self._jobs:
+            return None
+        job = min(self._jobs.values(), key=lambda j: j.deadline)
+        del self._jobs[job.key]
+        return job
 
     async def _work(self) -> None:
         assert self._wake is not None
@@ -248,9 +283,10 @@ class AsyncClassifier:
     async def _run(self, job: _Job) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        self._running_tokens += job.tokens
         try:
             [result] = await loop.run_in_executor(
-                self._executor, self._classify_one, job.text, job.pii_tokens, job.topic
+                self._executor, self._classify_one, job.text, job.pii_tokens, job.topic, job.topic_tokens
             )
         except Exception as e:  # this text's callers get the error; the worker lives on
             fut = self._inflight.pop(job.key, None)
@@ -258,6 +294,7 @@ class AsyncClassifier:
                 fut.set_exception(e)
             return
         finally:
+            self._running_tokens -= job.tokens
             seconds = time.perf_counter() - started
             self._report(1, seconds)
         per_token = seconds / job.tokens
@@ -267,8 +304,8 @@ class AsyncClassifier:
         if fut is not None and not fut.done():
             fut.set_result(result)
 
-    def _classify_one(self, text: str, pii_tokens: int, topic: bool) -> list[Classification]:
-        return self._classifier.classify([text], pii_tokens=pii_tokens, topic=topic)
+    def _classify_one(self, text: str, pii_tokens: int, topic: bool, topic_tokens: int) -> list[Classification]:
+        return self._classifier.classify([text], pii_tokens=pii_tokens, topic=topic, topic_tokens=topic_tokens)
 
     @property
     def abandoned(self) -> int:

@@ -136,7 +136,13 @@ class Classifier:
         return np.stack([c.sentence_embedding for c in self.classify(texts, embed=True)])  # type: ignore[misc]
 
     def classify(
-        self, texts: Sequence[str], *, pii_tokens: int = DEFAULT_PII_TOKENS, topic: bool = True, embed: bool = False
+        self,
+        texts: Sequence[str],
+        *,
+        pii_tokens: int = DEFAULT_PII_TOKENS,
+        topic: bool = True,
+        embed: bool = False,
+        topic_tokens: int = WINDOW,
     ) -> list[Classification]:
         """Classify a batch of texts in as few onnxruntime runs as padding allows.
 
@@ -149,6 +155,11 @@ class Classifier:
         more (model card). A text longer than one window costs a trunk run for its head and tail
         and one per tagger window: `topic=False` or `pii_tokens=0` skips either.
 
+        `topic_tokens` is the budget domain and complexity read (policy: classifier.topic_tokens):
+        a text longer than that is read as its first `topic_tokens // 2` and last
+        `topic_tokens - topic_tokens // 2` tokens, in a sequence of its own (then the tagger reads
+        its own windows). The default, one window, reads every text up to 510 tokens whole.
+
         With `embed`, each result also carries its `sentence_embedding` (of the sequence domain and
         complexity read): one more encoder layer over the trunk states this run computed anyway
         (~18% of a plain MiniLM pass, model card).
@@ -158,7 +169,10 @@ class Classifier:
         if embed and self._sentence is None:
             raise ModelError("this model directory ships no sentence embedding graph")
         topic = topic or embed
-        views = [_views(self._tok, text, pii_tokens, topic) for text in texts]
+        if topic_tokens < 2:
+            raise ValueError("topic_tokens must be at least 2 (one head and one tail token)")
+        topic_tokens = min(topic_tokens, WINDOW)
+        views = [_views(self._tok, text, pii_tokens, topic, topic_tokens) for text in texts]
         seqs = [s for i, v in enumerate(views) for s in v.sequences(i)]
         domain = np.zeros((len(texts), len(DOMAINS)), np.float32)
         pooled = np.zeros((len(texts), _HIDDEN), np.float32)
@@ -233,7 +247,7 @@ class _Views:
         return seqs
 
 
-def _views(tok, text: str, pii_tokens: int, topic: bool = True) -> _Views:
+def _views(tok, text: str, pii_tokens: int, topic: bool = True, budget: int = WINDOW) -> _Views:
     if len(text) <= WINDOW * 2:  # surely one window (or near it): read once, for everything asked
         topic = True
         if pii_tokens:
@@ -253,36 +267,38 @@ def _views(tok, text: str, pii_tokens: int, topic: bool = True) -> _Views:
     else:
         pii_chars = norm.span(0, len(pii_text))[1]
     whole = pii_chars == len(text) and norm.starts is None
-    if whole and len(pii.ids) <= WINDOW:
+    if whole and len(pii.ids) <= budget:
         return _Views(pii.ids, len(text), pii, pii_text, norm, pii_chars, True, pii_tokens > 0)
     if not topic:
         return _Views(np.zeros(0, np.int64), 0, pii, pii_text, norm, pii_chars, False)
     # Domain and complexity read the text as sent (not normalized): what the heads were trained on.
-    half = WINDOW // 2
+    half = budget // 2
     if whole:
-        topic, topic_chars = head_tail(pii.ids), min(len(text), _topic_chars(pii.offsets, half))
-    elif len(text) <= 2 * half * 8:
+        topic, topic_chars = head_tail(pii.ids, budget), min(len(text), _topic_chars(pii.offsets, budget))
+    elif len(text) <= max(2 * half * 8, 2 * WINDOW):
         [e] = encode(tok, [text])
-        topic, topic_chars = head_tail(e.ids), min(len(text), _topic_chars(e.offsets, half))
+        topic, topic_chars = head_tail(e.ids, budget), min(len(text), _topic_chars(e.offsets, budget))
     else:
         [h] = encode(tok, [head_slice(text, half)])
-        _, tail = tail_slice(text, WINDOW - half)
+        _, tail = tail_slice(text, budget - half)
         [t] = encode(tok, [tail])
-        topic = np.concatenate([h.ids[:half], t.ids[max(0, len(t.ids) - (WINDOW - half)) :]])
-        head_chars = int(h.offsets[min(half, len(h.ids)) - 1, 1]) if len(h.ids) else 0
-        first_tail = max(0, len(t.ids) - (WINDOW - half))
+        topic = np.concatenate([h.ids[:half], t.ids[max(0, len(t.ids) - (budget - half)) :]])
+        head_chars = int(h.offsets[min(half, len(h.ids)) - 1, 1]) if len(h.ids) and half else 0
+        first_tail = max(0, len(t.ids) - (budget - half))
         tail_chars = len(tail) - int(t.offsets[first_tail, 0]) if len(t.ids) else 0
         topic_chars = head_chars + tail_chars
     return _Views(topic, topic_chars, pii, pii_text, norm, pii_chars, False)
 
 
-def _topic_chars(offsets: np.ndarray, half: int) -> int:
-    """Characters that head_tail's tokens cover."""
+def _topic_chars(offsets: np.ndarray, budget: int) -> int:
+    """Characters that head_tail(ids, budget)'s tokens cover."""
     n = len(offsets)
-    if n <= WINDOW:
+    if n <= budget:
         return int(offsets[-1, 1]) if n else 0
-    tail_from = n - (WINDOW - half)
-    return int(offsets[half - 1, 1]) + int(offsets[-1, 1] - offsets[tail_from, 0])
+    half = budget // 2
+    tail_from = n - (budget - half)
+    head_chars = int(offsets[half - 1, 1]) if half else 0
+    return head_chars + int(offsets[-1, 1] - offsets[tail_from, 0])
 
 
 def _to_source(span: PiiSpan, norm: Normalized) -> PiiSpan:

@@ -219,13 +219,18 @@ class ClassifierSettings:
     enabled: bool | str = "auto"
     threads: int = 2  # onnxruntime intra-op threads per text
     workers: int = 1  # texts classified at once
-    max_batch: int = 16
+    # texts that may wait per worker: a bound on memory; the deadline bounds the queue before it
+    # (batching.py drops at once what the work ahead would make late)
+    max_batch: int = 64
     max_wait_ms: float = 0.0  # texts run one at a time (batching.py): waiting would only delay
     cache_size: int = 4096
     timeout_ms: float = 300.0
     # tagger budget per request (signals/classifier.py): one encoder window, the classifier's own
     # default (extproc.classifier.text.DEFAULT_PII_TOKENS; a test keeps the two equal)
     pii_tokens: int = 510
+    # tokens domain and complexity read of the latest user message, head and tail (classifier.py):
+    # one window by default (extproc.classifier.text.WINDOW; a test keeps the two equal)
+    topic_tokens: int = 510
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from extproc.classifier.pii import STRUCTURED, Candidate, named_by_key, scan
-from extproc.classifier.text import DEFAULT_PII_TOKENS
+from extproc.classifier.text import DEFAULT_PII_TOKENS, WINDOW
 from extproc.heads import form_features
 from extproc.lanes import LARGE_BODY_BYTES, LARGE_BODY_SECONDS
 from extproc.request import Message
@@ -119,11 +119,16 @@ def _add_disjoint(spans: list[PiiHit], extra: list[Candidate], message: int) -> 
 
 class ClassifierSignal:
     def __init__(
-        self, classifier: AsyncClassifier, timeout_seconds: float, pii_tokens: int = DEFAULT_PII_TOKENS
+        self,
+        classifier: AsyncClassifier,
+        timeout_seconds: float,
+        pii_tokens: int = DEFAULT_PII_TOKENS,
+        topic_tokens: int = WINDOW,
     ) -> None:
         self.classifier = classifier
         self.timeout_seconds = timeout_seconds
         self.pii_tokens = pii_tokens
+        self.topic_tokens = topic_tokens  # what domain and complexity read of the latest user message
         # The structured scan runs here, not on the event loop and not behind the encoder's queue;
         # a short conversation's inline (microseconds), a large one's in a lane of its own, so
         # no scan waits behind a large conversation's but another large one's.
@@ -165,8 +170,10 @@ class ClassifierSignal:
         # The classifier drops a text that could no longer make this deadline (batching.py), so a
         # request past it under overload routes on its other signals now rather than at the deadline.
         give_up = deadline if self.timeout_seconds is not None else None
+        budget = self.topic_tokens
         tasks = {
-            i: asyncio.ensure_future(self.classifier.classify(messages[i].text, n, t, give_up)) for i, n, t in asks
+            i: asyncio.ensure_future(self.classifier.classify(messages[i].text, n, t, give_up, budget))
+            for i, n, t in asks
         }
         try:
             if tasks:
@@ -214,7 +221,7 @@ class ClassifierSignal:
             if not text or not (is_topic or tag):
                 continue
             tokens = self.pii_tokens if tag else 0
-            if tag and not self.classifier.cached(text, tokens, is_topic):
+            if tag and not self.classifier.cached(text, tokens, is_topic, self.topic_tokens):
                 if left <= 0:
                     if not is_topic:
                         break  # past the budget: structured values count on their validator

@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from extproc.classifier import AsyncClassifier, Classification, Classifier, ClassifierClosedError
+from extproc.classifier import AsyncClassifier, Classification, Classifier, ClassifierClosedError, batching
 from extproc.classifier.batching import DeadlineExceededError
 
 
@@ -42,25 +42,50 @@ def _holding_first(counting: Counting) -> threading.Event:
     return gate
 
 
-def test_under_load_the_newest_waiting_text_runs_first(counting: Counting):
-    # First in, first out served every text just after its caller gave up once the classifier
-    # was saturated; newest first serves the callers that can still use the answer.
+def test_under_load_waiting_texts_run_earliest_deadline_first(counting: Counting):
+    # Newest first starved the oldest waiting texts below saturation; with one timeout for all
+    # callers, earliest deadline first is first in, first out.
     gate = _holding_first(counting)
     sizes: list[int] = []
 
     async def run():
         ac = AsyncClassifier(counting, on_batch=lambda n, s: sizes.append(n))
+        now = asyncio.get_running_loop().time()
         first = asyncio.create_task(ac.classify("first"))
         await asyncio.sleep(0.05)
-        waiting = [asyncio.create_task(ac.classify(t)) for t in ("older", "old", "newest")]
+        waiting = [
+            asyncio.create_task(ac.classify(t, 510, True, None if d is None else now + d))
+            for t, d in (("oldest", 60), ("old", 61), ("hurried", 30), ("newest", 62), ("no deadline", None))
+        ]
         await asyncio.sleep(0.05)
         gate.set()
         await asyncio.gather(first, *waiting)
         await ac.aclose()
 
     asyncio.run(run())
-    assert counting.batches == [["first"], ["newest"], ["old"], ["older"]]
-    assert sizes == [1, 1, 1, 1]  # every text runs alone, so no text's outputs depend on another's
+    assert counting.batches == [["first"], ["hurried"], ["oldest"], ["old"], ["newest"], ["no deadline"]]
+    assert sizes == [1] * 6  # every text runs alone, so no text's outputs depend on another's
+
+
+def test_below_saturation_no_waiting_text_is_dropped(counting: Counting):
+    gate = _holding_first(counting)
+
+    async def run():
+        ac = AsyncClassifier(counting, cache_size=0)
+        deadline = asyncio.get_running_loop().time() + 30
+        first = asyncio.create_task(ac.classify("first"))
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.create_task(ac.classify(f"text {i}", 0, True, deadline)) for i in range(20)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        out = await asyncio.gather(first, *waiting, return_exceptions=True)
+        dropped = ac.dropped
+        await ac.aclose()
+        return out, dropped
+
+    out, dropped = asyncio.run(run())
+    assert dropped == 0 and all(isinstance(r, Classification) for r in out)
+    assert counting.batches[1:] == [[f"text {i}"] for i in range(20)]
 
 
 def test_a_text_that_can_no_longer_make_its_deadline_is_dropped_not_run_late(counting: Counting):
@@ -86,7 +111,34 @@ def test_a_text_that_can_no_longer_make_its_deadline_is_dropped_not_run_late(cou
     assert ["in a hurry"] not in counting.batches and dropped == 1
 
 
-def test_past_max_batch_waiting_texts_per_worker_the_oldest_is_dropped_at_once(counting: Counting):
+def test_a_text_the_work_ahead_would_make_late_is_dropped_on_arrival(counting: Counting, monkeypatch):
+    # 20 ms a token: the 510-token text waiting would take ~10 s, so a second one due 1 s after it
+    # is told at once, not when its turn comes (nor at its deadline); one due in a minute waits.
+    monkeypatch.setattr(batching, "_INITIAL_SECONDS_PER_TOKEN", 0.02)
+    gate = _holding_first(counting)
+
+    async def run():
+        ac = AsyncClassifier(counting)
+        now = asyncio.get_running_loop().time()
+        first = asyncio.create_task(ac.classify("first"))
+        await asyncio.sleep(0.05)
+        long = asyncio.create_task(ac.classify("long " * 2000, 0, True, now + 14))
+        hurried = asyncio.create_task(ac.classify("longer " * 2000, 0, True, now + 15))
+        patient = asyncio.create_task(ac.classify("short", 0, True, now + 60))
+        await asyncio.sleep(0.05)
+        told_at_once = hurried.done()
+        gate.set()
+        out = await asyncio.gather(first, long, hurried, patient, return_exceptions=True)
+        await ac.aclose()
+        return told_at_once, out
+
+    told_at_once, (first, long, hurried, patient) = asyncio.run(run())
+    assert told_at_once and isinstance(hurried, DeadlineExceededError)
+    assert all(isinstance(r, Classification) for r in (first, long, patient))
+    assert ["longer " * 2000] not in counting.batches
+
+
+def test_past_max_batch_waiting_texts_per_worker_the_one_served_last_is_dropped_at_once(counting: Counting):
     gate = _holding_first(counting)
 
     async def run():
@@ -94,18 +146,18 @@ def test_past_max_batch_waiting_texts_per_worker_the_oldest_is_dropped_at_once(c
         first = asyncio.create_task(ac.classify("first"))
         await asyncio.sleep(0.05)
         soon = asyncio.get_running_loop().time() + 30
-        oldest = asyncio.create_task(ac.classify("oldest", 510, True, soon))
-        rest = [asyncio.create_task(ac.classify(t, 510, True, soon)) for t in ("second", "third")]
+        waiting = [asyncio.create_task(ac.classify(t, 510, True, soon)) for t in ("oldest", "second")]
+        newest = asyncio.create_task(ac.classify("newest", 510, True, soon))
         await asyncio.sleep(0.05)
-        shed = oldest.done()  # failed as soon as the third waiting text arrived, before the gate
+        shed = newest.done()  # failed as soon as it arrived, before the gate
         gate.set()
-        out = await asyncio.gather(first, oldest, *rest, return_exceptions=True)
+        out = await asyncio.gather(first, *waiting, newest, return_exceptions=True)
         await ac.aclose()
         return shed, out
 
-    shed, (first, oldest, second, third) = asyncio.run(run())
-    assert shed and isinstance(oldest, DeadlineExceededError)
-    assert all(isinstance(r, Classification) for r in (first, second, third))
+    shed, (first, oldest, second, newest) = asyncio.run(run())
+    assert shed and isinstance(newest, DeadlineExceededError)
+    assert all(isinstance(r, Classification) for r in (first, oldest, second))
 
 
 def test_a_slow_text_does_not_hold_another_callers_answer(counting: Counting):

@@ -32,15 +32,22 @@ class Recording:
 
     def __init__(self, names: dict[str, tuple[int, int]] | None = None) -> None:
         self.calls: list[tuple[int, int, bool]] = []
+        self.topic_tokens: list[int] = []
         self.names = names or {}  # text -> a PERSON span the "tagger" finds
 
-    def cached(self, text: str, pii_tokens: int = 0, topic: bool = True) -> bool:
+    def cached(self, text: str, pii_tokens: int = 0, topic: bool = True, topic_tokens: int = 510) -> bool:
         return False
 
     async def classify(
-        self, text: str, pii_tokens: int = 510, topic: bool = True, deadline: float | None = None
+        self,
+        text: str,
+        pii_tokens: int = 510,
+        topic: bool = True,
+        deadline: float | None = None,
+        topic_tokens: int = 510,
     ) -> Classification:
         self.calls.append((len(text), pii_tokens, topic))
+        self.topic_tokens.append(topic_tokens)
         read = min(len(text), pii_tokens * 8)
         spans = (
             tuple(PiiSpan("PERSON", a, b, 0.9) for a, b in [self.names[text]] if b <= read)
@@ -174,7 +181,7 @@ def test_a_short_prompt_is_checked_whole() -> None:
 def test_classifier_defaults_are_the_schemas() -> None:
     props = schema()["properties"]["classifier"]["properties"]
     defaults = ClassifierSettings()
-    for name in ("threads", "max_batch", "cache_size", "timeout_ms", "pii_tokens"):
+    for name in ("threads", "max_batch", "cache_size", "timeout_ms", "pii_tokens", "topic_tokens"):
         assert props[name]["default"] == getattr(defaults, name), name
 
 
@@ -182,6 +189,16 @@ def test_the_policys_pii_budget_default_is_the_classifiers() -> None:
     from extproc.classifier.text import DEFAULT_PII_TOKENS
 
     assert ClassifierSettings().pii_tokens == DEFAULT_PII_TOKENS
+
+
+def test_the_policys_topic_budget_default_is_the_classifiers_and_reaches_every_ask() -> None:
+    from extproc.classifier.text import WINDOW
+
+    assert ClassifierSettings().topic_tokens == WINDOW
+    recording = Recording()
+    signals = signals_for("an earlier question", "the latest question")
+    asyncio.run(ClassifierSignal(recording, 60, pii_tokens=510, topic_tokens=64).annotate(signals, pii=False))
+    assert recording.topic_tokens == [64] and recording.calls == [(len("the latest question"), 0, True)]
 
 
 def test_loading_a_policy_does_not_import_onnxruntime() -> None:
