@@ -17,8 +17,8 @@ one text at a time with T onnxruntime threads (the sidecar's default is 1x2).
 Reported per level C: the share of classifications that missed the deadline (dropped or late),
 classified texts per second, p50 / p99 latency of those that made it, and the load average.
 
-**Baseline in the same run.** Machines are shared and noisy, so every level is preceded by a
-burst of plain MiniLM-L6 passes (all six layers, mean pooling, quantized like the shipped graph,
+**Baseline in the same run.** Machines are shared and noisy, so every level is preceded and
+followed by a burst of plain MiniLM-L6 passes (all six layers, mean pooling, quantized like the shipped graph,
 batch 1) over the same kind of text, with the same layout, as fast as they go: `plain/s`. The
 figures that survive machine load are ratios to it:
 
@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=64, help="tokens per text, [CLS] and [SEP] included")
     ap.add_argument("--deadline-ms", type=float, default=300)
     ap.add_argument("--seconds", type=float, default=8, help="per level")
-    ap.add_argument("--baseline-seconds", type=float, default=2, help="plain passes before each level")
+    ap.add_argument(
+        "--baseline-seconds", type=float, default=2, help="plain passes around each level (half before, half after)"
+    )
     ap.add_argument("--layouts", default="1x2,2x1")
     ap.add_argument("--record", type=Path, help="write the figures as JSON (the model card's concurrency row)")
     ap.add_argument("--levels", default=",".join(map(str, LEVELS)))
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             rows = []
             for c in (int(v) for v in args.levels.split(",")):
-                base = plain_per_s(plain, feeds, workers, args.baseline_seconds)
+                before = plain_per_s(plain, feeds, workers, args.baseline_seconds / 2)
 
                 async def run(c=c, clf=clf, workers=workers):
                     ac = AsyncClassifier(clf, cache_size=0, workers=workers)
@@ -257,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                         await ac.aclose()
 
                 r = asyncio.run(run())
+                base = (before + plain_per_s(plain, feeds, workers, args.baseline_seconds / 2)) / 2
                 r.update(plain_per_s=base, ratio=r["per_s"] / base if base else float("nan"), load=load_average())
                 rows.append(r)
                 print(
