@@ -267,3 +267,24 @@ def test_a_hundred_thousand_messages_are_counted_in_bounded_calls(monkeypatch: p
     monkeypatch.setattr(counter, "count", lambda t: calls.append(1) or real(t))
     total, estimated = counter.count_all(["ok"] * 100_000)
     assert estimated and len(calls) <= 256 and 50_000 < total < 200_000
+
+
+def test_a_reload_sets_the_budgets_the_running_classifier_signal_reads() -> None:
+    from pathlib import Path
+
+    from extproc.app import Runtime, Settings
+    from extproc.policy.load import parse_policy
+
+    bundled = (Path(__file__).parents[2] / "extproc" / "policy" / "default.yaml").read_text()
+    runtime = Runtime(Settings(config=Path(), reload=False, metrics_port=None))
+
+    async def run():
+        await runtime.apply(parse_policy(bundled))
+        signal = runtime._classifier_signal
+        assert signal is not None
+        before = (signal.topic_tokens, signal.pii_tokens)
+        await runtime.apply(parse_policy(bundled + "\nclassifier: {topic_tokens: 64, pii_tokens: 128}\n"))
+        assert runtime._classifier_signal is signal  # the encoder is not reloaded
+        return before, (signal.topic_tokens, signal.pii_tokens)
+
+    assert asyncio.run(run()) == ((510, 510), (64, 128))
