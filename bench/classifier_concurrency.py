@@ -87,8 +87,9 @@ async def closed_loop(
                 done.append(time.perf_counter() - t)
             except TimeoutError:  # missed, or dropped for its deadline (DeadlineExceededError)
                 missed += 1
-                if hold_missed:  # the request goes on without the classifier: no new one sooner
-                    await asyncio.sleep(max(0.0, t + deadline - time.perf_counter()))
+                # the request goes on without the classifier: no new one sooner; and with
+                # --retry-at-once a text dropped on arrival must still let the loop run
+                await asyncio.sleep(max(0.0, t + deadline - time.perf_counter()) if hold_missed else 0)
 
     started = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
