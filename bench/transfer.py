@@ -64,8 +64,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extproc.classifier.train import difficulty, routing_data
-from extproc.evaluation import fitting
-from extproc.heads import EMBEDDING_DIM, Head, form_features
+from extproc.evaluation import fitting, pairmf
+from extproc.heads import EMBEDDING_DIM, FORM_FEATURES, Head, form_features
 
 TRAIN_SETS = ("mmlu_pro", "dcrouter", "arena", "gsm8k")
 SCORED_SETS = ("mmlu_pro", "dcrouter", "arena")  # with per-model labels: selection folds
@@ -116,6 +116,11 @@ class Candidate:
     label: str = "gain"  # "gain" | "2pl" | "difficulty" (1PL item-response difficulty)
     strength: float = 1.0  # l2 for linear learners, k for knn
     length_blend: float = 0.0  # weight of the prompt's length (percentile) in a monotone blend
+    # pair-conditioned ("mf") only: the metadata features of a model (pairmf.META_FEATURES) and the
+    # pair's score ("gain": predicted sigmoid(l_s) - sigmoid(l_w); "logit": l_s - l_w; "weak": 1 - sigmoid(l_w))
+    meta: str = ""
+    pair: str = ""
+    litellm_blend: float = 0.0  # weight of litellm's score (percentile) in a monotone blend
 
     @property
     def shippable(self) -> bool:
@@ -126,8 +131,12 @@ class Candidate:
         )
 
     def __str__(self) -> str:
-        s = f"{self.learner}({self.features}; {self.label}; {self.strength:g})"
-        return s + (f" + {self.length_blend:g} length" if self.length_blend else "")
+        if self.learner == "mf":
+            s = f"mf({self.features}; meta {self.meta}; {self.pair}; {self.strength:g})"
+        else:
+            s = f"{self.learner}({self.features}; {self.label}; {self.strength:g})"
+        s += f" + {self.length_blend:g} length" if self.length_blend else ""
+        return s + (f" + {self.litellm_blend:g} litellm" if self.litellm_blend else "")
 
 
 CANDIDATES = [
@@ -151,6 +160,22 @@ CANDIDATES = [
     Candidate("-", "length"),
     Candidate("-", "litellm"),
 ]
+# Pair-conditioned (issue 16, third round): one bilinear head over prompt features and the models'
+# metadata (extproc/evaluation/pairmf.py; metadata in extproc/classifier/train/model_metadata.json).
+MF_CANDIDATES = [
+    *(
+        Candidate("embedding+form", "mf", strength=l2, meta=meta, pair=pair)
+        for meta in ("price", "full")
+        for l2 in (0.01, 0.1)
+        for pair in ("gain", "logit", "weak")
+    ),
+    *(Candidate("form", "mf", strength=0.01, meta="full", pair=pair) for pair in ("gain", "logit", "weak")),
+    Candidate("embedding+form", "mf", strength=0.1, meta="full", pair="gain", litellm_blend=0.3),
+    Candidate("embedding+form", "mf", strength=0.1, meta="full", pair="weak", litellm_blend=0.3),
+    Candidate("embedding+form", "mf", strength=0.1, meta="full", pair="gain", length_blend=0.3),
+]
+CANDIDATES += MF_CANDIDATES
+METADATA = Path(__file__).resolve().parents[1] / "extproc" / "classifier" / "train" / "model_metadata.json"
 
 
 class Data:
@@ -174,6 +199,8 @@ class Data:
             self.x["embedding+form+litellm"] = np.hstack([emb, self.form, lite[:, None]])
         self._labels: dict = {}
         self._ridge: dict = {}
+        self._mf: dict = {}
+        self.metadata = pairmf.load_metadata(METADATA)
 
     def rows(self, exclude_sets: tuple[str, ...], splits: tuple[str, ...]) -> np.ndarray:
         sets = [s for s in TRAIN_SETS if s not in exclude_sets]
@@ -220,7 +247,30 @@ def ranked_pairs(y: np.ndarray, ds: np.ndarray, seed: int = 0) -> tuple[np.ndarr
     return np.concatenate(out_a), np.concatenate(out_b)
 
 
-Scorer = Callable[[np.ndarray], np.ndarray]  # item rows -> scores
+Scorer = Callable[..., np.ndarray]  # (item rows, weak, strong) -> scores; pair-agnostic ones ignore the pair
+
+
+def mf_fit(d: Data, c: Candidate, exclude_models, exclude_sets, splits) -> pairmf.PairMF:
+    """The pair-conditioned model of candidate c's features, metadata and l2 (shared by its score kinds)."""
+    key = (c.features, c.meta, c.strength, tuple(sorted(exclude_models)), tuple(sorted(exclude_sets)), splits)
+    if key in d._mf:
+        return d._mf[key]
+    rows = d.rows(exclude_sets, splits)
+    blocks = []
+    for s in sorted(set(d.ds[rows])):
+        idx = rows[d.ds[rows] == s]
+        group = [d.items[i] for i in idx]
+        models = [m for m in difficulty.kept_models(group, exclude_models) if m in d.metadata]
+        if not models:
+            continue  # gsm8k: no model scores
+        y, w = difficulty.score_matrix(group, models)
+        keep = w.sum(1) > 0
+        blocks.append(pairmf.Block(idx[keep], tuple(models), y[keep], w[keep]))
+    tail = len(FORM_FEATURES) if c.features.endswith("+form") else 0
+    d._mf[key] = pairmf.fit(
+        d.x[c.features], blocks, d.metadata, pairmf.META_FEATURES[c.meta], l2=c.strength, free_tail=tail
+    )
+    return d._mf[key]
 
 
 def fit(
@@ -228,10 +278,18 @@ def fit(
 ) -> tuple[Scorer, Head | None]:
     """A scorer for candidate c, trained without what it must not read; and its Head if shippable."""
     if c.learner == "length":
-        return (lambda r: d.length[r]), None
+        return (lambda r, *_: d.length[r]), None
     if c.learner == "litellm":
         assert d.lite is not None
-        return (lambda r: d.lite[r]), None
+        return (lambda r, *_: d.lite[r]), None
+    if c.learner == "mf":
+        model = mf_fit(d, c, exclude_models, exclude_sets, splits)
+        x_mf = d.x[c.features]
+
+        def base(r: np.ndarray, weak: str, strong: str) -> np.ndarray:
+            return model.score(x_mf[r], d.metadata[weak], d.metadata[strong], c.pair)
+
+        return _blends(d, c, base), None
     rows = d.rows(exclude_sets, splits)
     y = d.labels(rows, exclude_models, c.label)[rows]
     ok = ~np.isnan(y)
@@ -240,7 +298,7 @@ def fit(
     head = None
     if c.learner == "logistic":
         head = fitting.fit_head("default", x[rows], y, ("embedding", "form"), c.strength, _balance(d.ds[rows]))
-        base: Scorer = lambda r: head.score_features(x[r])  # noqa: E731
+        base: Scorer = lambda r, *_: head.score_features(x[r])  # noqa: E731
     elif c.learner in ("ridge", "ranking"):
         mean, scale = fitting.standardize(x[rows])
         z = (x[rows] - mean) / scale
@@ -257,7 +315,7 @@ def fit(
         # a monotone squash into (0, 1) so the score reads like the percentile it was fitted to
         spread = float(np.std(z @ w)) or 1.0
         head = Head("default", ("embedding", "form"), mean, scale, w * 1.7 / spread, bias * 1.7 / spread)
-        base = lambda r: head.score_features(x[r])  # noqa: E731
+        base = lambda r, *_: head.score_features(x[r])  # noqa: E731
     elif c.learner == "pairwise":
         # a ranking objective: logistic loss on ordered pairs of prompts of the same data set whose
         # labels differ by more than PAIR_MARGIN (RankNet with a linear scorer); every data set
@@ -268,13 +326,13 @@ def fit(
         w, _ = fitting.logistic(z[a] - z[b], np.ones(len(a)) * (y[a] > y[b]), c.strength)
         spread = float(np.std(z @ w)) or 1.0
         head = Head("default", ("embedding", "form"), mean, scale, w * 1.7 / spread, 0.0)
-        base = lambda r: head.score_features(x[r])  # noqa: E731
+        base = lambda r, *_: head.score_features(x[r])  # noqa: E731
     elif c.learner == "knn":
         e = x / np.linalg.norm(x, axis=1, keepdims=True)
         bank, labels, wts = e[rows].astype(np.float32), y, _balance(d.ds[rows])
         k = int(c.strength)
 
-        def base(r: np.ndarray) -> np.ndarray:
+        def base(r: np.ndarray, *_) -> np.ndarray:
             out = np.empty(len(r))
             for i in range(0, len(r), 1024):
                 sim = e[r[i : i + 1024]].astype(np.float32) @ bank.T
@@ -285,17 +343,28 @@ def fit(
             return out
     else:
         raise ValueError(c.learner)
-    if not c.length_blend:
+    if not (c.length_blend or c.litellm_blend):
         return base, (head if c.shippable else None)
+    return _blends(d, c, base), None
 
-    def blended(r: np.ndarray) -> np.ndarray:
-        # rank blend within the scored rows' data sets: monotone in both parts
+
+def _blends(d: Data, c: Candidate, base: Scorer) -> Scorer:
+    """Rank blends with the prompt's length and litellm's score, within the scored rows' data sets:
+    monotone in every part."""
+    if not (c.length_blend or c.litellm_blend):
+        return base
+
+    def blended(r: np.ndarray, *pair) -> np.ndarray:
         ds = d.ds[r]
-        return (1 - c.length_blend) * _percentile_within(base(r), ds) + c.length_blend * _percentile_within(
-            d.length[r], ds
-        )
+        out = (1 - c.length_blend - c.litellm_blend) * _percentile_within(base(r, *pair), ds)
+        if c.length_blend:
+            out += c.length_blend * _percentile_within(d.length[r], ds)
+        if c.litellm_blend:
+            assert d.lite is not None
+            out += c.litellm_blend * _percentile_within(d.lite[r], ds)
+        return out
 
-    return blended, None
+    return blended
 
 
 def pair_rows(d: Data, dataset, weak, strong, split):
@@ -323,9 +392,12 @@ def selection(d: Data, c: Candidate) -> dict[str, float]:
     lpo = []
     for ds, pairs in VAL_PAIRS.items():
         for w, s in pairs:
-            scorer, _ = fit(d, c, tuple(sorted(reported_models(ds) | {w, s})), (), ("train",))
+            # a pair-conditioned fit leaves out every validation model of the data set at once (one fit
+            # per data set, not per pair: fewer fits, and it never reads more than the per-pair rule)
+            held = {w, s} if c.learner != "mf" else {m for p in pairs for m in p}
+            scorer, _ = fit(d, c, tuple(sorted(reported_models(ds) | held)), (), ("train",))
             rows, wq, sq = pair_rows(d, ds, w, s, "test" if ds == "arena" else "val")
-            lpo.append(fitting.routing(scorer(rows), wq, sq).apgr)
+            lpo.append(fitting.routing(scorer(rows, w, s), wq, sq).apgr)
     inner: dict[tuple, float] = {}
     folds = [(a, b) for i, a in enumerate(SCORED_SETS) for b in SCORED_SETS[i + 1 :]] + [(a,) for a in SCORED_SETS]
     for held in folds:
@@ -333,7 +405,7 @@ def selection(d: Data, c: Candidate) -> dict[str, float]:
         for ds in held:
             for w, s in VAL_PAIRS[ds]:
                 rows, wq, sq = pair_rows(d, ds, w, s, None if ds == "arena" else "val")
-                inner[(held, ds, w, s)] = fitting.routing(scorer(rows), wq, sq).apgr
+                inner[(held, ds, w, s)] = fitting.routing(scorer(rows, w, s), wq, sq).apgr
     out = {"leave-pair-out": float(np.mean(lpo))}
     for outer in (*SCORED_SETS, "alpaca"):
         if outer == "alpaca":
@@ -419,8 +491,19 @@ def litellm_scores(python: str, texts: list[str], cache: Path) -> np.ndarray | N
         return None
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
     out = np.array([tier * 10.0 + score for tier, score in rows])
+    path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, out)
     return out
+
+
+def limit_mmlu_train(items: list[routing_data.Item], limit: int) -> list[routing_data.Item]:
+    """The items with only the first `limit` MMLU-Pro train questions in text-hash order."""
+    train = sorted(
+        (i for i, it in enumerate(items) if it.dataset == "mmlu_pro" and it.split == "train"),
+        key=lambda i: hashlib.sha1(items[i].text.encode()).hexdigest(),
+    )
+    drop = set(train[limit:])
+    return [it for i, it in enumerate(items) if i not in drop]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -449,17 +532,42 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated candidate numbers (0-based, in CANDIDATES): print only their selection figures "
         "(validation pairs; no reported row is scored) and stop",
     )
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated candidate numbers (0-based, in CANDIDATES; 0 must be among them, the shipped "
+        "recipe): select among these alone and score the rows with them",
+    )
+    ap.add_argument(
+        "--mmlu-train-limit",
+        type=int,
+        default=None,
+        help="train on only this many MMLU-Pro train questions (the first in text-hash order; for a quicker "
+        "run: every reported row and validation split is kept whole)",
+    )
+    ap.add_argument(
+        "--skip-gsm8k", action="store_true", help="train without GSM8K (the pair-agnostic heads' step-count label)"
+    )
     ap.add_argument("--markdown", type=Path, default=None, help="only print the model card's tables from this JSON")
     args = ap.parse_args(argv)
     if args.markdown:
         print(markdown(args.markdown))
         return 0
     items = routing_data.load(args.data, include_alpaca=True)
+    if args.mmlu_train_limit is not None:
+        items = limit_mmlu_train(items, args.mmlu_train_limit)
+    if args.skip_gsm8k:
+        items = [it for it in items if it.dataset != "gsm8k"]
     lite = litellm_scores(args.litellm, [it.text for it in items], args.cache) if args.litellm else None
     d = Data(items, embeddings(items, args.cache, "embedding"), embeddings(items, args.cache, "sentence"), lite)
-    candidates = [c for c in CANDIDATES if lite is not None or "litellm" not in (c.features + c.learner)]
+    candidates = [
+        c for c in CANDIDATES if lite is not None or ("litellm" not in (c.features + c.learner) and not c.litellm_blend)
+    ]
     if args.select_only:
         candidates = [CANDIDATES[int(i)] for i in args.select_only.split(",")]
+    elif args.only:
+        candidates = [CANDIDATES[int(i)] for i in args.only.split(",")]
+        assert CANDIDATES[0] in candidates, "--only must include candidate 0 (the shipped recipe)"
 
     print("selection (validation pairs only; mean APGR):", flush=True)
     chosen_by: dict[str, dict] = {}
@@ -506,13 +614,19 @@ def main(argv: list[str] | None = None) -> int:
             }
             if lite is not None:
                 entry["litellm"] = fitting.routing(lite[rows], w, s).as_dict()
-            for name, c in (("ours", best(fold)), ("shipped", shipped)):
+            mf = [c for c in candidates if c.learner == "mf"]
+            best_mf = max(mf, key=lambda c: chosen_by[str(c)][fold]) if mf else None
+            for name, c in (("ours", best(fold)), ("shipped", shipped), ("mf", best_mf)):
+                if c is None:
+                    continue
                 excl = ((weak, strong), ()) if mode == "leave-pair-out" else ((), (dataset,))
                 key = (str(c), excl)
                 if key not in fits:
                     fits[key] = fit(d, c, *excl)[0]
-                entry[name] = fitting.routing(fits[key](rows), w, s).as_dict()
+                entry[name] = fitting.routing(fits[key](rows, weak, strong), w, s).as_dict()
             entry["chosen"] = str(best(fold))
+            if best_mf is not None:
+                entry["mf_chosen"] = str(best_mf)
             if args.oracle and dataset != "alpaca":
                 entry["oracle"] = {lab: oracle(d, lab, dataset, weak, strong, split) for lab in ("gain", "2pl")}
             entry["by_kind"] = {}
@@ -522,7 +636,9 @@ def main(argv: list[str] | None = None) -> int:
                 if 30 <= len(js) < len(rows):
                     entry["by_kind"][kind] = {
                         "n": len(js),
-                        "ours": fitting.routing(fits[(str(best(fold)), excl)](rows[js]), w[js], s[js]).apgr,
+                        "ours": fitting.routing(
+                            fits[(str(best(fold)), excl)](rows[js], weak, strong), w[js], s[js]
+                        ).apgr,
                         "length": fitting.routing(d.length[rows[js]], w[js], s[js]).apgr,
                         **({"litellm": fitting.routing(lite[rows[js]], w[js], s[js]).apgr} if lite is not None else {}),
                     }
@@ -556,8 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _met(r: dict) -> bool:
-    o, lt = r["ours"], r.get("litellm", {}).get("apgr")
+def _met(r: dict, key: str = "ours") -> bool:
+    o, lt = r[key], r.get("litellm", {}).get("apgr")
     ok = o["apgr"] >= 0.58 and (lt is None or o["apgr"] >= lt + 0.05)
     if r["dataset"] == "mmlu_pro" and r["mode"] == "leave-pair-out":
         ok = ok and (o["saving95"] or 0) >= 0.25
@@ -571,6 +687,50 @@ def shipped_cell(r: dict) -> str:
         return "—"
     saved = "—" if sh["saving95"] is None else f"{sh['saving95']:.2f}"
     return f"{sh['apgr']:.3f} ({saved})"
+
+
+def _cell(m: dict | None) -> str:
+    """APGR / CPT(50%) / CPT(80%) / saved at 95%."""
+    if m is None:
+        return "—"
+
+    def f(x):
+        return "—" if x is None else f"{x:.2f}"
+
+    return f"{m['apgr']:.3f} / {f(m.get('cpt50'))} / {f(m.get('cpt80'))} / {f(m.get('saving95'))}"
+
+
+def mf_tables(rows: list[dict]) -> list[str]:
+    """The pair-conditioned head's rows beside the shipped recipe, litellm, length and random."""
+    if not any("mf" in r for r in rows):
+        return []
+    out = [
+        "Pair-conditioned head (the MF candidate chosen on validation pairs for each fold) beside the "
+        "others, each cell APGR / CPT(50%) / CPT(80%) / saved at 95% (random: APGR 0.500):",
+        "",
+    ]
+    for mode in ("leave-pair-out", "leave-dataset-out"):
+        out += [
+            f"**{mode}, pair-conditioned**",
+            "",
+            "| data set | weak → strong | n | pair-conditioned | shipped recipe | litellm | length | target |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            if r["mode"] == mode and "mf" in r:
+                out.append(
+                    f"| {r['dataset']} | {r['weak']} → {r['strong']} | {r['n']} | **{_cell(r['mf'])}** | "
+                    f"{_cell(r.get('shipped'))} | {_cell(r.get('litellm'))} | {_cell(r['length'])} | "
+                    f"{'met' if _met(r, 'mf') else 'missed'} |"
+                )
+        out.append("")
+    chosen = defaultdict(list)
+    for r in rows:
+        if "mf_chosen" in r:
+            chosen[r["mf_chosen"]].append(f"{r['mode']} {r['dataset']}")
+    out += ["Pair-conditioned candidate chosen (validation pairs) per group of rows:", ""]
+    out += [f"- {c}: {', '.join(sorted(set(v)))}" for c, v in chosen.items()]
+    return [*out, ""]
 
 
 def markdown(path: Path) -> str:
@@ -601,6 +761,7 @@ def markdown(path: Path) -> str:
                 f"{r['length']['apgr']:.3f} | {f(ceiling)} | {'met' if _met(r) else 'missed'} |"
             )
         out.append("")
+    out += mf_tables(rows)
     chosen = defaultdict(list)
     for r in rows:
         chosen[r["chosen"]].append(f"{r['mode']} {r['dataset']}")
