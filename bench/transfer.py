@@ -34,6 +34,13 @@ sentence embedding, 18 form features, litellm's score), and monotone blends with
 length. Labels are percentiles within data set (and MMLU-Pro subject), every data set weighs the
 same.
 
+Pair-conditioned candidates (`mf`, issue 16's third round): one bilinear head over the prompt's
+features and each model's metadata (extproc/evaluation/pairmf.py; metadata a user can state without
+labels, written down in extproc/classifier/train/model_metadata.json), so a row's score knows its
+weak and strong model without reading their labels; scored as the predicted gain, the logit
+difference or the weak model's predicted failure, alone or rank-blended with litellm or length.
+`--only` restricts a run to some candidates (0, the shipped recipe, always among them).
+
 Beside ours, in the same run: random (APGR 0.5), the prompt's length, and litellm's keyword
 `ComplexityRouter` (`--litellm` names a Python that has litellm installed, a scratch environment:
 litellm is not a dependency of this project). Metrics (RouteLLM's, share of strong calls on the x
