@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from extproc.classifier.domain_head import DomainHead, DomainHeadError, load_domain_head
 from extproc.classifier.labels import DOMAINS, PII_TAGS
 from extproc.classifier.normalize import Normalized, normalize
 from extproc.classifier.pii import PiiSpan, decode, merge_windows
@@ -74,6 +75,7 @@ class Classifier:
         sentence: ort.InferenceSession | None = None,
         complexity_head: Head | None = None,
         tagger: ort.InferenceSession | None = None,
+        domain_head: DomainHead | None = None,
     ) -> None:
         self._session = session
         self._sentence = sentence
@@ -82,6 +84,9 @@ class Classifier:
         # The shipped complexity: a head over the embedding and the prompt's form (model card,
         # "Transfer").
         self._complexity_head = complexity_head
+        # The shipped domain: the graph's head ensembled with one over the same embedding
+        # (model card, "Domain"); None: the graph's alone.
+        self._domain_head = domain_head
 
     @classmethod
     def load(cls, model_dir: Path | None = None, *, threads: int = 2) -> Classifier:
@@ -118,7 +123,13 @@ class Classifier:
         head = None
         if config.get("complexity_head"):
             head = parse_head(json.loads((model_dir / config["complexity_head"]).read_text()), "default")
-        return cls(session, model_dir, graphs.get("sentence_onnx"), head, graphs["pii_onnx"])
+        domain_head = None
+        if config.get("domain_head"):
+            try:
+                domain_head = load_domain_head(model_dir / config["domain_head"], len(DOMAINS), _HIDDEN)
+            except DomainHeadError as e:
+                raise ModelError(str(e)) from e
+        return cls(session, model_dir, graphs.get("sentence_onnx"), head, graphs["pii_onnx"], domain_head)
 
     @property
     def embeds(self) -> bool:
@@ -200,6 +211,9 @@ class Classifier:
             for j in pooled_rows:
                 domain[run[j].text] = d[j]
                 pooled[run[j].text] = e[j]
+        read = domain.any(-1)  # texts with a pooled sequence (every text unless topic=False)
+        if self._domain_head is not None and read.any():
+            domain[read] = self._domain_head.combine(domain[read], pooled[read])
         head = self._complexity_head
         complexity = np.zeros(len(texts), np.float32)
         if head is not None and topic:

@@ -12,7 +12,8 @@ import pytest
 from onnx import numpy_helper
 
 from extproc.classifier import DOMAINS, PII_TYPES, Classifier
-from extproc.classifier.classifier import MODEL_DIR, run_graphs
+from extproc.classifier.classifier import MODEL_DIR, ModelError, run_graphs
+from extproc.classifier.domain_head import model_domain_head
 
 DATA = Path(__file__).parent / "data"
 # Floors sit below what the shipped model measured on these slices (see MODEL_CARD.md), so a
@@ -41,6 +42,34 @@ def test_outputs_are_well_formed(classifier: Classifier):
     assert 0.0 <= c.complexity <= 1.0
 
 
+def test_domain_is_the_graphs_head_ensembled_with_the_embeddings(classifier: Classifier):
+    # The shipped domain mixes the graph's domain_probs with a head over the same text's embedding
+    # (model card, "Domain"); the graph alone would be a different, weaker answer.
+    head = model_domain_head(MODEL_DIR)
+    assert head is not None and head.head_weight > 0
+    texts = ["why do leaves change color in the fall", "can my landlord keep my deposit?"]
+    got = classifier.classify(texts, pii_tokens=0)
+    graph_only = Classifier(
+        classifier._session, MODEL_DIR, tagger=classifier._tagger, complexity_head=classifier._complexity_head
+    ).classify(texts, pii_tokens=0)
+    for c, g in zip(got, graph_only, strict=True):
+        graph = np.array([[g.domain_probs[d] for d in DOMAINS]])
+        want = head.combine(graph, g.embedding[None])[0]
+        assert np.allclose([c.domain_probs[d] for d in DOMAINS], want, atol=1e-6)
+        assert c.domain == DOMAINS[int(want.argmax())]
+
+
+def test_a_broken_domain_head_fails_loading_clearly(tmp_path):
+    for f in MODEL_DIR.iterdir():
+        if f.is_file():
+            shutil.copy(f, tmp_path / f.name)
+    z = dict(np.load(tmp_path / "domain_head.npz"))
+    z["w0"] = z["w0"][:100]  # takes 100 inputs, not the embedding's 384
+    np.savez(tmp_path / "domain_head.npz", **z)
+    with pytest.raises(ModelError, match="layer 0 does not take 384 inputs"):
+        Classifier.load(tmp_path)
+
+
 def test_pii_on_heldout_presidio_slice(classifier: Classifier):
     rows = _jsonl("heldout_pii.jsonl")
     results = classifier.classify([r["text"] for r in rows])
@@ -58,7 +87,11 @@ def test_pii_on_heldout_presidio_slice(classifier: Classifier):
 
 
 def _reference_run(ref) -> dict[str, np.ndarray]:
-    return run_graphs(MODEL_DIR, ref["input_ids"], ref["attention_mask"])
+    out = run_graphs(MODEL_DIR, ref["input_ids"], ref["attention_mask"])
+    head = model_domain_head(MODEL_DIR)
+    if head is not None:  # the shipped domain: the graph's head ensembled with the embedding's
+        out["domain_ensemble"] = head.combine(out["domain_probs"], out["embedding"])
+    return out
 
 
 def test_outputs_are_the_same_on_every_instruction_set():

@@ -10,7 +10,10 @@ tagger's adapted layer over those states and `sentence.onnx` the base model's ow
 run only for the texts that need it. Complexity is not a branch: it is a head over the embedding
 and the prompt's form, fitted by `python bench/transfer.py --write-head ...` (a full retrain
 re-quantizes the trunk, so that head must be refitted after it; `--only-domain` and `--only-pii`
-keep the trunk's integers, and with them every embedding, bit for bit).
+keep the trunk's integers, and with them every embedding, bit for bit). The shipped domain also
+reads `domain_head.npz`, a head over the same embedding ensembled with the graph's, fitted by
+`python -m extproc.classifier.train.domain_head` over the installed graph: a retrain writes a
+config.json without it (the graph's head alone), so run that after any retrain.
 """
 
 from __future__ import annotations
@@ -408,11 +411,20 @@ def pii_graph(pii: BranchWeights, formats: dict[str, Path]) -> None:
     quantize_int8(str(formats["fp32"] / "pii.onnx"), str(formats["int8"] / "pii.onnx"))
 
 
-SHIPPED = ("classifier.onnx", "pii.onnx", "sentence.onnx", "tokenizer.json", "config.json", "complexity_head.json")
+SHIPPED = (
+    "classifier.onnx",
+    "pii.onnx",
+    "sentence.onnx",
+    "tokenizer.json",
+    "config.json",
+    "complexity_head.json",
+    "domain_head.npz",
+)
 
 
 def install(src: Path, out: Path) -> None:
-    """The exported files into the model directory (the complexity head is bench/transfer.py's)."""
+    """The exported files into the model directory (the complexity head is bench/transfer.py's,
+    the domain head train/domain_head.py's)."""
     out.mkdir(parents=True, exist_ok=True)
     for f in SHIPPED[:5]:
         shutil.copy(src / f, out / f)
@@ -437,6 +449,7 @@ def reevaluate(args: argparse.Namespace) -> int:
     meta["results"][fmt] = evaluate.evaluate_all(args.out, questions, args.data, args.threads)
     meta.pop("pii_reevaluated", None)
     meta["reevaluated"] = {"format": fmt, "at": time.strftime("%Y-%m-%d")}
+    meta["files_bytes"] = {f: (args.out / f).stat().st_size for f in SHIPPED if (args.out / f).exists()}
     (args.out / "metrics.json").write_text(json.dumps(meta, indent=1, default=float))
     write_card(args.out)
     return 0

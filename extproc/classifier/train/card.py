@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from extproc.classifier.labels import DOMAINS
 
 PROSE = Path(__file__).with_name("card_notes.md")
@@ -27,6 +29,15 @@ def _get(get, results: dict) -> str:
 
 def _ok(ok: bool) -> str:
     return "met" if ok else "**missed**"
+
+
+def _domain_head_meta(model_dir: Path) -> dict | None:
+    """The installed domain head's training record (train/domain_head.py), if config.json names one."""
+    name = json.loads((model_dir / "config.json").read_text()).get("domain_head")
+    if not name or not (model_dir / name).exists():
+        return None
+    with np.load(model_dir / name) as z:
+        return json.loads(z["meta"].tobytes().decode()) if "meta" in z.files else None
 
 
 def write_card(model_dir: Path) -> None:
@@ -170,11 +181,11 @@ def write_card(model_dir: Path) -> None:
     out += [""]
     if PROSE.exists():
         out += [PROSE.read_text().strip(), ""]
-    out += _details(m, r, lat)
+    out += _details(m, r, lat, _domain_head_meta(model_dir))
     (model_dir / "MODEL_CARD.md").write_text("\n".join(out) + "\n")
 
 
-def _details(m: dict, r: dict, lat: dict | None) -> list[str]:
+def _details(m: dict, r: dict, lat: dict | None, head: dict | None = None) -> list[str]:
     out = ["## Training run", ""]
     out += [
         f"- seed {m['seed']}; total wall time {m['total_seconds'] / 60:.1f} min on 2 CPU cores "
@@ -231,6 +242,25 @@ def _details(m: dict, r: dict, lat: dict | None) -> list[str]:
             f"question only {_f(dt.get('val_question_cached'))}, with options {_f(dt.get('val_options_cached'))}, "
             f"chat dev set {_f(dt.get('chat_dev_cached'))}; domain fp32 ONNX vs torch: max abs difference "
             f"{dr['fp32_vs_torch_domain_max_abs_diff']:.1e}; {dr['note']}."
+        ]
+    if head:
+        sel, alone = head["selection"], head["head_alone"]
+        w = str(head["head_weight"])
+        out += [
+            f"- Domain head over the embedding (`python -m extproc.classifier.train.domain_head`, "
+            f"{head['total_seconds'] / 60:.1f} min wall time, {head['fit_seconds']:.0f} s of it fitting): MLP 384 → "
+            f"{head['hidden']} → 14 (ReLU, dropout {head['dropout'][0]}/{head['dropout'][1]}), "
+            f"{head['epochs']} epochs, "
+            f"AdamW lr {head['lr']} one-cycle, weight decay {head['weight_decay']}, label smoothing "
+            f"{head['label_smoothing']}, seed {head['seed']}, on {sum(head['train_sets'].values())} texts ("
+            + ", ".join(f"{k} {v}" for k, v in head["train_sets"].items())
+            + "); features are the shipped graph's own `embedding` and `domain_probs` through the runtime. "
+            "Selection (mean of MMLU-Pro val question only / with options / chat dev): head weight "
+            + ", ".join(
+                f"{k}: {_f(v['mmlu_val_q'])} / {_f(v['mmlu_val_opt'])} / {_f(v['chat_dev'])}" for k, v in sel.items()
+            )
+            + f"; chosen {w} (0.0 is the graph alone). The head alone: {_f(alone['mmlu_val_q'])} / "
+            f"{_f(alone['mmlu_val_opt'])} / {_f(alone['chat_dev'])}."
         ]
     if m.get("reevaluated"):
         again = m["reevaluated"]
