@@ -114,7 +114,7 @@ def attempted(router: Router, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
         return
     attempt = plan.attempts[n - 1]
     result = attempt_result(entry)
-    router.metrics.attempts.labels(attempt.model, attempt.label, result).inc()
+    router.metrics.count_attempt(attempt.model, attempt.label, result)
     if result in _RETRIABLE and n < len(plan.attempts):
         router.metrics.fallbacks.labels(attempt.model, result).inc()
     if attempt.hosted:
@@ -142,13 +142,13 @@ def _chain_finished(
     failures (first attempts that succeed are not in the attempt log). Returns the model whose
     backend answered, if it did."""
     if tries:
-        router.metrics.chain_attempts.labels(model).observe(tries)
+        router.metrics.observe_chain_attempts(model, tries)
     plan = router.recent_plans.get(entry.request.request_id)
     if plan is None or not 1 <= tries <= len(plan.attempts) or not 200 <= code < 300:
         return None
     attempt = plan.attempts[tries - 1]
     if tries == 1:
-        router.metrics.attempts.labels(attempt.model, attempt.label, "success").inc()
+        router.metrics.count_attempt(attempt.model, attempt.label, "success")
     if attempt.hosted:
         router.backends.observe(attempt.backend, cooldown.Outcome.SUCCESS)
     return attempt.model

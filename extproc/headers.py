@@ -53,8 +53,8 @@ KEY_RETRIES = "retries"
 KEY_PLAN = "plan"  # list: attempt N's model id, JSON-quoted
 KEY_BACKENDS = "backends"  # "groq/llama-3.3-70b-versatile, together/...": for errors and the access log
 KEY_LABELS = "labels"  # list: attempt N's backend, as x-router-backend names it
-KEY_MODEL_SPAN = "model_span"  # [start, end) of the model value in the body the router sent
-KEY_PATH = "path"
+KEY_FIRST_BACKEND = "first_backend"  # x-router-backend of the first attempt (later ones name theirs)
+KEY_MODEL_SPAN = "model_span"  # "start:end" of the model value in the body the router sent
 KEY_DEADLINE = "deadline"  # epoch ms after which no further attempt starts
 # Keys of the token counts under USAGE_NAMESPACE.
 KEY_INPUT_TOKENS = "input"

@@ -367,6 +367,8 @@ class Metrics:
         self._request_children: dict[tuple[str, str, str, str], object] = {}
         self._error_children: dict[str, object] = {}
         self._mode_children: dict[tuple[str, str], object] = {}
+        self._attempt_children: dict[tuple[str, str, str], object] = {}
+        self._chain_children: dict[str, object] = {}
         # Families labelled (model, replica), with the children created so far: a replica's
         # series are removed when it leaves its model's pool, so pod churn cannot grow them.
         self._per_replica: dict[Counter | Gauge | Histogram, dict[tuple[str, str], object]] = {self.picks: {}}
@@ -397,6 +399,19 @@ class Metrics:
         if child is None:
             child = self._mode_children[(model, mode)] = self.index_mode.labels(model, mode)
         child.inc()  # type: ignore[attr-defined]
+
+    def count_attempt(self, model: str, backend: str, result: str) -> None:
+        key = (model, backend, result)
+        child = self._attempt_children.get(key)
+        if child is None:
+            child = self._attempt_children[key] = self.attempts.labels(*key)
+        child.inc()  # type: ignore[attr-defined]
+
+    def observe_chain_attempts(self, model: str, tries: int) -> None:
+        child = self._chain_children.get(model)
+        if child is None:
+            child = self._chain_children[model] = self.chain_attempts.labels(model)
+        child.observe(tries)  # type: ignore[attr-defined]
 
     def count_session_model(self, model: str, outcome: str, reason: str | None) -> None:
         self.session_models.labels(model, outcome, reason or "").inc()

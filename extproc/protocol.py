@@ -186,8 +186,14 @@ def local_answer(status: int, headers: Mapping[str, str], body: bytes, details: 
 
 
 def body_response(
-    header_mutation: pb.HeaderMutation, body: bytes | None, dynamic_metadata: Mapping[str, Mapping[str, Any]]
+    header_mutation: pb.HeaderMutation,
+    body: bytes | None,
+    dynamic_metadata: Mapping[str, Mapping[str, str]],
+    fixed_metadata: bytes = b"",
 ) -> pb.ProcessingResponse:
+    """The answer to a request body. ``fixed_metadata`` is a serialized Struct built once (a
+    chain's plan: extproc/fallback.py) that the per-request ``dynamic_metadata`` strings are
+    added to, namespace by namespace."""
     # A header mutation is always present, even when Envoy cannot apply it (request headers not
     # sent to us): its presence is what makes Envoy clear the route cache and route again on
     # the dynamic metadata.
@@ -195,8 +201,13 @@ def body_response(
     if body is not None:
         common.body_mutation.body = body
     response = pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
-    if dynamic_metadata:
-        response.dynamic_metadata.CopyFrom(_struct(dynamic_metadata))
+    struct = response.dynamic_metadata
+    if fixed_metadata:
+        struct.MergeFromString(fixed_metadata)
+    for namespace, fields in dynamic_metadata.items():
+        inner = struct.fields[namespace].struct_value.fields
+        for key, value in fields.items():
+            inner[key].string_value = value
     return response
 
 
@@ -204,20 +215,6 @@ def response_headers_response(set_headers: Mapping[str, str]) -> pb.ProcessingRe
     return pb.ProcessingResponse(
         response_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation(set_headers)))
     )
-
-
-def _struct(data: Mapping[str, Mapping[str, Any]]) -> struct_pb2.Struct:
-    struct = struct_pb2.Struct()
-    for namespace, fields in data.items():
-        inner = struct.fields[namespace].struct_value
-        for key, value in fields.items():
-            if isinstance(value, str):
-                inner.fields[key].string_value = value
-            elif isinstance(value, struct_pb2.Value):  # built once (extproc/fallback.py)
-                inner.fields[key].CopyFrom(value)
-            else:  # a chained request's lists (extproc/fallback.py)
-                inner.fields[key].CopyFrom(to_value(value))
-    return struct
 
 
 def to_value(value: Any) -> struct_pb2.Value:

@@ -21,7 +21,7 @@ from extproc.admission import AdmissionQueue, QueueFull
 from extproc.cache import CacheHit, Lookup, Refusal, SemanticCache, prepare
 from extproc.cache import scope as cache_scope
 from extproc.cooldown import COOLDOWN, BackendHealth
-from extproc.fallback import Attempt, Plan, RecentPlans
+from extproc.fallback import Attempt, ChainTable, Plan, RecentPlans
 from extproc.lanes import LARGE_BODY_BYTES
 from extproc.metrics import Metrics
 from extproc.policy import pii
@@ -162,6 +162,8 @@ class RouterState:
         self.pools = pools
         self.tokenizers = tokenizers  # the served models' prompt tokenizers (models with kv_events)
         self.picker: Picker | None = None  # built by the router from policy.picking (Router.swap)
+        # The policy's fallback chains (None: no request is ever tried on a second backend).
+        self.chains = ChainTable(policy) if policy.chains else None
 
 
 class Router:
@@ -694,7 +696,7 @@ class Router:
     ) -> Placement:
         """The model (or the first fallback) with a ready replica, and the replica."""
         policy = state.policy
-        if policy.chains:
+        if state.chains is not None:
             return self._place_chain(state, model, fallbacks, parsed, signals, explain, prompts)
         tried = []
         full: Model | None = None
@@ -722,49 +724,56 @@ class Router:
     ) -> Placement:
         """The backends of the model, then of each fallback model, in order (a plan Envoy walks on
         failures), less those cooling down or ejected; the first is placed as ``_place`` does
-        (a pool whose every replica is full gives way to the next backend, as a fallback model does)."""
-        policy = state.policy
-        limit = policy.fallback.max_attempts
+        (a pool whose every replica is full gives way to the next backend, as a fallback model does).
+        When none is left out, the plan is the chain's own, built with the policy."""
+        assert state.chains is not None
+        chain = state.chains.get(model.name, fallbacks)
+        limit = state.policy.fallback.max_attempts
         attempts: list[Attempt] = []
         skipped: list[tuple[str, str]] = []
         first: Placement | None = None
         soonest: float | None = None
         full: Model | None = None
-        for name in (model.name, *fallbacks):
-            candidate = policy.models[name]
-            for backend in candidate.backends or (Backend(None, candidate.upstream_model),):
-                if len(attempts) >= limit:
-                    break
-                if backend.provider is not None:
-                    why = self.backends.blocked(backend.id)
-                    if why is not None:
-                        skipped.append((backend.id, why[0]))
-                        if why[0] == COOLDOWN:
-                            soonest = why[1] if soonest is None else min(soonest, why[1])
-                        continue
-                    attempts.append(Attempt(name, backend.id, backend.provider, backend.upstream_model, True))
-                    if first is None:
-                        first = Placement(name, backend.upstream_model, backend.provider)
+        blocked = self.backends.blocked
+        for step in chain.steps:
+            if len(attempts) >= limit:
+                break
+            attempt = step.attempt
+            if attempt.hosted:
+                why = blocked(attempt.backend)
+                if why is not None:
+                    skipped.append((attempt.backend, why[0]))
+                    if why[0] == COOLDOWN:
+                        soonest = why[1] if soonest is None else min(soonest, why[1])
                     continue
-                placed = self._place_pool(state, candidate, parsed, signals, explain, first is None, prompts)
-                if placed == _FULL:
-                    skipped.append((f"{name} {POOL}", _FULL))
-                    full = full or candidate
-                    continue
-                if placed is None:
-                    skipped.append((f"{name} {POOL}", "no_ready_replica"))
-                    continue
-                assert isinstance(placed, Placement)
-                if placed.envoy_lb == "original_dst" and first is not None:
-                    # Envoy's ORIGINAL_DST cluster takes one address per request: the first attempt's.
-                    skipped.append((f"{name} {POOL}", "original_dst_only_first"))
-                    continue
-                attempts.append(Attempt(name, POOL, placed.cluster, candidate.upstream_model, False))
+                attempts.append(attempt)
                 if first is None:
-                    first = placed
+                    first = Placement(attempt.model, attempt.upstream_model, attempt.cluster)
+                continue
+            candidate = step.model
+            if first is not None and self._reachable(state, candidate):
+                # A later attempt: Envoy balances it; only whether the pool has a ready replica counts.
+                attempts.append(attempt)
+                continue
+            placed = self._place_pool(state, candidate, parsed, signals, explain, first is None, prompts)
+            if placed == _FULL:
+                skipped.append((f"{candidate.name} {POOL}", _FULL))
+                full = full or candidate
+                continue
+            if placed is None:
+                skipped.append((f"{candidate.name} {POOL}", "no_ready_replica"))
+                continue
+            assert isinstance(placed, Placement)
+            if placed.envoy_lb == "original_dst" and first is not None:
+                # Envoy's ORIGINAL_DST cluster takes one address per request: the first attempt's.
+                skipped.append((f"{candidate.name} {POOL}", "original_dst_only_first"))
+                continue
+            attempts.append(attempt)
+            if first is None:
+                first = placed
         if first is None and full is not None:  # (admission let it through: a slot freed and was taken meanwhile)
             first = self._pick(state, full, state.pools.endpoints(full.name), parsed, signals, explain, prompts)
-            attempts.append(Attempt(full.name, POOL, first.cluster, full.upstream_model, False))
+            attempts.append(next(s.attempt for s in chain.steps if s.model is full and not s.attempt.hosted))
         if first is None:
             if soonest is not None:
                 raise errors.RateLimited(
@@ -773,10 +782,33 @@ class Router:
                 )
             tried = " or ".join(repr(n) for n in (model.name, *fallbacks))
             raise errors.ServiceUnavailable(f"no ready replica or backend for model {tried}; retry later")
-        hosted = policy.providers.get(attempts[0].cluster) if attempts[0].hosted else None
-        timeout = hosted.timeout if hosted is not None else policy.fallback.replica_timeout
-        plan = Plan(tuple(attempts), tuple(skipped), timeout)
-        return replace(first, plan=plan) if plan.chained else first
+        if skipped or full is not None:
+            shape = tuple(attempts)
+            plan = Plan(shape, tuple(skipped), state.chains.per_try_timeout(shape))
+        else:
+            plan = chain.plan
+        if not plan.chained:
+            return first
+        return Placement(
+            first.model,
+            first.upstream_model,
+            first.cluster,
+            first.endpoints,
+            first.envoy_lb,
+            first.affinity_key,
+            first.lease,
+            first.pick_detail,
+            plan,
+        )
+
+    def _reachable(self, state: RouterState, model: Model) -> bool:
+        """A chain's later attempt can go to this model's pool (as ``_place_pool`` without a
+        pick would place it): Envoy balances its cluster, or it has a ready replica and is not
+        an ORIGINAL_DST pool. False sends the step through ``_place_pool`` for its skip reason."""
+        replicas = model.replicas
+        if replicas is None or replicas.envoy == "hash":
+            return True
+        return replicas.envoy != "original_dst" and bool(state.pools.endpoints(model.name))
 
     def _place_pool(
         self,

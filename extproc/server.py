@@ -27,6 +27,7 @@ from extproc._pb.envoy.extensions.filters.http.ext_proc.v3 import processing_mod
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc._pb.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.cache import Capture, render
+from extproc.fallback import request_metadata
 from extproc.lanes import LARGE_BODY_BYTES, LARGE_BODY_SECONDS
 from extproc.logs import log_decision
 from extproc.request import UNKNOWN_PATH_MESSAGE, api_for_path, looks_like_llm_path
@@ -253,18 +254,19 @@ class Exchange:
             meta[h.KEY_CACHE_STORE] = routed.cache_token
         if routed.body is not None:
             set_headers[h.CONTENT_LENGTH] = str(len(routed.body))
-        dynamic: dict[str, dict[str, Any]] = {h.METADATA_NAMESPACE: meta}
+        fixed = b""
         if routed.plan is not None:
-            deadline = routed.fallback_deadline  # the request's own policy's, not the router's current one
-            for namespace, fields in routed.plan.metadata(routed.model_span, self.path, deadline).items():
-                dynamic.setdefault(namespace, {}).update(fields)
+            # The request's own policy's deadline, not the router's current one.
+            meta.update(request_metadata(routed.model_span, routed.fallback_deadline))
+            fixed = routed.plan.fixed_metadata()
+        dynamic: dict[str, dict[str, str]] = {h.METADATA_NAMESPACE: meta}
         if routed.endpoints:
             dynamic[h.LB_NAMESPACE] = {h.DESTINATION_ENDPOINT: set_headers[h.DESTINATION_ENDPOINT]}
         if not self.saw_headers:
             # Envoy skipped the request headers, so it could not apply header changes; routing
             # runs on the metadata. The (empty) mutation is still sent: it makes Envoy re-route.
-            return protocol.body_response(protocol.EMPTY_MUTATION, routed.body, dynamic)
-        return protocol.body_response(protocol.mutation(set_headers, remove), routed.body, dynamic)
+            return protocol.body_response(protocol.EMPTY_MUTATION, routed.body, dynamic, fixed)
+        return protocol.body_response(protocol.mutation(set_headers, remove), routed.body, dynamic, fixed)
 
     def _cached(self, routed: Routed) -> pb.ProcessingResponse:
         """A semantic cache hit, answered as the API would (JSON, or SSE when asked to stream)."""

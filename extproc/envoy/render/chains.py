@@ -34,7 +34,8 @@ from extproc.policy.config import Policy
 
 CHAIN_NAMESPACE = "extproc.chain"  # the priority groups of a request, as the cluster specifier reads them
 ATTEMPT_NAMESPACE = "extproc.attempt"  # set by the upstream filters (no secret: whether a key was replaced)
-ANSWERING = "backend"  # under ATTEMPT_NAMESPACE: the backend of the attempt under way, for x-router-backend
+ANSWERING = "backend"  # under ATTEMPT_NAMESPACE: the backend of a later attempt under way, for x-router-backend
+KEPT_PATH = "path"  # under ATTEMPT_NAMESPACE: the client's path, once a provider's prefix replaced it
 SDS_DIR = "sds"  # under the xDS directory: one file per provider key (a reference, never the key)
 _CODEC = {
     "name": "envoy.filters.http.upstream_codec",
@@ -55,30 +56,36 @@ end
 function envoy_on_request(h)
   local headers = h:headers()
   local info = h:streamInfo()
+  local attempt = tonumber(headers:get("x-envoy-attempt-count")) or 1
+  local previous = nil  -- what earlier attempts' filters left (never on the first attempt)
+  if attempt > 1 then previous = info:dynamicMetadata():get("%(attempt_ns)s") end
   -- Attempts share the request headers: after one that replaced or stripped the client's
   -- Authorization, a backend that forwards it gets none (never the previous backend's key).
-  if AUTH == "forward" then
-    local replaced = info:dynamicMetadata():get("%(attempt_ns)s")
-    if replaced ~= nil and replaced["authorization_replaced"] then headers:remove("authorization") end
-  else
+  if AUTH ~= "forward" then
     info:dynamicMetadata():set("%(attempt_ns)s", "authorization_replaced", true)
     if AUTH == "strip" then headers:remove("authorization") end
+  elseif previous ~= nil and previous["authorization_replaced"] then
+    headers:remove("authorization")
   end
+  -- The client's path, kept by the first filter that rewrote it (a provider's prefix).
+  local kept = previous ~= nil and previous["%(path)s"] or nil
+  local path = kept or headers:get(":path")
+  if PREFIX ~= nil and path ~= nil then
+    if kept == nil then info:dynamicMetadata():set("%(attempt_ns)s", "%(path)s", path) end
+    headers:replace(":path", PREFIX .. string.sub(path, 4))
+  elseif kept ~= nil then
+    headers:replace(":path", kept)
+  end
+  -- The happy path ends here: the router's body already names the first backend's model, and
+  -- x-router-backend names the first backend unless a later attempt says otherwise.
+  if attempt == 1 then return end
   local meta = info:dynamicMetadata():get("%(ns)s")
   if meta == nil or meta["%(plan)s"] == nil then return end
-  local attempt = tonumber(headers:get("x-envoy-attempt-count")) or 1
   local labels = meta["%(labels_list)s"]
   if labels ~= nil and labels[attempt] ~= nil then
     -- Attempts run one after another: the last one to start is the one that answers.
     info:dynamicMetadata():set("%(attempt_ns)s", "%(answering)s", labels[attempt])
   end
-  local path = meta["%(path)s"]
-  if PREFIX ~= nil and path ~= nil then
-    headers:replace(":path", PREFIX .. string.sub(path, 4))
-  elseif path ~= nil then
-    headers:replace(":path", path)
-  end
-  if attempt == 1 then return end
   local deadline = tonumber(meta["%(deadline)s"]) or 0
   if deadline > 0 and h:timestamp() > deadline then
     h:respond({[":status"] = "504", ["content-type"] = "application/json"},
@@ -86,9 +93,9 @@ function envoy_on_request(h)
     return
   end
   local model = meta["%(plan)s"][attempt]
-  local span = meta["%(span)s"]
-  if model == nil or span == nil then return end
-  local s, e = span[1], span[2]
+  local s, e = string.match(meta["%(span)s"] or "", "^(%%d+):(%%d+)$")
+  if model == nil or s == nil then return end
+  s, e = tonumber(s), tonumber(e)
   local body = h:body()
   local size = body:length()
   body:setBytes(body:getBytes(0, s) .. model .. body:getBytes(e, size - e))
@@ -126,7 +133,7 @@ def lua_source(prefix: str | None, auth: str) -> str:
         "attempt_ns": ATTEMPT_NAMESPACE,
         "ns": h.METADATA_NAMESPACE,
         "plan": h.KEY_PLAN,
-        "path": h.KEY_PATH,
+        "path": KEPT_PATH,
         "deadline": h.KEY_DEADLINE,
         "span": h.KEY_MODEL_SPAN,
         "labels": h.KEY_BACKENDS,
@@ -329,6 +336,12 @@ def chain_route(
             }
         ],
         "response_headers_to_add": [
+            # The first backend, as the router planned it; a later attempt's upstream filter names
+            # its own (an empty value adds no header, so the first one's stays).
+            {
+                "header": {"key": h.ROUTER_BACKEND, "value": f"%DYNAMIC_METADATA({h.METADATA_NAMESPACE}:{h.KEY_FIRST_BACKEND})%"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            },
             {
                 "header": {"key": h.ROUTER_BACKEND, "value": f"%DYNAMIC_METADATA({ATTEMPT_NAMESPACE}:{ANSWERING})%"},
                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
