@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -25,7 +25,7 @@ from extproc.fallback import Attempt, ChainTable, Plan, RecentPlans
 from extproc.lanes import LARGE_BODY_BYTES
 from extproc.metrics import Metrics
 from extproc.policy import pii
-from extproc.policy.backends import POOL, Backend
+from extproc.policy.backends import POOL
 from extproc.policy.conditions import PII_MIN_SCORE
 from extproc.policy.config import Decision, DecisionCache, Model, PiiPolicy, Policy
 from extproc.policy.evaluate import NEEDS_CLASSIFIER, choose_model, decide

@@ -339,7 +339,10 @@ def chain_route(
             # The first backend, as the router planned it; a later attempt's upstream filter names
             # its own (an empty value adds no header, so the first one's stays).
             {
-                "header": {"key": h.ROUTER_BACKEND, "value": f"%DYNAMIC_METADATA({h.METADATA_NAMESPACE}:{h.KEY_FIRST_BACKEND})%"},
+                "header": {
+                    "key": h.ROUTER_BACKEND,
+                    "value": f"%DYNAMIC_METADATA({h.METADATA_NAMESPACE}:{h.KEY_FIRST_BACKEND})%",
+                },
                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
             },
             {
