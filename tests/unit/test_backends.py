@@ -300,3 +300,77 @@ def test_a_chained_cache_miss_has_a_route_that_stores_its_answer() -> None:
     names = [r["name"] for vh in manager["route_config"]["virtual_hosts"] for r in vh["routes"]]
     chained = [n for n in names if n.startswith("llm-chain-")]
     assert chained and all(f"{n}-cache-store" in names for n in chained if not n.endswith("-cache-store"))
+
+
+def test_the_happy_path_reuses_the_chains_plan_and_a_cooldown_gets_its_own() -> None:
+    router = _router(BASE)
+    first, second = _route(router), _route(router)
+    assert first.plan is second.plan  # built once with the policy, shared by its requests
+    router.backends.observe("groq/llama-3.3-70b-versatile", Outcome.RATE_LIMITED, {"retry-after": "30"})
+    cooled = _route(router)
+    assert cooled.plan is not first.plan and [a.cluster for a in cooled.plan.attempts] == ["together", "small"]
+    # The attempts it keeps are the chain's own objects: its metadata is cached by their identity.
+    assert cooled.plan.attempts == first.plan.attempts[1:]
+    assert cooled.plan.fixed_metadata() is _route(router).plan.fixed_metadata()
+
+
+def test_a_reload_builds_new_chains() -> None:
+    router = _router(BASE)
+    before = _route(router).plan
+    router.swap(
+        RouterState(parse_policy(BASE + "fallback: {max_attempts: 2}\n"), Pools.build(parse_policy(BASE), Discovery()))
+    )
+    after = _route(router).plan
+    assert [a.cluster for a in after.attempts] == ["groq", "together"] and before is not after
+
+
+def test_a_chained_requests_metadata_is_the_plans_and_its_own_span_and_deadline() -> None:
+    from google.protobuf import json_format
+
+    from extproc import headers as h
+    from extproc import protocol
+    from extproc.envoy.render.chains import CHAIN_NAMESPACE
+    from extproc.fallback import request_metadata
+
+    routed = _route(_router(BASE))
+    per_request = request_metadata(routed.model_span, 60.0)
+    response = protocol.body_response(
+        protocol.EMPTY_MUTATION,
+        routed.body,
+        {h.METADATA_NAMESPACE: {h.KEY_MODEL: "llama", **per_request}},
+        routed.plan.fixed_metadata(),
+    )
+    meta = json_format.MessageToDict(response.dynamic_metadata)
+    groups = meta[CHAIN_NAMESPACE]["priority_groups"]
+    assert [g["clusters"][0]["cluster_name"] for g in groups] == ["groq", "together", "small"]
+    ours = meta[h.METADATA_NAMESPACE]
+    assert ours[h.KEY_MODEL] == "llama" and ours[h.KEY_RETRIES] == "2"  # the plan's fields and the request's
+    assert ours[h.KEY_FIRST_BACKEND] == "groq/llama-3.3-70b-versatile"
+    assert ours[h.KEY_LABELS] == [
+        "groq/llama-3.3-70b-versatile",
+        "together/meta-llama/Llama-3.3-70B-Instruct-Turbo",
+        "small replicas",
+    ]
+    start, end = map(int, ours[h.KEY_MODEL_SPAN].split(":"))
+    assert routed.body[start:end] == b'"llama-3.3-70b-versatile"'
+    assert orjson.loads(ours[h.KEY_PLAN][1]) == "meta-llama/Llama-3.3-70B-Instruct-Turbo"
+
+
+def test_recent_plans_keep_a_plan_for_half_their_age_and_stay_bounded() -> None:
+    from extproc.fallback import Plan, RecentPlans
+
+    now = [0.0]
+    plans = RecentPlans(capacity=8, max_age=10.0, clock=lambda: now[0])
+    plan = Plan(())
+    plans.remember("a", plan)
+    now[0] = 4.9
+    assert plans.get("a") is plan
+    now[0] = 5.1  # one rotation: still there
+    assert plans.get("a") is plan
+    now[0] = 10.2  # a second: gone
+    assert plans.get("a") is None
+    for i in range(100):
+        plans.remember(str(i), plan)
+    assert len(plans) <= 8 and plans.get("99") is plan
+    plans.remember("", plan)  # no request id: nothing to find it by
+    assert plans.get("") is None
