@@ -618,16 +618,29 @@ def run_matrix(
     rows = []
     baseline = fronts["baseline"]
     for tokens, body in bodies.items():
-        # Closed loop to saturation: Envoy alone, the ceiling every configuration is measured under.
-        base_max = median_of(args.repeat, lambda b=body: closed(baseline, b, args, workdir).rate)
-        for name, front in fronts.items():
-            if name == "baseline" or name.startswith("classifier"):
-                continue
-            cpu0 = front.sidecar.cpu_seconds()
-            saturation = [closed(front, body, args, workdir) for _ in range(args.repeat)]
-            cpu_ms = (front.sidecar.cpu_seconds() - cpu0) / max(1, sum(len(r.latencies_ms) for r in saturation)) * 1000
-            peak = statistics.median(r.rate for r in saturation)
-            for rate in (50, 200, round(0.5 * peak), round(0.8 * peak)):
+        # Closed loop to saturation: Envoy alone, the ceiling every configuration is measured
+        # under, and every configuration in turn, one run of each per round, so that a shared
+        # machine's load drifting during the run weighs on all of them alike.
+        measured = [n for n in fronts if n != "baseline" and not n.startswith("classifier")]
+        base_rates: list[float] = []
+        cpu: dict[str, float] = dict.fromkeys(measured, 0.0)
+        saturation: dict[str, list[Result]] = {n: [] for n in measured}
+        for _ in range(args.repeat):
+            base_rates.append(closed(baseline, body, args, workdir).rate)
+            for name in measured:
+                front = fronts[name]
+                cpu0 = front.sidecar.cpu_seconds()
+                saturation[name].append(closed(front, body, args, workdir))
+                cpu[name] += front.sidecar.cpu_seconds() - cpu0
+        base_max = statistics.median(base_rates)
+        peaks = {n: statistics.median(r.rate for r in saturation[n]) for n in measured}
+        cpu_ms = {n: cpu[n] / max(1, sum(len(r.latencies_ms) for r in saturation[n])) * 1000 for n in measured}
+        # Open loop, rate by rate, each configuration in turn beside Envoy alone.
+        found: dict[str, list[tuple]] = {n: [] for n in measured}
+        for share in (50, 200, 0.5, 0.8):
+            for name in measured:
+                front = fronts[name]
+                rate = share if share > 1 else round(share * peaks[name])
                 clients = min(16, max(2, rate // 25))
                 pair = [
                     [
@@ -636,7 +649,11 @@ def run_matrix(
                     ]
                     for t in (baseline, front)
                 ]
-                rows.append((name, tokens, rate, pair[0], pair[1], peak, base_max, cpu_ms, front.sidecar.rss_mb()))
+                found[name].append(
+                    (name, tokens, rate, pair[0], pair[1], peaks[name], base_max, cpu_ms[name], front.sidecar.rss_mb())
+                )
+        for name in measured:
+            rows.extend(found[name])
     for name in fronts:
         if name.startswith("classifier"):
             rows.extend(classifier_rows(fronts, name, args))
@@ -703,10 +720,6 @@ def classifier_timeouts(front: Front) -> int:
             if line.startswith("extproc_signal_failures_total{") and 'signal="classifier"' in line
         )
     )
-
-
-def median_of(n: int, sample: Callable[[], float]) -> float:
-    return statistics.median(sample() for _ in range(n))
 
 
 def _pcts(runs: list[Result]) -> tuple[float, float, float]:
