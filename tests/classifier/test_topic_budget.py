@@ -10,10 +10,12 @@ import pytest
 from extproc.classifier import AsyncClassifier, Classifier
 from extproc.classifier.batching import text_key
 from extproc.classifier.classifier import MODEL_DIR, run_graphs
+from extproc.classifier.domain_head import load_domain_head
 from extproc.classifier.labels import DOMAINS
 from extproc.classifier.text import WINDOW, encode, load_tokenizer, with_specials
 
 TOK = load_tokenizer(MODEL_DIR / "tokenizer.json")
+CONFIG = json.loads((MODEL_DIR / "config.json").read_text())
 QUESTION = (
     "A 2 kg block slides down a frictionless incline of 30 degrees from a height of 5 m. What is its "
     "speed at the bottom, and how long does the slide take if the incline is 10 m long? Then explain "
@@ -23,9 +25,12 @@ QUESTION = (
 
 
 def graph_domain(ids: np.ndarray) -> np.ndarray:
-    """The trunk graph's domain probabilities for exactly these content tokens."""
+    """The shipped domain probabilities for exactly these content tokens: the trunk graph's,
+    ensembled with the domain head over its embedding when the model ships one."""
     seq = with_specials(ids)[None, :]
-    return run_graphs(MODEL_DIR, seq, np.ones_like(seq))["domain_probs"][0]
+    out = run_graphs(MODEL_DIR, seq, np.ones_like(seq))
+    head = load_domain_head(MODEL_DIR / CONFIG["domain_head"], len(DOMAINS), 384) if CONFIG.get("domain_head") else None
+    return (head.combine(out["domain_probs"], out["embedding"]) if head else out["domain_probs"])[0]
 
 
 def test_a_text_within_the_budget_reads_as_with_the_default(classifier: Classifier):
