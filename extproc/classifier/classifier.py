@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Sequence
@@ -87,6 +88,12 @@ class Classifier:
         # The shipped domain: the graph's head ensembled with one over the same embedding
         # (model card, "Domain"); None: the graph's alone.
         self._domain_head = domain_head
+
+    def without_domain_head(self) -> Classifier:
+        """The same sessions answering the graph's domain alone (what a domain head is fitted against)."""
+        other = copy.copy(self)
+        other._domain_head = None
+        return other
 
     @classmethod
     def load(cls, model_dir: Path | None = None, *, threads: int = 2) -> Classifier:

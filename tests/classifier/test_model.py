@@ -59,6 +59,24 @@ def test_domain_is_the_graphs_head_ensembled_with_the_embeddings(classifier: Cla
         assert c.domain == DOMAINS[int(want.argmax())]
 
 
+def test_domain_head_training_reads_the_graphs_domain_not_the_ensemble(classifier: Classifier):
+    # train/domain_head.py caches features under the graph's hash and fits and weighs the head
+    # against the graph's domain_probs; with a head installed, the runtime's answer is the ensemble,
+    # which would count the head twice.
+    from extproc.classifier.train.domain_head import features
+
+    texts = ["how do vaccines train the immune system", "is a verbal contract binding?"]
+    emb, dp = features(classifier, texts, None, "graph")
+    graph_only = Classifier(
+        classifier._session, MODEL_DIR, tagger=classifier._tagger, complexity_head=classifier._complexity_head
+    ).classify(texts, pii_tokens=0)
+    shipped = classifier.classify(texts, pii_tokens=0)
+    for i, (g, c) in enumerate(zip(graph_only, shipped, strict=True)):
+        assert np.array_equal(dp[i], np.array([g.domain_probs[d] for d in DOMAINS], np.float32))
+        assert np.array_equal(emb[i], g.embedding)
+        assert not np.allclose(dp[i], [c.domain_probs[d] for d in DOMAINS], atol=1e-3)
+
+
 def test_a_broken_domain_head_fails_loading_clearly(tmp_path):
     for f in MODEL_DIR.iterdir():
         if f.is_file():

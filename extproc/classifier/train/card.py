@@ -252,7 +252,9 @@ def _details(m: dict, r: dict, lat: dict | None, head: dict | None = None) -> li
             f"{head['hidden']} → 14 (ReLU, dropout {head['dropout'][0]}/{head['dropout'][1]}), "
             f"{head['epochs']} epochs, "
             f"AdamW lr {head['lr']} one-cycle, weight decay {head['weight_decay']}, label smoothing "
-            f"{head['label_smoothing']}, seed {head['seed']}, on {sum(head['train_sets'].values())} texts ("
+            f"{head['label_smoothing']}, "
+            + ("loss weighted by inverse class frequency, " if head.get("class_balanced") else "")
+            + f"seed {head['seed']}, on {sum(head['train_sets'].values())} texts ("
             + ", ".join(f"{k} {v}" for k, v in head["train_sets"].items())
             + "); features are the shipped graph's own `embedding` and `domain_probs` through the runtime. "
             "Selection (mean of MMLU-Pro val question only / with options / chat dev): head weight "

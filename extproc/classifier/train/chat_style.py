@@ -631,3 +631,129 @@ def topic_prompts(per_domain: int, seed: int, exclude: tuple[str, ...] = ()) -> 
                 text = _typos(text, rng, 0.1)
             out.append((text, d))
     return out
+
+
+# Very short asks cut from an exam question: a few of its words, in a terse, informal frame. Every
+# frame is used for every domain, so the frame carries no label; the words do.
+_SHORT_FRAMES: tuple[str, ...] = (
+    "{f}",
+    "{f}?",
+    "{f} ??",
+    "{f} explained",
+    "explain {f}",
+    "eli5 {f}",
+    "whats {f}",
+    "help w/ {f}",
+    "{f} pls",
+    "q about {f}",
+    "can u do {f}",
+    "idk how {f} works",
+    "quick one: {f}",
+    "thoughts on {f}?",
+    "need help - {f}",
+    "{f} how",
+    "so {f}... why",
+    "hw help {f}",
+    "{f}, explain like a tutor",
+    "tell me abt {f}",
+)
+_EDGE_WORDS = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "of",
+        "to",
+        "in",
+        "on",
+        "at",
+        "by",
+        "for",
+        "and",
+        "or",
+        "but",
+        "is",
+        "are",
+        "was",
+        "were",
+        "be",
+        "which",
+        "what",
+        "who",
+        "whom",
+        "whose",
+        "how",
+        "why",
+        "when",
+        "where",
+        "that",
+        "this",
+        "these",
+        "those",
+        "it",
+        "its",
+        "if",
+        "as",
+        "with",
+        "from",
+        "than",
+        "then",
+        "there",
+        "their",
+        "his",
+        "her",
+    ]
+)
+_GENERIC = frozenset(
+    [
+        "following",
+        "statement",
+        "statements",
+        "true",
+        "false",
+        "best",
+        "describes",
+        "most",
+        "likely",
+        "would",
+        "could",
+        "should",
+        "does",
+        "which",
+        "not",
+        "none",
+        "above",
+        "correct",
+        "answer",
+        "question",
+        "select",
+        "choose",
+        "given",
+        "assume",
+        "suppose",
+    ]
+)
+_WORD = re.compile(r"[^\w'+\-^/%.]+")
+
+
+def short_ask(question: str, rng: random.Random) -> str:
+    """A 3-8 word piece of an exam question's asking sentence (at least two content words), framed
+    as a terse request."""
+    sentences = [s for s in _SENTENCE.split(" ".join(question.split())) if s] or [question]
+    piece: list[str] = []
+    for _ in range(6):
+        sentence = sentences[-1] if rng.random() < 0.6 else rng.choice(sentences)
+        words = [w.strip(".") for w in _WORD.split(sentence.lower()) if w.strip(".")]
+        n = rng.randint(3, 8)
+        start = rng.randrange(max(1, len(words) - n + 1))
+        piece = words[start : start + n]
+        while len(piece) > 1 and piece[0] in _EDGE_WORDS:
+            piece = piece[1:]
+        while len(piece) > 1 and piece[-1] in _EDGE_WORDS:
+            piece = piece[:-1]
+        if sum(len(w) > 3 and w not in _GENERIC for w in piece) >= 2:
+            break
+    text = rng.choice(_SHORT_FRAMES).format(f=" ".join(piece))
+    if rng.random() < 0.3:
+        text = _typos(text, rng, 0.12)
+    return text

@@ -6,7 +6,9 @@ The graph is not touched: every text is run through the shipped `Classifier` (th
 windows, int8 graph and all), its `embedding` [384] and the graph's `domain_probs` are kept, and a
 one-hidden-layer MLP (torch, training only) learns the 14 domains from the embedding over the same
 text the domain branch was trained on: MMLU-Pro's train split (question only and with options),
-GSM8K as math, and the chat-style rephrasings and topic requests of `chat_style.py`. The mixing
+GSM8K as math, and the chat-style rephrasings and topic requests of `chat_style.py` (`--short-asks`
+adds its very short asks, `--balance` weights the loss by inverse class frequency: both measured,
+not shipped: model card, "A second domain opinion from the free embedding"). The mixing
 weight of the head against the graph is chosen on MMLU-Pro's validation split (question only and
 with options) and the chat-style dev set; the test split and the chat-style test set are scored
 once, after, through the runtime with the head installed. The head is written as
@@ -36,6 +38,7 @@ DROPOUT_IN, DROPOUT = 0.1, 0.3
 LR, WEIGHT_DECAY, SMOOTHING, BATCH = 2e-3, 1e-2, 0.05, 128
 WEIGHTS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # head weight against the graph's 1.0
 TRAIN_SETS = ("mmlu_train_q", "mmlu_train_opt", "chat_rephrase", "gsm_plain", "gsm_chat", "topics")
+SHORT_ASKS = "short_asks"  # measured, not in the shipped recipe (`--short-asks`; model card)
 SELECT_SETS = ("mmlu_val_q", "mmlu_val_opt", "chat_dev")
 
 
@@ -57,6 +60,8 @@ def text_sets(data: Path, seed: int = 0) -> dict[str, tuple[list[str], list[int]
     rng = random.Random(seed)
     train = [q for q in questions if q.split == "train"]
     sets["chat_rephrase"] = ([chat_style.rephrase(q.text, rng) for q in train], [q.domain for q in train])
+    short_rng = random.Random(seed + 2)
+    sets["short_asks"] = ([chat_style.short_ask(q.text, short_rng) for q in train], [q.domain for q in train])
     math = DOMAINS.index("math")
     sets["gsm_plain"] = (gsm[:2000], [math] * 2000)
     sets["gsm_chat"] = ([chat_style.rephrase(t, rng) for t in gsm[2000:]], [math] * 2000)
@@ -67,7 +72,10 @@ def text_sets(data: Path, seed: int = 0) -> dict[str, tuple[list[str], list[int]
 
 
 def features(clf: Classifier, texts: list[str], cache: Path | None, graph_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(embedding [n, 384], graph domain_probs [n, 14]) through the runtime, cached on disk."""
+    """(embedding [n, 384], graph domain_probs [n, 14]) through the runtime, cached on disk. The
+    graph's domain alone, even when `clf` has a domain head installed (the cache key names the
+    graph only, and the head is fitted and weighed against the graph)."""
+    clf = clf.without_domain_head()
     key = hashlib.sha1(graph_key.encode())
     for t in texts:
         key.update(t.encode())
@@ -95,12 +103,15 @@ def graph_key(model_dir: Path) -> str:
     return hashlib.sha1((model_dir / "classifier.onnx").read_bytes()).hexdigest()
 
 
-def fit_mlp(x: np.ndarray, y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """One hidden layer (ReLU), AdamW with a one-cycle schedule, label smoothing; weights [in, out]."""
+def fit_mlp(x: np.ndarray, y: np.ndarray, seed: int, balance: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One hidden layer (ReLU), AdamW with a one-cycle schedule, label smoothing; weights [in, out].
+    `balance` weights the loss by inverse class frequency (every domain counts the same)."""
     import torch
 
     torch.manual_seed(seed)
     xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+    counts = np.bincount(y, minlength=len(DOMAINS)).astype(np.float64)
+    cw = torch.tensor(len(y) / (len(DOMAINS) * np.maximum(counts, 1)), dtype=torch.float32) if balance else None
     net = torch.nn.Sequential(
         torch.nn.Dropout(DROPOUT_IN),
         torch.nn.Linear(x.shape[1], HIDDEN),
@@ -116,7 +127,7 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, seed: int) -> list[tuple[np.ndarray, n
         perm = torch.randperm(len(y), generator=gen)
         for i in range(0, len(y), BATCH):
             s = perm[i : i + BATCH]
-            loss = torch.nn.functional.cross_entropy(net(xt[s]), yt[s], label_smoothing=SMOOTHING)
+            loss = torch.nn.functional.cross_entropy(net(xt[s]), yt[s], weight=cw, label_smoothing=SMOOTHING)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -159,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "extproc-train")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--balance", action="store_true", help="weight the loss by inverse class frequency (measured, not shipped)"
+    )
+    ap.add_argument(
+        "--short-asks", action="store_true", help="add the very short asks to the training text (measured, not shipped)"
+    )
     args = ap.parse_args(argv)
     import torch
 
@@ -168,15 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     clf = Classifier.load(args.out, threads=args.threads)
     gk = graph_key(args.out)
     feats = {}
-    for name in TRAIN_SETS + SELECT_SETS:
+    train_sets = TRAIN_SETS + ((SHORT_ASKS,) if args.short_asks else ())
+    for name in train_sets + SELECT_SETS:
         t0 = time.time()
         feats[name] = (*features(clf, sets[name][0], args.cache, gk), np.array(sets[name][1]))
         print(f"  features {name}: {len(sets[name][0])} texts, {time.time() - t0:.0f}s", flush=True)
-    x = np.concatenate([feats[n][0] for n in TRAIN_SETS]).astype(np.float64)
-    y = np.concatenate([feats[n][2] for n in TRAIN_SETS])
+    x = np.concatenate([feats[n][0] for n in train_sets]).astype(np.float64)
+    y = np.concatenate([feats[n][2] for n in train_sets])
     mean, scale = x.mean(0), np.where(x.std(0) < 1e-6, 1.0, x.std(0))
     t0 = time.time()
-    layers = fit_mlp((x - mean) / scale, y, args.seed)
+    layers = fit_mlp((x - mean) / scale, y, args.seed, balance=args.balance)
     fit_seconds = time.time() - t0
     print(f"  head fitted on {len(y)} texts in {fit_seconds:.0f}s", flush=True)
     tmp = args.cache / "domain_head.candidate.npz"
@@ -207,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         "lr": LR,
         "weight_decay": WEIGHT_DECAY,
         "label_smoothing": SMOOTHING,
+        "class_balanced": args.balance,
         "seed": args.seed,
-        "train_sets": {n: len(feats[n][2]) for n in TRAIN_SETS},
+        "train_sets": {n: len(feats[n][2]) for n in train_sets},
         "selection_sets": {n: len(feats[n][2]) for n in SELECT_SETS},
         "selection": selection,
         "head_alone": head_only,
