@@ -421,3 +421,65 @@ def test_the_command_line_shows_no_api_key(world) -> None:
     for name, text in outputs.items():
         for provider, key in KEYS.items():
             assert key not in text, f"{provider}'s key appears in {name}"
+
+
+AUTH_MODES = """
+version: 1
+default_model: forwarded
+fallback: {max_attempts: 3, deadline: 30s, cooldown: 30s}
+providers:
+  groq:
+    base_url: https://api.groq.test/openai/v1
+    address: ${groq_address}
+    ca_file: ${ca}
+    authorization: forward      # the client's own header, as sent
+  together:
+    base_url: https://api.together.test/v1
+    address: ${together_address}
+    ca_file: ${ca}
+    api_key: {env: EXTPROC_TEST_TOGETHER_KEY}
+  openai:
+    base_url: https://api.openai.test/v1
+    address: ${openai_address}
+    ca_file: ${ca}
+    authorization: strip        # none at all
+models:
+  forwarded: {backends: [{provider: groq, model: llama-3.3-70b-versatile}]}
+  stripped: {backends: [{provider: openai, model: gpt-4o-mini}]}
+  replaced-then-forwarded:
+    backends:
+      - {provider: together, model: meta-llama/Llama-3.3-70B-Instruct-Turbo}
+      - {provider: groq, model: llama-3.3-70b-versatile}
+"""
+
+
+def test_authorization_forward_and_strip_and_never_a_previous_providers_key(world, tmp_path: Path) -> None:
+    stack, providers = world
+    for provider in providers.values():
+        provider.mode, provider.retry_after = "ok", None
+        provider.received.clear()
+    client = {"authorization": "Bearer client-own-key"}
+    with Stack(tmp_path, AUTH_MODES, [StandIn(name="local")], substitutions=stack.substitutions) as modes:
+        response = modes.post(chat("x", model="forwarded"), headers=client)
+        assert response.status == 200, response.body
+        (got,) = providers["groq"].received
+        assert got.authorization == "Bearer client-own-key" and got.model == MODELS["groq"]
+
+        response = modes.post(chat("x", model="stripped"), headers=client)
+        assert response.status == 200, response.body
+        (got,) = providers["openai"].received
+        assert got.authorization is None and got.model == MODELS["openai"]
+
+        # Together replaces the client's header with its key and answers 429; the next attempt,
+        # to a provider that forwards the client's header, gets none: never Together's key, and
+        # not the client's either (the attempts share one set of request headers).
+        providers["groq"].received.clear()
+        providers["together"].mode = "429"
+        response = modes.post(chat("x", model="replaced-then-forwarded"), headers=client)
+        providers["together"].mode = "ok"
+        assert response.status == 200, response.body
+        assert response.headers["x-router-attempts"] == "2"
+        (first,) = providers["together"].received
+        assert first.authorization == f"Bearer {KEYS['together']}"
+        (second,) = providers["groq"].received
+        assert second.authorization is None and second.model == MODELS["groq"]
