@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,15 +49,23 @@ def trunk_session(sd: dict[str, np.ndarray], n_layers: int, threads: int) -> ort
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+def keyed_path(cache: Path | None, stem: str, head: bytes, items: Iterable[bytes], sep: bytes) -> Path | None:
+    """Where a result computed from ``items`` is kept under ``cache`` (None: not kept): named by a
+    digest of ``head`` and every item followed by ``sep``, so other inputs never read it."""
+    if cache is None:
+        return None
+    key = hashlib.sha1(head)
+    for item in items:
+        key.update(item)
+        key.update(sep)
+    return cache / f"{stem}-{key.hexdigest()[:16]}.npz"
+
+
 def compute(
     sess: ort.InferenceSession, seqs: list[np.ndarray], cache: Path | None, tokens_per_batch: int = 1024
 ) -> Ragged:
     """Run the trunk over every sequence (with specials), batching by similar length."""
-    key = hashlib.sha1()
-    for s in seqs:
-        key.update(s.tobytes())
-        key.update(b"|")
-    path = cache / f"trunk-{key.hexdigest()[:16]}.npz" if cache else None
+    path = keyed_path(cache, "trunk", b"", (s.tobytes() for s in seqs), b"|")
     if path and path.exists():
         z = np.load(path)
         return Ragged(z["states"], z["offsets"], seqs)

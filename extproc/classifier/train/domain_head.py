@@ -29,6 +29,7 @@ import numpy as np
 from extproc.classifier.classifier import MODEL_DIR, Classifier
 from extproc.classifier.labels import DOMAINS
 from extproc.classifier.train import chat_style
+from extproc.classifier.train.cache import keyed_path
 from extproc.classifier.train.chat_style import CHAT_SETS
 from extproc.classifier.train.data import load_gsm8k, load_mmlu
 
@@ -76,11 +77,7 @@ def features(clf: Classifier, texts: list[str], cache: Path | None, graph_key: s
     graph's domain alone, even when `clf` has a domain head installed (the cache key names the
     graph only, and the head is fitted and weighed against the graph)."""
     clf = clf.without_domain_head()
-    key = hashlib.sha1(graph_key.encode())
-    for t in texts:
-        key.update(t.encode())
-        key.update(b"\0")
-    path = cache / f"domain-features-{key.hexdigest()[:16]}.npz" if cache else None
+    path = keyed_path(cache, "domain-features", graph_key.encode(), (t.encode() for t in texts), b"\0")
     if path and path.exists():
         z = np.load(path)
         return z["emb"], z["dp"]
