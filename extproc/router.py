@@ -559,7 +559,9 @@ class Router:
         if self.classifier is None:
             return None
         try:
-            return await asyncio.wait_for(self.classifier.classifier.embed(query), self.classifier.timeout_seconds)
+            timeout = self.classifier.timeout_seconds
+            deadline = asyncio.get_running_loop().time() + timeout  # its turn among the classifier's texts
+            return await asyncio.wait_for(self.classifier.classifier.embed(query, deadline), timeout)
         except Exception as exc:  # no embedding in time: route as usual, store nothing
             log.warning("cache: no sentence embedding (%s); routing without the cache", type(exc).__name__)
             return None

@@ -34,7 +34,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 
@@ -87,6 +86,12 @@ class _Job:
     deadline: float  # loop time by which its last caller gives up (inf: none)
     tokens: int
     topic_tokens: int = WINDOW
+    embed: bool = False  # also the sentence embedding (a semantic cache's question); key is _EMBED + its cache key
+
+
+# In-flight keys of embed() jobs: a text being classified and the same text being embedded are two
+# computations (the second adds the sentence layer), though both results are cached under one key.
+_EMBED = b"embed:"
 
 
 class AsyncClassifier:
@@ -169,14 +174,21 @@ class AsyncClassifier:
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        limit = math.inf if deadline is None else deadline
+        return await self._scheduled(
+            key, text, pii_tokens, topic, math.inf if deadline is None else deadline, topic_tokens, False
+        )
+
+    async def _scheduled(
+        self, key: bytes, text: str, pii_tokens: int, topic: bool, limit: float, topic_tokens: int, embed: bool
+    ) -> Classification:
+        """The result of the job `key`, queued (or joined, if in flight) until `limit`."""
         pending = self._inflight.get(key)
         if pending is None:
             pending = asyncio.get_running_loop().create_future()
             self._inflight[key] = pending
             self._ensure_workers()
             cost = _tokens(text, pii_tokens, topic, topic_tokens)
-            job = _Job(key, text, pii_tokens, topic, limit, cost, topic_tokens)
+            job = _Job(key, text, pii_tokens, topic, limit, cost, topic_tokens, embed)
             self._admit(job, asyncio.get_running_loop().time())  # may fail `pending` at once
             assert self._wake is not None
             self._wake.set()
@@ -191,20 +203,24 @@ class AsyncClassifier:
         finally:
             self._leave(key, pending)
 
-    async def embed(self, text: str) -> np.ndarray:
+    async def embed(self, text: str, deadline: float | None = None) -> np.ndarray:
         """The text's [384] unit-length sentence embedding (for a semantic cache), cached with its
         classification: a text already embedded costs nothing; one only classified runs again with
-        the sentence layer (a classification plus ~18% of a plain pass), off the event loop."""
+        the sentence layer (a classification plus ~18% of a plain pass), off the event loop.
+
+        It waits its turn in the same earliest-deadline-first queue as classify() (it once went
+        straight to the worker threads, ahead of every waiting text and unseen by admission), and
+        is dropped with DeadlineExceededError like a text that can no longer make `deadline`."""
         if self._closed:
             raise ClassifierClosedError("AsyncClassifier is closed")
-        key = text_key(text)
-        hit = self._cache.get(key)
+        cache_key = text_key(text)
+        hit = self._cache.get(cache_key)
         if hit is not None and hit.sentence_embedding is not None:
-            self._cache.move_to_end(key)
+            self._cache.move_to_end(cache_key)
             return hit.sentence_embedding
-        loop = asyncio.get_running_loop()
-        [result] = await loop.run_in_executor(self._executor, partial(self._classifier.classify, [text], embed=True))
-        self._remember(key, result)
+        result = await self._scheduled(
+            _EMBED + cache_key, text, DEFAULT_PII_TOKENS, True, math.inf if deadline is None else deadline, WINDOW, True
+        )
         assert result.sentence_embedding is not None
         return result.sentence_embedding
 
@@ -286,7 +302,7 @@ class AsyncClassifier:
         self._running_tokens += job.tokens
         try:
             [result], computed = await loop.run_in_executor(
-                self._executor, self._classify_one, job.text, job.pii_tokens, job.topic, job.topic_tokens
+                self._executor, self._classify_one, job.text, job.pii_tokens, job.topic, job.topic_tokens, job.embed
             )
         except Exception as e:  # this text's callers get the error; the worker lives on
             fut = self._inflight.pop(job.key, None)
@@ -302,16 +318,19 @@ class AsyncClassifier:
         # queued text, and admission then dropped texts that would have made their deadline.
         per_token = computed / job.tokens
         self._seconds_per_token += _EWMA * (per_token - self._seconds_per_token)
-        self._remember(job.key, result)
+        self._remember(job.key.removeprefix(_EMBED) if job.embed else job.key, result)
         fut = self._inflight.pop(job.key, None)
         if fut is not None and not fut.done():
             fut.set_result(result)
 
     def _classify_one(
-        self, text: str, pii_tokens: int, topic: bool, topic_tokens: int
+        self, text: str, pii_tokens: int, topic: bool, topic_tokens: int, embed: bool = False
     ) -> tuple[list[Classification], float]:
         started = time.perf_counter()
-        out = self._classifier.classify([text], pii_tokens=pii_tokens, topic=topic, topic_tokens=topic_tokens)
+        if embed:  # the sentence layer too, over the defaults its cache key (text_key(text)) stands for
+            out = self._classifier.classify([text], embed=True)
+        else:
+            out = self._classifier.classify([text], pii_tokens=pii_tokens, topic=topic, topic_tokens=topic_tokens)
         return out, time.perf_counter() - started
 
     @property

@@ -322,6 +322,34 @@ def test_embed_is_cached_with_the_classification(classifier: Classifier):
     assert e2 is e
 
 
+def test_embed_waits_its_turn_earliest_deadline_first(counting: Counting):
+    # embed() once went straight to the worker threads: a semantic cache's question ran ahead of
+    # every waiting text whatever their deadlines, and admission never saw it.
+    gate = _holding_first(counting)
+
+    async def run():
+        ac = AsyncClassifier(counting)
+        now = asyncio.get_running_loop().time()
+        first = asyncio.create_task(ac.classify("first"))
+        await asyncio.sleep(0.05)
+        late = asyncio.create_task(ac.embed("a cached question", now + 60))
+        hurried = asyncio.create_task(ac.classify("hurried", 510, True, now + 30))
+        await asyncio.sleep(0.05)
+        assert counting.batches == [["first"]]  # the embedding waits in the queue, not in a thread
+        gate.set()
+        await asyncio.gather(first, late, hurried)
+        hopeless = asyncio.create_task(ac.embed("too late", asyncio.get_running_loop().time() - 1))
+        with pytest.raises(DeadlineExceededError):
+            await hopeless
+        again = await ac.embed("a cached question")
+        await ac.aclose()
+        return late.result(), again
+
+    vector, again = asyncio.run(run())
+    assert counting.batches == [["first"], ["hurried"], ["a cached question"]]
+    assert vector.shape == (384,) and again is vector  # cached, as with classify()
+
+
 def test_two_workers_answer_every_caller_with_the_same_results(counting: Counting):
     texts = [f"question number {i} about chemistry" for i in range(10)]
 
