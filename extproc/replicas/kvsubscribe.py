@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 
@@ -48,6 +48,9 @@ class _Subscription:
     target: Target
     socket: zmq.Socket
     last: int | None = None  # the last sequence number applied
+    # Catch-up replays after subscribing: what is published between the first replay and the SUB
+    # handshake is lost (ZMQ's slow joiner), and a replica that then goes quiet shows no gap.
+    catch_ups: list[float] = field(default_factory=list)
 
 
 # (model, what): "batch" | "gap_replayed" | "gap_resynced" | "restart" | "malformed"
@@ -101,6 +104,7 @@ class KvEventSubscriber:
                 if self._changed.is_set():
                     self._changed.clear()
                     self._sync(subscriptions, poller, by_socket)
+                self._catch_up(subscriptions)
                 for socket, _ in poller.poll(100):
                     endpoint = by_socket.get(socket)
                     if endpoint is None:
@@ -143,7 +147,17 @@ class KvEventSubscriber:
             # An idle replica publishes nothing, so ask for its history now rather than at its
             # next batch. What is published meanwhile shows up as a gap, replayed in turn.
             self._replay(endpoint, subscription, 0, _EVERYTHING)
+            now = time.monotonic()
+            subscription.catch_ups = [now + 0.25, now + 1.0, now + 4.0]
         self.index.forget(wanted)
+
+    def _catch_up(self, subscriptions: dict[str, _Subscription]) -> None:
+        now = time.monotonic()
+        for endpoint, subscription in subscriptions.items():
+            if subscription.catch_ups and subscription.catch_ups[0] <= now:
+                del subscription.catch_ups[0]
+                start = 0 if subscription.last is None else subscription.last + 1
+                self._replay(endpoint, subscription, start, _EVERYTHING)
 
     def _receive(self, endpoint: str, subscription: _Subscription, frames: list[bytes]) -> None:
         model = subscription.target.model
